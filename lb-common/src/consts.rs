@@ -1,0 +1,179 @@
+//! Capacities, flag bits, counter indices and map names: one definition for the kernel
+//! program, the daemon and the tests.
+
+/// Backend id 0 is never assigned: a MaglevTable slot holding it means "no backend".
+pub const EMPTY_BACKEND: u32 = 0;
+
+/// Slot 0 of every MaglevTable inner map holds the table size `M`; slots `1..=M` hold
+/// Backend ids. Keeping `M` inside the table makes a table swap (size included) atomic.
+pub const TABLE_HEADER_SLOTS: u32 = 1;
+
+/// Default MaglevTable size (prime), as in the Maglev paper.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+
+/// Compile-time placeholders for map sizes; the daemon sets the real sizes at load time
+/// from its config, so memory grows with what is configured.
+pub const DEFAULT_MAX_VIPS: u32 = 256;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+
+/// `BPF_F_INNER_MAP`: lets inner MaglevTable arrays of different sizes share one outer map.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for the connection table (no global lock).
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
+
+/// `VipState::flags` bits.
+pub mod vip_flags {
+    /// The Vip exists (a zeroed array slot does not).
+    pub const ACTIVE: u32 = 1 << 0;
+    /// IPv6 Vip (else IPv4).
+    pub const IPV6: u32 = 1 << 1;
+    /// Forward by rewriting the destination MAC (L2 DSR) instead of IPIP encapsulation.
+    pub const L2_DSR: u32 = 1 << 2;
+    /// With no usable backend, pass packets to the local stack instead of dropping them.
+    pub const PASS_WHEN_EMPTY: u32 = 1 << 3;
+}
+
+/// `Backend::flags` bits.
+pub mod backend_flags {
+    /// Receives new flows and keeps its existing ones.
+    pub const UP: u32 = 1 << 0;
+    /// IPv6 address (else IPv4).
+    pub const IPV6: u32 = 1 << 1;
+}
+
+/// Index of each global per-CPU counter in the `STATS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not IPv4/IPv6 (ARP, LLDP, QinQ, ...): passed.
+    PassNotIp = 0,
+    /// IP, but not for any Vip: passed.
+    PassNotVip,
+    /// Truncated or inconsistent L2/L3 header, destination unknown: passed (the kernel drops it).
+    PassMalformed,
+    /// Packet for a Vip address that no Vip serves (ICMP echo, other protocol/port): passed.
+    PassVipOther,
+    /// No usable backend and the Vip is set to pass: passed.
+    PassNoBackend,
+    /// Truncated or inconsistent L4 header to a Vip: dropped.
+    DropMalformed,
+    /// IPv4 fragment or IPv6 fragment header to a Vip: dropped.
+    DropFragment,
+    /// IPv6 extension headers in front of L4 to a Vip: dropped.
+    DropIpv6Ext,
+    /// MaglevTable empty (no healthy backend): dropped.
+    DropNoBackend,
+    /// `bpf_fib_lookup` found no route or no neighbour for the backend: dropped.
+    DropFib,
+    /// Could not grow the packet for encapsulation: dropped.
+    DropEncap,
+    /// Connection-table hit on an up backend.
+    ConntrackHit,
+    /// Connection-table miss: backend chosen by the MaglevTable.
+    ConntrackMiss,
+    /// Connection-table miss on a TCP packet without SYN (another load balancer's flow,
+    /// or an evicted entry); still forwarded by the table.
+    ConntrackMissNonSyn,
+    /// Connection-table hit whose backend is down or gone: re-steered by the table.
+    ConntrackResteer,
+    /// Connection-table insert failed (counted, packet still forwarded).
+    ConntrackInsertFail,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" steered to a flow's backend.
+    IcmpToBackend,
+    /// Forwarded with XDP_TX.
+    Tx,
+    /// Forwarded with XDP_REDIRECT (backend behind another interface).
+    Redirect,
+}
+
+impl Counter {
+    pub const COUNT: u32 = Counter::Redirect as u32 + 1;
+
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::PassNotIp,
+        Counter::PassNotVip,
+        Counter::PassMalformed,
+        Counter::PassVipOther,
+        Counter::PassNoBackend,
+        Counter::DropMalformed,
+        Counter::DropFragment,
+        Counter::DropIpv6Ext,
+        Counter::DropNoBackend,
+        Counter::DropFib,
+        Counter::DropEncap,
+        Counter::ConntrackHit,
+        Counter::ConntrackMiss,
+        Counter::ConntrackMissNonSyn,
+        Counter::ConntrackResteer,
+        Counter::ConntrackInsertFail,
+        Counter::IcmpToBackend,
+        Counter::Tx,
+        Counter::Redirect,
+    ];
+
+    /// Stable snake_case name, used in metrics labels and test output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotVip => "pass_not_vip",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassVipOther => "pass_vip_other",
+            Counter::PassNoBackend => "pass_no_backend",
+            Counter::DropMalformed => "drop_malformed",
+            Counter::DropFragment => "drop_fragment",
+            Counter::DropIpv6Ext => "drop_ipv6_ext",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropFib => "drop_fib",
+            Counter::DropEncap => "drop_encap",
+            Counter::ConntrackHit => "conntrack_hit",
+            Counter::ConntrackMiss => "conntrack_miss",
+            Counter::ConntrackMissNonSyn => "conntrack_miss_non_syn",
+            Counter::ConntrackResteer => "conntrack_resteer",
+            Counter::ConntrackInsertFail => "conntrack_insert_fail",
+            Counter::IcmpToBackend => "icmp_to_backend",
+            Counter::Tx => "tx",
+            Counter::Redirect => "redirect",
+        }
+    }
+}
+
+/// Map names, shared by `#[btf_map]` statics (via the static's identifier) and the loader.
+pub mod map_names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const VIP_ADDRS_V4: &str = "VIP_ADDRS_V4";
+    pub const VIP_ADDRS_V6: &str = "VIP_ADDRS_V6";
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_STATE: &str = "VIP_STATE";
+    pub const TABLES: &str = "TABLES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+/// Program names in the eBPF object.
+pub mod prog_names {
+    /// The load balancer.
+    pub const LB_INGRESS: &str = "lb_ingress";
+    /// Decapsulation for backends (IPIP / IPv6-in-IPv6), then XDP_PASS.
+    pub const LB_DECAP: &str = "lb_decap";
+    /// XDP_PASS only: needed on a veth peer for XDP_TX to work, and the benchmark baseline.
+    pub const LB_PASS: &str = "lb_pass";
+}

@@ -1,0 +1,155 @@
+//! `#[repr(C)]` map keys and values. Addresses and ports are kept in network byte order,
+//! exactly as they sit in the packet, so the kernel copies them without swapping; an IPv4
+//! address in a 16-byte field uses word 0 and leaves words 1..3 zero.
+
+/// Key of the `VIPS` map: one Vip. `port == 0` is the any-port Vip of that address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Network byte order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// Network byte order; 0 = every port.
+    pub port: u16,
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// Value of `VIP_ADDRS_V4` / `VIP_ADDRS_V6`: which wildcard Vips an address has.
+/// Presence alone means "some Vip uses this address", the pre-filter for all traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipAddr {
+    /// `vip_addr_flags` bits.
+    pub flags: u32,
+}
+
+pub mod vip_addr_flags {
+    /// A port-0 TCP Vip exists on this address.
+    pub const ANY_PORT_TCP: u32 = 1 << 0;
+    /// A port-0 UDP Vip exists on this address.
+    pub const ANY_PORT_UDP: u32 = 1 << 1;
+}
+
+/// Value of `VIP_STATE`, indexed by Vip id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipState {
+    /// `vip_flags` bits.
+    pub flags: u32,
+    /// Bumped whenever the id is given to a different Vip, so stale connection-table
+    /// entries of a removed Vip are never trusted.
+    pub generation: u32,
+}
+
+/// Value of `BACKENDS`, indexed by Backend id (id 0 is `EMPTY_BACKEND`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Network byte order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// `backend_flags` bits.
+    pub flags: u32,
+    /// Bumped whenever the id is given to a different Backend.
+    pub generation: u32,
+}
+
+/// Key of `CONNTRACK_V4`: an IPv4 Flow as it arrives (client to Vip).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of `CONNTRACK_V6`: an IPv6 Flow as it arrives (client to Vip).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowV6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection tables: where a Flow went, and the generations that make the
+/// entry valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    pub backend: u32,
+    pub backend_generation: u32,
+    pub vip: u32,
+    pub vip_generation: u32,
+}
+
+/// Value of the per-CPU `NEXT_HOPS` cache, indexed by Backend id: the result of
+/// `bpf_fib_lookup` for the backend, valid while `generation == GlobalConfig::fib_generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    pub generation: u32,
+}
+
+/// The single entry of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Seed of the flow hash; the same on every load balancer of a fleet.
+    pub hash_seed: u32,
+    /// Bumped by the daemon to invalidate every cached `NextHop` (routes or neighbours changed).
+    pub fib_generation: u32,
+    /// Outer IPv4 source = `encap_src4_base | (flow_hash & encap_src4_hostmask)`, host order:
+    /// varying the source lets the backend's RSS spread flows over its queues.
+    pub encap_src4_base: u32,
+    pub encap_src4_hostmask: u32,
+    /// Outer IPv6 source: these words with the last one xor-ed with the flow hash.
+    /// Network byte order.
+    pub encap_src6_base: [u32; 4],
+}
+
+/// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = {
+    assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<VipAddr>() == 4);
+    assert!(size_of::<VipState>() == 8);
+    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<FlowV4>() == 16);
+    assert!(size_of::<FlowV6>() == 40);
+    assert!(size_of::<ConntrackEntry>() == 16);
+    assert!(size_of::<NextHop>() == 20);
+    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(size_of::<TrafficCounters>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipAddr {}
+    unsafe impl aya::Pod for VipState {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowV4 {}
+    unsafe impl aya::Pod for FlowV6 {}
+    unsafe impl aya::Pod for ConntrackEntry {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for TrafficCounters {}
+}
