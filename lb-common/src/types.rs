@@ -63,7 +63,8 @@ pub struct FlowV4 {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Key of `CONNTRACK_V6`: an IPv6 Flow as it arrives (client to Vip).
@@ -75,7 +76,8 @@ pub struct FlowV6 {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Value of the connection tables: where a Flow went, and the generations that make the

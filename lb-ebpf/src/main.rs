@@ -1,1 +1,75 @@
+//! The XDP programs: `lb_ingress` (the load balancer), `lb_decap` (for backends) and
+//! `lb_pass` (a no-op for veth peers and the benchmark baseline).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod decap;
+mod forward;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::consts::Counter;
+use parse::{ETH_P_IP, ETH_P_IPV6, L2, Parsed, Verdict, parse_ipv4, parse_ipv6, parse_l2};
+use select::{Flow, select};
+
+#[xdp]
+pub fn lb_ingress(ctx: XdpContext) -> u32 {
+    match try_lb_ingress(&ctx) {
+        Ok(action) => action,
+        Err(Verdict::Pass(counter)) => {
+            stats::count(counter);
+            xdp_action::XDP_PASS
+        }
+        Err(Verdict::Drop(counter)) => {
+            stats::count(counter);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let l2 = parse_l2(ctx).ok_or(Verdict::Pass(Counter::PassMalformed))?;
+    match l2.proto {
+        ETH_P_IP => steer(ctx, &l2, parse_ipv4(ctx, l2.l3_off)?),
+        ETH_P_IPV6 => steer(ctx, &l2, parse_ipv6(ctx, l2.l3_off)?),
+        _ => Err(Verdict::Pass(Counter::PassNotIp)),
+    }
+}
+
+#[inline(always)]
+fn steer<F: Flow>(ctx: &XdpContext, l2: &L2, pkt: Parsed<F>) -> Result<u32, Verdict> {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let selection = select(&pkt)?;
+    if pkt.icmp_error {
+        stats::count(Counter::IcmpToBackend);
+    }
+    forward::forward(ctx, l2, &selection, bytes)
+}
+
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::decap(&ctx)
+}
+
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -1,0 +1,229 @@
+//! Sending a packet to its backend: next hop from `bpf_fib_lookup` (cached per CPU), then
+//! IPIP / IPv6-in-IPv6 encapsulation or an L2 (MAC) rewrite, then XDP_TX or XDP_REDIRECT.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        bpf_fib_lookup, xdp_action,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{
+    consts::{Counter, PROTO_IPIP, PROTO_IPV6, backend_flags, vip_flags},
+    types::{Backend, NextHop},
+};
+
+use crate::{
+    maps::{CONFIG, NEXT_HOPS},
+    parse::{
+        ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
+        Ipv6Hdr, L2, Verdict, VlanHdr, ptr_at, zero,
+    },
+    select::Selection,
+    stats::{count, count_forwarded},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const OUTER_TTL: u8 = 64;
+
+/// Forwards the packet to `sel`'s backend; `bytes` is what the client sent.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, l2: &L2, sel: &Selection, bytes: u64) -> Result<u32, Verdict> {
+    let v6 = sel.vip_flags & vip_flags::IPV6 != 0;
+    if v6 != (sel.backend.flags & backend_flags::IPV6 != 0) {
+        // The daemon refuses such configs; never emit a half-right packet.
+        return Err(Verdict::Drop(Counter::DropEncap));
+    }
+    let hop = next_hop(ctx, sel.backend_id, &sel.backend, v6)?;
+    if sel.vip_flags & vip_flags::L2_DSR != 0 {
+        set_macs(ctx, &hop)?;
+    } else if v6 {
+        encap_ipv6(ctx, l2, &hop, sel)?;
+    } else {
+        encap_ipv4(ctx, l2, &hop, sel)?;
+    }
+    count_forwarded(sel.vip, sel.backend_id, bytes);
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        count(Counter::Tx);
+        Ok(xdp_action::XDP_TX)
+    } else {
+        count(Counter::Redirect);
+        // SAFETY: plain helper call.
+        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+    }
+}
+
+/// The backend's next hop: this CPU's cached `bpf_fib_lookup` result while the daemon's
+/// generation is unchanged, else a fresh lookup (routes and neighbours are the kernel's).
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, id: u32, backend: &Backend, v6: bool) -> Result<NextHop, Verdict> {
+    let no_route = Verdict::Drop(Counter::DropFib);
+    let generation = CONFIG.get(0).map_or(0, |c| c.fib_generation);
+    let cached = NEXT_HOPS.get_ptr_mut(id).ok_or(no_route)?;
+    // SAFETY: per-CPU slot, only this CPU touches it.
+    unsafe {
+        if (*cached).generation == generation && (*cached).ifindex != 0 {
+            return Ok(*cached);
+        }
+    }
+    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let mut rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6, 0);
+    if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
+        // Forwarding is off on the ingress device: resolve as a locally sent packet.
+        rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6, BPF_FIB_LOOKUP_OUTPUT);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(no_route);
+    }
+    // SAFETY: lookup_route initialised it.
+    let params = unsafe { params.assume_init() };
+    let hop = NextHop { dmac: params.dmac, smac: params.smac, ifindex: params.ifindex, generation };
+    // SAFETY: as above.
+    unsafe { *cached = hop };
+    Ok(hop)
+}
+
+#[inline(always)]
+fn lookup_route(
+    ctx: &XdpContext,
+    params: *mut bpf_fib_lookup,
+    backend: &Backend,
+    v6: bool,
+    flags: u32,
+) -> i64 {
+    zero(params);
+    // SAFETY: zeroed just above, a valid bpf_fib_lookup.
+    let params = unsafe { &mut *params };
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    if v6 {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = backend.addr;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    }
+    // SAFETY: params is a valid, sized struct on the stack.
+    unsafe {
+        fib_lookup(
+            ctx.ctx as *mut c_void,
+            params as *mut bpf_fib_lookup,
+            size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    }
+}
+
+/// L2 direct server return: the backend owns the Vip on a loopback; only the MACs change.
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, hop: &NextHop) -> Result<(), Verdict> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Counter::DropEncap))?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
+    }
+    Ok(())
+}
+
+/// Grows the packet by `outer_len` in front and writes a fresh L2 header (same VLAN tag
+/// as the packet arrived with) for the outer packet of EtherType `proto`.
+#[inline(always)]
+fn push_l2(ctx: &XdpContext, l2: &L2, hop: &NextHop, outer_len: usize, proto: u16) -> Result<(), Verdict> {
+    let failed = Verdict::Drop(Counter::DropEncap);
+    // SAFETY: the helper only moves data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        return Err(failed);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
+        match l2.vlan_tci {
+            None => (*eth).proto = proto,
+            Some(tci) => {
+                (*eth).proto = ETH_P_8021Q;
+                let vlan: *mut VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(failed)?;
+                (*vlan).tci = tci;
+                (*vlan).proto = proto;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// IPIP: outer IPv4 header from an RSS-spreading source to the backend.
+#[inline(always)]
+fn encap_ipv4(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Result<(), Verdict> {
+    let failed = Verdict::Drop(Counter::DropEncap);
+    let inner: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
+    let src = CONFIG
+        .get(0)
+        .map_or(0, |c| c.encap_src4_base | (sel.hash & c.encap_src4_hostmask))
+        .to_be();
+    push_l2(ctx, l2, hop, IPV4_HLEN, ETH_P_IP)?;
+    let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *outer = Ipv4Hdr {
+            vihl: 0x45,
+            tos,
+            tot_len: (inner_len + IPV4_HLEN as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: OUTER_TTL,
+            proto: PROTO_IPIP,
+            check: 0,
+            src,
+            dst: sel.backend.addr[0],
+        };
+        (*outer).check = ipv4_checksum(outer as *const u16);
+    }
+    Ok(())
+}
+
+/// IPv6-in-IPv6: outer header to the backend; source and flow label vary with the flow.
+#[inline(always)]
+fn encap_ipv6(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Result<(), Verdict> {
+    let failed = Verdict::Drop(Counter::DropEncap);
+    let inner: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (vtc_flow, inner_payload) = unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
+    let base = &CONFIG.get(0).ok_or(failed)?.encap_src6_base;
+    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
+    // Keep the traffic class, take the flow label from the flow hash.
+    let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
+    push_l2(ctx, l2, hop, IPV6_HLEN, ETH_P_IPV6)?;
+    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *outer = Ipv6Hdr {
+            vtc_flow: vtc_flow.to_be(),
+            payload_len: (inner_payload + IPV6_HLEN as u16).to_be(),
+            nexthdr: PROTO_IPV6,
+            hop_limit: OUTER_TTL,
+            src,
+            dst: sel.backend.addr,
+        };
+    }
+    Ok(())
+}
+
+/// RFC 1071 checksum of a 20-byte IPv4 header whose checksum field is zero.
+#[inline(always)]
+fn ipv4_checksum(hdr: *const u16) -> u16 {
+    let mut sum = 0u32;
+    for i in 0..IPV4_HLEN / 2 {
+        // SAFETY: the caller bounds-checked all 20 bytes.
+        sum += unsafe { *hdr.add(i) } as u32;
+    }
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,79 @@
+//! The data plane's maps. Sizes here are placeholders: the daemon sets each map's real
+//! size at load time from its config (`EbpfLoader::map_max_entries`), so memory grows with
+//! what is configured. Names must match `lb_common::consts::map_names`.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    consts::{
+        BPF_F_INNER_MAP, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    },
+    types::{
+        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, TrafficCounters, VipAddr,
+        VipKey, VipState,
+    },
+};
+
+const VIPS_MAX: usize = DEFAULT_MAX_VIPS as usize;
+const BACKENDS_MAX: usize = DEFAULT_MAX_BACKENDS as usize;
+const CONNTRACK_MAX: usize = DEFAULT_CONNTRACK_ENTRIES as usize;
+const INNER_MAP: usize = BPF_F_INNER_MAP as usize;
+const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
+
+/// Hash seed, next-hop cache generation, encapsulation source prefixes (one entry).
+#[btf_map]
+pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
+
+/// Every IPv4 address that some Vip uses: the one lookup non-Vip traffic pays.
+#[btf_map]
+pub static VIP_ADDRS_V4: HashMap<u32, VipAddr, VIPS_MAX> = HashMap::new();
+
+/// Every IPv6 address that some Vip uses.
+#[btf_map]
+pub static VIP_ADDRS_V6: HashMap<[u32; 4], VipAddr, VIPS_MAX> = HashMap::new();
+
+/// (address, port, protocol) to Vip id.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, u32, VIPS_MAX> = HashMap::new();
+
+/// Flags and generation of each Vip id.
+#[btf_map]
+pub static VIP_STATE: Array<VipState, VIPS_MAX> = Array::new();
+
+/// Each Vip id's MaglevTable, an inner array swapped whole by the daemon: slot 0 holds the
+/// size M, slots 1..=M Backend ids. BPF_F_INNER_MAP lets inner arrays differ in size.
+#[btf_map]
+pub static TABLES: ArrayOfMaps<Array<u32, 1, INNER_MAP>, VIPS_MAX> = ArrayOfMaps::new();
+
+/// Backend id to address, flags and generation (id 0 unused).
+#[btf_map]
+pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
+
+/// IPv4 connection table: Flow to Backend, per-CPU LRU lists.
+#[btf_map]
+pub static CONNTRACK_V4: LruHashMap<FlowV4, ConntrackEntry, CONNTRACK_MAX, NO_COMMON_LRU> =
+    LruHashMap::new();
+
+/// IPv6 connection table.
+#[btf_map]
+pub static CONNTRACK_V6: LruHashMap<FlowV6, ConntrackEntry, CONNTRACK_MAX, NO_COMMON_LRU> =
+    LruHashMap::new();
+
+/// Per-CPU cache of `bpf_fib_lookup` results per Backend id.
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<NextHop, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Global counters, indexed by `Counter`.
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Packets and bytes forwarded per Vip id.
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<TrafficCounters, VIPS_MAX> = PerCpuArray::new();
+
+/// Packets and bytes forwarded per Backend id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();

@@ -1,0 +1,204 @@
+//! Backend selection: the connection table first, the Vip's MaglevTable on a miss.
+
+use lb_common::{
+    consts::{Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags, vip_flags},
+    hash::{flow_hash_v4, flow_hash_v6, ports_word},
+    types::{Backend, ConntrackEntry, FlowV4, FlowV6, VipKey, vip_addr_flags},
+};
+
+use crate::{
+    maps::{BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_STATE, VIPS},
+    parse::{Parsed, Verdict, zero},
+    stats::count,
+};
+
+/// What a Flow's family contributes: its connection table, hash and Vip key.
+pub trait Flow {
+    fn conntrack(&self) -> Option<ConntrackEntry>;
+    fn remember(&self, entry: &ConntrackEntry) -> bool;
+    fn hash(&self, seed: u32) -> u32;
+    fn vip_key(&self, port: u16) -> VipKey;
+    fn proto(&self) -> u8;
+    fn dport(&self) -> u16;
+}
+
+impl Flow for FlowV4 {
+    #[inline(always)]
+    fn conntrack(&self) -> Option<ConntrackEntry> {
+        // SAFETY: copied out at once, before any other map operation.
+        unsafe { CONNTRACK_V4.get(self).copied() }
+    }
+    #[inline(always)]
+    fn remember(&self, entry: &ConntrackEntry) -> bool {
+        CONNTRACK_V4.insert(self, entry, 0).is_ok()
+    }
+    #[inline(always)]
+    fn hash(&self, seed: u32) -> u32 {
+        flow_hash_v4(self.src, self.dst, ports_word(self.sport, self.dport), self.proto, seed)
+    }
+    #[inline(always)]
+    fn vip_key(&self, port: u16) -> VipKey {
+        let mut key = VipKey::default();
+        zero(&mut key);
+        key.addr[0] = self.dst;
+        key.port = port;
+        key.proto = self.proto;
+        key.family = FAMILY_V4;
+        key
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+}
+
+impl Flow for FlowV6 {
+    #[inline(always)]
+    fn conntrack(&self) -> Option<ConntrackEntry> {
+        // SAFETY: copied out at once, before any other map operation.
+        unsafe { CONNTRACK_V6.get(self).copied() }
+    }
+    #[inline(always)]
+    fn remember(&self, entry: &ConntrackEntry) -> bool {
+        CONNTRACK_V6.insert(self, entry, 0).is_ok()
+    }
+    #[inline(always)]
+    fn hash(&self, seed: u32) -> u32 {
+        flow_hash_v6(&self.src, &self.dst, ports_word(self.sport, self.dport), self.proto, seed)
+    }
+    #[inline(always)]
+    fn vip_key(&self, port: u16) -> VipKey {
+        VipKey { addr: self.dst, port, proto: self.proto, family: FAMILY_V6 }
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+}
+
+/// Where a packet goes.
+pub struct Selection {
+    pub vip: u32,
+    pub vip_flags: u32,
+    pub backend_id: u32,
+    pub backend: Backend,
+    /// The flow hash, reused for the encapsulation source.
+    pub hash: u32,
+}
+
+#[inline(always)]
+fn usable(backend: &Backend) -> bool {
+    backend.flags & backend_flags::UP != 0
+}
+
+/// Picks the backend for a parsed packet.
+#[inline(always)]
+pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
+    let flow = &pkt.flow;
+    let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
+    let hash = flow.hash(seed);
+
+    if let Some(entry) = flow.conntrack() {
+        if let Some(vip) = VIP_STATE.get(entry.vip)
+            && vip.generation == entry.vip_generation
+            && vip.flags & vip_flags::ACTIVE != 0
+        {
+            if let Some(backend) = BACKENDS.get(entry.backend)
+                && backend.generation == entry.backend_generation
+                && usable(backend)
+            {
+                if !pkt.icmp_error {
+                    count(Counter::ConntrackHit);
+                }
+                return Ok(Selection {
+                    vip: entry.vip,
+                    vip_flags: vip.flags,
+                    backend_id: entry.backend,
+                    backend: *backend,
+                    hash,
+                });
+            }
+            // Its backend went down or away: the table re-steers it (invariant 2).
+            if !pkt.icmp_error {
+                count(Counter::ConntrackResteer);
+            }
+            return from_table(pkt, entry.vip, hash);
+        }
+    }
+    if !pkt.icmp_error {
+        count(Counter::ConntrackMiss);
+        if flow.proto() == PROTO_TCP && !pkt.syn {
+            count(Counter::ConntrackMissNonSyn);
+        }
+    }
+    from_table(pkt, lookup_vip(pkt)?, hash)
+}
+
+/// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
+#[inline(always)]
+fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
+    let flow = &pkt.flow;
+    // SAFETY: values copied out at once.
+    if let Some(id) = unsafe { VIPS.get(flow.vip_key(flow.dport())) } {
+        return Ok(*id);
+    }
+    let any_port = match flow.proto() {
+        PROTO_TCP => vip_addr_flags::ANY_PORT_TCP,
+        PROTO_UDP => vip_addr_flags::ANY_PORT_UDP,
+        _ => 0,
+    };
+    if pkt.addr_flags & any_port != 0
+        && let Some(id) = unsafe { VIPS.get(flow.vip_key(0)) }
+    {
+        return Ok(*id);
+    }
+    Err(Verdict::Pass(Counter::PassVipOther))
+}
+
+/// Slot `1 + hash % M` of the Vip's MaglevTable (slot 0 holds M), remembered in the
+/// connection table unless the packet is an ICMP error.
+#[inline(always)]
+fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Selection, Verdict> {
+    let vip = VIP_STATE.get(vip_id).ok_or(Verdict::Pass(Counter::PassVipOther))?;
+    if vip.flags & vip_flags::ACTIVE == 0 {
+        return Err(Verdict::Pass(Counter::PassVipOther));
+    }
+    let no_backend = if vip.flags & vip_flags::PASS_WHEN_EMPTY != 0 {
+        Verdict::Pass(Counter::PassNoBackend)
+    } else {
+        Verdict::Drop(Counter::DropNoBackend)
+    };
+    let table = TABLES.get(vip_id).ok_or(no_backend)?;
+    let size = *table.get(0).ok_or(no_backend)?;
+    if size == 0 {
+        return Err(no_backend);
+    }
+    let backend_id = *table.get(1 + hash % size).ok_or(no_backend)?;
+    if backend_id == EMPTY_BACKEND {
+        return Err(no_backend);
+    }
+    let backend = BACKENDS.get(backend_id).ok_or(no_backend)?;
+    if !usable(backend) {
+        return Err(no_backend);
+    }
+    if !pkt.icmp_error {
+        let entry = ConntrackEntry {
+            backend: backend_id,
+            backend_generation: backend.generation,
+            vip: vip_id,
+            vip_generation: vip.generation,
+        };
+        if !pkt.flow.remember(&entry) {
+            count(Counter::ConntrackInsertFail);
+        }
+    }
+    Ok(Selection { vip: vip_id, vip_flags: vip.flags, backend_id, backend: *backend, hash })
+}
