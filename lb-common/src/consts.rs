@@ -4,9 +4,15 @@
 /// Backend id 0 is never assigned: a MaglevTable slot holding it means "no backend".
 pub const EMPTY_BACKEND: u32 = 0;
 
-/// Slot 0 of every MaglevTable inner map holds the table size `M`; slots `1..=M` hold
-/// Backend ids. Keeping `M` inside the table makes a table swap (size included) atomic.
-pub const TABLE_HEADER_SLOTS: u32 = 1;
+/// Logical slot 0 of every MaglevTable inner map holds the table size `M`; slots `1..=M`
+/// hold Backend ids. Keeping `M` inside the table makes a table swap (size included) atomic.
+/// Two logical slots share one 8-byte array entry: slot `s` is `entry[s / 2][s % 2]`.
+pub const TABLE_SLOTS_PER_ENTRY: u32 = 2;
+
+/// Number of inner-array entries for a MaglevTable of `m` slots (header included).
+pub const fn table_entries(m: u32) -> u32 {
+    (m + 1).div_ceil(TABLE_SLOTS_PER_ENTRY)
+}
 
 /// Default MaglevTable size (prime), as in the Maglev paper.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -19,6 +25,8 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 /// `BPF_F_INNER_MAP`: lets inner MaglevTable arrays of different sizes share one outer map.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the daemon writes a new MaglevTable through mmap, not 65k syscalls.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for the connection table (no global lock).
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     consts::{
-        BPF_F_INNER_MAP, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     },
     types::{
@@ -20,7 +20,7 @@ use lb_common::{
 const VIPS_MAX: usize = DEFAULT_MAX_VIPS as usize;
 const BACKENDS_MAX: usize = DEFAULT_MAX_BACKENDS as usize;
 const CONNTRACK_MAX: usize = DEFAULT_CONNTRACK_ENTRIES as usize;
-const INNER_MAP: usize = BPF_F_INNER_MAP as usize;
+const TABLE_FLAGS: usize = (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize;
 const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
 
 /// Hash seed, next-hop cache generation, encapsulation source prefixes (one entry).
@@ -43,10 +43,12 @@ pub static VIPS: HashMap<VipKey, u32, VIPS_MAX> = HashMap::new();
 #[btf_map]
 pub static VIP_STATE: Array<VipState, VIPS_MAX> = Array::new();
 
-/// Each Vip id's MaglevTable, an inner array swapped whole by the daemon: slot 0 holds the
-/// size M, slots 1..=M Backend ids. BPF_F_INNER_MAP lets inner arrays differ in size.
+/// Each Vip id's MaglevTable, an inner array swapped whole by the daemon. Logical slot 0
+/// holds the size M, slots 1..=M Backend ids; two slots share each 8-byte entry (the
+/// kernel rounds array values up to 8 bytes). BPF_F_INNER_MAP lets inner arrays differ in
+/// size; BPF_F_MMAPABLE lets the daemon fill a new table with one memcpy.
 #[btf_map]
-pub static TABLES: ArrayOfMaps<Array<u32, 1, INNER_MAP>, VIPS_MAX> = ArrayOfMaps::new();
+pub static TABLES: ArrayOfMaps<Array<[u32; 2], 1, TABLE_FLAGS>, VIPS_MAX> = ArrayOfMaps::new();
 
 /// Backend id to address, flags and generation (id 0 unused).
 #[btf_map]

@@ -177,11 +177,12 @@ fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Select
         Verdict::Drop(Counter::DropNoBackend)
     };
     let table = TABLES.get(vip_id).ok_or(no_backend)?;
-    let size = *table.get(0).ok_or(no_backend)?;
+    let size = table.get(0).ok_or(no_backend)?[0];
     if size == 0 {
         return Err(no_backend);
     }
-    let backend_id = *table.get(1 + hash % size).ok_or(no_backend)?;
+    let slot = 1 + hash % size;
+    let backend_id = table.get(slot / 2).ok_or(no_backend)?[(slot & 1) as usize];
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);
     }

@@ -72,9 +72,10 @@ mod tests {
         assert_eq!(key_hash(&key, 7, OFFSET_STREAM), KEY_HASH_SEQ_SEED7);
     }
 
-    const KEY_HASH_ZERO_OFFSET: u64 = 0;
-    const KEY_HASH_ZERO_SKIP: u64 = 0;
-    const KEY_HASH_SEQ_SEED7: u64 = 0;
+    // Computed by an independent Python implementation of the same definition.
+    const KEY_HASH_ZERO_OFFSET: u64 = 0x3f49_3ec4_acf1_c698;
+    const KEY_HASH_ZERO_SKIP: u64 = 0x82e9_7814_38e8_7bfd;
+    const KEY_HASH_SEQ_SEED7: u64 = 0x2e96_852e_4738_f303;
 
     #[test]
     fn permutation_visits_every_slot_for_prime_and_composite_sizes() {

@@ -1,0 +1,377 @@
+//! The daemon's handle on the XDP object: loading it with map sizes from the config,
+//! attaching it, writing Vips, Backends and MaglevTables into its maps, and reading its
+//! per-CPU counters back.
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    consts::{
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_VIPS, map_names as names, prog_names, table_entries,
+    },
+    hash::addr_words,
+    maglev::MaglevTable,
+    types::{
+        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipKey,
+        VipState,
+    },
+};
+
+/// `BPF_MAP_TYPE_ARRAY`, for the MaglevTable inner maps the daemon creates itself.
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// The compiled XDP object, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Map sizes, fixed when the program is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub conntrack_entries: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            max_vips: DEFAULT_MAX_VIPS,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "loading the XDP program failed: {0:#}\n  (verifier rejection: the log above names the \
+         instruction; map creation failure: lower conntrack_entries or max_vips, or raise \
+         RLIMIT_MEMLOCK / the cgroup memory limit)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the XDP object")]
+    MissingProgram(&'static str),
+    #[error("id {id} is beyond the capacity of {what} ({capacity}); raise it in the config")]
+    Capacity { what: &'static str, id: u32, capacity: u32 },
+    #[error("writing a MaglevTable through mmap: {0}")]
+    Mmap(std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// The loaded XDP object and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    caps: Capacities,
+}
+
+impl Dataplane {
+    /// Loads the object with map sizes from `caps` and loads (verifies) all its programs.
+    pub fn load(caps: Capacities) -> Result<Self> {
+        raise_memlock_limit();
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(names::VIP_ADDRS_V4, caps.max_vips)
+            .map_max_entries(names::VIP_ADDRS_V6, caps.max_vips)
+            .map_max_entries(names::VIPS, caps.max_vips)
+            .map_max_entries(names::VIP_STATE, caps.max_vips)
+            .map_max_entries(names::TABLES, caps.max_vips)
+            .map_max_entries(names::VIP_STATS, caps.max_vips)
+            .map_max_entries(names::BACKENDS, caps.max_backends)
+            .map_max_entries(names::NEXT_HOPS, caps.max_backends)
+            .map_max_entries(names::BACKEND_STATS, caps.max_backends)
+            .map_max_entries(names::CONNTRACK_V4, caps.conntrack_entries)
+            .map_max_entries(names::CONNTRACK_V6, caps.conntrack_entries)
+            .load(OBJECT)?;
+        let mut dataplane = Self { ebpf, caps };
+        for name in [prog_names::LB_INGRESS, prog_names::LB_DECAP, prog_names::LB_PASS] {
+            dataplane
+                .xdp(name)?
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(dataplane)
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.caps
+    }
+
+    /// One of the object's XDP programs (`prog_names`).
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
+        program.try_into().map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Attaches program `name` to `interface`.
+    pub fn attach(&mut self, name: &'static str, interface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+        self.xdp(name)?
+            .attach(interface, mode)
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn check(&self, what: &'static str, id: u32, capacity: u32) -> Result<()> {
+        if id >= capacity {
+            return Err(DataplaneError::Capacity { what, id, capacity });
+        }
+        Ok(())
+    }
+
+    pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
+        let mut map: Array<_, GlobalConfig> =
+            Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        map.set(0, config, 0).map_err(map_err(names::CONFIG))
+    }
+
+    pub fn global(&self) -> Result<GlobalConfig> {
+        let map: Array<_, GlobalConfig> =
+            Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        map.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.check("max_backends", id, self.caps.max_backends)?;
+        let mut map: Array<_, Backend> =
+            Array::try_from(self.map_mut(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        map.set(id, backend, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        let map: Array<_, Backend> =
+            Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        map.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Marks `addr` as used by some Vip (`Some`) or by none (`None`).
+    pub fn set_vip_addr(&mut self, addr: IpAddr, value: Option<VipAddr>) -> Result<()> {
+        match addr {
+            IpAddr::V4(_) => {
+                let name = names::VIP_ADDRS_V4;
+                let mut map: HashMap<_, u32, VipAddr> =
+                    HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                let key = addr_words(addr)[0];
+                match value {
+                    Some(v) => map.insert(key, v, 0).map_err(map_err(name)),
+                    None => ignore_missing(map.remove(&key)).map_err(map_err(name)),
+                }
+            }
+            IpAddr::V6(_) => {
+                let name = names::VIP_ADDRS_V6;
+                let mut map: HashMap<_, [u32; 4], VipAddr> =
+                    HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                let key = addr_words(addr);
+                match value {
+                    Some(v) => map.insert(key, v, 0).map_err(map_err(name)),
+                    None => ignore_missing(map.remove(&key)).map_err(map_err(name)),
+                }
+            }
+        }
+    }
+
+    /// Publishes Vip `id` under `key`. Install its table first: a Vip without one drops
+    /// (or passes) its traffic as having no backend.
+    pub fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<()> {
+        self.check("max_vips", id, self.caps.max_vips)?;
+        let mut states: Array<_, VipState> =
+            Array::try_from(self.map_mut(names::VIP_STATE)?).map_err(map_err(names::VIP_STATE))?;
+        states.set(id, state, 0).map_err(map_err(names::VIP_STATE))?;
+        let mut vips: HashMap<_, VipKey, u32> =
+            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        vips.insert(key, id, 0).map_err(map_err(names::VIPS))
+    }
+
+    /// Unpublishes a Vip key; its id's state is cleared so conntrack entries die with it.
+    pub fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<()> {
+        let mut vips: HashMap<_, VipKey, u32> =
+            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        ignore_missing(vips.remove(key)).map_err(map_err(names::VIPS))?;
+        let mut states: Array<_, VipState> =
+            Array::try_from(self.map_mut(names::VIP_STATE)?).map_err(map_err(names::VIP_STATE))?;
+        states.set(id, VipState::default(), 0).map_err(map_err(names::VIP_STATE))
+    }
+
+    /// Builds a new inner array holding `table` and swaps it in for Vip `id` in one map
+    /// update: a packet sees the old table or the new one, never a mix (invariant 3).
+    pub fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<()> {
+        self.check("max_vips", id, self.caps.max_vips)?;
+        let entries = table_entries(table.size());
+        let definition = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>() as u32,
+            size_of::<[u32; 2]>() as u32,
+            entries,
+            BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+        );
+        let inner = MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
+        write_table(inner.fd().as_fd(), entries, table)?;
+        let mut outer: ArrayOfMaps<_, MapData> =
+            ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
+        outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
+    }
+
+    /// The global counters, summed over CPUs, indexed by `Counter`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok(map.get(&(c as u32), 0).map_err(map_err(names::STATS))?.iter().sum()))
+            .collect()
+    }
+
+    pub fn counter(&self, counter: Counter) -> Result<u64> {
+        Ok(self.counters()?[counter as usize])
+    }
+
+    pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounters> {
+        self.traffic(names::VIP_STATS, id)
+    }
+
+    pub fn backend_traffic(&self, id: u32) -> Result<TrafficCounters> {
+        self.traffic(names::BACKEND_STATS, id)
+    }
+
+    fn traffic(&self, name: &'static str, id: u32) -> Result<TrafficCounters> {
+        let map: PerCpuArray<_, TrafficCounters> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(TrafficCounters::default(), |sum, c| TrafficCounters {
+            packets: sum.packets + c.packets,
+            bytes: sum.bytes + c.bytes,
+        }))
+    }
+
+    /// The connection-table entry of an IPv4 Flow, if any.
+    pub fn conntrack_v4(&self, flow: &FlowV4) -> Result<Option<ConntrackEntry>> {
+        let name = names::CONNTRACK_V4;
+        let map: HashMap<_, FlowV4, ConntrackEntry> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(map.get(flow, 0)).map_err(map_err(name))
+    }
+
+    /// The connection-table entry of an IPv6 Flow, if any.
+    pub fn conntrack_v6(&self, flow: &FlowV6) -> Result<Option<ConntrackEntry>> {
+        let name = names::CONNTRACK_V6;
+        let map: HashMap<_, FlowV6, ConntrackEntry> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(map.get(flow, 0)).map_err(map_err(name))
+    }
+
+    /// Runs program `name` once on `packet` with BPF_PROG_TEST_RUN. `ingress_ifindex`
+    /// (0 = loopback) is the device the packet pretends to arrive on, which is where
+    /// `bpf_fib_lookup` starts. Returns the action and the packet as the program left it.
+    pub fn test_run(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let ctx = xdp_md(ingress_ifindex);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        if ingress_ifindex != 0 {
+            opts.ctx_in = Some(&ctx);
+        }
+        opts.repeat = repeat;
+        let result = self
+            .xdp(name)?
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome { action: result.return_value, packet: out, duration: result.duration })
+    }
+}
+
+/// What one BPF_PROG_TEST_RUN call returned.
+#[derive(Debug)]
+pub struct TestRunOutcome {
+    pub action: u32,
+    pub packet: Vec<u8>,
+    /// Mean time per repetition, as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
+/// An `xdp_md` context for BPF_PROG_TEST_RUN: only the ingress device is set.
+fn xdp_md(ingress_ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Writes `table` into an mmap-able inner array of `entries` 8-byte entries.
+fn write_table(fd: std::os::fd::BorrowedFd<'_>, entries: u32, table: &MaglevTable) -> Result<()> {
+    let len = entries as usize * 8;
+    // SAFETY: a shared mapping of a BPF array we own; unmapped before returning.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping is `len` bytes, u32-aligned (page-aligned).
+    let words = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, len / 4) };
+    words[0] = table.size();
+    words[1..=table.slots().len()].copy_from_slice(table.slots());
+    words[table.slots().len() + 1..].fill(0);
+    // SAFETY: mapped above.
+    unsafe { libc::munmap(ptr, len) };
+    Ok(())
+}
+
+fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn optional<T>(result: std::result::Result<T, MapError>) -> std::result::Result<Option<T>, MapError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup. Raising it
+/// is harmless either way.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
