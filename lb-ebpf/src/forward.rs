@@ -5,8 +5,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        bpf_fib_lookup, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
@@ -70,12 +69,10 @@ fn next_hop(ctx: &XdpContext, id: u32, backend: &Backend, v6: bool) -> Result<Ne
             return Ok(*cached);
         }
     }
+    // The kernel answers only if forwarding is on for the ingress device (the daemon
+    // turns it on where it attaches).
     let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    let mut rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6, 0);
-    if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 {
-        // Forwarding is off on the ingress device: resolve as a locally sent packet.
-        rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6, BPF_FIB_LOOKUP_OUTPUT);
-    }
+    let rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6);
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(no_route);
     }
@@ -93,7 +90,6 @@ fn lookup_route(
     params: *mut bpf_fib_lookup,
     backend: &Backend,
     v6: bool,
-    flags: u32,
 ) -> i64 {
     zero(params);
     // SAFETY: zeroed just above, a valid bpf_fib_lookup.
@@ -112,7 +108,7 @@ fn lookup_route(
             ctx.ctx as *mut c_void,
             params as *mut bpf_fib_lookup,
             size_of::<bpf_fib_lookup>() as i32,
-            flags,
+            0,
         )
     }
 }

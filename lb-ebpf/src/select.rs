@@ -133,13 +133,14 @@ pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
             return from_table(pkt, entry.vip, hash);
         }
     }
+    let vip = lookup_vip(pkt)?;
     if !pkt.icmp_error {
         count(Counter::ConntrackMiss);
         if flow.proto() == PROTO_TCP && !pkt.syn {
             count(Counter::ConntrackMissNonSyn);
         }
     }
-    from_table(pkt, lookup_vip(pkt)?, hash)
+    from_table(pkt, vip, hash)
 }
 
 /// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.

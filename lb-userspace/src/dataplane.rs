@@ -293,7 +293,7 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<TestRunOutcome> {
         let mut out = vec![0u8; packet.len() + 256];
-        let ctx = xdp_md(ingress_ifindex);
+        let ctx = xdp_md(ingress_ifindex, packet.len() as u32);
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
@@ -319,9 +319,11 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
-/// An `xdp_md` context for BPF_PROG_TEST_RUN: only the ingress device is set.
-fn xdp_md(ingress_ifindex: u32) -> [u8; 24] {
+/// An `xdp_md` context for BPF_PROG_TEST_RUN: the packet spans `0..len` (the kernel
+/// insists), and it arrives on `ingress_ifindex`.
+fn xdp_md(ingress_ifindex: u32, len: u32) -> [u8; 24] {
     let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&len.to_ne_bytes());
     ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx
 }
@@ -366,6 +368,18 @@ fn optional<T>(result: std::result::Result<T, MapError>) -> std::result::Result<
         Err(MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
+/// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
+/// devices that forward.
+pub fn enable_forwarding(interface: &str) -> std::io::Result<()> {
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+        std::fs::write(&path, "1")
+            .map_err(|e| std::io::Error::new(e.kind(), format!("writing 1 to {path}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup. Raising it

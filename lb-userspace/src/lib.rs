@@ -2,3 +2,4 @@
 //! binary runs.
 
 pub mod dataplane;
+pub mod netns;

@@ -1,0 +1,259 @@
+//! The fixture lab: one namespace, one veth (`veth0`, the load balancer's NIC), static
+//! neighbour entries for the backends, the real XDP object with a fixed configuration.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use lb_common::{
+    consts::{Counter, FAMILY_V4, FAMILY_V6, backend_flags, prog_names, vip_flags},
+    hash::{Flow, addr_words},
+    maglev::{self, MaglevBackend, MaglevTable},
+    types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
+};
+use lb_userspace::{
+    dataplane::{Capacities, Dataplane, TestRunOutcome},
+    netns::Netns,
+};
+
+pub const SEED: u32 = 0x5eed_1234;
+pub const TABLE_SIZE: u32 = 65_537;
+pub const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
+pub const ENCAP_SRC6: &str = "fd00:ffff::";
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+
+pub struct LabBackend {
+    pub id: u32,
+    pub addr: IpAddr,
+    pub mac: [u8; 6],
+    pub up: bool,
+}
+
+pub struct LabVip {
+    pub id: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u32,
+    pub backends: Vec<u32>,
+}
+
+pub fn backends() -> Vec<LabBackend> {
+    let b = |id: u32, addr: &str, up| LabBackend {
+        id,
+        addr: addr.parse().unwrap(),
+        mac: [0x02, 0, 0, 0, 0xbe, id as u8],
+        up,
+    };
+    vec![
+        b(1, "10.111.0.11", true),
+        b(2, "10.111.0.12", true),
+        b(3, "10.111.0.13", true),
+        b(4, "fd00:111::11", true),
+        b(5, "fd00:111::12", true),
+        b(6, "10.111.0.14", false),
+    ]
+}
+
+pub const VIP_TCP: u32 = 0; // 10.200.0.1:80/tcp, IPIP, backends 1-3
+pub const VIP_UDP: u32 = 1; // 10.200.0.1:53/udp, IPIP, backends 1-3
+pub const VIP_ANY_PORT_DSR: u32 = 2; // 10.200.0.2:*/tcp, L2 DSR, backends 1-2
+pub const VIP_V6: u32 = 3; // [fd00:200::1]:80/tcp, IPv6-in-IPv6, backends 4-5
+pub const VIP_EMPTY_DROP: u32 = 4; // 10.200.0.3:80/tcp, no backend: drop
+pub const VIP_EMPTY_PASS: u32 = 5; // 10.200.0.4:80/tcp, no backend: pass
+
+pub fn vips() -> Vec<LabVip> {
+    let v = |id, addr: &str, port, proto, flags, backends: &[u32]| LabVip {
+        id,
+        addr: addr.parse().unwrap(),
+        port,
+        proto,
+        flags: flags | vip_flags::ACTIVE,
+        backends: backends.to_vec(),
+    };
+    vec![
+        v(VIP_TCP, "10.200.0.1", 80, 6, 0, &[1, 2, 3]),
+        v(VIP_UDP, "10.200.0.1", 53, 17, 0, &[1, 2, 3]),
+        v(VIP_ANY_PORT_DSR, "10.200.0.2", 0, 6, vip_flags::L2_DSR, &[1, 2]),
+        v(VIP_V6, "fd00:200::1", 80, 6, vip_flags::IPV6, &[4, 5]),
+        v(VIP_EMPTY_DROP, "10.200.0.3", 80, 6, 0, &[]),
+        v(VIP_EMPTY_PASS, "10.200.0.4", 80, 6, vip_flags::PASS_WHEN_EMPTY, &[]),
+    ]
+}
+
+pub struct Lab {
+    pub netns: Netns,
+    pub dataplane: Dataplane,
+    pub ifindex: u32,
+    pub lb_mac: [u8; 6],
+    pub backends: Vec<LabBackend>,
+    pub vips: Vec<LabVip>,
+    pub tables: HashMap<u32, MaglevTable>,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let netns = Netns::new("mlb-fx").expect("create namespace");
+        netns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+        for dev in ["veth0", "veth1"] {
+            netns.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        netns.ip(&["addr", "add", "10.111.0.1/24", "dev", "veth0"]).unwrap();
+        netns.ip(&["addr", "add", "fd00:111::1/64", "dev", "veth0", "nodad"]).unwrap();
+        let backends = backends();
+        for b in &backends {
+            let mac = format_mac(&b.mac);
+            let addr = b.addr.to_string();
+            netns
+                .ip(&["neigh", "replace", &addr, "lladdr", &mac, "dev", "veth0", "nud", "permanent"])
+                .unwrap();
+        }
+        netns.enter(|| lb_userspace::dataplane::enable_forwarding("veth0")).unwrap().unwrap();
+        let ifindex = netns.ifindex("veth0").unwrap();
+        let lb_mac = netns.mac("veth0").unwrap();
+        let dataplane = Dataplane::load(Capacities {
+            max_vips: 16,
+            max_backends: 64,
+            conntrack_entries: 65_536,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut lab = Self {
+            netns,
+            dataplane,
+            ifindex,
+            lb_mac,
+            backends,
+            vips: vips(),
+            tables: HashMap::new(),
+        };
+        lab.configure();
+        lab
+    }
+
+    fn configure(&mut self) {
+        let encap6: std::net::Ipv6Addr = ENCAP_SRC6.parse().unwrap();
+        self.dataplane
+            .set_global(&GlobalConfig {
+                hash_seed: SEED,
+                fib_generation: 1,
+                encap_src4_base: u32::from_be_bytes(ENCAP_SRC4),
+                encap_src4_hostmask: 0xFFFF,
+                encap_src6_base: addr_words(encap6.into()),
+            })
+            .unwrap();
+        for b in &self.backends {
+            let mut flags = if b.up { backend_flags::UP } else { 0 };
+            if b.addr.is_ipv6() {
+                flags |= backend_flags::IPV6;
+            }
+            self.dataplane
+                .set_backend(b.id, &Backend { addr: addr_words(b.addr), flags, generation: 1 })
+                .unwrap();
+        }
+        let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
+        for v in &self.vips {
+            let flags = addr_flags.entry(v.addr).or_default();
+            if v.port == 0 {
+                *flags |= if v.proto == 6 {
+                    vip_addr_flags::ANY_PORT_TCP
+                } else {
+                    vip_addr_flags::ANY_PORT_UDP
+                };
+            }
+        }
+        for (addr, flags) in addr_flags {
+            self.dataplane.set_vip_addr(addr, Some(VipAddr { flags })).unwrap();
+        }
+        let vips: Vec<(u32, Vec<u32>)> = self.vips.iter().map(|v| (v.id, v.backends.clone())).collect();
+        for (id, members) in vips {
+            self.set_table(id, &members);
+        }
+        for v in &self.vips {
+            let key = vip_key(v.addr, v.port, v.proto);
+            self.dataplane
+                .set_vip(v.id, &key, &VipState { flags: v.flags, generation: 1 })
+                .unwrap();
+        }
+    }
+
+    /// Builds and installs Vip `id`'s table from the given backend ids.
+    pub fn set_table(&mut self, id: u32, members: &[u32]) {
+        let members: Vec<MaglevBackend> = members
+            .iter()
+            .map(|m| {
+                let b = self.backend(*m);
+                MaglevBackend::new(b.id, b.addr, 1)
+            })
+            .collect();
+        let table = maglev::build(&members, TABLE_SIZE, SEED);
+        self.dataplane.install_table(id, &table).unwrap();
+        self.tables.insert(id, table);
+    }
+
+    /// Marks backend `id` up or down in the data plane.
+    pub fn set_backend_up(&mut self, id: u32, up: bool) {
+        let mut backend = self.dataplane.backend(id).unwrap();
+        if up {
+            backend.flags |= backend_flags::UP;
+        } else {
+            backend.flags &= !backend_flags::UP;
+        }
+        self.dataplane.set_backend(id, &backend).unwrap();
+    }
+
+    pub fn backend(&self, id: u32) -> &LabBackend {
+        self.backends.iter().find(|b| b.id == id).expect("known backend")
+    }
+
+    pub fn backend_by_addr(&self, addr: IpAddr) -> Option<&LabBackend> {
+        self.backends.iter().find(|b| b.addr == addr)
+    }
+
+    /// The backend id userspace predicts for a new flow to Vip `vip`.
+    pub fn predict(&self, vip: u32, flow: &Flow) -> u32 {
+        self.tables[&vip].lookup(flow.hash(SEED))
+    }
+
+    /// Runs `lb_ingress` once on `packet`, as if it arrived on veth0.
+    pub fn run(&mut self, packet: &[u8]) -> TestRunOutcome {
+        let ifindex = self.ifindex;
+        let dataplane = &mut self.dataplane;
+        self.netns
+            .enter(|| dataplane.test_run(prog_names::LB_INGRESS, packet, ifindex, 1))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `f` inside the lab's namespace with the data plane (for many packets at once).
+    pub fn with_dataplane<T: Send>(&mut self, f: impl FnOnce(&mut Dataplane, u32) -> T + Send) -> T {
+        let ifindex = self.ifindex;
+        let dataplane = &mut self.dataplane;
+        self.netns.enter(|| f(dataplane, ifindex)).unwrap()
+    }
+
+    pub fn counters(&self) -> Vec<u64> {
+        self.dataplane.counters().unwrap()
+    }
+}
+
+pub fn vip_key(addr: IpAddr, port: u16, proto: u8) -> VipKey {
+    VipKey {
+        addr: addr_words(addr),
+        port: port.to_be(),
+        proto,
+        family: if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Counter deltas between two snapshots, by name, only the non-zero ones.
+pub fn deltas(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    Counter::ALL
+        .iter()
+        .filter_map(|&c| {
+            let d = after[c as usize] - before[c as usize];
+            (d != 0).then_some((c.name(), d))
+        })
+        .collect()
+}

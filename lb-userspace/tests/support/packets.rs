@@ -1,0 +1,231 @@
+//! Packet builders (etherparse) for the fixtures, and the expected outputs, built
+//! independently of the data plane's code.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::PacketBuilder;
+
+use super::lab::CLIENT_MAC;
+
+pub const PAYLOAD: &[u8] = b"hello, backend";
+
+fn v4(a: IpAddr) -> [u8; 4] {
+    match a {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(_) => panic!("expected IPv4"),
+    }
+}
+
+fn v6(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(_) => panic!("expected IPv6"),
+    }
+}
+
+/// A TCP packet from `src:sport` to `dst:dport` (IPv4 or IPv6), SYN or ACK.
+pub fn tcp(lb_mac: [u8; 6], src: IpAddr, sport: u16, dst: IpAddr, dport: u16, syn: bool) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    let ip = if src.is_ipv4() {
+        eth.ipv4(v4(src), v4(dst), 64)
+    } else {
+        eth.ipv6(v6(src), v6(dst), 64)
+    };
+    let tcp = ip.tcp(sport, dport, 1000, 64240);
+    let tcp = if syn { tcp.syn() } else { tcp.ack(1) };
+    let mut out = Vec::new();
+    tcp.write(&mut out, PAYLOAD).unwrap();
+    out
+}
+
+pub fn udp(lb_mac: [u8; 6], src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    let ip = if src.is_ipv4() {
+        eth.ipv4(v4(src), v4(dst), 64)
+    } else {
+        eth.ipv6(v6(src), v6(dst), 64)
+    };
+    let mut out = Vec::new();
+    ip.udp(sport, dport).write(&mut out, PAYLOAD).unwrap();
+    out
+}
+
+pub fn icmp4_echo(lb_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, lb_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, PAYLOAD)
+        .unwrap();
+    out
+}
+
+/// ICMP "fragmentation needed" from a router to the Vip, quoting a TCP segment the
+/// backend sent from `vip:vport` to `client:cport`.
+pub fn icmp4_frag_needed(lb_mac: [u8; 6], router: Ipv4Addr, client: IpAddr, cport: u16, vip: IpAddr, vport: u16) -> Vec<u8> {
+    let quoted = tcp([0; 6], vip, vport, client, cport, false);
+    let quoted = &quoted[14..14 + 20 + 8];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, lb_mac)
+        .ipv4(router.octets(), v4(vip), 64)
+        .icmpv4_raw(3, 4, [0, 0, 0x05, 0xdc])
+        .write(&mut out, quoted)
+        .unwrap();
+    out
+}
+
+/// ICMPv6 "packet too big" to the Vip quoting a TCP segment from the Vip to the client.
+pub fn icmp6_too_big(lb_mac: [u8; 6], router: Ipv6Addr, client: IpAddr, cport: u16, vip: IpAddr, vport: u16) -> Vec<u8> {
+    let quoted = tcp([0; 6], vip, vport, client, cport, false);
+    let quoted = &quoted[14..14 + 40 + 8];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, lb_mac)
+        .ipv6(router.octets(), v6(vip), 64)
+        .icmpv6_raw(2, 0, [0, 0, 0x05, 0x00])
+        .write(&mut out, quoted)
+        .unwrap();
+    out
+}
+
+pub fn arp(lb_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&[0xff; 6]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&[0x08, 0x06]);
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&[10, 111, 0, 50]);
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&[10, 111, 0, 1]);
+    let _ = lb_mac;
+    out
+}
+
+/// Replaces the EtherType of a frame.
+pub fn with_ethertype(mut pkt: Vec<u8>, ethertype: u16) -> Vec<u8> {
+    pkt[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    pkt
+}
+
+/// Inserts an 802.1Q tag with VLAN id `vid`.
+pub fn with_vlan(pkt: &[u8], vid: u16) -> Vec<u8> {
+    let mut out = pkt[..12].to_vec();
+    out.extend_from_slice(&[0x81, 0x00]);
+    out.extend_from_slice(&vid.to_be_bytes());
+    out.extend_from_slice(&pkt[12..]);
+    out
+}
+
+/// RFC 1071 checksum over `bytes` (even length).
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Recomputes the IPv4 header checksum of the header at `l3`.
+pub fn fix_ipv4_checksum(pkt: &mut [u8], l3: usize) {
+    let ihl = (pkt[l3] & 0x0F) as usize * 4;
+    pkt[l3 + 10..l3 + 12].fill(0);
+    let sum = checksum(&pkt[l3..l3 + ihl]);
+    pkt[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Adds 4 bytes of NOP options to the IPv4 header (IHL 6).
+pub fn with_ipv4_options(pkt: &[u8]) -> Vec<u8> {
+    let mut out = pkt[..14 + 20].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 1]);
+    out.extend_from_slice(&pkt[14 + 20..]);
+    out[14] = 0x46;
+    let len = u16::from_be_bytes([out[16], out[17]]) + 4;
+    out[16..18].copy_from_slice(&len.to_be_bytes());
+    fix_ipv4_checksum(&mut out, 14);
+    out
+}
+
+/// Sets the IPv4 fragment fields (more-fragments flag, offset in 8-byte units).
+pub fn as_fragment(pkt: &[u8], more: bool, offset: u16) -> Vec<u8> {
+    let mut out = pkt.to_vec();
+    let field = (if more { 0x2000 } else { 0 }) | offset;
+    out[20..22].copy_from_slice(&field.to_be_bytes());
+    fix_ipv4_checksum(&mut out, 14);
+    out
+}
+
+/// Inserts an 8-byte IPv6 extension header of type `kind` in front of L4.
+pub fn with_ipv6_ext(pkt: &[u8], kind: u8) -> Vec<u8> {
+    let next = pkt[14 + 6];
+    let mut out = pkt[..14 + 40].to_vec();
+    out.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&pkt[14 + 40..]);
+    out[14 + 6] = kind;
+    let len = u16::from_be_bytes([out[18], out[19]]) + 8;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// The IPIP packet the load balancer must emit for `input` (no VLAN): new MACs, an outer
+/// IPv4 header from `src` to `dst`, the client's IP packet unchanged.
+pub fn expect_ipip(input: &[u8], smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    expect_ipip_at(input, 14, smac, dmac, src, dst)
+}
+
+pub fn expect_ipip_at(input: &[u8], l3: usize, smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let inner = &input[l3..];
+    let inner_len = u16::from_be_bytes([inner[2], inner[3]]);
+    let mut out = dmac.to_vec();
+    out.extend_from_slice(&smac);
+    out.extend_from_slice(&input[12..l3]);
+    let mut outer = vec![0x45, inner[1]];
+    outer.extend_from_slice(&(inner_len + 20).to_be_bytes());
+    outer.extend_from_slice(&[0, 0, 0, 0, 64, 4, 0, 0]);
+    outer.extend_from_slice(&src);
+    outer.extend_from_slice(&dst);
+    let sum = checksum(&outer);
+    outer[10..12].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(&outer);
+    out.extend_from_slice(inner);
+    out
+}
+
+/// The IPv6-in-IPv6 packet for `input`: flow label from the flow hash.
+pub fn expect_ip6ip6(input: &[u8], smac: [u8; 6], dmac: [u8; 6], src: [u8; 16], dst: [u8; 16], hash: u32) -> Vec<u8> {
+    let inner = &input[14..];
+    let payload = u16::from_be_bytes([inner[4], inner[5]]);
+    let vtc = u32::from_be_bytes([inner[0], inner[1], inner[2], inner[3]]);
+    let vtc = (vtc & 0xFFF0_0000) | (hash & 0x000F_FFFF);
+    let mut out = dmac.to_vec();
+    out.extend_from_slice(&smac);
+    out.extend_from_slice(&[0x86, 0xdd]);
+    out.extend_from_slice(&vtc.to_be_bytes());
+    out.extend_from_slice(&(payload + 40).to_be_bytes());
+    out.extend_from_slice(&[41, 64]);
+    out.extend_from_slice(&src);
+    out.extend_from_slice(&dst);
+    out.extend_from_slice(inner);
+    out
+}
+
+/// `input` with only its MAC addresses rewritten (L2 direct server return).
+pub fn expect_l2(input: &[u8], smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[..6].copy_from_slice(&dmac);
+    out[6..12].copy_from_slice(&smac);
+    out
+}
+
+/// IPv4 outer source the load balancer derives from the flow hash.
+pub fn encap_src4(base: [u8; 4], hash: u32) -> [u8; 4] {
+    (u32::from_be_bytes(base) | (hash & 0xFFFF)).to_be_bytes()
+}
+
+/// IPv6 outer source: the base with its last word xor-ed with the hash.
+pub fn encap_src6(base: Ipv6Addr, hash: u32) -> [u8; 16] {
+    let mut octets = base.octets();
+    // The data plane xors the last word as it sits in memory (native order).
+    let last = u32::from_ne_bytes(octets[12..16].try_into().unwrap()) ^ hash;
+    octets[12..16].copy_from_slice(&last.to_ne_bytes());
+    octets
+}

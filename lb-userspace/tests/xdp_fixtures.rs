@@ -1,0 +1,340 @@
+//! BPF_PROG_TEST_RUN on the real XDP object, katran-style: a table of {description, packet
+//! in, expected action, expected packet out, expected counters}. Needs root.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{consts::PROTO_TCP, hash::Flow};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use support::{
+    lab::{
+        ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, VIP_ANY_PORT_DSR, VIP_TCP, VIP_UDP, VIP_V6, deltas,
+    },
+    packets::*,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const CLIENT: &str = "10.50.0.7";
+const CLIENT6: &str = "fd00:50::7";
+const VIP: &str = "10.200.0.1";
+const VIP_DSR: &str = "10.200.0.2";
+const VIP6: &str = "fd00:200::1";
+
+struct Fixture {
+    description: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    /// `None`: the packet must come out untouched (PASS) or is not looked at (DROP).
+    output: Option<Vec<u8>>,
+    counters: Vec<(&'static str, u64)>,
+}
+
+fn flow(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> Flow {
+    Flow { src: ip(src), dst: ip(dst), sport, dport, proto }
+}
+
+/// The IPIP output for `input` (at `l3`) of `flow` to Vip `vip`'s predicted backend.
+fn ipip(lab: &Lab, input: &[u8], l3: usize, vip: u32, flow: &Flow) -> Vec<u8> {
+    let backend = lab.backend(lab.predict(vip, flow));
+    let IpAddr::V4(dst) = backend.addr else { panic!("v4 backend") };
+    let src = encap_src4(ENCAP_SRC4, flow.hash(SEED));
+    expect_ipip_at(input, l3, lab.lb_mac, backend.mac, src, dst.octets())
+}
+
+fn ip6ip6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
+    let backend = lab.backend(lab.predict(vip, flow));
+    let IpAddr::V6(dst) = backend.addr else { panic!("v6 backend") };
+    let hash = flow.hash(SEED);
+    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+    expect_ip6ip6(input, lab.lb_mac, backend.mac, src, dst.octets(), hash)
+}
+
+fn pass(description: &'static str, input: Vec<u8>, counter: &'static str) -> Fixture {
+    Fixture { description, input, action: XDP_PASS, output: None, counters: vec![(counter, 1)] }
+}
+
+fn drop(description: &'static str, input: Vec<u8>, counters: &[&'static str]) -> Fixture {
+    Fixture {
+        description,
+        input,
+        action: XDP_DROP,
+        output: None,
+        counters: counters.iter().map(|c| (*c, 1)).collect(),
+    }
+}
+
+fn tx(description: &'static str, input: Vec<u8>, output: Vec<u8>, counters: &[&'static str]) -> Fixture {
+    Fixture {
+        description,
+        input,
+        action: XDP_TX,
+        output: Some(output),
+        counters: counters.iter().map(|c| (*c, 1)).collect(),
+    }
+}
+
+fn fixtures(lab: &Lab) -> Vec<Fixture> {
+    let mac = lab.lb_mac;
+    let (client, client6, vip, vip6) = (ip(CLIENT), ip(CLIENT6), ip(VIP), ip(VIP6));
+    let miss_tx = &["conntrack_miss", "tx"][..];
+
+    let syn = tcp(mac, client, 40001, vip, 80, true);
+    let syn_flow = flow(CLIENT, 40001, VIP, 80, 6);
+    let ack = tcp(mac, client, 40001, vip, 80, false);
+    let mid_flow = tcp(mac, client, 40002, vip, 80, false);
+    let opts = with_ipv4_options(&tcp(mac, client, 40003, vip, 80, true));
+    let vlan = with_vlan(&tcp(mac, client, 40004, vip, 80, true), 42);
+    let udp_in = udp(mac, client, 5353, vip, 53);
+    let icmp = icmp4_frag_needed(mac, Ipv4Addr::new(10, 99, 0, 1), client, 40001, vip, 80);
+    let dsr = tcp(mac, client, 40005, ip(VIP_DSR), 8080, true);
+    let dsr_backend = lab.backend(lab.predict(VIP_ANY_PORT_DSR, &flow(CLIENT, 40005, VIP_DSR, 8080, 6)));
+    let syn6 = tcp(mac, client6, 40006, vip6, 80, true);
+    let syn6_flow = flow(CLIENT6, 40006, VIP6, 80, 6);
+    let icmp6 = icmp6_too_big(mac, "fd00:99::1".parse().unwrap(), client6, 40006, vip6, 80);
+
+    let mut truncated_tcp = tcp(mac, client, 40007, vip, 80, true);
+    truncated_tcp.truncate(14 + 20 + 10);
+    truncated_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
+    fix_ipv4_checksum(&mut truncated_tcp, 14);
+    let mut bad_doff = tcp(mac, client, 40008, vip, 80, true);
+    bad_doff[14 + 20 + 12] = 0x40;
+    let mut bad_udp_len = udp(mac, client, 5354, vip, 53);
+    bad_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    let mut ihl4 = syn.clone();
+    ihl4[14] = 0x44;
+    let mut version6_in_v4 = syn.clone();
+    version6_in_v4[14] = 0x65;
+    let mut long_tot_len = syn.clone();
+    long_tot_len[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    fix_ipv4_checksum(&mut long_tot_len, 14);
+    let mut short_tot_len = syn.clone();
+    short_tot_len[16..18].copy_from_slice(&10u16.to_be_bytes());
+    fix_ipv4_checksum(&mut short_tot_len, 14);
+    let mut long_payload6 = syn6.clone();
+    long_payload6[18..20].copy_from_slice(&1400u16.to_be_bytes());
+    let mut truncated_tcp6 = tcp(mac, client6, 40009, vip6, 80, true);
+    truncated_tcp6.truncate(14 + 40 + 10);
+    truncated_tcp6[18..20].copy_from_slice(&10u16.to_be_bytes());
+    let mut short_quote = icmp.clone();
+    short_quote.truncate(14 + 20 + 8 + 20 + 2);
+    short_quote[16..18].copy_from_slice(&50u16.to_be_bytes());
+    fix_ipv4_checksum(&mut short_quote, 14);
+
+    vec![
+        pass("ARP is passed untouched", arp(mac), "pass_not_ip"),
+        pass("LLDP (not IP) is passed", with_ethertype(syn.clone(), 0x88cc), "pass_not_ip"),
+        pass("a QinQ outer tag is not parsed: passed", with_ethertype(syn.clone(), 0x88a8), "pass_not_ip"),
+        pass("TCP to the load balancer's own address is passed", tcp(mac, client, 40010, ip("10.111.0.1"), 22, true), "pass_not_vip"),
+        pass("IPv6 TCP to a non-Vip is passed", tcp(mac, client6, 40011, ip("fd00:111::1"), 22, true), "pass_not_vip"),
+        tx("TCP SYN to a Vip is IPIP-encapsulated to its Maglev backend", syn.clone(), ipip(lab, &syn, 14, VIP_TCP, &syn_flow), miss_tx),
+        tx("the flow's next packet hits the connection table", ack.clone(), ipip(lab, &ack, 14, VIP_TCP, &syn_flow), &["conntrack_hit", "tx"]),
+        tx("TCP without SYN on an unknown flow is still forwarded by the table", mid_flow.clone(), ipip(lab, &mid_flow, 14, VIP_TCP, &flow(CLIENT, 40002, VIP, 80, 6)), &["conntrack_miss", "conntrack_miss_non_syn", "tx"]),
+        tx("IPv4 options (IHL 6) are carried through", opts.clone(), ipip(lab, &opts, 14, VIP_TCP, &flow(CLIENT, 40003, VIP, 80, 6)), miss_tx),
+        tx("an 802.1Q-tagged packet keeps its tag", vlan.clone(), ipip(lab, &vlan, 18, VIP_TCP, &flow(CLIENT, 40004, VIP, 80, 6)), miss_tx),
+        tx("UDP to a UDP Vip is encapsulated", udp_in.clone(), ipip(lab, &udp_in, 14, VIP_UDP, &flow(CLIENT, 5353, VIP, 53, 17)), miss_tx),
+        pass("TCP to a Vip address on a port with no Vip is passed", tcp(mac, client, 40012, vip, 81, true), "pass_vip_other"),
+        pass("UDP to a TCP-only Vip port is passed", udp(mac, client, 5355, vip, 80), "pass_vip_other"),
+        pass("ICMP echo to a Vip goes to the local stack", icmp4_echo(mac, Ipv4Addr::new(10, 50, 0, 7), Ipv4Addr::new(10, 200, 0, 1)), "pass_vip_other"),
+        tx("ICMP fragmentation-needed goes to the quoted flow's backend", icmp.clone(), ipip(lab, &icmp, 14, VIP_TCP, &syn_flow), &["icmp_to_backend", "tx"]),
+        tx("an any-port Vip in L2 DSR mode rewrites only the MACs", dsr.clone(), expect_l2(&dsr, mac, dsr_backend.mac), miss_tx),
+        tx("IPv6 SYN to a Vip is IPv6-in-IPv6 encapsulated", syn6.clone(), ip6ip6(lab, &syn6, VIP_V6, &syn6_flow), miss_tx),
+        tx("ICMPv6 packet-too-big goes to the quoted flow's backend", icmp6.clone(), ip6ip6(lab, &icmp6, VIP_V6, &syn6_flow), &["icmp_to_backend", "tx"]),
+        drop("an IPv4 first fragment to a Vip is dropped", as_fragment(&syn, true, 0), &["drop_fragment"]),
+        drop("an IPv4 later fragment to a Vip is dropped", as_fragment(&syn, false, 100), &["drop_fragment"]),
+        pass("an IPv4 fragment to a non-Vip is passed", as_fragment(&tcp(mac, client, 40013, ip("10.111.0.1"), 22, true), true, 0), "pass_not_vip"),
+        drop("an IPv6 fragment header to a Vip is dropped", with_ipv6_ext(&syn6, 44), &["drop_fragment"]),
+        drop("an IPv6 hop-by-hop header to a Vip is dropped", with_ipv6_ext(&syn6, 0), &["drop_ipv6_ext"]),
+        drop("an IPv6 routing header to a Vip is dropped", with_ipv6_ext(&syn6, 43), &["drop_ipv6_ext"]),
+        drop("an IPv6 destination-options header to a Vip is dropped", with_ipv6_ext(&syn6, 60), &["drop_ipv6_ext"]),
+        drop("a Vip with no backend drops", tcp(mac, client, 40014, ip("10.200.0.3"), 80, true), &["conntrack_miss", "drop_no_backend"]),
+        pass_with("a Vip with no backend set to pass passes", tcp(mac, client, 40015, ip("10.200.0.4"), 80, true), &["conntrack_miss", "pass_no_backend"]),
+        // (A frame shorter than Ethernet cannot be fed in: BPF_PROG_TEST_RUN refuses it.)
+        pass("a truncated VLAN tag is passed", with_vlan(&syn, 1)[..16].to_vec(), "pass_malformed"),
+        pass("a truncated IPv4 header is passed", syn[..14 + 12].to_vec(), "pass_malformed"),
+        pass("IPv4 with IHL < 5 is passed", ihl4, "pass_malformed"),
+        pass("version 6 under the IPv4 EtherType is passed", version6_in_v4, "pass_malformed"),
+        pass("IPv4 total length beyond the frame is passed", long_tot_len, "pass_malformed"),
+        pass("IPv4 total length shorter than its header is passed", short_tot_len, "pass_malformed"),
+        drop("a truncated TCP header to a Vip is dropped", truncated_tcp, &["drop_malformed"]),
+        drop("TCP data offset < 5 to a Vip is dropped", bad_doff, &["drop_malformed"]),
+        drop("UDP length < 8 to a Vip is dropped", bad_udp_len, &["drop_malformed"]),
+        pass("a truncated IPv6 header is passed", syn6[..14 + 30].to_vec(), "pass_malformed"),
+        pass("IPv6 payload length beyond the frame is passed", long_payload6, "pass_malformed"),
+        drop("a truncated TCP header in IPv6 to a Vip is dropped", truncated_tcp6, &["drop_malformed"]),
+        drop("an ICMP error with a truncated quote is dropped", short_quote, &["drop_malformed"]),
+    ]
+}
+
+fn pass_with(description: &'static str, input: Vec<u8>, counters: &[&'static str]) -> Fixture {
+    Fixture {
+        description,
+        input,
+        action: XDP_PASS,
+        output: None,
+        counters: counters.iter().map(|c| (*c, 1)).collect(),
+    }
+}
+
+fn action_name(action: u32) -> &'static str {
+    ["ABORTED", "DROP", "PASS", "TX", "REDIRECT"].get(action as usize).copied().unwrap_or("?")
+}
+
+#[test]
+fn fixtures_give_expected_action_packet_and_counters() {
+    let mut lab = Lab::new();
+    let mut failures = Vec::new();
+    for fixture in fixtures(&lab) {
+        let before = lab.counters();
+        let out = lab.run(&fixture.input);
+        let after = lab.counters();
+        let mut problems = Vec::new();
+        if out.action != fixture.action {
+            problems.push(format!(
+                "action {} (want {})",
+                action_name(out.action),
+                action_name(fixture.action)
+            ));
+        }
+        let want = match (&fixture.output, fixture.action) {
+            (Some(packet), _) => Some(packet),
+            (None, XDP_PASS) => Some(&fixture.input),
+            _ => None,
+        };
+        if let Some(want) = want
+            && out.packet != *want
+        {
+            problems.push(format!("packet\n  got  {}\n  want {}", hex(&out.packet), hex(want)));
+        }
+        let mut got = deltas(&before, &after);
+        let mut want = fixture.counters.clone();
+        got.sort();
+        want.sort();
+        if got != want {
+            problems.push(format!("counters {got:?} (want {want:?})"));
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}: {}", fixture.description, problems.join("; ")));
+        }
+    }
+    assert!(failures.is_empty(), "{} fixture(s) failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn encapsulated_ipv4_headers_have_valid_checksums() {
+    let mut lab = Lab::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    for _ in 0..200 {
+        let sport = rng.random_range(1024..65535);
+        let client = IpAddr::V4(Ipv4Addr::new(10, 50, rng.random(), rng.random()));
+        let out = lab.run(&tcp(lab.lb_mac, client, sport, ip(VIP), 80, true));
+        assert_eq!(out.action, XDP_TX);
+        let outer = &out.packet[14..34];
+        assert_eq!(checksum(outer), 0, "outer IPv4 header checksum");
+        let (header, _) = etherparse::Ipv4Header::from_slice(outer).unwrap();
+        assert_eq!(header.calc_header_checksum(), header.header_checksum);
+        let inner = &out.packet[34..54];
+        assert_eq!(checksum(inner), 0, "inner IPv4 header checksum untouched");
+    }
+}
+
+/// Userspace predicts every backend choice exactly (same hash, same table).
+#[test]
+fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
+    let mut lab = Lab::new();
+    let mut rng = StdRng::seed_from_u64(42);
+    let flows: Vec<(Flow, Vec<u8>)> = (0..10_000)
+        .map(|i| {
+            let v6 = i % 10 == 0;
+            let src = if v6 {
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, rng.random(), rng.random()))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, rng.random_range(50..60), rng.random(), rng.random()))
+            };
+            let dst = if v6 { ip(VIP6) } else { ip(VIP) };
+            let sport = rng.random_range(1024..65535);
+            let f = Flow { src, dst, sport, dport: 80, proto: PROTO_TCP };
+            (f, tcp(lab.lb_mac, src, sport, dst, 80, true))
+        })
+        .collect();
+    let outs: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
+        flows
+            .iter()
+            .map(|(_, pkt)| {
+                let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
+                (out.action, out.packet)
+            })
+            .collect()
+    });
+    let mut mismatches = 0;
+    let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
+    for ((f, _), (action, packet)) in flows.iter().zip(&outs) {
+        assert_eq!(*action, XDP_TX);
+        let outer_dst: IpAddr = if f.src.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap()))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[38..54]).unwrap()))
+        };
+        let vip = if f.src.is_ipv4() { VIP_TCP } else { VIP_V6 };
+        let predicted = lab.predict(vip, f);
+        let chosen = lab.backend_by_addr(outer_dst).expect("a known backend").id;
+        *per_backend.entry(chosen).or_default() += 1;
+        if chosen != predicted {
+            mismatches += 1;
+        }
+    }
+    assert_eq!(mismatches, 0, "kernel and userspace disagree on {mismatches} of 10000 flows");
+    // And the flows spread over every backend of each Vip.
+    assert_eq!(per_backend.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "{per_backend:?}");
+}
+
+/// Invariant 2: the connection table keeps a flow on its backend through table changes;
+/// when the backend goes down the flow is re-steered by the table, not dropped.
+#[test]
+fn established_flow_survives_table_change_and_resteers_when_backend_down() {
+    let mut lab = Lab::new();
+    let client = ip(CLIENT);
+    let f = flow(CLIENT, 41000, VIP, 80, 6);
+    let first = lab.run(&tcp(lab.lb_mac, client, 41000, ip(VIP), 80, true));
+    let backend_of = |packet: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap());
+    let original = backend_of(&first.packet);
+    let original_id = lab.backend_by_addr(original.into()).unwrap().id;
+    assert_eq!(original_id, lab.predict(VIP_TCP, &f));
+
+    // A new table without the flow's backend: the flow stays (its backend is still up).
+    let others: Vec<u32> = [1, 2, 3].into_iter().filter(|&b| b != original_id).collect();
+    lab.set_table(VIP_TCP, &others);
+    for _ in 0..3 {
+        let out = lab.run(&tcp(lab.lb_mac, client, 41000, ip(VIP), 80, false));
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(backend_of(&out.packet), original, "flow moved while its backend was up");
+    }
+
+    // Its backend goes down: re-steered by the new table, counted, not dropped.
+    lab.set_backend_up(original_id, false);
+    let before = lab.counters();
+    let out = lab.run(&tcp(lab.lb_mac, client, 41000, ip(VIP), 80, false));
+    let after = lab.counters();
+    assert_eq!(out.action, XDP_TX, "re-steered, not dropped");
+    let resteered = backend_of(&out.packet);
+    let resteered_id = lab.backend_by_addr(resteered.into()).unwrap().id;
+    assert_eq!(resteered_id, lab.predict(VIP_TCP, &f));
+    assert_ne!(resteered, original);
+    assert!(deltas(&before, &after).contains(&("conntrack_resteer", 1)));
+
+    // The backend comes back: the flow stays where it was re-steered to.
+    lab.set_backend_up(original_id, true);
+    let out = lab.run(&tcp(lab.lb_mac, client, 41000, ip(VIP), 80, false));
+    assert_eq!(backend_of(&out.packet), resteered);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
