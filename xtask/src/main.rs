@@ -1,1 +1,36 @@
-fn main() {}
+//! `cargo xtask`: everything beyond `cargo build`, each step installing what it needs.
+
+mod bench;
+mod setup;
+mod status;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test, demo and benchmark the mlb load balancer", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need: the pinned eBPF nightly with rust-src,
+    /// bpf-linker built against it, Debian packages. Quick when all is there.
+    Setup,
+    /// The whole test suite: unit tests, BPF_PROG_TEST_RUN fixtures on the real XDP
+    /// program, network-namespace tests (root). Runs `setup` first.
+    Test(test::Args),
+    /// Benchmarks; figures are printed and written as JSON.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test(args) => test::run(args),
+        Command::Bench(bench) => bench::run(bench),
+    }
+}

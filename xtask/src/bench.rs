@@ -1,0 +1,59 @@
+//! `cargo xtask bench …`: each benchmark prints a table and can write JSON.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::bail;
+
+use crate::setup;
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Per-packet cost of the XDP program (BPF_PROG_TEST_RUN), against an empty XDP
+    /// program in the same run. Root.
+    Xdp {
+        /// Write the figures here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Calls per path for the one-packet-per-call method.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u32,
+    },
+    /// MaglevTable build time, balance and disruption.
+    Maglev {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Fewer repetitions, for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+pub fn run(bench: Bench) -> anyhow::Result<()> {
+    setup::run()?;
+    let mut cargo = Command::new("cargo");
+    match bench {
+        Bench::Xdp { json, calls } => {
+            if !setup::is_root() {
+                bail!("the XDP benchmark loads the program into the kernel: run it as root");
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "xdp", "--", "--calls"]);
+            cargo.arg(calls.to_string());
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
+        Bench::Maglev { json, quick } => {
+            cargo.args(["bench", "-p", "lb-common", "--features", "user", "--bench", "maglev", "--"]);
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+            if quick {
+                cargo.arg("--quick");
+            }
+        }
+    }
+    if !cargo.status()?.success() {
+        bail!("benchmark failed");
+    }
+    Ok(())
+}

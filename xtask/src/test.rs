@@ -1,0 +1,30 @@
+//! `cargo xtask test`: the whole suite on the real kernel.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::setup;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Only run tests whose name contains this.
+    filter: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::run()?;
+    if !setup::is_root() {
+        bail!("the tests load XDP programs and create network namespaces: run them as root");
+    }
+    println!("▶ cargo test --workspace (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
+    let mut cargo = Command::new("cargo");
+    cargo.args(["test", "--workspace", "--no-fail-fast"]);
+    if let Some(filter) = &args.filter {
+        cargo.arg(filter);
+    }
+    if !cargo.status()?.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
