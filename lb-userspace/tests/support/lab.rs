@@ -91,6 +91,10 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
+        Self::with_capacities(Capacities { max_vips: 16, max_backends: 64, conntrack_entries: 65_536 })
+    }
+
+    pub fn with_capacities(capacities: Capacities) -> Self {
         let netns = Netns::new("mlb-fx").expect("create namespace");
         netns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
         for dev in ["veth0", "veth1"] {
@@ -109,12 +113,7 @@ impl Lab {
         netns.enter(|| lb_userspace::dataplane::enable_forwarding("veth0")).unwrap().unwrap();
         let ifindex = netns.ifindex("veth0").unwrap();
         let lb_mac = netns.mac("veth0").unwrap();
-        let dataplane = Dataplane::load(Capacities {
-            max_vips: 16,
-            max_backends: 64,
-            conntrack_entries: 65_536,
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        let dataplane = Dataplane::load(capacities).unwrap_or_else(|e| panic!("{e}"));
         let mut lab = Self {
             netns,
             dataplane,

@@ -1,0 +1,216 @@
+//! Per-packet cost of `lb_ingress` by BPF_PROG_TEST_RUN, the way DESIGN.md fixes it:
+//! one packet per call, averaged over many calls, and the empty XDP program (`lb_pass`)
+//! measured the same way in the same run; figures are reported as ns above it. Paths run
+//! in interleaved rounds so that drift on a noisy machine hits all of them alike.
+//!
+//! `cargo xtask bench xdp [--calls N] [--json FILE]` (root).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use lb_common::consts::prog_names;
+use lb_userspace::dataplane::{Capacities, Dataplane};
+use support::{lab::Lab, packets::{tcp, udp}};
+
+const ROUNDS: usize = 10;
+const REPEAT: u32 = 10_000;
+
+struct Path {
+    name: &'static str,
+    program: &'static str,
+    /// One packet per call; more than one means "a new flow on every call".
+    packets: Vec<Vec<u8>>,
+    /// DESIGN.md's target, ns above empty.
+    target: Option<f64>,
+    /// The packet is left unchanged, so `repeat` > 1 measures it truly.
+    repeat_valid: bool,
+}
+
+struct Figure {
+    name: &'static str,
+    per_call_ns: f64,
+    above_empty_ns: f64,
+    round_spread_ns: f64,
+    repeat_ns: Option<f64>,
+    target: Option<f64>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let calls: usize = arg("--calls").map_or(200_000, |c| c.parse().expect("--calls N"));
+    let json = arg("--json");
+
+    let mut lab = Lab::with_capacities(Capacities {
+        max_vips: 16,
+        max_backends: 64,
+        // Room for every new flow of the run: inserts, not LRU evictions, are measured.
+        conntrack_entries: (calls as u32 * 2).max(1 << 16),
+    });
+    let paths = paths(&mut lab, calls);
+    let per_round = calls / ROUNDS;
+    let started = Instant::now();
+    let figures = lab.with_dataplane(|dp, ifindex| measure(dp, ifindex, &paths, per_round));
+    eprintln!("\r{:60}", "");
+    report(&figures, calls, started.elapsed().as_secs_f64());
+    if let Some(path) = json {
+        write_json(&path, &figures, calls);
+        println!("JSON written to {path}");
+    }
+}
+
+fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
+    let mac = lab.lb_mac;
+    let client: IpAddr = "10.50.0.7".parse().unwrap();
+    let client6: IpAddr = "fd00:50::7".parse().unwrap();
+    let vip: IpAddr = "10.200.0.1".parse().unwrap();
+    let vip6: IpAddr = "fd00:200::1".parse().unwrap();
+    let dsr: IpAddr = "10.200.0.2".parse().unwrap();
+    let established = tcp(mac, client, 40000, vip, 80, false);
+    let udp_flow = udp(mac, client, 5353, vip, 53);
+    let established6 = tcp(mac, client6, 40000, vip6, 80, false);
+    let established_dsr = tcp(mac, client, 40001, dsr, 443, false);
+    // Prime the connection table so these are established flows.
+    for pkt in [&established, &udp_flow, &established6, &established_dsr] {
+        assert_eq!(lab.run(pkt).action, 3, "priming must forward");
+    }
+    let new_flows: Vec<Vec<u8>> = (0..calls)
+        .map(|i| {
+            let src = IpAddr::V4(Ipv4Addr::new(10, 60 + (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8));
+            tcp(mac, src, 1024 + (i & 0xff) as u16 * 16 + 1, vip, 80, true)
+        })
+        .collect();
+    let _ = Ipv6Addr::LOCALHOST;
+    let not_vip = tcp(mac, client, 40002, "10.111.0.1".parse().unwrap(), 22, false);
+    let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
+        name,
+        program,
+        packets,
+        target,
+        repeat_valid,
+    };
+    vec![
+        path("empty XDP program (baseline)", prog_names::LB_PASS, vec![established.clone()], None, true),
+        path("established TCP flow, IPIP", prog_names::LB_INGRESS, vec![established], Some(30.0), false),
+        path("established TCP flow, L2 DSR", prog_names::LB_INGRESS, vec![established_dsr], Some(30.0), true),
+        path("established UDP flow, IPIP", prog_names::LB_INGRESS, vec![udp_flow], Some(30.0), false),
+        path("established IPv6 TCP flow, IP6IP6", prog_names::LB_INGRESS, vec![established6], Some(30.0), false),
+        path("new TCP flow (SYN, conntrack insert)", prog_names::LB_INGRESS, new_flows, Some(200.0), false),
+        path("not for a Vip", prog_names::LB_INGRESS, vec![not_vip], Some(15.0), true),
+    ]
+}
+
+fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -> Vec<Figure> {
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut cursor = vec![0usize; paths.len()];
+    for round in 0..ROUNDS {
+        for (i, path) in paths.iter().enumerate() {
+            eprint!("\rround {}/{ROUNDS}: {:<45}", round + 1, path.name);
+            let _ = std::io::stderr().flush();
+            let mut total_ns = 0u128;
+            for _ in 0..per_round {
+                let packet = &path.packets[cursor[i] % path.packets.len()];
+                cursor[i] += 1;
+                let out = dp.test_run(path.program, packet, ifindex, 1).expect("test run");
+                total_ns += out.duration.as_nanos();
+            }
+            rounds[i].push(total_ns as f64 / per_round as f64);
+        }
+    }
+    let repeat: Vec<Option<f64>> = paths
+        .iter()
+        .map(|p| {
+            p.repeat_valid.then(|| {
+                let out = dp.test_run(p.program, &p.packets[0], ifindex, REPEAT).expect("test run");
+                out.duration.as_nanos() as f64
+            })
+        })
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let baseline = mean(&rounds[0]);
+    let baseline_repeat = repeat[0];
+    paths
+        .iter()
+        .zip(&rounds)
+        .zip(repeat)
+        .map(|((p, r), rep)| {
+            // Spread: the difference to the baseline, round by round (min to max).
+            let diffs: Vec<f64> = r.iter().zip(&rounds[0]).map(|(a, b)| a - b).collect();
+            let spread = diffs.iter().cloned().fold(f64::MIN, f64::max)
+                - diffs.iter().cloned().fold(f64::MAX, f64::min);
+            Figure {
+                name: p.name,
+                per_call_ns: mean(r),
+                above_empty_ns: mean(r) - baseline,
+                round_spread_ns: spread,
+                repeat_ns: rep.map(|x| x - baseline_repeat.unwrap_or(0.0)),
+                target: p.target,
+            }
+        })
+        .collect()
+}
+
+fn report(figures: &[Figure], calls: usize, seconds: f64) {
+    println!(
+        "\nXDP per-packet cost, BPF_PROG_TEST_RUN, one packet per call, {calls} calls per path \
+         in {ROUNDS} interleaved rounds ({seconds:.1} s)"
+    );
+    println!(
+        "{:<40} {:>10} {:>12} {:>10} {:>14} {:>8}",
+        "path", "ns/call", "ns > empty", "± rounds", "repeat > empty", "target"
+    );
+    for f in figures {
+        let target = f.target.map_or("-".into(), |t| {
+            format!("{} {t:.0}", if f.above_empty_ns <= t { "✓ ≤" } else { "✗ ≤" })
+        });
+        println!(
+            "{:<40} {:>10.1} {:>12.1} {:>10.1} {:>14} {:>8}",
+            f.name,
+            f.per_call_ns,
+            f.above_empty_ns,
+            f.round_spread_ns / 2.0,
+            f.repeat_ns.map_or("n/a".into(), |r| format!("{r:.1}")),
+            target
+        );
+    }
+    println!(
+        "repeat > empty: one call with repeat={REPEAT}, only for paths that leave the packet \
+         unchanged (the kernel does not restore it between repetitions)."
+    );
+}
+
+fn write_json(path: &str, figures: &[Figure], calls: usize) {
+    let rows: Vec<String> = figures
+        .iter()
+        .map(|f| {
+            format!(
+                "    {{\"path\": \"{}\", \"ns_per_call\": {:.2}, \"ns_above_empty\": {:.2}, \
+                 \"round_spread_ns\": {:.2}, \"repeat_ns_above_empty\": {}, \"target_ns\": {}, \
+                 \"met\": {}}}",
+                f.name,
+                f.per_call_ns,
+                f.above_empty_ns,
+                f.round_spread_ns,
+                f.repeat_ns.map_or("null".into(), |r| format!("{r:.2}")),
+                f.target.map_or("null".into(), |t| format!("{t}")),
+                f.target.map_or("null".into(), |t| (f.above_empty_ns <= t).to_string()),
+            )
+        })
+        .collect();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let body = format!(
+        "{{\n  \"benchmark\": \"xdp\",\n  \"method\": \"BPF_PROG_TEST_RUN, one packet per call, \
+         mean over calls, minus the empty XDP program in the same run\",\n  \"calls\": {calls},\n  \
+         \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rows.join(",\n")
+    );
+    std::fs::write(path, body).expect("write JSON");
+}
