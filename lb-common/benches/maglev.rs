@@ -28,7 +28,10 @@ struct Options {
 }
 
 fn options() -> Options {
-    let mut opts = Options { quick: false, json: None };
+    let mut opts = Options {
+        quick: false,
+        json: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -152,9 +155,17 @@ fn bench_disruption(k: usize, trials: usize, label: &str) -> DisruptionRow {
                     left -= 1;
                 }
             }
-            let rest: Vec<MaglevBackend> =
-                pool[..N].iter().filter(|b| !gone[b.id as usize]).copied().collect();
-            (build(&pool[..N], M, seed), build(&rest, M, seed), gone, u32::MAX)
+            let rest: Vec<MaglevBackend> = pool[..N]
+                .iter()
+                .filter(|b| !gone[b.id as usize])
+                .copied()
+                .collect();
+            (
+                build(&pool[..N], M, seed),
+                build(&rest, M, seed),
+                gone,
+                u32::MAX,
+            )
         };
         let (mut extra, mut total) = (0u32, 0u32);
         for (&a, &b) in before.slots().iter().zip(after.slots()) {
@@ -187,20 +198,35 @@ fn main() {
     for &m in &SIZES {
         for &n in &POOLS {
             step += 1;
-            builds.push(bench_build(n, m, opts.quick, &format!("[{step}/{total_steps}]")));
+            builds.push(bench_build(
+                n,
+                m,
+                opts.quick,
+                &format!("[{step}/{total_steps}]"),
+            ));
         }
     }
     let trials = if opts.quick { 20 } else { 200 };
     let mut disruption = Vec::new();
     for k in REMOVED.into_iter().chain([0]) {
         step += 1;
-        disruption.push(bench_disruption(k, trials, &format!("[{step}/{total_steps}]")));
+        disruption.push(bench_disruption(
+            k,
+            trials,
+            &format!("[{step}/{total_steps}]"),
+        ));
     }
     progress("");
     eprintln!();
 
-    println!("MaglevTable build, single core, seed 0, all weights 1{}", if opts.quick { " (--quick)" } else { "" });
-    println!("{:>6} {:>7} {:>5} {:>10} {:>10} {:>14}", "N", "M", "runs", "median ms", "min ms", "max/mean slots");
+    println!(
+        "MaglevTable build, single core, seed 0, all weights 1{}",
+        if opts.quick { " (--quick)" } else { "" }
+    );
+    println!(
+        "{:>6} {:>7} {:>5} {:>10} {:>10} {:>14}",
+        "N", "M", "runs", "median ms", "min ms", "max/mean slots"
+    );
     for r in &builds {
         println!(
             "{:>6} {:>7} {:>5} {:>10.3} {:>10.3} {:>14.4}",
@@ -209,11 +235,22 @@ fn main() {
     }
     println!();
     println!("Disruption, N=1000, M=65537, {trials} trials (a new seed and random choice each):");
-    println!("flows moved beyond the removed backends' own (or beyond those moving to an added one), % of M");
-    println!("{:>10} {:>8} {:>8} {:>12} {:>16}", "change", "mean %", "max %", "target max %", "mean total moved %");
+    println!(
+        "flows moved beyond the removed backends' own (or beyond those moving to an added one), % of M"
+    );
+    println!(
+        "{:>10} {:>8} {:>8} {:>12} {:>16}",
+        "change", "mean %", "max %", "target max %", "mean total moved %"
+    );
     for (i, r) in disruption.iter().enumerate() {
-        let change = if r.removed == 0 { "add 1".to_string() } else { format!("remove {}", r.removed) };
-        let target = DISRUPTION_TARGETS.get(i).map_or("-".to_string(), |t| format!("{t:.1}"));
+        let change = if r.removed == 0 {
+            "add 1".to_string()
+        } else {
+            format!("remove {}", r.removed)
+        };
+        let target = DISRUPTION_TARGETS
+            .get(i)
+            .map_or("-".to_string(), |t| format!("{t:.1}"));
         println!(
             "{change:>10} {:>8.3} {:>8.3} {target:>12} {:>16.3}",
             r.mean_pct, r.max_pct, r.mean_total_pct
@@ -223,7 +260,10 @@ fn main() {
     println!("Targets:");
     let mut all_met = true;
     for (i, &m) in SIZES.iter().enumerate() {
-        let r = builds.iter().find(|r| r.n == 1000 && r.m == m).expect("measured");
+        let r = builds
+            .iter()
+            .find(|r| r.n == 1000 && r.m == m)
+            .expect("measured");
         let met = r.median_ms <= BUILD_TARGETS_MS[i];
         all_met &= met;
         println!(
@@ -243,7 +283,14 @@ fn main() {
             if met { "met" } else { "NOT MET" }
         );
     }
-    println!("  {}", if all_met { "all targets met" } else { "some targets NOT met" });
+    println!(
+        "  {}",
+        if all_met {
+            "all targets met"
+        } else {
+            "some targets NOT met"
+        }
+    );
 
     if let Some(path) = opts.json {
         let rows: Vec<String> = builds

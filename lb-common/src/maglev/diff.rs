@@ -57,18 +57,22 @@ impl TableDiff {
 
     /// Backends that had slots and have none now.
     pub fn removed(&self) -> impl Iterator<Item = &BackendDiff> {
-        self.backends.iter().filter(|b| b.old_slots > 0 && b.new_slots == 0)
+        self.backends
+            .iter()
+            .filter(|b| b.old_slots > 0 && b.new_slots == 0)
     }
 
     /// Backends that had no slot and have some now.
     pub fn added(&self) -> impl Iterator<Item = &BackendDiff> {
-        self.backends.iter().filter(|b| b.old_slots == 0 && b.new_slots > 0)
+        self.backends
+            .iter()
+            .filter(|b| b.old_slots == 0 && b.new_slots > 0)
     }
 }
 
 impl fmt::Display for TableDiff {
-    /// One line, e.g. `66/65537 slots change, 0.10% of flows move: 1 backend loses all its
-    /// slots, 0 gain their first, 65 others gain or lose some`.
+    /// One line, e.g. `448/65537 slots change, 0.68% of flows move: 1 backend loses all its
+    /// slots, 0 gain their first, 430 others gain or lose some`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.size_changed() {
             return write!(
@@ -86,14 +90,25 @@ impl fmt::Display for TableDiff {
             .count();
         write!(
             f,
-            "{}/{} slots change, {:.2}% of flows move: {removed} {} all its slots, {added} \
-             {} their first, {others} {} some",
+            "{}/{} slots change, {:.2}% of flows move: {removed} {}, {added} {}, {others} {} some",
             self.changed_slots,
             self.new_size,
             self.moved_fraction * 100.0,
-            if removed == 1 { "backend loses" } else { "backends lose" },
-            if added == 1 { "gains" } else { "gain" },
-            if others == 1 { "other gains or loses" } else { "others gain or lose" },
+            if removed == 1 {
+                "backend loses all its slots"
+            } else {
+                "backends lose all their slots"
+            },
+            if added == 1 {
+                "gains its first"
+            } else {
+                "gain their first"
+            },
+            if others == 1 {
+                "other gains or loses"
+            } else {
+                "others gain or lose"
+            },
         )
     }
 }
@@ -105,12 +120,14 @@ pub fn diff(old: &MaglevTable, new: &MaglevTable) -> TableDiff {
     let mut backends: Vec<BackendDiff> = Vec::new();
     let mut slot_of = |id: u32, backends: &mut Vec<BackendDiff>| -> usize {
         *index.entry(id).or_insert_with(|| {
-            backends.push(BackendDiff { id, ..BackendDiff::default() });
+            backends.push(BackendDiff {
+                id,
+                ..BackendDiff::default()
+            });
             backends.len() - 1
         })
     };
-    let changed_slots;
-    if old_size == new_size {
+    let changed_slots = if old_size == new_size {
         let mut changed = 0u32;
         for (&a, &b) in old.slots().iter().zip(new.slots()) {
             if a != EMPTY_BACKEND {
@@ -125,7 +142,7 @@ pub fn diff(old: &MaglevTable, new: &MaglevTable) -> TableDiff {
             }
             changed += u32::from(a != b);
         }
-        changed_slots = changed;
+        changed
     } else {
         for &a in old.slots().iter().filter(|&&a| a != EMPTY_BACKEND) {
             let i = slot_of(a, &mut backends);
@@ -137,8 +154,8 @@ pub fn diff(old: &MaglevTable, new: &MaglevTable) -> TableDiff {
             backends[i].new_slots += 1;
             backends[i].gained += 1;
         }
-        changed_slots = new_size;
-    }
+        new_size
+    };
     backends.sort_unstable_by_key(|b| b.id);
     let moved_fraction = if old_size != new_size {
         1.0
@@ -147,7 +164,13 @@ pub fn diff(old: &MaglevTable, new: &MaglevTable) -> TableDiff {
     } else {
         f64::from(changed_slots) / f64::from(new_size)
     };
-    TableDiff { old_size, new_size, changed_slots, moved_fraction, backends }
+    TableDiff {
+        old_size,
+        new_size,
+        changed_slots,
+        moved_fraction,
+        backends,
+    }
 }
 
 /// A map keyed by backend id with a one-multiply hash: counting slots by id is called once

@@ -20,7 +20,24 @@ const fn mix64(mut z: u64) -> u64 {
 /// absorbed one word per [`mix64`] round into a state started from the seed and a stream
 /// constant. Fixed forever; identical on every host and build.
 pub const fn key_hash(key: &[u8; 16], seed: u32, stream: u64) -> u64 {
-    let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = *key;
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+    ] = *key;
     let lo = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
     let hi = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
     let h = mix64((seed as u64).wrapping_mul(SEED_SPREAD) ^ stream);
@@ -83,7 +100,10 @@ mod tests {
             for k in 0..20u8 {
                 let key = [k; 16];
                 let (offset, skip) = offset_skip(&key, 3, m, is_prime(m));
-                assert!(offset < m && (1..m.max(2)).contains(&skip), "m={m} {offset} {skip}");
+                assert!(
+                    offset < m && (1..m.max(2)).contains(&skip),
+                    "m={m} {offset} {skip}"
+                );
                 let mut seen = vec![false; m as usize];
                 let mut pos = offset;
                 for _ in 0..m {

@@ -72,10 +72,16 @@ impl fmt::Display for TableSizeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::TooSmall { size } => {
-                write!(f, "table size {size} is too small; the minimum is {MIN_TABLE_SIZE}")
+                write!(
+                    f,
+                    "table size {size} is too small; the minimum is {MIN_TABLE_SIZE}"
+                )
             }
             Self::TooLarge { size } => {
-                write!(f, "table size {size} is too large; the maximum is {MAX_TABLE_SIZE}")
+                write!(
+                    f,
+                    "table size {size} is too large; the maximum is {MAX_TABLE_SIZE}"
+                )
             }
             Self::NotPrime { size, below, above } => write!(
                 f,
@@ -106,9 +112,18 @@ pub fn check_table_size(m: u32, backends: usize) -> Result<(), TableSizeError> {
     }
     if !is_prime(m) {
         // Both exist: MIN_TABLE_SIZE and MAX_TABLE_SIZE are prime and m lies between them.
-        let below = (MIN_TABLE_SIZE..m).rev().find(|&p| is_prime(p)).unwrap_or(MIN_TABLE_SIZE);
-        let above = (m..=MAX_TABLE_SIZE).find(|&p| is_prime(p)).unwrap_or(MAX_TABLE_SIZE);
-        return Err(TableSizeError::NotPrime { size: m, below, above });
+        let below = (MIN_TABLE_SIZE..m)
+            .rev()
+            .find(|&p| is_prime(p))
+            .unwrap_or(MIN_TABLE_SIZE);
+        let above = (m..=MAX_TABLE_SIZE)
+            .find(|&p| is_prime(p))
+            .unwrap_or(MAX_TABLE_SIZE);
+        return Err(TableSizeError::NotPrime {
+            size: m,
+            below,
+            above,
+        });
     }
     if backends > m as usize {
         return Err(TableSizeError::FewerSlotsThanBackends { size: m, backends });
@@ -124,7 +139,7 @@ pub fn is_prime(n: u32) -> bool {
         return false;
     }
     for p in SMALL {
-        if n % p == 0 {
+        if n.is_multiple_of(p) {
             return n == p;
         }
     }
@@ -187,7 +202,14 @@ mod tests {
     fn is_prime_is_exact_on_known_large_values() {
         // Largest u32 prime, strong pseudoprimes to single bases, Carmichael numbers.
         assert!(is_prime(4_294_967_291));
-        for n in [4_294_967_295u32, 3_215_031_751, 2_152_302_898, 25_326_001, 561, 41_041] {
+        for n in [
+            4_294_967_295u32,
+            3_215_031_751,
+            2_152_302_898,
+            25_326_001,
+            561,
+            41_041,
+        ] {
             assert!(!is_prime(n), "{n}");
         }
     }
