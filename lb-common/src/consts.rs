@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_VIPS: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
+/// The Vip address pre-filter: a bitmap of this many 64-bit words (4096 bits), one bit
+/// per Vip address hash. Non-Vip traffic pays one inlined array read instead of a hash
+/// lookup; a false positive only costs the exact lookups behind it.
+pub const VIP_FILTER_WORDS: usize = 64;
+
 /// `BPF_F_INNER_MAP`: lets inner MaglevTable arrays of different sizes share one outer map.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// `BPF_F_MMAPABLE`: the daemon writes a new MaglevTable through mmap, not 65k syscalls.
@@ -162,6 +167,7 @@ impl Counter {
 /// Map names, shared by `#[btf_map]` statics (via the static's identifier) and the loader.
 pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const VIP_ADDRS_V4: &str = "VIP_ADDRS_V4";
     pub const VIP_ADDRS_V6: &str = "VIP_ADDRS_V6";
     pub const VIPS: &str = "VIPS";

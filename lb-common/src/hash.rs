@@ -58,6 +58,18 @@ pub const fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8,
     finish(h, 40)
 }
 
+/// Bit of an IPv4 Vip address in the pre-filter bitmap (Fibonacci hashing to 12 bits).
+#[inline(always)]
+pub const fn vip_filter_bit_v4(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9E37_79B1) >> 20
+}
+
+/// Bit of an IPv6 Vip address in the pre-filter bitmap.
+#[inline(always)]
+pub const fn vip_filter_bit_v6(addr: &[u32; 4]) -> u32 {
+    vip_filter_bit_v4(addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24))
+}
+
 #[cfg(feature = "user")]
 mod user {
     use std::net::IpAddr;
@@ -87,6 +99,14 @@ mod user {
         }
     }
 
+    /// The pre-filter bit of a Vip address.
+    pub fn vip_filter_bit(addr: IpAddr) -> u32 {
+        match addr {
+            IpAddr::V4(_) => vip_filter_bit_v4(addr_words(addr)[0]),
+            IpAddr::V6(_) => vip_filter_bit_v6(&addr_words(addr)),
+        }
+    }
+
     impl Flow {
         /// The hash the kernel computes for this Flow's packets. Mixed families hash as v6.
         pub fn hash(&self, seed: u32) -> u32 {
@@ -108,7 +128,7 @@ mod user {
 }
 
 #[cfg(feature = "user")]
-pub use user::{Flow, addr_words};
+pub use user::{Flow, addr_words, vip_filter_bit};
 
 #[cfg(all(test, feature = "user"))]
 mod tests {

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, VIP_FILTER_WORDS,
     },
     types::{
         Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, TrafficCounters, VipAddr,
@@ -27,7 +27,12 @@ const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
 #[btf_map]
 pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
 
-/// Every IPv4 address that some Vip uses: the one lookup non-Vip traffic pays.
+/// Pre-filter of Vip addresses: bit `vip_filter_bit_*(dst)` set for every Vip address.
+#[btf_map]
+pub static VIP_FILTER: Array<[u64; VIP_FILTER_WORDS], 1> = Array::new();
+
+/// Every IPv4 address that some Vip uses, with its wildcard flags: confirms the filter on
+/// the rare paths (fragments, ICMP, malformed L4, unknown port).
 #[btf_map]
 pub static VIP_ADDRS_V4: HashMap<u32, VipAddr, VIPS_MAX> = HashMap::new();
 

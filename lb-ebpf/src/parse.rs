@@ -7,11 +7,20 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    consts::Counter,
+    consts::{Counter, VIP_FILTER_WORDS},
+    hash::{vip_filter_bit_v4, vip_filter_bit_v6},
     types::{FlowV4, FlowV6},
 };
 
-use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6};
+use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_FILTER};
+
+/// Whether the Vip pre-filter has `bit` set (false positives possible, no false negatives).
+#[inline(always)]
+fn maybe_vip(bit: u32) -> bool {
+    VIP_FILTER
+        .get(0)
+        .is_some_and(|words| words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0)
+}
 
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
@@ -162,8 +171,6 @@ pub enum Verdict {
 pub struct Parsed<F> {
     /// The Flow as the client sent it (for an ICMP error: the quoted flow, reversed).
     pub flow: F,
-    /// `vip_addr_flags` of the destination address.
-    pub addr_flags: u32,
     /// TCP SYN set: a new connection, so a conntrack miss is expected.
     pub syn: bool,
     /// An ICMP "fragmentation needed" / "packet too big" about `flow`: steer it to the
@@ -219,23 +226,32 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
     {
         return Err(bad_l3);
     }
-    // SAFETY: the map value is copied out at once.
-    let addr_flags = unsafe { VIP_ADDRS_V4.get(dst) }
-        .ok_or(Verdict::Pass(Counter::PassNotVip))?
-        .flags;
+    if !maybe_vip(vip_filter_bit_v4(dst)) {
+        return Err(Verdict::Pass(Counter::PassNotVip));
+    }
+    // Past the filter, decisions that drop are confirmed against the exact address set.
+    let confirm = |verdict: Verdict| match verdict {
+        // SAFETY: presence check only.
+        Verdict::Drop(_) | Verdict::Pass(Counter::PassVipOther)
+            if unsafe { VIP_ADDRS_V4.get(dst) }.is_none() =>
+        {
+            Verdict::Pass(Counter::PassNotVip)
+        }
+        other => other,
+    };
     if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
         // Only the first fragment has ports: all of them are dropped, so no datagram is
         // ever split between backends.
-        return Err(Verdict::Drop(Counter::DropFragment));
+        return Err(confirm(Verdict::Drop(Counter::DropFragment)));
     }
     let l4 = l3 + ihl;
     let l3_end = l3 + tot_len;
     if proto == PROTO_ICMP {
-        return parse_icmpv4_error(ctx, l4, l3_end, addr_flags);
+        return parse_icmpv4_error(ctx, l4, l3_end).map_err(confirm);
     }
-    let (ports, syn) = parse_l4(ctx, proto, l4, l3_end)?;
+    let (ports, syn) = parse_l4(ctx, proto, l4, l3_end).map_err(confirm)?;
     let flow = FlowV4 { src, dst, sport: ports.sport, dport: ports.dport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, addr_flags, syn, icmp_error: false })
+    Ok(Parsed { flow, syn, icmp_error: false })
 }
 
 /// ICMP "fragmentation needed" to a Vip quotes a packet the backend sent (Vip to client):
@@ -245,7 +261,6 @@ fn parse_icmpv4_error(
     ctx: &XdpContext,
     l4: usize,
     l3_end: usize,
-    addr_flags: u32,
 ) -> Result<Parsed<FlowV4>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
@@ -265,7 +280,7 @@ fn parse_icmpv4_error(
         return Err(malformed);
     }
     let flow = FlowV4 { src: dst, dst: src, sport: dport, dport: sport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, addr_flags, syn: false, icmp_error: true })
+    Ok(Parsed { flow, syn: false, icmp_error: true })
 }
 
 /// Parses an IPv6 packet to its Flow; extension headers in front of L4 are not walked.
@@ -282,23 +297,32 @@ pub fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV6>, Verdict
     }
     // SAFETY: bounds checked by ptr_at; the map value is copied out at once.
     let dst = unsafe { (*ip).dst };
-    let addr_flags = unsafe { VIP_ADDRS_V6.get(dst) }
-        .ok_or(Verdict::Pass(Counter::PassNotVip))?
-        .flags;
+    if !maybe_vip(vip_filter_bit_v6(&dst)) {
+        return Err(Verdict::Pass(Counter::PassNotVip));
+    }
+    let confirm = |verdict: Verdict| match verdict {
+        // SAFETY: presence check only.
+        Verdict::Drop(_) | Verdict::Pass(Counter::PassVipOther)
+            if unsafe { VIP_ADDRS_V6.get(dst) }.is_none() =>
+        {
+            Verdict::Pass(Counter::PassNotVip)
+        }
+        other => other,
+    };
     let l4 = l3 + IPV6_HLEN;
     match nexthdr {
-        NEXTHDR_FRAGMENT => return Err(Verdict::Drop(Counter::DropFragment)),
+        NEXTHDR_FRAGMENT => return Err(confirm(Verdict::Drop(Counter::DropFragment))),
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_MOBILITY
-        | NEXTHDR_HIP | NEXTHDR_SHIM6 => return Err(Verdict::Drop(Counter::DropIpv6Ext)),
-        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l4, l3_end, addr_flags),
+        | NEXTHDR_HIP | NEXTHDR_SHIM6 => return Err(confirm(Verdict::Drop(Counter::DropIpv6Ext))),
+        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l4, l3_end).map_err(confirm),
         _ => {}
     }
-    let (ports, syn) = parse_l4(ctx, nexthdr, l4, l3_end)?;
+    let (ports, syn) = parse_l4(ctx, nexthdr, l4, l3_end).map_err(confirm)?;
     // SAFETY: bounds checked by ptr_at.
     let src = unsafe { (*ip).src };
     let flow =
         FlowV6 { src, dst, sport: ports.sport, dport: ports.dport, proto: nexthdr, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, addr_flags, syn, icmp_error: false })
+    Ok(Parsed { flow, syn, icmp_error: false })
 }
 
 /// ICMPv6 "packet too big" to a Vip: as for IPv4, the quoted packet's reversed tuple.
@@ -307,7 +331,6 @@ fn parse_icmpv6_error(
     ctx: &XdpContext,
     l4: usize,
     l3_end: usize,
-    addr_flags: u32,
 ) -> Result<Parsed<FlowV6>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
@@ -326,7 +349,7 @@ fn parse_icmpv6_error(
         ((*inner).nexthdr, (*inner).src, (*inner).dst, (*ports).sport, (*ports).dport)
     };
     let flow = FlowV6 { src: dst, dst: src, sport: dport, dport: sport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, addr_flags, syn: false, icmp_error: true })
+    Ok(Parsed { flow, syn: false, icmp_error: true })
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;

@@ -7,7 +7,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_STATE, VIPS},
+    maps::{
+        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE,
+        VIPS,
+    },
     parse::{Parsed, Verdict, zero},
     stats::count,
 };
@@ -18,6 +21,8 @@ pub trait Flow {
     fn remember(&self, entry: &ConntrackEntry) -> bool;
     fn hash(&self, seed: u32) -> u32;
     fn vip_key(&self, port: u16) -> VipKey;
+    /// `vip_addr_flags` of the destination, if it is a Vip address at all.
+    fn vip_addr_flags(&self) -> Option<u32>;
     fn proto(&self) -> u8;
     fn dport(&self) -> u16;
 }
@@ -47,6 +52,11 @@ impl Flow for FlowV4 {
         key
     }
     #[inline(always)]
+    fn vip_addr_flags(&self) -> Option<u32> {
+        // SAFETY: copied out at once.
+        unsafe { VIP_ADDRS_V4.get(self.dst) }.map(|a| a.flags)
+    }
+    #[inline(always)]
     fn proto(&self) -> u8 {
         self.proto
     }
@@ -73,6 +83,11 @@ impl Flow for FlowV6 {
     #[inline(always)]
     fn vip_key(&self, port: u16) -> VipKey {
         VipKey { addr: self.dst, port, proto: self.proto, family: FAMILY_V6 }
+    }
+    #[inline(always)]
+    fn vip_addr_flags(&self) -> Option<u32> {
+        // SAFETY: copied out at once.
+        unsafe { VIP_ADDRS_V6.get(self.dst) }.map(|a| a.flags)
     }
     #[inline(always)]
     fn proto(&self) -> u8 {
@@ -156,7 +171,9 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
         PROTO_UDP => vip_addr_flags::ANY_PORT_UDP,
         _ => 0,
     };
-    if pkt.addr_flags & any_port != 0
+    // The pre-filter can be wrong; the exact address set is not.
+    let addr_flags = flow.vip_addr_flags().ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    if addr_flags & any_port != 0
         && let Some(id) = unsafe { VIPS.get(flow.vip_key(0)) }
     {
         return Ok(*id);

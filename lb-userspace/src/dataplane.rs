@@ -15,9 +15,9 @@ use aya::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, map_names as names, prog_names, table_entries,
+        DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, map_names as names, prog_names, table_entries,
     },
-    hash::addr_words,
+    hash::{addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
         Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipKey,
@@ -191,6 +191,21 @@ impl Dataplane {
                 }
             }
         }
+    }
+
+    /// Sets the Vip address pre-filter to exactly `addrs`. One array update, so a packet
+    /// sees the old or the new bitmap; when Vips are both added and removed, write the
+    /// union first so no Vip is ever missing from it.
+    pub fn set_vip_filter(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
+        let mut bits = [0u64; VIP_FILTER_WORDS];
+        for addr in addrs {
+            let bit = vip_filter_bit(addr) as usize;
+            bits[bit / 64] |= 1 << (bit % 64);
+        }
+        let name = names::VIP_FILTER;
+        let mut map: Array<_, [u64; VIP_FILTER_WORDS]> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        map.set(0, bits, 0).map_err(map_err(name))
     }
 
     /// Publishes Vip `id` under `key`. Install its table first: a Vip without one drops

@@ -158,6 +158,7 @@ impl Lab {
                 };
             }
         }
+        self.dataplane.set_vip_filter(addr_flags.keys().copied()).unwrap();
         for (addr, flags) in addr_flags {
             self.dataplane.set_vip_addr(addr, Some(VipAddr { flags })).unwrap();
         }
