@@ -102,8 +102,9 @@ impl PartialOrd for ClassTurn {
 ///
 /// Two regimes, with identical results. While many slots are empty a backend walks its
 /// permutation over a map of taken slots (one byte per slot: a compare per probe, which
-/// measured faster than a bitmap's shift and mask even though the bitmap fits in L1). With `e` empty slots a walk costs about `m / e` probes, so the last few hundred
-/// empty slots would cost about half of all probes (the walks total `m ln m`). From
+/// measured faster than a bitmap's shift and mask even though the bitmap fits in L1).
+/// With `e` empty slots a walk costs about `m / e` probes, so the last few hundred empty
+/// slots would cost about half of all probes (the walks total `m ln m`). From
 /// `endgame_at` empty slots on, the empty slots are kept in a list instead, and a backend
 /// takes the one that comes first in its permutation: the one with the smallest index
 /// `(slot - pos) * skip^-1 mod m`, `e` multiplications instead of `m / e` probes.

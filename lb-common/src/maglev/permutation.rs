@@ -17,9 +17,9 @@ const fn mix64(mut z: u64) -> u64 {
 }
 
 /// 64-bit hash of a backend key: the key is read as two little-endian `u64` words and
-/// absorbed one word per [`mix64`] round into a state started from the seed and a stream
+/// absorbed one word per `mix64` round into a state started from the seed and a stream
 /// constant. Fixed forever; identical on every host and build.
-pub const fn key_hash(key: &[u8; 16], seed: u32, stream: u64) -> u64 {
+pub(super) const fn key_hash(key: &[u8; 16], seed: u32, stream: u64) -> u64 {
     let [
         a0,
         a1,
@@ -51,7 +51,7 @@ pub const fn key_hash(key: &[u8; 16], seed: u32, stream: u64) -> u64 {
 /// For prime `m` every such skip visits every slot. For other `m` (not a valid table size,
 /// but [`build`](super::build) must terminate anyway) `skip` is moved up to the next value
 /// coprime with `m`, so the permutation still visits every slot.
-pub fn offset_skip(key: &[u8; 16], seed: u32, m: u32, m_is_prime: bool) -> (u32, u32) {
+pub(super) fn offset_skip(key: &[u8; 16], seed: u32, m: u32, m_is_prime: bool) -> (u32, u32) {
     debug_assert!(m >= 1);
     let m64 = u64::from(m);
     let offset = (key_hash(key, seed, OFFSET_STREAM) % m64) as u32;
