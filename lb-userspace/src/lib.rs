@@ -3,3 +3,4 @@
 
 pub mod dataplane;
 pub mod netns;
+pub mod testbed;

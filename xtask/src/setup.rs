@@ -19,8 +19,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
 /// Commands the tests and the demo run, and the Debian package that provides each.
-const PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("ethtool", "ethtool"), ("python3", "python3")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("ping", "iputils-ping"),
+    ("sysctl", "procps"),
+    ("python3", "python3"),
+];
 
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`
 /// (the same rule as lb-userspace/build.rs).

@@ -1,0 +1,110 @@
+//! A load balancer in front of real backends, all in network namespaces this process
+//! creates: for the network tests, the benchmarks and the demo.
+//!
+//! ```text
+//!   client ──┐            (bridge br0 in namespace "sw")
+//!   lb ──────┼── br0      lb: the load balancer's NIC, XDP attached here
+//!   be1..N ──┘            backends: Vips on lo, lb_decap on their NIC
+//! ```
+//! One L2 segment, 10.100.0.0/24 and fd00:100::/64; the client routes the Vip prefixes
+//! via the load balancer; backends answer the client directly (direct server return).
+
+use std::{io, net::IpAddr};
+
+use crate::netns::Netns;
+
+pub const SUBNET4: &str = "10.100.0";
+pub const SUBNET6: &str = "fd00:100:";
+/// Vip prefixes the client routes through the load balancer.
+pub const VIP_PREFIX4: &str = "10.200.0.0/24";
+pub const VIP_PREFIX6: &str = "fd00:200::/64";
+/// Frames grow by the outer header (20 or 40 bytes): the segment carries them, the
+/// client's own MTU stays at 1500.
+const SEGMENT_MTU: &str = "1600";
+
+/// A host on the segment: its namespace, NIC name inside it, and addresses.
+pub struct Host {
+    pub netns: Netns,
+    pub name: String,
+    pub addr4: IpAddr,
+    pub addr6: IpAddr,
+}
+
+pub struct Testbed {
+    /// Holds the bridge; the other hosts' veth peers are its ports, named `p-<host>`.
+    pub switch: Netns,
+    pub client: Host,
+    pub lb: Host,
+    pub backends: Vec<Host>,
+}
+
+/// The NIC name inside every host namespace.
+pub const NIC: &str = "eth0";
+
+impl Testbed {
+    /// Builds the segment with `backends` backends serving `vips` (addresses put on their
+    /// loopback so they accept the client's packets).
+    pub fn new(backends: usize, vips: &[IpAddr]) -> io::Result<Self> {
+        let switch = Netns::new("mlb-sw")?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "mtu", SEGMENT_MTU, "up"])?;
+        let client = host(&switch, "client", 2, "1500")?;
+        let lb = host(&switch, "lb", 1, SEGMENT_MTU)?;
+        let backends = (0..backends)
+            .map(|i| host(&switch, &format!("be{}", i + 1), 11 + i as u8, SEGMENT_MTU))
+            .collect::<io::Result<Vec<_>>>()?;
+
+        // The client reaches Vips through the load balancer; XDP-touched packets lose the
+        // veth checksum offload state, so the client computes checksums itself.
+        client.netns.ip(&["route", "add", VIP_PREFIX4, "via", &lb.addr4.to_string()])?;
+        client.netns.ip(&["-6", "route", "add", VIP_PREFIX6, "via", &lb.addr6.to_string()])?;
+        client.netns.exec("ethtool", &["-K", NIC, "tx", "off"])?;
+        for b in &backends {
+            for vip in vips {
+                let (addr, len) = if vip.is_ipv4() { (vip.to_string(), 32) } else { (vip.to_string(), 128) };
+                b.netns.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "lo"])?;
+            }
+            // Never answer ARP for the Vips on lo; accept decapsulated packets whatever
+            // their source path.
+            for (key, value) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.eth0.rp_filter", "0"),
+                ("net.ipv4.conf.lo.rp_filter", "0"),
+            ] {
+                b.netns.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+            }
+        }
+        Ok(Self { switch, client, lb, backends })
+    }
+
+    /// The bridge port facing `host` (XDP_TX out of a veth needs a program on this peer).
+    pub fn switch_port(&self, host: &Host) -> String {
+        format!("p-{}", host.name)
+    }
+
+    /// Makes the load balancer resolve every backend's MAC (its next hops), as health
+    /// checks do in production.
+    pub fn resolve_backends(&self) -> io::Result<()> {
+        for b in &self.backends {
+            for addr in [b.addr4, b.addr6] {
+                self.lb.netns.exec("ping", &["-c1", "-W1", "-q", &addr.to_string()])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host> {
+    let netns = Netns::new(&format!("mlb-{name}"))?;
+    let port = format!("p-{name}");
+    switch.ip(&["link", "add", &port, "type", "veth", "peer", "name", NIC, "netns", netns.name()])?;
+    switch.ip(&["link", "set", &port, "master", "br0", "mtu", mtu, "up"])?;
+    let addr4: IpAddr = format!("{SUBNET4}.{last}").parse().expect("valid");
+    let addr6: IpAddr = format!("{SUBNET6}:{last:x}").parse().expect("valid");
+    netns.ip(&["link", "set", NIC, "mtu", mtu, "up"])?;
+    netns.ip(&["addr", "add", &format!("{addr4}/24"), "dev", NIC])?;
+    netns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", NIC, "nodad"])?;
+    Ok(Host { netns, name: name.to_owned(), addr4, addr6 })
+}

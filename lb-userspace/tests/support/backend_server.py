@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""A test backend: tells every TCP connection and UDP datagram which backend it reached.
+
+TCP: on connect sends "<name>\n", then echoes each line back as "<name> <line>\n".
+UDP: answers each datagram with "<name> <datagram>", from the address it was sent to
+(a DSR backend must answer from the Vip, so UDP binds each --vip address).
+TCP listens on IPv4 and IPv6, all addresses (so Vips on lo are served too).
+"""
+import argparse
+import socket
+import socketserver
+import threading
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--tcp", type=int, action="append", default=[])
+    parser.add_argument("--udp", type=int, action="append", default=[])
+    parser.add_argument("--vip", action="append", default=[])
+    args = parser.parse_args()
+    name = args.name.encode()
+
+    class Tcp(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(name + b"\n")
+            for line in self.rfile:
+                self.wfile.write(name + b" " + line)
+
+    class Udp(socketserver.BaseRequestHandler):
+        def handle(self):
+            data, sock = self.request
+            sock.sendto(name + b" " + data, self.client_address)
+
+    class TcpServer(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6
+        request_queue_size = 1024
+
+    class UdpServer(socketserver.ThreadingUDPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    class UdpServer6(UdpServer):
+        address_family = socket.AF_INET6
+
+    servers = [TcpServer(("::", p), Tcp) for p in args.tcp]
+    for vip in args.vip:
+        kind = UdpServer6 if ":" in vip else UdpServer
+        servers += [kind((vip, p), Udp) for p in args.udp]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
