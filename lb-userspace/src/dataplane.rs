@@ -249,6 +249,34 @@ impl Dataplane {
         outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
     }
 
+    /// Kernel memory charged to the data plane's maps, per map name, inner MaglevTables
+    /// included (summed under "MaglevTables"), as `/proc/<pid>/fdinfo` reports it.
+    pub fn locked_memory(&mut self) -> Result<Vec<(String, u64)>> {
+        let name = prog_names::LB_INGRESS;
+        let info = self.xdp(name)?.info().map_err(|source| DataplaneError::Program { name, source })?;
+        let ids = info
+            .map_ids()
+            .map_err(|source| DataplaneError::Program { name, source })?
+            .unwrap_or_default();
+        let mut usage = Vec::new();
+        for id in ids {
+            let map = MapData::from_id(id).map_err(map_err("by id"))?;
+            let info = map.info().map_err(map_err("info"))?;
+            let label = info.name_as_str().unwrap_or("?").to_owned();
+            usage.push((label, fd_memlock(map.fd().as_fd())));
+        }
+        let outer: ArrayOfMaps<_, MapData> =
+            ArrayOfMaps::try_from(self.map(names::TABLES)?).map_err(map_err(names::TABLES))?;
+        let mut tables = 0;
+        for index in 0..self.caps.max_vips {
+            if let Ok(inner) = outer.get(&index, 0) {
+                tables += fd_memlock(inner.fd().as_fd());
+            }
+        }
+        usage.push(("MaglevTables".to_owned(), tables));
+        Ok(usage)
+    }
+
     /// The global counters, summed over CPUs, indexed by `Counter`.
     pub fn counters(&self) -> Result<Vec<u64>> {
         let map: PerCpuArray<_, u64> =
@@ -395,6 +423,18 @@ pub fn enable_forwarding(interface: &str) -> std::io::Result<()> {
             .map_err(|e| std::io::Error::new(e.kind(), format!("writing 1 to {path}: {e}")))?;
     }
     Ok(())
+}
+
+/// The `memlock:` line of a BPF map fd's fdinfo: the bytes the kernel charges for it.
+fn fd_memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup. Raising it

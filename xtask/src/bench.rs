@@ -18,6 +18,11 @@ pub enum Bench {
         #[arg(long, default_value_t = 200_000)]
         calls: u32,
     },
+    /// Kernel memory locked by the maps for 1, 16 and 256 Vips. Root.
+    Memory {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// MaglevTable build time, balance and disruption.
     Maglev {
         #[arg(long)]
@@ -38,6 +43,15 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             }
             cargo.args(["bench", "-p", "lb-userspace", "--bench", "xdp", "--", "--calls"]);
             cargo.arg(calls.to_string());
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
+        Bench::Memory { json } => {
+            if !setup::is_root() {
+                bail!("the memory benchmark creates BPF maps: run it as root");
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "memory", "--"]);
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
             }
