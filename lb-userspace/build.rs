@@ -10,11 +10,18 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     // bpf-linker lives in xtask's cache dir; put it on PATH for the nested cargo build.
-    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
-    let cache = env::var_os("MLB_CACHE_DIR").map(PathBuf::from).unwrap_or(home.join(".cache/mlb"));
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let cache = env::var_os("MLB_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(home.join(".cache/mlb"));
     let linker_bin = cache.join("bpf-linker/bin");
     println!("cargo:rerun-if-env-changed=MLB_CACHE_DIR");
-    println!("cargo:rerun-if-changed={}", linker_bin.join("bpf-linker").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        linker_bin.join("bpf-linker").display()
+    );
     if env::var_os("AYA_BUILD_SKIP").is_none() && !linker_bin.join("bpf-linker").exists() {
         return Err(anyhow!(
             "bpf-linker not found in {}: run `cargo xtask setup` first",
@@ -29,7 +36,11 @@ fn main() -> anyhow::Result<()> {
 
     let metadata = cargo_metadata()?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: &metadata, ..Default::default() }],
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir: &metadata,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
     )
     .context("building the XDP program (lb-ebpf)")

@@ -11,7 +11,10 @@ const C2: u32 = 0x1b87_3593;
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -67,7 +70,9 @@ pub const fn vip_filter_bit_v4(addr: u32) -> u32 {
 /// Bit of an IPv6 Vip address in the pre-filter bitmap.
 #[inline(always)]
 pub const fn vip_filter_bit_v6(addr: &[u32; 4]) -> u32 {
-    vip_filter_bit_v4(addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24))
+    vip_filter_bit_v4(
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24),
+    )
 }
 
 #[cfg(feature = "user")]
@@ -119,9 +124,7 @@ mod user {
                     self.proto,
                     seed,
                 ),
-                (s, d) => {
-                    flow_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, seed)
-                }
+                (s, d) => flow_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, seed),
             }
         }
     }
@@ -145,13 +148,46 @@ mod tests {
         };
         let h = base.hash(7);
         assert_ne!(h, base.hash(8), "seed");
-        assert_ne!(h, Flow { src: "10.0.0.3".parse().unwrap(), ..base }.hash(7), "src");
-        assert_ne!(h, Flow { dst: "10.0.0.3".parse().unwrap(), ..base }.hash(7), "dst");
-        assert_ne!(h, Flow { sport: 1001, ..base }.hash(7), "sport");
+        assert_ne!(
+            h,
+            Flow {
+                src: "10.0.0.3".parse().unwrap(),
+                ..base
+            }
+            .hash(7),
+            "src"
+        );
+        assert_ne!(
+            h,
+            Flow {
+                dst: "10.0.0.3".parse().unwrap(),
+                ..base
+            }
+            .hash(7),
+            "dst"
+        );
+        assert_ne!(
+            h,
+            Flow {
+                sport: 1001,
+                ..base
+            }
+            .hash(7),
+            "sport"
+        );
         assert_ne!(h, Flow { dport: 81, ..base }.hash(7), "dport");
         assert_ne!(h, Flow { proto: 17, ..base }.hash(7), "proto");
         // Swapping ports must not collide (the word keeps them apart).
-        assert_ne!(h, Flow { sport: 80, dport: 1000, ..base }.hash(7), "port order");
+        assert_ne!(
+            h,
+            Flow {
+                sport: 80,
+                dport: 1000,
+                ..base
+            }
+            .hash(7),
+            "port order"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::consts::{PROTO_IPIP, PROTO_IPV6};
 
-use crate::parse::{EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_P_IP, ETH_P_IPV6, parse_l2, ptr_at};
+use crate::parse::{
+    ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, parse_l2, ptr_at,
+};
 
 #[inline(always)]
 pub fn decap(ctx: &XdpContext) -> u32 {
@@ -26,10 +28,8 @@ pub fn decap(ctx: &XdpContext) -> u32 {
         _ => return xdp_action::XDP_PASS,
     };
     // Move the L2 header up against the inner IP header, then drop the gap.
-    let (Some(old), Some(new)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<EthHdr>(ctx, outer_len),
-    ) else {
+    let (Some(old), Some(new)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<EthHdr>(ctx, outer_len))
+    else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: both bounds checked; the regions do not overlap (outer_len >= 20 > 14).

@@ -4,9 +4,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
-    },
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
@@ -78,19 +76,19 @@ fn next_hop(ctx: &XdpContext, id: u32, backend: &Backend, v6: bool) -> Result<Ne
     }
     // SAFETY: lookup_route initialised it.
     let params = unsafe { params.assume_init() };
-    let hop = NextHop { dmac: params.dmac, smac: params.smac, ifindex: params.ifindex, generation };
+    let hop = NextHop {
+        dmac: params.dmac,
+        smac: params.smac,
+        ifindex: params.ifindex,
+        generation,
+    };
     // SAFETY: as above.
     unsafe { *cached = hop };
     Ok(hop)
 }
 
 #[inline(always)]
-fn lookup_route(
-    ctx: &XdpContext,
-    params: *mut bpf_fib_lookup,
-    backend: &Backend,
-    v6: bool,
-) -> i64 {
+fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend, v6: bool) -> i64 {
     zero(params);
     // SAFETY: zeroed just above, a valid bpf_fib_lookup.
     let params = unsafe { &mut *params };
@@ -128,7 +126,13 @@ fn set_macs(ctx: &XdpContext, hop: &NextHop) -> Result<(), Verdict> {
 /// Grows the packet by `outer_len` in front and writes a fresh L2 header (same VLAN tag
 /// as the packet arrived with) for the outer packet of EtherType `proto`.
 #[inline(always)]
-fn push_l2(ctx: &XdpContext, l2: &L2, hop: &NextHop, outer_len: usize, proto: u16) -> Result<(), Verdict> {
+fn push_l2(
+    ctx: &XdpContext,
+    l2: &L2,
+    hop: &NextHop,
+    outer_len: usize,
+    proto: u16,
+) -> Result<(), Verdict> {
     let failed = Verdict::Drop(Counter::DropEncap);
     // SAFETY: the helper only moves data; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
@@ -161,7 +165,9 @@ fn encap_ipv4(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Resu
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
     let src = CONFIG
         .get(0)
-        .map_or(0, |c| c.encap_src4_base | (sel.hash & c.encap_src4_hostmask))
+        .map_or(0, |c| {
+            c.encap_src4_base | (sel.hash & c.encap_src4_hostmask)
+        })
         .to_be();
     push_l2(ctx, l2, hop, IPV4_HLEN, ETH_P_IP)?;
     let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
@@ -190,7 +196,8 @@ fn encap_ipv6(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Resu
     let failed = Verdict::Drop(Counter::DropEncap);
     let inner: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
-    let (vtc_flow, inner_payload) = unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
+    let (vtc_flow, inner_payload) =
+        unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
     let base = &CONFIG.get(0).ok_or(failed)?.encap_src6_base;
     let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.

@@ -17,9 +17,9 @@ use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_FILTER};
 /// Whether the Vip pre-filter has `bit` set (false positives possible, no false negatives).
 #[inline(always)]
 fn maybe_vip(bit: u32) -> bool {
-    VIP_FILTER
-        .get(0)
-        .is_some_and(|words| words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0)
+    VIP_FILTER.get(0).is_some_and(|words| {
+        words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    })
 }
 
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
@@ -114,7 +114,7 @@ pub struct IcmpHdr {
 /// a `memset` call, which in BPF is an out-of-line byte loop.
 #[inline(always)]
 pub fn zero<T>(dst: *mut T) {
-    const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
+    const { assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4) };
     let words = dst as *mut u32;
     for i in 0..size_of::<T>() / 4 {
         // SAFETY: in bounds of `*dst`, which is 4-aligned; all-zero is valid for the
@@ -152,12 +152,20 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
     // SAFETY: bounds checked by ptr_at.
     let proto = unsafe { (*eth).proto };
     if proto != ETH_P_8021Q {
-        return Some(L2 { l3_off: ETH_HLEN, proto, vlan_tci: None });
+        return Some(L2 {
+            l3_off: ETH_HLEN,
+            proto,
+            vlan_tci: None,
+        });
     }
     let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at.
     let (tci, proto) = unsafe { ((*vlan).tci, (*vlan).proto) };
-    Some(L2 { l3_off: ETH_HLEN + VLAN_HLEN, proto, vlan_tci: Some(tci) })
+    Some(L2 {
+        l3_off: ETH_HLEN + VLAN_HLEN,
+        proto,
+        vlan_tci: Some(tci),
+    })
 }
 
 /// What the program does with a packet it does not forward, and the counter it bumps.
@@ -183,7 +191,12 @@ const PROTO_UDP: u8 = lb_common::consts::PROTO_UDP;
 
 /// Reads ports (and SYN) of the TCP or UDP header at `l4` that must end by `l3_end`.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, l4: usize, l3_end: usize) -> Result<(Ports, bool), Verdict> {
+fn parse_l4(
+    ctx: &XdpContext,
+    proto: u8,
+    l4: usize,
+    l3_end: usize,
+) -> Result<(Ports, bool), Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     match proto {
         PROTO_TCP => {
@@ -200,7 +213,8 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4: usize, l3_end: usize) -> Result<(Po
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
             // SAFETY: bounds checked by ptr_at.
             let (sport, dport, len) = unsafe { ((*udp).sport, (*udp).dport, (*udp).len) };
-            if (u16::from_be(len) as usize) < size_of::<UdpHdr>() || l4 + size_of::<UdpHdr>() > l3_end
+            if (u16::from_be(len) as usize) < size_of::<UdpHdr>()
+                || l4 + size_of::<UdpHdr>() > l3_end
             {
                 return Err(malformed);
             }
@@ -218,11 +232,21 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, tot_len, frag_off, proto, src, dst) = unsafe {
-        ((*ip).vihl, (*ip).tot_len, (*ip).frag_off, (*ip).proto, (*ip).src, (*ip).dst)
+        (
+            (*ip).vihl,
+            (*ip).tot_len,
+            (*ip).frag_off,
+            (*ip).proto,
+            (*ip).src,
+            (*ip).dst,
+        )
     };
     let ihl = ((vihl & 0x0F) as usize) * 4;
     let tot_len = u16::from_be(tot_len) as usize;
-    if vihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end()
+    if vihl >> 4 != 4
+        || ihl < IPV4_HLEN
+        || tot_len < ihl
+        || ctx.data() + l3 + tot_len > ctx.data_end()
     {
         return Err(bad_l3);
     }
@@ -250,8 +274,20 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
         return parse_icmpv4_error(ctx, l4, l3_end).map_err(confirm);
     }
     let (ports, syn) = parse_l4(ctx, proto, l4, l3_end).map_err(confirm)?;
-    let flow = FlowV4 { src, dst, sport: ports.sport, dport: ports.dport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, syn, icmp_error: false })
+    let flow = FlowV4 {
+        src,
+        dst,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    Ok(Parsed {
+        flow,
+        syn,
+        icmp_error: false,
+    })
 }
 
 /// ICMP "fragmentation needed" to a Vip quotes a packet the backend sent (Vip to client):
@@ -274,13 +310,32 @@ fn parse_icmpv4_error(
     let ports: *const Ports = ptr_at(ctx, inner_l3 + IPV4_HLEN).ok_or(malformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, proto, src, dst, sport, dport) = unsafe {
-        ((*inner).vihl, (*inner).proto, (*inner).src, (*inner).dst, (*ports).sport, (*ports).dport)
+        (
+            (*inner).vihl,
+            (*inner).proto,
+            (*inner).src,
+            (*inner).dst,
+            (*ports).sport,
+            (*ports).dport,
+        )
     };
     if vihl != 0x45 || inner_l3 + IPV4_HLEN + size_of::<Ports>() > l3_end {
         return Err(malformed);
     }
-    let flow = FlowV4 { src: dst, dst: src, sport: dport, dport: sport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, syn: false, icmp_error: true })
+    let flow = FlowV4 {
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    Ok(Parsed {
+        flow,
+        syn: false,
+        icmp_error: true,
+    })
 }
 
 /// Parses an IPv6 packet to its Flow; extension headers in front of L4 are not walked.
@@ -320,9 +375,20 @@ pub fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV6>, Verdict
     let (ports, syn) = parse_l4(ctx, nexthdr, l4, l3_end).map_err(confirm)?;
     // SAFETY: bounds checked by ptr_at.
     let src = unsafe { (*ip).src };
-    let flow =
-        FlowV6 { src, dst, sport: ports.sport, dport: ports.dport, proto: nexthdr, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, syn, icmp_error: false })
+    let flow = FlowV6 {
+        src,
+        dst,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: nexthdr,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    Ok(Parsed {
+        flow,
+        syn,
+        icmp_error: false,
+    })
 }
 
 /// ICMPv6 "packet too big" to a Vip: as for IPv4, the quoted packet's reversed tuple.
@@ -346,10 +412,28 @@ fn parse_icmpv6_error(
     }
     // SAFETY: bounds checked by ptr_at.
     let (proto, src, dst, sport, dport) = unsafe {
-        ((*inner).nexthdr, (*inner).src, (*inner).dst, (*ports).sport, (*ports).dport)
+        (
+            (*inner).nexthdr,
+            (*inner).src,
+            (*inner).dst,
+            (*ports).sport,
+            (*ports).dport,
+        )
     };
-    let flow = FlowV6 { src: dst, dst: src, sport: dport, dport: sport, proto, _pad0: 0, _pad1: 0 };
-    Ok(Parsed { flow, syn: false, icmp_error: true })
+    let flow = FlowV6 {
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    Ok(Parsed {
+        flow,
+        syn: false,
+        icmp_error: true,
+    })
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;

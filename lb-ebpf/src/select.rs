@@ -1,15 +1,18 @@
 //! Backend selection: the connection table first, the Vip's MaglevTable on a miss.
 
 use lb_common::{
-    consts::{Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags, vip_flags},
+    consts::{
+        Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
+        vip_flags,
+    },
     hash::{flow_hash_v4, flow_hash_v6, ports_word},
     types::{Backend, ConntrackEntry, FlowV4, FlowV6, VipKey, vip_addr_flags},
 };
 
 use crate::{
     maps::{
-        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE,
-        VIPS,
+        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6,
+        VIP_STATE, VIPS,
     },
     parse::{Parsed, Verdict, zero},
     stats::count,
@@ -39,7 +42,13 @@ impl Flow for FlowV4 {
     }
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
-        flow_hash_v4(self.src, self.dst, ports_word(self.sport, self.dport), self.proto, seed)
+        flow_hash_v4(
+            self.src,
+            self.dst,
+            ports_word(self.sport, self.dport),
+            self.proto,
+            seed,
+        )
     }
     #[inline(always)]
     fn vip_key(&self, port: u16) -> VipKey {
@@ -78,11 +87,22 @@ impl Flow for FlowV6 {
     }
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
-        flow_hash_v6(&self.src, &self.dst, ports_word(self.sport, self.dport), self.proto, seed)
+        flow_hash_v6(
+            &self.src,
+            &self.dst,
+            ports_word(self.sport, self.dport),
+            self.proto,
+            seed,
+        )
     }
     #[inline(always)]
     fn vip_key(&self, port: u16) -> VipKey {
-        VipKey { addr: self.dst, port, proto: self.proto, family: FAMILY_V6 }
+        VipKey {
+            addr: self.dst,
+            port,
+            proto: self.proto,
+            family: FAMILY_V6,
+        }
     }
     #[inline(always)]
     fn vip_addr_flags(&self) -> Option<u32> {
@@ -121,32 +141,31 @@ pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
     let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
     let hash = flow.hash(seed);
 
-    if let Some(entry) = flow.conntrack() {
-        if let Some(vip) = VIP_STATE.get(entry.vip)
-            && vip.generation == entry.vip_generation
-            && vip.flags & vip_flags::ACTIVE != 0
+    if let Some(entry) = flow.conntrack()
+        && let Some(vip) = VIP_STATE.get(entry.vip)
+        && vip.generation == entry.vip_generation
+        && vip.flags & vip_flags::ACTIVE != 0
+    {
+        if let Some(backend) = BACKENDS.get(entry.backend)
+            && backend.generation == entry.backend_generation
+            && usable(backend)
         {
-            if let Some(backend) = BACKENDS.get(entry.backend)
-                && backend.generation == entry.backend_generation
-                && usable(backend)
-            {
-                if !pkt.icmp_error {
-                    count(Counter::ConntrackHit);
-                }
-                return Ok(Selection {
-                    vip: entry.vip,
-                    vip_flags: vip.flags,
-                    backend_id: entry.backend,
-                    backend: *backend,
-                    hash,
-                });
-            }
-            // Its backend went down or away: the table re-steers it (invariant 2).
             if !pkt.icmp_error {
-                count(Counter::ConntrackResteer);
+                count(Counter::ConntrackHit);
             }
-            return from_table(pkt, entry.vip, hash);
+            return Ok(Selection {
+                vip: entry.vip,
+                vip_flags: vip.flags,
+                backend_id: entry.backend,
+                backend: *backend,
+                hash,
+            });
         }
+        // Its backend went down or away: the table re-steers it (invariant 2).
+        if !pkt.icmp_error {
+            count(Counter::ConntrackResteer);
+        }
+        return from_table(pkt, entry.vip, hash);
     }
     let vip = lookup_vip(pkt)?;
     if !pkt.icmp_error {
@@ -172,7 +191,9 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
         _ => 0,
     };
     // The pre-filter can be wrong; the exact address set is not.
-    let addr_flags = flow.vip_addr_flags().ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    let addr_flags = flow
+        .vip_addr_flags()
+        .ok_or(Verdict::Pass(Counter::PassNotVip))?;
     if addr_flags & any_port != 0
         && let Some(id) = unsafe { VIPS.get(flow.vip_key(0)) }
     {
@@ -185,7 +206,9 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 /// connection table unless the packet is an ICMP error.
 #[inline(always)]
 fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Selection, Verdict> {
-    let vip = VIP_STATE.get(vip_id).ok_or(Verdict::Pass(Counter::PassVipOther))?;
+    let vip = VIP_STATE
+        .get(vip_id)
+        .ok_or(Verdict::Pass(Counter::PassVipOther))?;
     if vip.flags & vip_flags::ACTIVE == 0 {
         return Err(Verdict::Pass(Counter::PassVipOther));
     }
@@ -219,5 +242,11 @@ fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Select
             count(Counter::ConntrackInsertFail);
         }
     }
-    Ok(Selection { vip: vip_id, vip_flags: vip.flags, backend_id, backend: *backend, hash })
+    Ok(Selection {
+        vip: vip_id,
+        vip_flags: vip.flags,
+        backend_id,
+        backend: *backend,
+        hash,
+    })
 }

@@ -12,13 +12,22 @@ use lb_userspace::dataplane::{Capacities, Dataplane};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let backends: Vec<MaglevBackend> = (1..=1000)
         .map(|i| MaglevBackend::new(i, IpAddr::V4(Ipv4Addr::from(0x0a64_0000 + i)), 1))
         .collect();
     let table = build(&backends, DEFAULT_TABLE_SIZE, 0);
-    println!("Locked kernel memory of the data plane (MiB), 1,000 backends, {DEFAULT_TABLE_SIZE}-slot tables");
-    println!("{:>6} {:>14} {:>14} {:>10} {:>10}", "vips", "MaglevTables", "conntrack", "other", "total");
+    println!(
+        "Locked kernel memory of the data plane (MiB), 1,000 backends, {DEFAULT_TABLE_SIZE}-slot tables"
+    );
+    println!(
+        "{:>6} {:>14} {:>14} {:>10} {:>10}",
+        "vips", "MaglevTables", "conntrack", "other", "total"
+    );
     let mut rows = Vec::new();
     for vips in [1u32, 16, 256] {
         let mut dataplane = Dataplane::load(Capacities {
@@ -32,7 +41,12 @@ fn main() {
         }
         let usage = dataplane.locked_memory().unwrap();
         let sum = |f: &dyn Fn(&str) -> bool| -> f64 {
-            usage.iter().filter(|(n, _)| f(n)).map(|(_, b)| *b as f64).sum::<f64>() / (1 << 20) as f64
+            usage
+                .iter()
+                .filter(|(n, _)| f(n))
+                .map(|(_, b)| *b as f64)
+                .sum::<f64>()
+                / (1 << 20) as f64
         };
         let tables = sum(&|n| n == "MaglevTables");
         let conntrack = sum(&|n| n.starts_with("CONNTRACK"));
@@ -43,9 +57,14 @@ fn main() {
             "    {{\"vips\": {vips}, \"tables_mib\": {tables:.2}, \"conntrack_mib\": {conntrack:.2}, \"other_mib\": {other:.2}, \"total_mib\": {total:.2}}}"
         ));
     }
-    println!("(conntrack: IPv4 and IPv6 tables of {DEFAULT_CONNTRACK_ENTRIES} entries each; set by conntrack_entries)");
+    println!(
+        "(conntrack: IPv4 and IPv6 tables of {DEFAULT_CONNTRACK_ENTRIES} entries each; set by conntrack_entries)"
+    );
     if let Some(path) = json {
-        let body = format!("{{\n  \"benchmark\": \"memory\",\n  \"rows\": [\n{}\n  ]\n}}\n", rows.join(",\n"));
+        let body = format!(
+            "{{\n  \"benchmark\": \"memory\",\n  \"rows\": [\n{}\n  ]\n}}\n",
+            rows.join(",\n")
+        );
         std::fs::write(&path, body).expect("write JSON");
         println!("JSON written to {path}");
     }

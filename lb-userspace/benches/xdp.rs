@@ -16,7 +16,10 @@ use std::{
 
 use lb_common::consts::prog_names;
 use lb_userspace::dataplane::{Capacities, Dataplane};
-use support::{lab::Lab, packets::{tcp, udp}};
+use support::{
+    lab::Lab,
+    packets::{tcp, udp},
+};
 
 const ROUNDS: usize = 10;
 const REPEAT: u32 = 10_000;
@@ -43,7 +46,12 @@ struct Figure {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let calls: usize = arg("--calls").map_or(200_000, |c| c.parse().expect("--calls N"));
     let json = arg("--json");
 
@@ -82,7 +90,12 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     }
     let new_flows: Vec<Vec<u8>> = (0..calls)
         .map(|i| {
-            let src = IpAddr::V4(Ipv4Addr::new(10, 60 + (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8));
+            let src = IpAddr::V4(Ipv4Addr::new(
+                10,
+                60 + (i >> 24) as u8,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+            ));
             tcp(mac, src, 1024 + (i & 0xff) as u16 * 16 + 1, vip, 80, true)
         })
         .collect();
@@ -96,13 +109,55 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
         repeat_valid,
     };
     vec![
-        path("empty XDP program (baseline)", prog_names::LB_PASS, vec![established.clone()], None, true),
-        path("established TCP flow, IPIP", prog_names::LB_INGRESS, vec![established], Some(30.0), false),
-        path("established TCP flow, L2 DSR", prog_names::LB_INGRESS, vec![established_dsr], Some(30.0), true),
-        path("established UDP flow, IPIP", prog_names::LB_INGRESS, vec![udp_flow], Some(30.0), false),
-        path("established IPv6 TCP flow, IP6IP6", prog_names::LB_INGRESS, vec![established6], Some(30.0), false),
-        path("new TCP flow (SYN, conntrack insert)", prog_names::LB_INGRESS, new_flows, Some(200.0), false),
-        path("not for a Vip", prog_names::LB_INGRESS, vec![not_vip], Some(15.0), true),
+        path(
+            "empty XDP program (baseline)",
+            prog_names::LB_PASS,
+            vec![established.clone()],
+            None,
+            true,
+        ),
+        path(
+            "established TCP flow, IPIP",
+            prog_names::LB_INGRESS,
+            vec![established],
+            Some(30.0),
+            false,
+        ),
+        path(
+            "established TCP flow, L2 DSR",
+            prog_names::LB_INGRESS,
+            vec![established_dsr],
+            Some(30.0),
+            true,
+        ),
+        path(
+            "established UDP flow, IPIP",
+            prog_names::LB_INGRESS,
+            vec![udp_flow],
+            Some(30.0),
+            false,
+        ),
+        path(
+            "established IPv6 TCP flow, IP6IP6",
+            prog_names::LB_INGRESS,
+            vec![established6],
+            Some(30.0),
+            false,
+        ),
+        path(
+            "new TCP flow (SYN, conntrack insert)",
+            prog_names::LB_INGRESS,
+            new_flows,
+            Some(200.0),
+            false,
+        ),
+        path(
+            "not for a Vip",
+            prog_names::LB_INGRESS,
+            vec![not_vip],
+            Some(15.0),
+            true,
+        ),
     ]
 }
 
@@ -117,7 +172,9 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
             for _ in 0..per_round {
                 let packet = &path.packets[cursor[i] % path.packets.len()];
                 cursor[i] += 1;
-                let out = dp.test_run(path.program, packet, ifindex, 1).expect("test run");
+                let out = dp
+                    .test_run(path.program, packet, ifindex, 1)
+                    .expect("test run");
                 total_ns += out.duration.as_nanos();
             }
             rounds[i].push(total_ns as f64 / per_round as f64);
@@ -127,7 +184,9 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
         .iter()
         .map(|p| {
             p.repeat_valid.then(|| {
-                let out = dp.test_run(p.program, &p.packets[0], ifindex, REPEAT).expect("test run");
+                let out = dp
+                    .test_run(p.program, &p.packets[0], ifindex, REPEAT)
+                    .expect("test run");
                 out.duration.as_nanos() as f64
             })
         })
@@ -167,7 +226,14 @@ fn report(figures: &[Figure], calls: usize, seconds: f64) {
     );
     for f in figures {
         let target = f.target.map_or("-".into(), |t| {
-            format!("{} {t:.0}", if f.above_empty_ns <= t { "✓ ≤" } else { "✗ ≤" })
+            format!(
+                "{} {t:.0}",
+                if f.above_empty_ns <= t {
+                    "✓ ≤"
+                } else {
+                    "✗ ≤"
+                }
+            )
         });
         println!(
             "{:<40} {:>10.1} {:>12.1} {:>10.1} {:>14} {:>8}",
@@ -199,7 +265,8 @@ fn write_json(path: &str, figures: &[Figure], calls: usize) {
                 f.round_spread_ns,
                 f.repeat_ns.map_or("null".into(), |r| format!("{r:.2}")),
                 f.target.map_or("null".into(), |t| format!("{t}")),
-                f.target.map_or("null".into(), |t| (f.above_empty_ns <= t).to_string()),
+                f.target
+                    .map_or("null".into(), |t| (f.above_empty_ns <= t).to_string()),
             )
         })
         .collect();

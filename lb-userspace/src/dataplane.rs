@@ -58,15 +58,25 @@ pub enum DataplaneError {
     )]
     Load(#[from] aya::EbpfError),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the XDP object")]
     MissingProgram(&'static str),
     #[error("id {id} is beyond the capacity of {what} ({capacity}); raise it in the config")]
-    Capacity { what: &'static str, id: u32, capacity: u32 },
+    Capacity {
+        what: &'static str,
+        id: u32,
+        capacity: u32,
+    },
     #[error("writing a MaglevTable through mmap: {0}")]
     Mmap(std::io::Error),
 }
@@ -101,7 +111,11 @@ impl Dataplane {
             .map_max_entries(names::CONNTRACK_V6, caps.conntrack_entries)
             .load(OBJECT)?;
         let mut dataplane = Self { ebpf, caps };
-        for name in [prog_names::LB_INGRESS, prog_names::LB_DECAP, prog_names::LB_PASS] {
+        for name in [
+            prog_names::LB_INGRESS,
+            prog_names::LB_DECAP,
+            prog_names::LB_PASS,
+        ] {
             dataplane
                 .xdp(name)?
                 .load()
@@ -116,19 +130,31 @@ impl Dataplane {
 
     /// One of the object's XDP programs (`prog_names`).
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
-        program.try_into().map_err(|source| DataplaneError::Program { name, source })
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?;
+        program
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Attaches program `name` to `interface`.
-    pub fn attach(&mut self, name: &'static str, interface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+    pub fn attach(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        mode: XdpMode,
+    ) -> Result<XdpLinkId> {
         self.xdp(name)?
             .attach(interface, mode)
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
@@ -214,7 +240,9 @@ impl Dataplane {
         self.check("max_vips", id, self.caps.max_vips)?;
         let mut states: Array<_, VipState> =
             Array::try_from(self.map_mut(names::VIP_STATE)?).map_err(map_err(names::VIP_STATE))?;
-        states.set(id, state, 0).map_err(map_err(names::VIP_STATE))?;
+        states
+            .set(id, state, 0)
+            .map_err(map_err(names::VIP_STATE))?;
         let mut vips: HashMap<_, VipKey, u32> =
             HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
         vips.insert(key, id, 0).map_err(map_err(names::VIPS))
@@ -227,7 +255,9 @@ impl Dataplane {
         ignore_missing(vips.remove(key)).map_err(map_err(names::VIPS))?;
         let mut states: Array<_, VipState> =
             Array::try_from(self.map_mut(names::VIP_STATE)?).map_err(map_err(names::VIP_STATE))?;
-        states.set(id, VipState::default(), 0).map_err(map_err(names::VIP_STATE))
+        states
+            .set(id, VipState::default(), 0)
+            .map_err(map_err(names::VIP_STATE))
     }
 
     /// Builds a new inner array holding `table` and swaps it in for Vip `id` in one map
@@ -242,7 +272,8 @@ impl Dataplane {
             entries,
             BPF_F_INNER_MAP | BPF_F_MMAPABLE,
         );
-        let inner = MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
+        let inner =
+            MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
         write_table(inner.fd().as_fd(), entries, table)?;
         let mut outer: ArrayOfMaps<_, MapData> =
             ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
@@ -253,7 +284,10 @@ impl Dataplane {
     /// included (summed under "MaglevTables"), as `/proc/<pid>/fdinfo` reports it.
     pub fn locked_memory(&mut self) -> Result<Vec<(String, u64)>> {
         let name = prog_names::LB_INGRESS;
-        let info = self.xdp(name)?.info().map_err(|source| DataplaneError::Program { name, source })?;
+        let info = self
+            .xdp(name)?
+            .info()
+            .map_err(|source| DataplaneError::Program { name, source })?;
         let ids = info
             .map_ids()
             .map_err(|source| DataplaneError::Program { name, source })?
@@ -283,7 +317,13 @@ impl Dataplane {
             PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
         Counter::ALL
             .iter()
-            .map(|&c| Ok(map.get(&(c as u32), 0).map_err(map_err(names::STATS))?.iter().sum()))
+            .map(|&c| {
+                Ok(map
+                    .get(&(c as u32), 0)
+                    .map_err(map_err(names::STATS))?
+                    .iter()
+                    .sum())
+            })
             .collect()
     }
 
@@ -303,10 +343,12 @@ impl Dataplane {
         let map: PerCpuArray<_, TrafficCounters> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(TrafficCounters::default(), |sum, c| TrafficCounters {
-            packets: sum.packets + c.packets,
-            bytes: sum.bytes + c.bytes,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(TrafficCounters::default(), |sum, c| TrafficCounters {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            }))
     }
 
     /// The connection-table entry of an IPv4 Flow, if any.
@@ -349,7 +391,11 @@ impl Dataplane {
             .test_run(opts)
             .map_err(|source| DataplaneError::Program { name, source })?;
         out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome { action: result.return_value, packet: out, duration: result.duration })
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            packet: out,
+            duration: result.duration,
+        })
     }
 }
 
@@ -405,7 +451,9 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-fn optional<T>(result: std::result::Result<T, MapError>) -> std::result::Result<Option<T>, MapError> {
+fn optional<T>(
+    result: std::result::Result<T, MapError>,
+) -> std::result::Result<Option<T>, MapError> {
     match result {
         Ok(v) => Ok(Some(v)),
         Err(MapError::KeyNotFound) => Ok(None),
@@ -440,7 +488,10 @@ fn fd_memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup. Raising it
 /// is harmless either way.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
 }

@@ -20,8 +20,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 impl Netns {
     /// Creates `<prefix>-<pid>-<n>`: unique per process, recognisable for clean-up.
     pub fn new(prefix: &str) -> io::Result<Self> {
-        let name =
-            format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let netns = Self { name };
         netns.ip(&["link", "set", "lo", "up"])?;
@@ -83,10 +86,16 @@ impl Netns {
 
     /// MAC address of `dev` inside the namespace.
     pub fn mac(&self, dev: &str) -> io::Result<[u8; 6]> {
-        let out = self.command("cat").arg(format!("/sys/class/net/{dev}/address")).output()?;
+        let out = self
+            .command("cat")
+            .arg(format!("/sys/class/net/{dev}/address"))
+            .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_mac(text.trim()).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("no MAC for {dev}: {text:?}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no MAC for {dev}: {text:?}"),
+            )
         })
     }
 }
@@ -102,7 +111,9 @@ impl Drop for Netns {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

@@ -56,13 +56,27 @@ impl Testbed {
 
         // The client reaches Vips through the load balancer; XDP-touched packets lose the
         // veth checksum offload state, so the client computes checksums itself.
-        client.netns.ip(&["route", "add", VIP_PREFIX4, "via", &lb.addr4.to_string()])?;
-        client.netns.ip(&["-6", "route", "add", VIP_PREFIX6, "via", &lb.addr6.to_string()])?;
+        client
+            .netns
+            .ip(&["route", "add", VIP_PREFIX4, "via", &lb.addr4.to_string()])?;
+        client.netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            VIP_PREFIX6,
+            "via",
+            &lb.addr6.to_string(),
+        ])?;
         client.netns.exec("ethtool", &["-K", NIC, "tx", "off"])?;
         for b in &backends {
             for vip in vips {
-                let (addr, len) = if vip.is_ipv4() { (vip.to_string(), 32) } else { (vip.to_string(), 128) };
-                b.netns.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "lo"])?;
+                let (addr, len) = if vip.is_ipv4() {
+                    (vip.to_string(), 32)
+                } else {
+                    (vip.to_string(), 128)
+                };
+                b.netns
+                    .ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "lo"])?;
             }
             // Never answer ARP for the Vips on lo; accept decapsulated packets whatever
             // their source path.
@@ -73,10 +87,16 @@ impl Testbed {
                 ("net.ipv4.conf.eth0.rp_filter", "0"),
                 ("net.ipv4.conf.lo.rp_filter", "0"),
             ] {
-                b.netns.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+                b.netns
+                    .exec("sysctl", &["-qw", &format!("{key}={value}")])?;
             }
         }
-        Ok(Self { switch, client, lb, backends })
+        Ok(Self {
+            switch,
+            client,
+            lb,
+            backends,
+        })
     }
 
     /// The bridge port facing `host` (XDP_TX out of a veth needs a program on this peer).
@@ -89,7 +109,9 @@ impl Testbed {
     pub fn resolve_backends(&self) -> io::Result<()> {
         for b in &self.backends {
             for addr in [b.addr4, b.addr6] {
-                self.lb.netns.exec("ping", &["-c1", "-W1", "-q", &addr.to_string()])?;
+                self.lb
+                    .netns
+                    .exec("ping", &["-c1", "-W1", "-q", &addr.to_string()])?;
             }
         }
         Ok(())
@@ -99,12 +121,28 @@ impl Testbed {
 fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host> {
     let netns = Netns::new(&format!("mlb-{name}"))?;
     let port = format!("p-{name}");
-    switch.ip(&["link", "add", &port, "type", "veth", "peer", "name", NIC, "netns", netns.name()])?;
+    switch.ip(&[
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NIC,
+        "netns",
+        netns.name(),
+    ])?;
     switch.ip(&["link", "set", &port, "master", "br0", "mtu", mtu, "up"])?;
     let addr4: IpAddr = format!("{SUBNET4}.{last}").parse().expect("valid");
     let addr6: IpAddr = format!("{SUBNET6}:{last:x}").parse().expect("valid");
     netns.ip(&["link", "set", NIC, "mtu", mtu, "up"])?;
     netns.ip(&["addr", "add", &format!("{addr4}/24"), "dev", NIC])?;
     netns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", NIC, "nodad"])?;
-    Ok(Host { netns, name: name.to_owned(), addr4, addr6 })
+    Ok(Host {
+        netns,
+        name: name.to_owned(),
+        addr4,
+        addr6,
+    })
 }

@@ -60,9 +60,17 @@ impl Bed {
         let vips = [ip(VIP4), ip(VIP_DSR), ip(VIP6)];
         let bed = Testbed::new(3, &vips).expect("testbed");
         let mut servers = Vec::new();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/backend_server.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/backend_server.py"
+        );
         for (i, b) in bed.backends.iter().enumerate() {
-            servers.push(start_server(&b.netns, script, &format!("be{}", i + 1), &[VIP4, VIP6]));
+            servers.push(start_server(
+                &b.netns,
+                script,
+                &format!("be{}", i + 1),
+                &[VIP4, VIP6],
+            ));
         }
         servers.push(start_server(&bed.lb.netns, script, "lb-itself", &[]));
 
@@ -76,22 +84,38 @@ impl Bed {
             .netns
             .enter(|| {
                 enable_forwarding(NIC).unwrap();
-                dataplane.attach(prog_names::LB_INGRESS, NIC, XdpMode::Driver).unwrap();
+                dataplane
+                    .attach(prog_names::LB_INGRESS, NIC, XdpMode::Driver)
+                    .unwrap();
             })
             .unwrap();
         // XDP_TX out of a veth needs an XDP program on its peer.
         let port = bed.switch_port(&bed.lb);
         bed.switch
-            .enter(|| dataplane.attach(prog_names::LB_PASS, &port, XdpMode::Driver).unwrap())
+            .enter(|| {
+                dataplane
+                    .attach(prog_names::LB_PASS, &port, XdpMode::Driver)
+                    .unwrap()
+            })
             .unwrap();
         for b in &bed.backends {
             b.netns
-                .enter(|| dataplane.attach(prog_names::LB_DECAP, NIC, XdpMode::Driver).unwrap())
+                .enter(|| {
+                    dataplane
+                        .attach(prog_names::LB_DECAP, NIC, XdpMode::Driver)
+                        .unwrap()
+                })
                 .unwrap();
         }
-        bed.resolve_backends().expect("the load balancer reaches every backend");
+        bed.resolve_backends()
+            .expect("the load balancer reaches every backend");
 
-        let mut this = Self { bed, dataplane, tables: BTreeMap::new(), _servers: servers };
+        let mut this = Self {
+            bed,
+            dataplane,
+            tables: BTreeMap::new(),
+            _servers: servers,
+        };
         this.configure();
         this
     }
@@ -109,14 +133,26 @@ impl Bed {
         for (i, b) in self.bed.backends.iter().enumerate() {
             let id = i as u32 + 1;
             let up = backend_flags::UP;
-            let v4 = Backend { addr: addr_words(b.addr4), flags: up, generation: 1 };
-            let v6 = Backend { addr: addr_words(b.addr6), flags: up | backend_flags::IPV6, generation: 1 };
+            let v4 = Backend {
+                addr: addr_words(b.addr4),
+                flags: up,
+                generation: 1,
+            };
+            let v6 = Backend {
+                addr: addr_words(b.addr6),
+                flags: up | backend_flags::IPV6,
+                generation: 1,
+            };
             self.dataplane.set_backend(id, &v4).unwrap();
             self.dataplane.set_backend(id + 3, &v6).unwrap();
         }
-        self.dataplane.set_vip_filter([ip(VIP4), ip(VIP_DSR), ip(VIP6)]).unwrap();
+        self.dataplane
+            .set_vip_filter([ip(VIP4), ip(VIP_DSR), ip(VIP6)])
+            .unwrap();
         for addr in [ip(VIP4), ip(VIP_DSR), ip(VIP6)] {
-            self.dataplane.set_vip_addr(addr, Some(VipAddr { flags: 0 })).unwrap();
+            self.dataplane
+                .set_vip_addr(addr, Some(VipAddr { flags: 0 }))
+                .unwrap();
         }
         let _ = vip_addr_flags::ANY_PORT_TCP;
         let vips = [
@@ -134,7 +170,10 @@ impl Bed {
                 proto,
                 family: if v6 { 6 } else { 4 },
             };
-            let state = VipState { flags: flags | vip_flags::ACTIVE, generation: 1 };
+            let state = VipState {
+                flags: flags | vip_flags::ACTIVE,
+                generation: 1,
+            };
             self.dataplane.set_vip(id, &key, &state).unwrap();
         }
     }
@@ -158,16 +197,25 @@ impl Bed {
     }
 }
 
-fn start_server(netns: &lb_userspace::netns::Netns, script: &str, name: &str, vips: &[&str]) -> Child {
+fn start_server(
+    netns: &lb_userspace::netns::Netns,
+    script: &str,
+    name: &str,
+    vips: &[&str],
+) -> Child {
     let mut child = netns
         .command("python3")
-        .args([script, "--name", name, "--tcp", "80", "--tcp", "8080", "--udp", "53"])
+        .args([
+            script, "--name", name, "--tcp", "80", "--tcp", "8080", "--udp", "53",
+        ])
         .args(vips.iter().flat_map(|v| ["--vip", v]))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start backend server");
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "ready", "backend server {name} did not start");
     child
 }
@@ -180,7 +228,13 @@ fn connect(addr: SocketAddr) -> (TcpStream, String, Flow) {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).unwrap();
     let local = stream.local_addr().unwrap();
-    let flow = Flow { src: local.ip(), dst: addr.ip(), sport: local.port(), dport: addr.port(), proto: 6 };
+    let flow = Flow {
+        src: local.ip(),
+        dst: addr.ip(),
+        sport: local.port(),
+        dport: addr.port(),
+        proto: 6,
+    };
     (stream, line.trim().to_owned(), flow)
 }
 
@@ -189,25 +243,38 @@ fn echo(stream: &mut TcpStream, text: &str) -> String {
     writeln!(stream, "{text}").unwrap();
     let mut line = String::new();
     BufReader::new(&*stream).read_line(&mut line).unwrap();
-    let (name, rest) = line.trim().split_once(' ').unwrap_or_else(|| panic!("reply {line:?}"));
+    let (name, rest) = line
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("reply {line:?}"));
     assert_eq!(rest, text);
     name.to_owned()
 }
 
 /// Spread must match the table (exactly, per flow) and the weights (±5 points).
 fn check_spread(label: &str, got: &BTreeMap<String, u32>, flows: u32, mispredicted: u32) {
-    assert_eq!(mispredicted, 0, "{label}: {mispredicted} flows went elsewhere than predicted");
+    assert_eq!(
+        mispredicted, 0,
+        "{label}: {mispredicted} flows went elsewhere than predicted"
+    );
     assert_eq!(got.len(), 3, "{label}: every backend gets flows: {got:?}");
     for (name, n) in got {
         let share = *n as f64 / flows as f64;
-        assert!((share - 1.0 / 3.0).abs() <= 0.05, "{label}: {name} got {share:.3} of flows: {got:?}");
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.05,
+            "{label}: {name} got {share:.3} of flows: {got:?}"
+        );
     }
 }
 
 #[test]
 fn flows_spread_over_backends_exactly_as_predicted_in_both_modes() {
     let bed = Bed::new();
-    let cases = [(VIP_TCP, VIP4, 3000), (VIP_L2, VIP_DSR, 1000), (VIP_TCP6, VIP6, 600)];
+    let cases = [
+        (VIP_TCP, VIP4, 3000),
+        (VIP_L2, VIP_DSR, 1000),
+        (VIP_TCP6, VIP6, 600),
+    ];
     for (vip, addr, flows) in cases {
         let target = SocketAddr::new(ip(addr), 80);
         let (got, mispredicted) = bed
@@ -245,11 +312,19 @@ fn flows_spread_over_backends_exactly_as_predicted_in_both_modes() {
                 socket.connect(target).unwrap(); // so local_addr() names the source address
                 socket.send(format!("q{i}").as_bytes()).unwrap();
                 let mut buf = [0u8; 64];
-                let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("UDP reply {i}: {e}"));
+                let n = socket
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("UDP reply {i}: {e}"));
                 let reply = String::from_utf8_lossy(&buf[..n]).to_string();
                 let name = reply.split(' ').next().unwrap().to_owned();
                 let local = socket.local_addr().unwrap();
-                let flow = Flow { src: local.ip(), dst: target.ip(), sport: local.port(), dport: 53, proto: 17 };
+                let flow = Flow {
+                    src: local.ip(),
+                    dst: target.ip(),
+                    sport: local.port(),
+                    dport: 53,
+                    proto: 17,
+                };
                 if name != bed.predict(VIP_UDP, &flow) {
                     mispredicted += 1;
                 }
@@ -268,25 +343,50 @@ fn long_lived_connection_stays_on_its_backend_while_the_table_changes() {
     let client = &bed.bed.client.netns;
     let (mut stream, first, _) = client.enter(|| connect(target)).unwrap();
     let first_id: u32 = first[2..].parse().unwrap();
-    let other = backend_ids(false).into_iter().find(|&b| b != first_id).unwrap();
+    let other = backend_ids(false)
+        .into_iter()
+        .find(|&b| b != first_id)
+        .unwrap();
 
     // Table without another backend, then without the connection's own backend: the
     // connection keeps its backend (still up) and nothing breaks.
-    let without_other: Vec<u32> = backend_ids(false).into_iter().filter(|&b| b != other).collect();
-    let without_first: Vec<u32> = backend_ids(false).into_iter().filter(|&b| b != first_id).collect();
-    for (step, members) in [without_other.clone(), without_first, backend_ids(false).to_vec()].iter().enumerate() {
+    let without_other: Vec<u32> = backend_ids(false)
+        .into_iter()
+        .filter(|&b| b != other)
+        .collect();
+    let without_first: Vec<u32> = backend_ids(false)
+        .into_iter()
+        .filter(|&b| b != first_id)
+        .collect();
+    for (step, members) in [
+        without_other.clone(),
+        without_first,
+        backend_ids(false).to_vec(),
+    ]
+    .iter()
+    .enumerate()
+    {
         bed.set_table(VIP_TCP, members);
         let client = &bed.bed.client.netns;
         for i in 0..20 {
-            let name = client.enter(|| echo(&mut stream, &format!("step{step}-msg{i}"))).unwrap();
-            assert_eq!(name, first, "the connection moved after table change {step}");
+            let name = client
+                .enter(|| echo(&mut stream, &format!("step{step}-msg{i}")))
+                .unwrap();
+            assert_eq!(
+                name, first,
+                "the connection moved after table change {step}"
+            );
         }
         // New flows follow the new table.
-        let new_flows: Vec<String> =
-            client.enter(|| (0..60).map(|_| connect(target).1).collect()).unwrap();
+        let new_flows: Vec<String> = client
+            .enter(|| (0..60).map(|_| connect(target).1).collect())
+            .unwrap();
         for name in &new_flows {
             let id: u32 = name[2..].parse().unwrap();
-            assert!(members.contains(&id), "a new flow went to {name}, not in table {members:?}");
+            assert!(
+                members.contains(&id),
+                "a new flow went to {name}, not in table {members:?}"
+            );
         }
     }
 }
@@ -297,16 +397,35 @@ fn traffic_not_for_a_vip_still_works() {
     let lb4 = bed.bed.lb.addr4;
     let lb6 = bed.bed.lb.addr6;
     for addr in [lb4, lb6] {
-        bed.bed.client.netns.exec("ping", &["-c2", "-W2", "-q", &addr.to_string()]).expect("ping the load balancer");
+        bed.bed
+            .client
+            .netns
+            .exec("ping", &["-c2", "-W2", "-q", &addr.to_string()])
+            .expect("ping the load balancer");
     }
     // A TCP service on the load balancer's own address passes through XDP untouched.
     for addr in [lb4, lb6] {
-        let (mut stream, name, _) =
-            bed.bed.client.netns.enter(|| connect(SocketAddr::new(addr, 8080))).unwrap();
+        let (mut stream, name, _) = bed
+            .bed
+            .client
+            .netns
+            .enter(|| connect(SocketAddr::new(addr, 8080)))
+            .unwrap();
         assert_eq!(name, "lb-itself");
-        let echoed = bed.bed.client.netns.enter(|| echo(&mut stream, "hi")).unwrap();
+        let echoed = bed
+            .bed
+            .client
+            .netns
+            .enter(|| echo(&mut stream, "hi"))
+            .unwrap();
         assert_eq!(echoed, "lb-itself");
     }
-    let passed = bed.dataplane.counter(lb_common::consts::Counter::PassNotVip).unwrap();
-    assert!(passed > 0, "the XDP program saw the non-Vip traffic and passed it");
+    let passed = bed
+        .dataplane
+        .counter(lb_common::consts::Counter::PassNotVip)
+        .unwrap();
+    assert!(
+        passed > 0,
+        "the XDP program saw the non-Vip traffic and passed it"
+    );
 }

@@ -8,9 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::{consts::PROTO_TCP, hash::Flow};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
-    lab::{
-        ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, VIP_ANY_PORT_DSR, VIP_TCP, VIP_UDP, VIP_V6, deltas,
-    },
+    lab::{ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, VIP_ANY_PORT_DSR, VIP_TCP, VIP_UDP, VIP_V6, deltas},
     packets::*,
 };
 
@@ -38,27 +36,43 @@ struct Fixture {
 }
 
 fn flow(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> Flow {
-    Flow { src: ip(src), dst: ip(dst), sport, dport, proto }
+    Flow {
+        src: ip(src),
+        dst: ip(dst),
+        sport,
+        dport,
+        proto,
+    }
 }
 
 /// The IPIP output for `input` (at `l3`) of `flow` to Vip `vip`'s predicted backend.
 fn ipip(lab: &Lab, input: &[u8], l3: usize, vip: u32, flow: &Flow) -> Vec<u8> {
     let backend = lab.backend(lab.predict(vip, flow));
-    let IpAddr::V4(dst) = backend.addr else { panic!("v4 backend") };
+    let IpAddr::V4(dst) = backend.addr else {
+        panic!("v4 backend")
+    };
     let src = encap_src4(ENCAP_SRC4, flow.hash(SEED));
     expect_ipip_at(input, l3, lab.lb_mac, backend.mac, src, dst.octets())
 }
 
 fn ip6ip6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
     let backend = lab.backend(lab.predict(vip, flow));
-    let IpAddr::V6(dst) = backend.addr else { panic!("v6 backend") };
+    let IpAddr::V6(dst) = backend.addr else {
+        panic!("v6 backend")
+    };
     let hash = flow.hash(SEED);
     let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
     expect_ip6ip6(input, lab.lb_mac, backend.mac, src, dst.octets(), hash)
 }
 
 fn pass(description: &'static str, input: Vec<u8>, counter: &'static str) -> Fixture {
-    Fixture { description, input, action: XDP_PASS, output: None, counters: vec![(counter, 1)] }
+    Fixture {
+        description,
+        input,
+        action: XDP_PASS,
+        output: None,
+        counters: vec![(counter, 1)],
+    }
 }
 
 fn drop(description: &'static str, input: Vec<u8>, counters: &[&'static str]) -> Fixture {
@@ -71,7 +85,12 @@ fn drop(description: &'static str, input: Vec<u8>, counters: &[&'static str]) ->
     }
 }
 
-fn tx(description: &'static str, input: Vec<u8>, output: Vec<u8>, counters: &[&'static str]) -> Fixture {
+fn tx(
+    description: &'static str,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    counters: &[&'static str],
+) -> Fixture {
     Fixture {
         description,
         input,
@@ -95,7 +114,8 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     let udp_in = udp(mac, client, 5353, vip, 53);
     let icmp = icmp4_frag_needed(mac, Ipv4Addr::new(10, 99, 0, 1), client, 40001, vip, 80);
     let dsr = tcp(mac, client, 40005, ip(VIP_DSR), 8080, true);
-    let dsr_backend = lab.backend(lab.predict(VIP_ANY_PORT_DSR, &flow(CLIENT, 40005, VIP_DSR, 8080, 6)));
+    let dsr_backend =
+        lab.backend(lab.predict(VIP_ANY_PORT_DSR, &flow(CLIENT, 40005, VIP_DSR, 8080, 6)));
     let syn6 = tcp(mac, client6, 40006, vip6, 80, true);
     let syn6_flow = flow(CLIENT6, 40006, VIP6, 80, 6);
     let icmp6 = icmp6_too_big(mac, "fd00:99::1".parse().unwrap(), client6, 40006, vip6, 80);
@@ -130,46 +150,222 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
 
     vec![
         pass("ARP is passed untouched", arp(mac), "pass_not_ip"),
-        pass("LLDP (not IP) is passed", with_ethertype(syn.clone(), 0x88cc), "pass_not_ip"),
-        pass("a QinQ outer tag is not parsed: passed", with_ethertype(syn.clone(), 0x88a8), "pass_not_ip"),
-        pass("TCP to the load balancer's own address is passed", tcp(mac, client, 40010, ip("10.111.0.1"), 22, true), "pass_not_vip"),
-        pass("IPv6 TCP to a non-Vip is passed", tcp(mac, client6, 40011, ip("fd00:111::1"), 22, true), "pass_not_vip"),
-        tx("TCP SYN to a Vip is IPIP-encapsulated to its Maglev backend", syn.clone(), ipip(lab, &syn, 14, VIP_TCP, &syn_flow), miss_tx),
-        tx("the flow's next packet hits the connection table", ack.clone(), ipip(lab, &ack, 14, VIP_TCP, &syn_flow), &["conntrack_hit", "tx"]),
-        tx("TCP without SYN on an unknown flow is still forwarded by the table", mid_flow.clone(), ipip(lab, &mid_flow, 14, VIP_TCP, &flow(CLIENT, 40002, VIP, 80, 6)), &["conntrack_miss", "conntrack_miss_non_syn", "tx"]),
-        tx("IPv4 options (IHL 6) are carried through", opts.clone(), ipip(lab, &opts, 14, VIP_TCP, &flow(CLIENT, 40003, VIP, 80, 6)), miss_tx),
-        tx("an 802.1Q-tagged packet keeps its tag", vlan.clone(), ipip(lab, &vlan, 18, VIP_TCP, &flow(CLIENT, 40004, VIP, 80, 6)), miss_tx),
-        tx("UDP to a UDP Vip is encapsulated", udp_in.clone(), ipip(lab, &udp_in, 14, VIP_UDP, &flow(CLIENT, 5353, VIP, 53, 17)), miss_tx),
-        pass("TCP to a Vip address on a port with no Vip is passed", tcp(mac, client, 40012, vip, 81, true), "pass_vip_other"),
-        pass("UDP to a TCP-only Vip port is passed", udp(mac, client, 5355, vip, 80), "pass_vip_other"),
-        pass("ICMP echo to a Vip goes to the local stack", icmp4_echo(mac, Ipv4Addr::new(10, 50, 0, 7), Ipv4Addr::new(10, 200, 0, 1)), "pass_vip_other"),
-        tx("ICMP fragmentation-needed goes to the quoted flow's backend", icmp.clone(), ipip(lab, &icmp, 14, VIP_TCP, &syn_flow), &["icmp_to_backend", "tx"]),
-        tx("an any-port Vip in L2 DSR mode rewrites only the MACs", dsr.clone(), expect_l2(&dsr, mac, dsr_backend.mac), miss_tx),
-        tx("IPv6 SYN to a Vip is IPv6-in-IPv6 encapsulated", syn6.clone(), ip6ip6(lab, &syn6, VIP_V6, &syn6_flow), miss_tx),
-        tx("ICMPv6 packet-too-big goes to the quoted flow's backend", icmp6.clone(), ip6ip6(lab, &icmp6, VIP_V6, &syn6_flow), &["icmp_to_backend", "tx"]),
-        drop("an IPv4 first fragment to a Vip is dropped", as_fragment(&syn, true, 0), &["drop_fragment"]),
-        drop("an IPv4 later fragment to a Vip is dropped", as_fragment(&syn, false, 100), &["drop_fragment"]),
-        pass("an IPv4 fragment to a non-Vip is passed", as_fragment(&tcp(mac, client, 40013, ip("10.111.0.1"), 22, true), true, 0), "pass_not_vip"),
-        drop("an IPv6 fragment header to a Vip is dropped", with_ipv6_ext(&syn6, 44), &["drop_fragment"]),
-        drop("an IPv6 hop-by-hop header to a Vip is dropped", with_ipv6_ext(&syn6, 0), &["drop_ipv6_ext"]),
-        drop("an IPv6 routing header to a Vip is dropped", with_ipv6_ext(&syn6, 43), &["drop_ipv6_ext"]),
-        drop("an IPv6 destination-options header to a Vip is dropped", with_ipv6_ext(&syn6, 60), &["drop_ipv6_ext"]),
-        drop("a Vip with no backend drops", tcp(mac, client, 40014, ip("10.200.0.3"), 80, true), &["conntrack_miss", "drop_no_backend"]),
-        pass_with("a Vip with no backend set to pass passes", tcp(mac, client, 40015, ip("10.200.0.4"), 80, true), &["conntrack_miss", "pass_no_backend"]),
+        pass(
+            "LLDP (not IP) is passed",
+            with_ethertype(syn.clone(), 0x88cc),
+            "pass_not_ip",
+        ),
+        pass(
+            "a QinQ outer tag is not parsed: passed",
+            with_ethertype(syn.clone(), 0x88a8),
+            "pass_not_ip",
+        ),
+        pass(
+            "TCP to the load balancer's own address is passed",
+            tcp(mac, client, 40010, ip("10.111.0.1"), 22, true),
+            "pass_not_vip",
+        ),
+        pass(
+            "IPv6 TCP to a non-Vip is passed",
+            tcp(mac, client6, 40011, ip("fd00:111::1"), 22, true),
+            "pass_not_vip",
+        ),
+        tx(
+            "TCP SYN to a Vip is IPIP-encapsulated to its Maglev backend",
+            syn.clone(),
+            ipip(lab, &syn, 14, VIP_TCP, &syn_flow),
+            miss_tx,
+        ),
+        tx(
+            "the flow's next packet hits the connection table",
+            ack.clone(),
+            ipip(lab, &ack, 14, VIP_TCP, &syn_flow),
+            &["conntrack_hit", "tx"],
+        ),
+        tx(
+            "TCP without SYN on an unknown flow is still forwarded by the table",
+            mid_flow.clone(),
+            ipip(
+                lab,
+                &mid_flow,
+                14,
+                VIP_TCP,
+                &flow(CLIENT, 40002, VIP, 80, 6),
+            ),
+            &["conntrack_miss", "conntrack_miss_non_syn", "tx"],
+        ),
+        tx(
+            "IPv4 options (IHL 6) are carried through",
+            opts.clone(),
+            ipip(lab, &opts, 14, VIP_TCP, &flow(CLIENT, 40003, VIP, 80, 6)),
+            miss_tx,
+        ),
+        tx(
+            "an 802.1Q-tagged packet keeps its tag",
+            vlan.clone(),
+            ipip(lab, &vlan, 18, VIP_TCP, &flow(CLIENT, 40004, VIP, 80, 6)),
+            miss_tx,
+        ),
+        tx(
+            "UDP to a UDP Vip is encapsulated",
+            udp_in.clone(),
+            ipip(lab, &udp_in, 14, VIP_UDP, &flow(CLIENT, 5353, VIP, 53, 17)),
+            miss_tx,
+        ),
+        pass(
+            "TCP to a Vip address on a port with no Vip is passed",
+            tcp(mac, client, 40012, vip, 81, true),
+            "pass_vip_other",
+        ),
+        pass(
+            "UDP to a TCP-only Vip port is passed",
+            udp(mac, client, 5355, vip, 80),
+            "pass_vip_other",
+        ),
+        pass(
+            "ICMP echo to a Vip goes to the local stack",
+            icmp4_echo(
+                mac,
+                Ipv4Addr::new(10, 50, 0, 7),
+                Ipv4Addr::new(10, 200, 0, 1),
+            ),
+            "pass_vip_other",
+        ),
+        tx(
+            "ICMP fragmentation-needed goes to the quoted flow's backend",
+            icmp.clone(),
+            ipip(lab, &icmp, 14, VIP_TCP, &syn_flow),
+            &["icmp_to_backend", "tx"],
+        ),
+        tx(
+            "an any-port Vip in L2 DSR mode rewrites only the MACs",
+            dsr.clone(),
+            expect_l2(&dsr, mac, dsr_backend.mac),
+            miss_tx,
+        ),
+        tx(
+            "IPv6 SYN to a Vip is IPv6-in-IPv6 encapsulated",
+            syn6.clone(),
+            ip6ip6(lab, &syn6, VIP_V6, &syn6_flow),
+            miss_tx,
+        ),
+        tx(
+            "ICMPv6 packet-too-big goes to the quoted flow's backend",
+            icmp6.clone(),
+            ip6ip6(lab, &icmp6, VIP_V6, &syn6_flow),
+            &["icmp_to_backend", "tx"],
+        ),
+        drop(
+            "an IPv4 first fragment to a Vip is dropped",
+            as_fragment(&syn, true, 0),
+            &["drop_fragment"],
+        ),
+        drop(
+            "an IPv4 later fragment to a Vip is dropped",
+            as_fragment(&syn, false, 100),
+            &["drop_fragment"],
+        ),
+        pass(
+            "an IPv4 fragment to a non-Vip is passed",
+            as_fragment(
+                &tcp(mac, client, 40013, ip("10.111.0.1"), 22, true),
+                true,
+                0,
+            ),
+            "pass_not_vip",
+        ),
+        drop(
+            "an IPv6 fragment header to a Vip is dropped",
+            with_ipv6_ext(&syn6, 44),
+            &["drop_fragment"],
+        ),
+        drop(
+            "an IPv6 hop-by-hop header to a Vip is dropped",
+            with_ipv6_ext(&syn6, 0),
+            &["drop_ipv6_ext"],
+        ),
+        drop(
+            "an IPv6 routing header to a Vip is dropped",
+            with_ipv6_ext(&syn6, 43),
+            &["drop_ipv6_ext"],
+        ),
+        drop(
+            "an IPv6 destination-options header to a Vip is dropped",
+            with_ipv6_ext(&syn6, 60),
+            &["drop_ipv6_ext"],
+        ),
+        drop(
+            "a Vip with no backend drops",
+            tcp(mac, client, 40014, ip("10.200.0.3"), 80, true),
+            &["conntrack_miss", "drop_no_backend"],
+        ),
+        pass_with(
+            "a Vip with no backend set to pass passes",
+            tcp(mac, client, 40015, ip("10.200.0.4"), 80, true),
+            &["conntrack_miss", "pass_no_backend"],
+        ),
         // (A frame shorter than Ethernet cannot be fed in: BPF_PROG_TEST_RUN refuses it.)
-        pass("a truncated VLAN tag is passed", with_vlan(&syn, 1)[..16].to_vec(), "pass_malformed"),
-        pass("a truncated IPv4 header is passed", syn[..14 + 12].to_vec(), "pass_malformed"),
+        pass(
+            "a truncated VLAN tag is passed",
+            with_vlan(&syn, 1)[..16].to_vec(),
+            "pass_malformed",
+        ),
+        pass(
+            "a truncated IPv4 header is passed",
+            syn[..14 + 12].to_vec(),
+            "pass_malformed",
+        ),
         pass("IPv4 with IHL < 5 is passed", ihl4, "pass_malformed"),
-        pass("version 6 under the IPv4 EtherType is passed", version6_in_v4, "pass_malformed"),
-        pass("IPv4 total length beyond the frame is passed", long_tot_len, "pass_malformed"),
-        pass("IPv4 total length shorter than its header is passed", short_tot_len, "pass_malformed"),
-        drop("a truncated TCP header to a Vip is dropped", truncated_tcp, &["drop_malformed"]),
-        drop("TCP data offset < 5 to a Vip is dropped", bad_doff, &["drop_malformed"]),
-        drop("UDP length < 8 to a Vip is dropped", bad_udp_len, &["drop_malformed"]),
-        pass("a truncated IPv6 header is passed", syn6[..14 + 30].to_vec(), "pass_malformed"),
-        pass("IPv6 payload length beyond the frame is passed", long_payload6, "pass_malformed"),
-        drop("a truncated TCP header in IPv6 to a Vip is dropped", truncated_tcp6, &["drop_malformed"]),
-        drop("an ICMP error with a truncated quote is dropped", short_quote, &["drop_malformed"]),
+        pass(
+            "version 6 under the IPv4 EtherType is passed",
+            version6_in_v4,
+            "pass_malformed",
+        ),
+        pass(
+            "IPv4 total length beyond the frame is passed",
+            long_tot_len,
+            "pass_malformed",
+        ),
+        pass(
+            "IPv4 total length shorter than its header is passed",
+            short_tot_len,
+            "pass_malformed",
+        ),
+        drop(
+            "a truncated TCP header to a Vip is dropped",
+            truncated_tcp,
+            &["drop_malformed"],
+        ),
+        drop(
+            "TCP data offset < 5 to a Vip is dropped",
+            bad_doff,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length < 8 to a Vip is dropped",
+            bad_udp_len,
+            &["drop_malformed"],
+        ),
+        pass(
+            "a truncated IPv6 header is passed",
+            syn6[..14 + 30].to_vec(),
+            "pass_malformed",
+        ),
+        pass(
+            "IPv6 payload length beyond the frame is passed",
+            long_payload6,
+            "pass_malformed",
+        ),
+        drop(
+            "a truncated TCP header in IPv6 to a Vip is dropped",
+            truncated_tcp6,
+            &["drop_malformed"],
+        ),
+        drop(
+            "an ICMP error with a truncated quote is dropped",
+            short_quote,
+            &["drop_malformed"],
+        ),
     ]
 }
 
@@ -184,7 +380,10 @@ fn pass_with(description: &'static str, input: Vec<u8>, counters: &[&'static str
 }
 
 fn action_name(action: u32) -> &'static str {
-    ["ABORTED", "DROP", "PASS", "TX", "REDIRECT"].get(action as usize).copied().unwrap_or("?")
+    ["ABORTED", "DROP", "PASS", "TX", "REDIRECT"]
+        .get(action as usize)
+        .copied()
+        .unwrap_or("?")
 }
 
 #[test]
@@ -211,7 +410,11 @@ fn fixtures_give_expected_action_packet_and_counters() {
         if let Some(want) = want
             && out.packet != *want
         {
-            problems.push(format!("packet\n  got  {}\n  want {}", hex(&out.packet), hex(want)));
+            problems.push(format!(
+                "packet\n  got  {}\n  want {}",
+                hex(&out.packet),
+                hex(want)
+            ));
         }
         let mut got = deltas(&before, &after);
         let mut want = fixture.counters.clone();
@@ -224,7 +427,12 @@ fn fixtures_give_expected_action_packet_and_counters() {
             failures.push(format!("{}: {}", fixture.description, problems.join("; ")));
         }
     }
-    assert!(failures.is_empty(), "{} fixture(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixture(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -254,13 +462,33 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
         .map(|i| {
             let v6 = i % 10 == 0;
             let src = if v6 {
-                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, rng.random(), rng.random()))
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0x50,
+                    0,
+                    0,
+                    0,
+                    0,
+                    rng.random(),
+                    rng.random(),
+                ))
             } else {
-                IpAddr::V4(Ipv4Addr::new(10, rng.random_range(50..60), rng.random(), rng.random()))
+                IpAddr::V4(Ipv4Addr::new(
+                    10,
+                    rng.random_range(50..60),
+                    rng.random(),
+                    rng.random(),
+                ))
             };
             let dst = if v6 { ip(VIP6) } else { ip(VIP) };
             let sport = rng.random_range(1024..65535);
-            let f = Flow { src, dst, sport, dport: 80, proto: PROTO_TCP };
+            let f = Flow {
+                src,
+                dst,
+                sport,
+                dport: 80,
+                proto: PROTO_TCP,
+            };
             (f, tcp(lab.lb_mac, src, sport, dst, 80, true))
         })
         .collect();
@@ -278,9 +506,13 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
     for ((f, _), (action, packet)) in flows.iter().zip(&outs) {
         assert_eq!(*action, XDP_TX);
         let outer_dst: IpAddr = if f.src.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap()))
+            IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
+            ))
         } else {
-            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[38..54]).unwrap()))
+            IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
+            ))
         };
         let vip = if f.src.is_ipv4() { VIP_TCP } else { VIP_V6 };
         let predicted = lab.predict(vip, f);
@@ -290,9 +522,16 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
             mismatches += 1;
         }
     }
-    assert_eq!(mismatches, 0, "kernel and userspace disagree on {mismatches} of 10000 flows");
+    assert_eq!(
+        mismatches, 0,
+        "kernel and userspace disagree on {mismatches} of 10000 flows"
+    );
     // And the flows spread over every backend of each Vip.
-    assert_eq!(per_backend.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "{per_backend:?}");
+    assert_eq!(
+        per_backend.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5],
+        "{per_backend:?}"
+    );
 }
 
 /// Invariant 2: the connection table keeps a flow on its backend through table changes;
@@ -309,12 +548,19 @@ fn established_flow_survives_table_change_and_resteers_when_backend_down() {
     assert_eq!(original_id, lab.predict(VIP_TCP, &f));
 
     // A new table without the flow's backend: the flow stays (its backend is still up).
-    let others: Vec<u32> = [1, 2, 3].into_iter().filter(|&b| b != original_id).collect();
+    let others: Vec<u32> = [1, 2, 3]
+        .into_iter()
+        .filter(|&b| b != original_id)
+        .collect();
     lab.set_table(VIP_TCP, &others);
     for _ in 0..3 {
         let out = lab.run(&tcp(lab.lb_mac, client, 41000, ip(VIP), 80, false));
         assert_eq!(out.action, XDP_TX);
-        assert_eq!(backend_of(&out.packet), original, "flow moved while its backend was up");
+        assert_eq!(
+            backend_of(&out.packet),
+            original,
+            "flow moved while its backend was up"
+        );
     }
 
     // Its backend goes down: re-steered by the new table, counted, not dropped.

@@ -41,7 +41,15 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             if !setup::is_root() {
                 bail!("the XDP benchmark loads the program into the kernel: run it as root");
             }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "xdp", "--", "--calls"]);
+            cargo.args([
+                "bench",
+                "-p",
+                "lb-userspace",
+                "--bench",
+                "xdp",
+                "--",
+                "--calls",
+            ]);
             cargo.arg(calls.to_string());
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
@@ -57,7 +65,16 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             }
         }
         Bench::Maglev { json, quick } => {
-            cargo.args(["bench", "-p", "lb-common", "--features", "user", "--bench", "maglev", "--"]);
+            cargo.args([
+                "bench",
+                "-p",
+                "lb-common",
+                "--features",
+                "user",
+                "--bench",
+                "maglev",
+                "--",
+            ]);
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
             }

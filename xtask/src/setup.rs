@@ -30,9 +30,14 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`
 /// (the same rule as lb-userspace/build.rs).
 pub fn cache_dir() -> PathBuf {
-    env::var_os("MLB_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into()).join(".cache/mlb")
-    })
+    env::var_os("MLB_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/root".into())
+                .join(".cache/mlb")
+        })
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -43,7 +48,10 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn sysroot() -> anyhow::Result<Option<PathBuf>> {
-    let out = Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]).output();
+    let out = Command::new("rustc")
+        .arg(format!("+{EBPF_TOOLCHAIN}"))
+        .args(["--print", "sysroot"])
+        .output();
     match out {
         Ok(out) if out.status.success() => {
             Ok(Some(PathBuf::from(String::from_utf8(out.stdout)?.trim())))
@@ -112,13 +120,18 @@ fn llvm_prefix(cache: &Path) -> anyhow::Result<PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so."))
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     let prefix = cache.join(format!("llvm-{EBPF_TOOLCHAIN}"));
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)?;
-    for name in [Path::new("libLLVM.so"), Path::new(llvm.file_name().expect("file name"))] {
+    for name in [
+        Path::new("libLLVM.so"),
+        Path::new(llvm.file_name().expect("file name")),
+    ] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
         symlink(&llvm, &link).with_context(|| format!("linking {}", link.display()))?;
@@ -135,19 +148,32 @@ fn have(command: &str) -> bool {
 
 /// Installs the Debian packages of any missing command.
 pub fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> =
-        packages.iter().filter(|(command, _)| !have(command)).map(|(_, package)| *package).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(command, _)| !have(command))
+        .map(|(_, package)| *package)
+        .collect();
     if missing.is_empty() {
         println!(
             "✓ Debian packages {} (present)",
-            packages.iter().map(|(_, p)| *p).collect::<Vec<_>>().join(", ")
+            packages
+                .iter()
+                .map(|(_, p)| *p)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {}: install them or run as root", missing.join(" "));
+        bail!(
+            "missing Debian packages {}: install them or run as root",
+            missing.join(" ")
+        );
     }
-    run_with_status("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    run_with_status(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     run_with_status(
         &format!("installing {}", missing.join(" ")),
         Command::new("apt-get")
@@ -158,5 +184,8 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }

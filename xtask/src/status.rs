@@ -33,11 +33,17 @@ pub fn run_with_status(step: &str, command: &mut Command) -> anyhow::Result<()> 
     let stderr = child.stderr.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let out_thread = std::thread::spawn(move || {
-        BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>()
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
     });
     let mut tail: Vec<String> = Vec::new();
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        bar.set_message(format!("{step}: {}", line.trim().chars().take(70).collect::<String>()));
+        bar.set_message(format!(
+            "{step}: {}",
+            line.trim().chars().take(70).collect::<String>()
+        ));
         tail.push(line);
         if tail.len() > 40 {
             tail.remove(0);

@@ -72,10 +72,24 @@ pub fn vips() -> Vec<LabVip> {
     vec![
         v(VIP_TCP, "10.200.0.1", 80, 6, 0, &[1, 2, 3]),
         v(VIP_UDP, "10.200.0.1", 53, 17, 0, &[1, 2, 3]),
-        v(VIP_ANY_PORT_DSR, "10.200.0.2", 0, 6, vip_flags::L2_DSR, &[1, 2]),
+        v(
+            VIP_ANY_PORT_DSR,
+            "10.200.0.2",
+            0,
+            6,
+            vip_flags::L2_DSR,
+            &[1, 2],
+        ),
         v(VIP_V6, "fd00:200::1", 80, 6, vip_flags::IPV6, &[4, 5]),
         v(VIP_EMPTY_DROP, "10.200.0.3", 80, 6, 0, &[]),
-        v(VIP_EMPTY_PASS, "10.200.0.4", 80, 6, vip_flags::PASS_WHEN_EMPTY, &[]),
+        v(
+            VIP_EMPTY_PASS,
+            "10.200.0.4",
+            80,
+            6,
+            vip_flags::PASS_WHEN_EMPTY,
+            &[],
+        ),
     ]
 }
 
@@ -91,26 +105,51 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
-        Self::with_capacities(Capacities { max_vips: 16, max_backends: 64, conntrack_entries: 65_536 })
+        Self::with_capacities(Capacities {
+            max_vips: 16,
+            max_backends: 64,
+            conntrack_entries: 65_536,
+        })
     }
 
     pub fn with_capacities(capacities: Capacities) -> Self {
         let netns = Netns::new("mlb-fx").expect("create namespace");
-        netns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+        netns
+            .ip(&[
+                "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+            ])
+            .unwrap();
         for dev in ["veth0", "veth1"] {
             netns.ip(&["link", "set", dev, "up"]).unwrap();
         }
-        netns.ip(&["addr", "add", "10.111.0.1/24", "dev", "veth0"]).unwrap();
-        netns.ip(&["addr", "add", "fd00:111::1/64", "dev", "veth0", "nodad"]).unwrap();
+        netns
+            .ip(&["addr", "add", "10.111.0.1/24", "dev", "veth0"])
+            .unwrap();
+        netns
+            .ip(&["addr", "add", "fd00:111::1/64", "dev", "veth0", "nodad"])
+            .unwrap();
         let backends = backends();
         for b in &backends {
             let mac = format_mac(&b.mac);
             let addr = b.addr.to_string();
             netns
-                .ip(&["neigh", "replace", &addr, "lladdr", &mac, "dev", "veth0", "nud", "permanent"])
+                .ip(&[
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "veth0",
+                    "nud",
+                    "permanent",
+                ])
                 .unwrap();
         }
-        netns.enter(|| lb_userspace::dataplane::enable_forwarding("veth0")).unwrap().unwrap();
+        netns
+            .enter(|| lb_userspace::dataplane::enable_forwarding("veth0"))
+            .unwrap()
+            .unwrap();
         let ifindex = netns.ifindex("veth0").unwrap();
         let lb_mac = netns.mac("veth0").unwrap();
         let dataplane = Dataplane::load(capacities).unwrap_or_else(|e| panic!("{e}"));
@@ -144,7 +183,14 @@ impl Lab {
                 flags |= backend_flags::IPV6;
             }
             self.dataplane
-                .set_backend(b.id, &Backend { addr: addr_words(b.addr), flags, generation: 1 })
+                .set_backend(
+                    b.id,
+                    &Backend {
+                        addr: addr_words(b.addr),
+                        flags,
+                        generation: 1,
+                    },
+                )
                 .unwrap();
         }
         let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
@@ -158,18 +204,33 @@ impl Lab {
                 };
             }
         }
-        self.dataplane.set_vip_filter(addr_flags.keys().copied()).unwrap();
+        self.dataplane
+            .set_vip_filter(addr_flags.keys().copied())
+            .unwrap();
         for (addr, flags) in addr_flags {
-            self.dataplane.set_vip_addr(addr, Some(VipAddr { flags })).unwrap();
+            self.dataplane
+                .set_vip_addr(addr, Some(VipAddr { flags }))
+                .unwrap();
         }
-        let vips: Vec<(u32, Vec<u32>)> = self.vips.iter().map(|v| (v.id, v.backends.clone())).collect();
+        let vips: Vec<(u32, Vec<u32>)> = self
+            .vips
+            .iter()
+            .map(|v| (v.id, v.backends.clone()))
+            .collect();
         for (id, members) in vips {
             self.set_table(id, &members);
         }
         for v in &self.vips {
             let key = vip_key(v.addr, v.port, v.proto);
             self.dataplane
-                .set_vip(v.id, &key, &VipState { flags: v.flags, generation: 1 })
+                .set_vip(
+                    v.id,
+                    &key,
+                    &VipState {
+                        flags: v.flags,
+                        generation: 1,
+                    },
+                )
                 .unwrap();
         }
     }
@@ -200,7 +261,10 @@ impl Lab {
     }
 
     pub fn backend(&self, id: u32) -> &LabBackend {
-        self.backends.iter().find(|b| b.id == id).expect("known backend")
+        self.backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("known backend")
     }
 
     pub fn backend_by_addr(&self, addr: IpAddr) -> Option<&LabBackend> {
@@ -223,7 +287,10 @@ impl Lab {
     }
 
     /// Runs `f` inside the lab's namespace with the data plane (for many packets at once).
-    pub fn with_dataplane<T: Send>(&mut self, f: impl FnOnce(&mut Dataplane, u32) -> T + Send) -> T {
+    pub fn with_dataplane<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Dataplane, u32) -> T + Send,
+    ) -> T {
         let ifindex = self.ifindex;
         let dataplane = &mut self.dataplane;
         self.netns.enter(|| f(dataplane, ifindex)).unwrap()
@@ -244,7 +311,10 @@ pub fn vip_key(addr: IpAddr, port: u16, proto: u8) -> VipKey {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Counter deltas between two snapshots, by name, only the non-zero ones.

@@ -24,7 +24,14 @@ fn v6(a: IpAddr) -> [u8; 16] {
 }
 
 /// A TCP packet from `src:sport` to `dst:dport` (IPv4 or IPv6), SYN or ACK.
-pub fn tcp(lb_mac: [u8; 6], src: IpAddr, sport: u16, dst: IpAddr, dport: u16, syn: bool) -> Vec<u8> {
+pub fn tcp(
+    lb_mac: [u8; 6],
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
     let ip = if src.is_ipv4() {
         eth.ipv4(v4(src), v4(dst), 64)
@@ -62,7 +69,14 @@ pub fn icmp4_echo(lb_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 
 /// ICMP "fragmentation needed" from a router to the Vip, quoting a TCP segment the
 /// backend sent from `vip:vport` to `client:cport`.
-pub fn icmp4_frag_needed(lb_mac: [u8; 6], router: Ipv4Addr, client: IpAddr, cport: u16, vip: IpAddr, vport: u16) -> Vec<u8> {
+pub fn icmp4_frag_needed(
+    lb_mac: [u8; 6],
+    router: Ipv4Addr,
+    client: IpAddr,
+    cport: u16,
+    vip: IpAddr,
+    vport: u16,
+) -> Vec<u8> {
     let quoted = tcp([0; 6], vip, vport, client, cport, false);
     let quoted = &quoted[14..14 + 20 + 8];
     let mut out = Vec::new();
@@ -75,7 +89,14 @@ pub fn icmp4_frag_needed(lb_mac: [u8; 6], router: Ipv4Addr, client: IpAddr, cpor
 }
 
 /// ICMPv6 "packet too big" to the Vip quoting a TCP segment from the Vip to the client.
-pub fn icmp6_too_big(lb_mac: [u8; 6], router: Ipv6Addr, client: IpAddr, cport: u16, vip: IpAddr, vport: u16) -> Vec<u8> {
+pub fn icmp6_too_big(
+    lb_mac: [u8; 6],
+    router: Ipv6Addr,
+    client: IpAddr,
+    cport: u16,
+    vip: IpAddr,
+    vport: u16,
+) -> Vec<u8> {
     let quoted = tcp([0; 6], vip, vport, client, cport, false);
     let quoted = &quoted[14..14 + 40 + 8];
     let mut out = Vec::new();
@@ -118,7 +139,10 @@ pub fn with_vlan(pkt: &[u8], vid: u16) -> Vec<u8> {
 
 /// RFC 1071 checksum over `bytes` (even length).
 pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
     while sum > 0xFFFF {
         sum = (sum & 0xFFFF) + (sum >> 16);
     }
@@ -168,11 +192,24 @@ pub fn with_ipv6_ext(pkt: &[u8], kind: u8) -> Vec<u8> {
 
 /// The IPIP packet the load balancer must emit for `input` (no VLAN): new MACs, an outer
 /// IPv4 header from `src` to `dst`, the client's IP packet unchanged.
-pub fn expect_ipip(input: &[u8], smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+pub fn expect_ipip(
+    input: &[u8],
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Vec<u8> {
     expect_ipip_at(input, 14, smac, dmac, src, dst)
 }
 
-pub fn expect_ipip_at(input: &[u8], l3: usize, smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+pub fn expect_ipip_at(
+    input: &[u8],
+    l3: usize,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Vec<u8> {
     let inner = &input[l3..];
     let inner_len = u16::from_be_bytes([inner[2], inner[3]]);
     let mut out = dmac.to_vec();
@@ -191,7 +228,14 @@ pub fn expect_ipip_at(input: &[u8], l3: usize, smac: [u8; 6], dmac: [u8; 6], src
 }
 
 /// The IPv6-in-IPv6 packet for `input`: flow label from the flow hash.
-pub fn expect_ip6ip6(input: &[u8], smac: [u8; 6], dmac: [u8; 6], src: [u8; 16], dst: [u8; 16], hash: u32) -> Vec<u8> {
+pub fn expect_ip6ip6(
+    input: &[u8],
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    hash: u32,
+) -> Vec<u8> {
     let inner = &input[14..];
     let payload = u16::from_be_bytes([inner[4], inner[5]]);
     let vtc = u32::from_be_bytes([inner[0], inner[1], inner[2], inner[3]]);
