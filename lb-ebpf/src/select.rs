@@ -5,7 +5,7 @@ use lb_common::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
         vip_flags,
     },
-    hash::{flow_hash_v4, flow_hash_v6, ports_word},
+    hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
     types::{Backend, ConntrackEntry, FlowV4, FlowV6, VipKey, vip_addr_flags},
 };
 
@@ -202,7 +202,7 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
     Err(Verdict::Pass(Counter::PassVipOther))
 }
 
-/// Slot `1 + hash % M` of the Vip's MaglevTable (slot 0 holds M), remembered in the
+/// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
 /// connection table unless the packet is an ICMP error.
 #[inline(always)]
 fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Selection, Verdict> {
@@ -222,7 +222,7 @@ fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Select
     if size == 0 {
         return Err(no_backend);
     }
-    let slot = 1 + hash % size;
+    let slot = 1 + table_slot(hash, size);
     let backend_id = table.get(slot / 2).ok_or(no_backend)?[(slot & 1) as usize];
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);

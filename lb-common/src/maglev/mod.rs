@@ -110,9 +110,10 @@ impl MaglevTable {
         self.slots.iter().all(|&s| s == EMPTY_BACKEND)
     }
 
-    /// The Backend id for a flow hash, as the kernel picks it: `slots[flow_hash % size]`.
+    /// The Backend id for a flow hash, as the kernel picks it:
+    /// `slots[table_slot(flow_hash, size)]`.
     pub fn lookup(&self, flow_hash: u32) -> u32 {
-        self.slots[(flow_hash % self.size()) as usize]
+        self.slots[crate::hash::table_slot(flow_hash, self.size()) as usize]
     }
 
     /// `(backend id, slots held)` for every id in the table, by ascending id
