@@ -4,6 +4,7 @@
 
 use std::{
     net::IpAddr,
+    path::Path,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -24,6 +25,52 @@ use lb_common::{
         VipState,
     },
 };
+
+/// Every map of the object (all of them are pinned by `load_pinned`).
+const ALL_MAPS: [&str; 14] = [
+    names::CONFIG,
+    names::VIP_FILTER,
+    names::VIP_ADDRS_V4,
+    names::VIP_ADDRS_V6,
+    names::VIPS,
+    names::VIP_STATE,
+    names::TABLES,
+    names::BACKENDS,
+    names::CONNTRACK_V4,
+    names::CONNTRACK_V6,
+    names::NEXT_HOPS,
+    names::STATS,
+    names::VIP_STATS,
+    names::BACKEND_STATS,
+];
+
+/// Map sizes that follow from the capacities.
+fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
+    vec![
+        (names::VIP_ADDRS_V4, caps.max_vips),
+        (names::VIP_ADDRS_V6, caps.max_vips),
+        (names::VIPS, caps.max_vips),
+        (names::VIP_STATE, caps.max_vips),
+        (names::TABLES, caps.max_vips),
+        (names::VIP_STATS, caps.max_vips),
+        (names::BACKENDS, caps.max_backends),
+        (names::NEXT_HOPS, caps.max_backends),
+        (names::BACKEND_STATS, caps.max_backends),
+        (names::CONNTRACK_V4, caps.conntrack_entries),
+        (names::CONNTRACK_V6, caps.conntrack_entries),
+    ]
+}
+
+/// Kernel info of any map.
+fn map_info(map: &aya::maps::Map) -> std::result::Result<aya::maps::MapInfo, MapError> {
+    use aya::maps::Map;
+    let data: &MapData = match map {
+        Map::Array(m) | Map::PerCpuArray(m) | Map::HashMap(m) | Map::LruHashMap(m) => m,
+        Map::ArrayOfMaps(m) => m,
+        other => return Err(MapError::InvalidName { name: format!("{other:?}") }),
+    };
+    data.info()
+}
 
 /// `BPF_MAP_TYPE_ARRAY`, for the MaglevTable inner maps the daemon creates itself.
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -77,6 +124,13 @@ pub enum DataplaneError {
         id: u32,
         capacity: u32,
     },
+    #[error("pinning under {path}: {error}")]
+    Pin { path: std::path::PathBuf, error: String },
+    #[error(
+        "map {name} pinned under {dir} holds {have} entries, the config asks for {want}: keep \
+         the old capacity, or run `mlb detach` first (that drops the connection table)"
+    )]
+    PinnedSize { name: &'static str, have: u32, want: u32, dir: std::path::PathBuf },
     #[error("writing a MaglevTable through mmap: {0}")]
     Mmap(std::io::Error),
 }
@@ -95,33 +149,58 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the object with map sizes from `caps` and loads (verifies) all its programs.
+    /// The maps live as long as this value.
     pub fn load(caps: Capacities) -> Result<Self> {
+        Self::load_with(caps, None)
+    }
+
+    /// Like [`Dataplane::load`], but every map is pinned under `pin_dir` (a bpffs
+    /// directory): maps already pinned there are reused, connection tables included, so a
+    /// restarted daemon keeps every flow. Pinned maps of other sizes are refused.
+    pub fn load_pinned(caps: Capacities, pin_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(pin_dir).map_err(|e| DataplaneError::Pin {
+            path: pin_dir.to_owned(),
+            error: e.to_string(),
+        })?;
+        let dataplane = Self::load_with(caps, Some(pin_dir))?;
+        for (name, want) in dataplane.map_sizes() {
+            let map = dataplane.map(name)?;
+            let have = map_info(map).map_err(map_err(name))?.max_entries();
+            if have != want {
+                return Err(DataplaneError::PinnedSize { name, have, want, dir: pin_dir.to_owned() });
+            }
+        }
+        Ok(dataplane)
+    }
+
+    fn load_with(caps: Capacities, pin_dir: Option<&Path>) -> Result<Self> {
         raise_memlock_limit();
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(names::VIP_ADDRS_V4, caps.max_vips)
-            .map_max_entries(names::VIP_ADDRS_V6, caps.max_vips)
-            .map_max_entries(names::VIPS, caps.max_vips)
-            .map_max_entries(names::VIP_STATE, caps.max_vips)
-            .map_max_entries(names::TABLES, caps.max_vips)
-            .map_max_entries(names::VIP_STATS, caps.max_vips)
-            .map_max_entries(names::BACKENDS, caps.max_backends)
-            .map_max_entries(names::NEXT_HOPS, caps.max_backends)
-            .map_max_entries(names::BACKEND_STATS, caps.max_backends)
-            .map_max_entries(names::CONNTRACK_V4, caps.conntrack_entries)
-            .map_max_entries(names::CONNTRACK_V6, caps.conntrack_entries)
-            .load(OBJECT)?;
+        let sizes = map_sizes(caps);
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, std::path::PathBuf)> = ALL_MAPS
+            .iter()
+            .filter_map(|name| pin_dir.map(|dir| (*name, dir.join(name))))
+            .collect();
+        for (name, size) in &sizes {
+            loader.map_max_entries(name, *size);
+        }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(OBJECT)?;
         let mut dataplane = Self { ebpf, caps };
-        for name in [
-            prog_names::LB_INGRESS,
-            prog_names::LB_DECAP,
-            prog_names::LB_PASS,
-        ] {
+        for name in [prog_names::LB_INGRESS, prog_names::LB_DECAP, prog_names::LB_PASS] {
             dataplane
                 .xdp(name)?
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(dataplane)
+    }
+
+    /// Every sized map and the size the capacities give it.
+    fn map_sizes(&self) -> Vec<(&'static str, u32)> {
+        map_sizes(self.caps)
     }
 
     pub fn capacities(&self) -> Capacities {

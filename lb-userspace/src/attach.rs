@@ -1,0 +1,96 @@
+//! Attaching `lb_ingress` to the configured interfaces so that it outlives the daemon: the
+//! XDP link is pinned under the pin directory, and a restarted daemon swaps its freshly
+//! loaded program into the pinned link (one atomic `bpf_link_update`) instead of
+//! detaching and re-attaching.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::{
+    XdpMode,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+use lb_common::consts::prog_names;
+use tracing::info;
+
+use crate::{
+    config::{Interface, XdpModeConfig},
+    dataplane::{Dataplane, enable_forwarding},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "attaching to {interface} ({mode}) failed: {error}\n  (EBUSY: another XDP program is \
+         attached, remove it with `ip link set dev {interface} xdp off`; EOPNOTSUPP with \
+         native mode: the driver has no XDP, use xdp_mode: generic or auto)"
+    )]
+    Attach { interface: String, mode: XdpModeConfig, error: String },
+    #[error("interface {interface}: {error}")]
+    Interface { interface: String, error: String },
+    #[error("pinned link {path}: {error}")]
+    Pin { path: PathBuf, error: String },
+}
+
+/// The pin of the XDP link on `interface`.
+pub fn link_pin(pin_dir: &Path, interface: &str) -> PathBuf {
+    pin_dir.join(format!("link_{interface}"))
+}
+
+/// Attaches (or re-adopts) `lb_ingress` on `interface`; returns whether an existing
+/// attachment was adopted.
+pub fn attach(dataplane: &mut Dataplane, interface: &Interface, pin_dir: &Path) -> Result<bool, AttachError> {
+    let name = &interface.name;
+    enable_forwarding(name)
+        .map_err(|e| AttachError::Interface { interface: name.clone(), error: e.to_string() })?;
+    let pin = link_pin(pin_dir, name);
+    let program = dataplane
+        .xdp(prog_names::LB_INGRESS)
+        .map_err(|e| AttachError::Interface { interface: name.clone(), error: e.to_string() })?;
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin)
+            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+        program
+            .attach_to_link(link)
+            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+        info!(interface = %name, "re-adopted the attached program (atomic replace)");
+        return Ok(true);
+    }
+    let attach_error = |e: &dyn std::fmt::Display| AttachError::Attach {
+        interface: name.clone(),
+        mode: interface.xdp_mode,
+        error: e.to_string(),
+    };
+    let link_id = match interface.xdp_mode {
+        XdpModeConfig::Native => program.attach(name, XdpMode::Driver).map_err(|e| attach_error(&e))?,
+        XdpModeConfig::Generic => program.attach(name, XdpMode::Skb).map_err(|e| attach_error(&e))?,
+        XdpModeConfig::Auto => match program.attach(name, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(native) => {
+                info!(interface = %name, error = %native, "native XDP unavailable, using generic");
+                program.attach(name, XdpMode::Skb).map_err(|e| attach_error(&e))?
+            }
+        },
+    };
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+    let fd_link = FdLink::try_from(link)
+        .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+    fd_link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+    info!(interface = %name, mode = %interface.xdp_mode, "attached");
+    Ok(false)
+}
+
+/// Detaches from `interface` by removing its link pin (the kernel detaches when the last
+/// reference goes).
+pub fn detach(pin_dir: &Path, interface: &str) -> std::io::Result<bool> {
+    let pin = link_pin(pin_dir, interface);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}

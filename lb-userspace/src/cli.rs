@@ -1,0 +1,104 @@
+//! The command line: `mlb <command>`.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default bpffs directory of the pinned maps and links (the config's `global.pin_path`).
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mlb";
+
+#[derive(Parser)]
+#[command(
+    name = "mlb",
+    version,
+    about = "A Maglev load balancer with an XDP data plane",
+    long_about = "mlb balances TCP and UDP flows for virtual IPs across pools of backends: an \
+                  XDP program steers each packet by consistent (Maglev) hashing; this daemon \
+                  health-checks backends, builds the tables and serves Prometheus metrics."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: attach to the config's interfaces, apply the config, reload on
+    /// SIGHUP or file change. SIGTERM leaves the program attached with its state, so a
+    /// restart drops no flow.
+    Run {
+        /// The YAML config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// On exit, detach the program and remove its pinned maps (drops every flow).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Validate config files and print what they would configure; non-zero exit on error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Dry run: per Vip, which backends change and the share of flows that would move if
+    /// FILE replaced the running config (or the config given with --against).
+    Plan {
+        file: PathBuf,
+        /// Compare with this config instead of the running daemon's.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Vips, backends, health, table sizes and generations, from the running daemon (or,
+    /// if it is not running, from the state it left).
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which Vip and backend a flow goes to, and why (connection-table entry or table
+    /// slot), read from the live data plane and computed as the kernel does.
+    Trace {
+        #[arg(long)]
+        src: IpAddr,
+        #[arg(long)]
+        sport: u16,
+        #[arg(long)]
+        dst: IpAddr,
+        #[arg(long)]
+        dport: u16,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Stop sending new flows to a backend (in every pool) without editing the config;
+    /// its existing flows continue. Undone by `undrain` or the next reload.
+    Drain {
+        address: IpAddr,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Undo `drain`.
+    Undrain {
+        address: IpAddr,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Detach the program from the interfaces and remove the pinned maps and state
+    /// (drops every flow). For a stopped daemon.
+    Detach {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}

@@ -1,0 +1,244 @@
+//! The CLI's one-shot commands: check, plan, status, trace, drain, detach.
+
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::{
+    consts::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    hash::{Flow, addr_words},
+    types::{FlowV4, FlowV6, VipKey},
+};
+
+use crate::{
+    config::{Config, describe},
+    control::{self, Command, Reply},
+    daemon,
+    pinned::Pinned,
+    reconcile::{Assignments, DryRun, Reconciler},
+    state::{self, Snapshot},
+};
+
+/// `mlb check`: every file must validate. Prints what each would configure.
+pub fn check(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for file in files {
+        match Config::load(file) {
+            Ok(config) => println!("{}: ok\n{}", file.display(), describe(&config)),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} config file(s) invalid", files.len());
+    }
+    Ok(())
+}
+
+/// `mlb plan`: what replacing the running (or `against`) config by `file` would change.
+pub fn plan(file: &Path, against: Option<&Path>, pin_dir: &Path) -> anyhow::Result<String> {
+    let new = Config::load(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (old, assignments) = match against {
+        Some(path) => (Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?, Assignments::default()),
+        None => {
+            let snapshot = Snapshot::load(&state::state_path(pin_dir))
+                .context("no running state to compare with (start the daemon, or use --against)")?;
+            let old = Config::parse(&snapshot.config_text, &snapshot.config.display().to_string())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (old, snapshot.assignments)
+        }
+    };
+    let mut reconciler = Reconciler::new(DryRun, assignments);
+    reconciler.apply(&old)?;
+    let report = reconciler.apply(&new)?;
+    let mut out = String::new();
+    writeln!(out, "plan: {} -> {}", old.source.display(), new.source.display())?;
+    for line in report.to_string().lines() {
+        writeln!(out, "  {line}")?;
+    }
+    Ok(out)
+}
+
+/// The daemon's status: live over the control socket, else the state it left.
+pub fn status_snapshot(pin_dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
+    match control::request(&state::socket_path(pin_dir), &Command::Status) {
+        Ok(Reply::Status(snapshot)) => Ok((*snapshot, true)),
+        Ok(Reply::Error(e)) => bail!("daemon: {e}"),
+        Ok(Reply::Ok(_)) => bail!("daemon: unexpected reply"),
+        Err(_) => {
+            let path = state::state_path(pin_dir);
+            let snapshot = Snapshot::load(&path)
+                .with_context(|| format!("no daemon is running and no state at {}", path.display()))?;
+            Ok((snapshot, false))
+        }
+    }
+}
+
+/// `mlb status`, as text.
+pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
+    let (snapshot, live) = status_snapshot(pin_dir)?;
+    let pinned = Pinned::open(pin_dir);
+    let mut out = String::new();
+    writeln!(
+        out,
+        "daemon: {} (pid {}), config {}",
+        if live { "running" } else { "NOT running (last state shown; the program may still be attached)" },
+        snapshot.pid,
+        snapshot.config.display()
+    )?;
+    for i in &snapshot.interfaces {
+        writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+    }
+    for vip in &snapshot.vips {
+        let traffic = pinned.traffic(true, vip.id).ok().unwrap_or_default();
+        writeln!(
+            out,
+            "vip {} {} [{}] pool {}: table {} slots, generation {}, {} packets {} bytes",
+            vip.name, vip.endpoint, vip.forwarding, vip.pool, vip.table_size, vip.table_generation,
+            traffic.packets, traffic.bytes
+        )?;
+        for (name, slots) in &vip.slots {
+            writeln!(out, "    {name}: {slots} slots")?;
+        }
+        if vip.slots.is_empty() {
+            writeln!(out, "    NO USABLE BACKEND")?;
+        }
+    }
+    for b in &snapshot.backends {
+        let traffic = pinned.traffic(false, b.id).ok().unwrap_or_default();
+        let health = match (b.up, b.drained) {
+            (false, _) => "DOWN",
+            (true, true) => "up, drained",
+            (true, false) => "up",
+        };
+        writeln!(
+            out,
+            "backend {} {} pool {} weight {}: {health}, {} packets",
+            b.name, b.address, b.pool, b.weight, traffic.packets
+        )?;
+    }
+    if let Ok(counters) = pinned.counters() {
+        let line: Vec<String> =
+            counters.iter().filter(|(_, v)| *v > 0).map(|(c, v)| format!("{}={v}", c.name())).collect();
+        writeln!(out, "counters: {}", line.join(" "))?;
+    }
+    Ok(out)
+}
+
+/// `mlb trace`: where the kernel sends this flow, and why.
+pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
+    let pinned = Pinned::open(pin_dir);
+    let global = pinned.global()?;
+    let hash = flow.hash(global.hash_seed);
+    let family = if flow.dst.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+    let key = |port: u16| VipKey { addr: addr_words(flow.dst), port: port.to_be(), proto: flow.proto, family };
+    let mut out = String::new();
+    let snapshot = status_snapshot(pin_dir).ok().map(|(s, _)| s);
+    let (vip_id, via) = match pinned.vip_id(&key(flow.dport))? {
+        Some(id) => (id, "exact"),
+        None => match pinned.vip_id(&key(0))? {
+            Some(id) => (id, "any-port"),
+            None => {
+                writeln!(out, "{} is not a Vip for this port/protocol: the packet is passed to the local stack", flow.dst)?;
+                return Ok(out);
+            }
+        },
+    };
+    let vip_name = snapshot
+        .as_ref()
+        .and_then(|s| s.vips.iter().find(|v| v.id == vip_id))
+        .map_or_else(|| format!("id {vip_id}"), |v| format!("{} ({})", v.name, v.endpoint));
+    writeln!(out, "vip: {vip_name}, matched {via}")?;
+    writeln!(out, "flow hash (seed {:#x}): {hash:#010x}", global.hash_seed)?;
+    let name_of = |id: u32| -> String {
+        let addr = pinned.backend(id).ok().map(|b| ip_of(&b.addr, family));
+        snapshot
+            .as_ref()
+            .and_then(|s| s.backends.iter().find(|b| b.id == id))
+            .map_or_else(|| format!("id {id} {addr:?}"), |b| format!("{} {} (id {id})", b.name, b.address))
+    };
+    let entry = match (flow.src, flow.dst) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => pinned.conntrack_v4(&FlowV4 {
+            src: addr_words(flow.src)[0],
+            dst: addr_words(flow.dst)[0],
+            sport: flow.sport.to_be(),
+            dport: flow.dport.to_be(),
+            proto: flow.proto,
+            _pad0: 0,
+            _pad1: 0,
+        })?,
+        _ => pinned.conntrack_v6(&FlowV6 {
+            src: addr_words(flow.src),
+            dst: addr_words(flow.dst),
+            sport: flow.sport.to_be(),
+            dport: flow.dport.to_be(),
+            proto: flow.proto,
+            _pad0: 0,
+            _pad1: 0,
+        })?,
+    };
+    let table = pinned.table_slot(vip_id, hash)?;
+    if let Some(e) = entry {
+        let backend = pinned.backend(e.backend)?;
+        let valid = backend.generation == e.backend_generation && backend.flags & lb_common::consts::backend_flags::UP != 0;
+        writeln!(
+            out,
+            "connection table: entry -> {}{}",
+            name_of(e.backend),
+            if valid { " (backend up: this is where the flow goes)" } else { " (backend down or gone: the table re-steers it)" }
+        )?;
+    } else {
+        writeln!(out, "connection table: no entry (a new flow: the table decides)")?;
+    }
+    match table {
+        Some((0, _, _)) => writeln!(out, "table: empty (no usable backend)")?,
+        Some((size, slot, id)) => writeln!(out, "table: slot {slot} of {size} -> {}", name_of(id))?,
+        None => writeln!(out, "table: none installed")?,
+    }
+    Ok(out)
+}
+
+fn ip_of(words: &[u32; 4], family: u8) -> IpAddr {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if family == FAMILY_V4 {
+        IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("4 bytes"))
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("16 bytes"))
+    }
+}
+
+/// `mlb drain` / `mlb undrain`.
+pub fn drain(address: IpAddr, drained: bool, pin_dir: &Path) -> anyhow::Result<String> {
+    match control::request(&state::socket_path(pin_dir), &Command::Drain { address, drained })
+        .context("is the daemon running?")?
+    {
+        Reply::Ok(message) => Ok(message),
+        Reply::Error(e) => bail!("{e}"),
+        Reply::Status(_) => bail!("unexpected reply"),
+    }
+}
+
+/// `mlb detach`: for a stopped daemon.
+pub fn detach(pin_dir: &Path) -> anyhow::Result<String> {
+    if control::request(&state::socket_path(pin_dir), &Command::Status).is_ok() {
+        bail!("the daemon is running: stop it first (or run it with --detach-on-exit)");
+    }
+    let interfaces: Vec<String> = std::fs::read_dir(pin_dir)
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("link_").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    daemon::detach_all(pin_dir, interfaces.iter().map(String::as_str))?;
+    Ok(format!("detached from {} and removed {}", interfaces.join(", "), pin_dir.display()))
+}
+
+pub fn proto_number(tcp: bool) -> u8 {
+    if tcp { PROTO_TCP } else { PROTO_UDP }
+}

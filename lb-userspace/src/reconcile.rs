@@ -1,0 +1,536 @@
+//! Desired state (config + health) to data-plane state.
+//!
+//! The reconciler keeps ids stable: a Vip keeps its id while its `(address, port,
+//! protocol)` stays in the config, a Backend keeps its id while its `(pool, address)`
+//! does, across reloads and daemon restarts (the assignments are persisted). Every new
+//! assignment gets a fresh generation, so connection-table entries of anything removed are
+//! never trusted again. Order of writes: Backends before the tables that name them, tables
+//! before the Vips that use them, and removals last.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use lb_common::{
+    consts::{FAMILY_V4, FAMILY_V6, backend_flags},
+    hash::addr_words,
+    maglev::{self, MaglevBackend, MaglevTable},
+    types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Config, Protocol, VipConfig},
+    dataplane::{Dataplane, DataplaneError},
+};
+
+/// The writes the reconciler makes; the real [`Dataplane`] or a recorder for dry runs.
+pub trait DataplaneOps {
+    fn set_global(&mut self, config: &GlobalConfig) -> Result<(), DataplaneError>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
+    fn set_vip_filter(&mut self, addrs: &[IpAddr]) -> Result<(), DataplaneError>;
+    fn set_vip_addr(&mut self, addr: IpAddr, value: Option<VipAddr>) -> Result<(), DataplaneError>;
+    fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError>;
+    fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
+    fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
+}
+
+impl DataplaneOps for Dataplane {
+    fn set_global(&mut self, config: &GlobalConfig) -> Result<(), DataplaneError> {
+        Dataplane::set_global(self, config)
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        Dataplane::set_backend(self, id, backend)
+    }
+    fn set_vip_filter(&mut self, addrs: &[IpAddr]) -> Result<(), DataplaneError> {
+        Dataplane::set_vip_filter(self, addrs.iter().copied())
+    }
+    fn set_vip_addr(&mut self, addr: IpAddr, value: Option<VipAddr>) -> Result<(), DataplaneError> {
+        Dataplane::set_vip_addr(self, addr, value)
+    }
+    fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError> {
+        Dataplane::set_vip(self, id, key, state)
+    }
+    fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError> {
+        Dataplane::remove_vip(self, id, key)
+    }
+    fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+        Dataplane::install_table(self, id, table)
+    }
+}
+
+/// Accepts every write and keeps nothing: `plan` runs the reconciler against it.
+#[derive(Default)]
+pub struct DryRun;
+
+impl DataplaneOps for DryRun {
+    fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_backend(&mut self, _: u32, _: &Backend) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_vip_filter(&mut self, _: &[IpAddr]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, _: IpAddr, _: Option<VipAddr>) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn set_vip(&mut self, _: u32, _: &VipKey, _: &VipState) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn remove_vip(&mut self, _: u32, _: &VipKey) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn install_table(&mut self, _: u32, _: &MaglevTable) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+/// An id and the generation it was given with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assigned {
+    pub id: u32,
+    pub generation: u32,
+}
+
+/// Id assignments, persisted next to the pinned maps so a restarted daemon keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignments {
+    /// By Vip endpoint (`10.200.0.1:80/tcp`).
+    pub vips: BTreeMap<String, Assigned>,
+    /// By `pool/address`.
+    pub backends: BTreeMap<String, Assigned>,
+    /// Last generation handed out; generations are never reused.
+    pub generation: u32,
+    /// Last next-hop cache generation written to the data plane.
+    pub fib_generation: u32,
+}
+
+impl Assignments {
+    fn assign(
+        slots: &mut BTreeMap<String, Assigned>,
+        key: &str,
+        first_id: u32,
+        generation: &mut dyn FnMut() -> u32,
+    ) -> (Assigned, bool) {
+        if let Some(a) = slots.get(key) {
+            return (*a, false);
+        }
+        let used: BTreeSet<u32> = slots.values().map(|a| a.id).collect();
+        let id = (first_id..).find(|id| !used.contains(id)).expect("ids left");
+        let assigned = Assigned { id, generation: generation() };
+        slots.insert(key.to_owned(), assigned);
+        (assigned, true)
+    }
+}
+
+pub fn backend_key(pool: &str, addr: IpAddr) -> String {
+    format!("{pool}/{addr}")
+}
+
+/// One Vip's table as installed, and what it was built from.
+#[derive(Clone, Debug)]
+pub struct InstalledTable {
+    pub table: MaglevTable,
+    /// Swaps so far (1 = the first install).
+    pub generation: u64,
+    /// Backend ids holding slots, with their names.
+    pub members: Vec<(u32, String)>,
+}
+
+/// What one reconcile changed, for logs, `plan` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub vips_added: Vec<String>,
+    pub vips_removed: Vec<String>,
+    pub vips_changed: Vec<String>,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
+    /// Per Vip whose table was swapped: the diff against the previous table.
+    pub tables: Vec<(String, maglev::TableDiff)>,
+    /// Vips left with no usable backend.
+    pub empty_vips: Vec<String>,
+}
+
+impl Report {
+    pub fn is_empty(&self) -> bool {
+        self.vips_added.is_empty()
+            && self.vips_removed.is_empty()
+            && self.vips_changed.is_empty()
+            && self.backends_added.is_empty()
+            && self.backends_removed.is_empty()
+            && self.tables.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return writeln!(f, "no change");
+        }
+        let list = |f: &mut fmt::Formatter<'_>, what: &str, items: &[String]| {
+            if items.is_empty() {
+                Ok(())
+            } else {
+                writeln!(f, "{what}: {}", items.join(", "))
+            }
+        };
+        list(f, "vips added", &self.vips_added)?;
+        list(f, "vips removed", &self.vips_removed)?;
+        list(f, "vips changed", &self.vips_changed)?;
+        list(f, "backends added", &self.backends_added)?;
+        list(f, "backends removed", &self.backends_removed)?;
+        for (vip, diff) in &self.tables {
+            writeln!(f, "table {vip}: {diff}")?;
+        }
+        list(f, "vips with no usable backend", &self.empty_vips)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("{0}")]
+    Capacity(String),
+}
+
+/// Turns desired state into data-plane state.
+pub struct Reconciler<D: DataplaneOps> {
+    dataplane: D,
+    assignments: Assignments,
+    config: Option<Config>,
+    /// Health per `pool/address`; absent = up (no check, or not checked yet).
+    down: BTreeSet<String>,
+    /// Backends drained at run time (`pool/address`): weight 0 until the next reload.
+    drained: BTreeSet<String>,
+    tables: BTreeMap<String, InstalledTable>,
+}
+
+impl<D: DataplaneOps> Reconciler<D> {
+    /// A reconciler continuing from `assignments` (empty for a first start).
+    pub fn new(dataplane: D, assignments: Assignments) -> Self {
+        Self {
+            dataplane,
+            assignments,
+            config: None,
+            down: BTreeSet::new(),
+            drained: BTreeSet::new(),
+            tables: BTreeMap::new(),
+        }
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dataplane
+    }
+
+    pub fn assignments(&self) -> &Assignments {
+        &self.assignments
+    }
+
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    pub fn tables(&self) -> &BTreeMap<String, InstalledTable> {
+        &self.tables
+    }
+
+    /// Whether `pool/address` is drained at run time.
+    pub fn is_drained(&self, pool: &str, addr: IpAddr) -> bool {
+        self.drained.contains(&backend_key(pool, addr))
+    }
+
+    /// Whether `pool/address` is considered up.
+    pub fn is_up(&self, pool: &str, addr: IpAddr) -> bool {
+        !self.down.contains(&backend_key(pool, addr))
+    }
+
+    /// Applies a validated config. Nothing is left half-applied on a capacity error: ids
+    /// are checked before any write.
+    pub fn apply(&mut self, config: &Config) -> Result<Report, ReconcileError> {
+        self.check_capacity(config)?;
+        let mut report = Report::default();
+        let old = self.config.take();
+
+        // 1. Global settings; bump the next-hop generation so routes are looked up afresh.
+        self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
+        self.dataplane.set_global(&global_config(config, self.assignments.fib_generation))?;
+
+        // 2. Backends (new ones before any table names them).
+        let mut live_backends = BTreeSet::new();
+        for (pool_name, pool) in &config.pools {
+            for b in &pool.backends {
+                let key = backend_key(pool_name, b.address);
+                let (assigned, new) = {
+                    let assignments = &mut self.assignments;
+                    let mut next = Assignments::next_generation_fn(&mut assignments.generation);
+                    Assignments::assign(&mut assignments.backends, &key, 1, &mut next)
+                };
+                if new {
+                    report.backends_added.push(format!("{} ({key})", b.name));
+                }
+                let mut flags = if self.down.contains(&key) { 0 } else { backend_flags::UP };
+                if b.address.is_ipv6() {
+                    flags |= backend_flags::IPV6;
+                }
+                let backend =
+                    Backend { addr: addr_words(b.address), flags, generation: assigned.generation };
+                self.dataplane.set_backend(assigned.id, &backend)?;
+                live_backends.insert(key);
+            }
+        }
+
+        // 3. Vip addresses: the filter grows first (union), so no live Vip is ever missed.
+        let old_addrs: BTreeSet<IpAddr> =
+            old.iter().flat_map(|c| c.vips.iter().map(|v| v.address)).collect();
+        let new_addrs = vip_addr_flags_of(config);
+        let union: Vec<IpAddr> = old_addrs.iter().copied().chain(new_addrs.keys().copied()).collect();
+        self.dataplane.set_vip_filter(&union)?;
+        for (addr, flags) in &new_addrs {
+            self.dataplane.set_vip_addr(*addr, Some(VipAddr { flags: *flags }))?;
+        }
+
+        // 4. Vips: table first, then the Vip itself.
+        let mut live_vips = BTreeSet::new();
+        for vip in &config.vips {
+            let endpoint = vip.endpoint();
+            let (assigned, new) = {
+                let assignments = &mut self.assignments;
+                let mut next = Assignments::next_generation_fn(&mut assignments.generation);
+                Assignments::assign(&mut assignments.vips, &endpoint, 0, &mut next)
+            };
+            let old_vip = old.as_ref().and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
+            if new {
+                report.vips_added.push(endpoint.clone());
+            } else if old_vip.is_some_and(|o| o != vip) {
+                report.vips_changed.push(endpoint.clone());
+            }
+            self.install_table_for(config, vip, assigned.id, &mut report)?;
+            let state = VipState { flags: vip.flags(), generation: assigned.generation };
+            self.dataplane.set_vip(assigned.id, &vip_key(vip.address, vip.port, vip.protocol), &state)?;
+            live_vips.insert(endpoint);
+        }
+
+        // 5. Removals, now that no table names a removed Backend.
+        if let Some(old) = &old {
+            for vip in &old.vips {
+                let endpoint = vip.endpoint();
+                if live_vips.contains(&endpoint) {
+                    continue;
+                }
+                if let Some(assigned) = self.assignments.vips.remove(&endpoint) {
+                    self.dataplane
+                        .remove_vip(assigned.id, &vip_key(vip.address, vip.port, vip.protocol))?;
+                }
+                self.tables.remove(&endpoint);
+                report.vips_removed.push(endpoint);
+            }
+        }
+        let gone: Vec<String> = self
+            .assignments
+            .backends
+            .keys()
+            .filter(|k| !live_backends.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(assigned) = self.assignments.backends.remove(&key) {
+                self.dataplane.set_backend(assigned.id, &Backend::default())?;
+                self.down.remove(&key);
+                self.drained.remove(&key);
+                report.backends_removed.push(key);
+            }
+        }
+        for addr in old_addrs.iter().filter(|a| !new_addrs.contains_key(a)) {
+            self.dataplane.set_vip_addr(*addr, None)?;
+        }
+        let exact: Vec<IpAddr> = new_addrs.keys().copied().collect();
+        self.dataplane.set_vip_filter(&exact)?;
+
+        // A reload ends run-time drains: the file is the truth again.
+        self.drained.clear();
+        self.config = Some(config.clone());
+        Ok(report)
+    }
+
+    /// Records a health transition of `pool/address` and re-steers: the Backend's flag
+    /// (so its connection-table entries re-steer) and the tables of the pool's Vips.
+    pub fn set_health(&mut self, pool: &str, addr: IpAddr, up: bool) -> Result<Report, ReconcileError> {
+        let key = backend_key(pool, addr);
+        let changed = if up { self.down.remove(&key) } else { self.down.insert(key.clone()) };
+        let mut report = Report::default();
+        if !changed {
+            return Ok(report);
+        }
+        if let Some(assigned) = self.assignments.backends.get(&key).copied() {
+            let mut flags = if up { backend_flags::UP } else { 0 };
+            if addr.is_ipv6() {
+                flags |= backend_flags::IPV6;
+            }
+            let backend = Backend { addr: addr_words(addr), flags, generation: assigned.generation };
+            self.dataplane.set_backend(assigned.id, &backend)?;
+        }
+        self.rebuild_pool(pool, &mut report)?;
+        Ok(report)
+    }
+
+    /// Drains (or undrains) `address` in every pool at run time: no new flows, existing
+    /// ones keep their Backend. Returns the pools it was found in.
+    pub fn set_drained(&mut self, addr: IpAddr, drained: bool) -> Result<(Vec<String>, Report), ReconcileError> {
+        let pools: Vec<String> = self
+            .config
+            .as_ref()
+            .map(|c| {
+                c.pools
+                    .iter()
+                    .filter(|(_, p)| p.backends.iter().any(|b| b.address == addr))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut report = Report::default();
+        for pool in &pools {
+            let key = backend_key(pool, addr);
+            if drained {
+                self.drained.insert(key);
+            } else {
+                self.drained.remove(&key);
+            }
+            self.rebuild_pool(pool, &mut report)?;
+        }
+        Ok((pools, report))
+    }
+
+    /// Bumps the next-hop cache generation: every CPU looks its backends' routes up again.
+    pub fn refresh_next_hops(&mut self) -> Result<(), ReconcileError> {
+        if let Some(config) = &self.config {
+            self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
+            self.dataplane.set_global(&global_config(config, self.assignments.fib_generation))?;
+        }
+        Ok(())
+    }
+
+    fn rebuild_pool(&mut self, pool: &str, report: &mut Report) -> Result<(), ReconcileError> {
+        let Some(config) = self.config.clone() else {
+            return Ok(());
+        };
+        for vip in config.vips.iter().filter(|v| v.pool == pool) {
+            if let Some(assigned) = self.assignments.vips.get(&vip.endpoint()).copied() {
+                self.install_table_for(&config, vip, assigned.id, report)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the Vip's table from its pool's usable Backends; swaps it in if it changed.
+    fn install_table_for(
+        &mut self,
+        config: &Config,
+        vip: &VipConfig,
+        id: u32,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
+        let pool = &config.pools[&vip.pool];
+        let mut members = Vec::new();
+        let mut names = Vec::new();
+        for b in &pool.backends {
+            let key = backend_key(&vip.pool, b.address);
+            let Some(assigned) = self.assignments.backends.get(&key) else { continue };
+            let weight = if self.down.contains(&key) || self.drained.contains(&key) { 0 } else { b.weight };
+            if weight > 0 {
+                names.push((assigned.id, b.name.clone()));
+            }
+            members.push(MaglevBackend::new(assigned.id, b.address, weight));
+        }
+        let table = maglev::build(&members, vip.table_size, config.global.hash_seed);
+        let endpoint = vip.endpoint();
+        let previous = self.tables.get(&endpoint);
+        if previous.is_some_and(|p| p.table == table) {
+            return Ok(());
+        }
+        let empty = maglev::build(&[], vip.table_size, 0);
+        let diff = maglev::diff(previous.map_or(&empty, |p| &p.table), &table);
+        self.dataplane.install_table(id, &table)?;
+        if table.is_empty() {
+            report.empty_vips.push(endpoint.clone());
+        }
+        let generation = previous.map_or(1, |p| p.generation + 1);
+        report.tables.push((endpoint.clone(), diff));
+        self.tables.insert(endpoint, InstalledTable { table, generation, members: names });
+        Ok(())
+    }
+
+    fn check_capacity(&self, config: &Config) -> Result<(), ReconcileError> {
+        let members: usize = config.pools.values().map(|p| p.backends.len()).sum();
+        let max_backends = config.global.max_backends as usize;
+        if members + 1 > max_backends {
+            return Err(ReconcileError::Capacity(format!(
+                "{members} pool members need max_backends >= {} (it is {max_backends})",
+                members + 1
+            )));
+        }
+        if config.vips.len() > config.global.max_vips as usize {
+            return Err(ReconcileError::Capacity(format!(
+                "{} vips exceed max_vips {}",
+                config.vips.len(),
+                config.global.max_vips
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Assignments {
+    fn next_generation_fn(generation: &mut u32) -> impl FnMut() -> u32 + '_ {
+        move || {
+            *generation = generation.wrapping_add(1).max(1);
+            *generation
+        }
+    }
+}
+
+/// The data plane's global entry for `config`.
+pub fn global_config(config: &Config, fib_generation: u32) -> GlobalConfig {
+    let (v4, len4) = config.global.encap_source_v4;
+    let (v6, _) = config.global.encap_source_v6;
+    let hostmask = if len4 >= 32 { 0 } else { u32::MAX >> len4 };
+    GlobalConfig {
+        hash_seed: config.global.hash_seed,
+        fib_generation,
+        encap_src4_base: u32::from(v4) & !hostmask,
+        encap_src4_hostmask: hostmask,
+        encap_src6_base: addr_words(IpAddr::V6(v6)),
+    }
+}
+
+pub fn vip_key(addr: IpAddr, port: u16, protocol: Protocol) -> VipKey {
+    VipKey {
+        addr: addr_words(addr),
+        port: port.to_be(),
+        proto: protocol.number(),
+        family: if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+    }
+}
+
+/// Every Vip address with its wildcard (port 0) flags.
+fn vip_addr_flags_of(config: &Config) -> BTreeMap<IpAddr, u32> {
+    let mut flags = BTreeMap::new();
+    for vip in &config.vips {
+        let entry = flags.entry(vip.address).or_insert(0);
+        if vip.port == 0 {
+            *entry |= match vip.protocol {
+                Protocol::Tcp => vip_addr_flags::ANY_PORT_TCP,
+                Protocol::Udp => vip_addr_flags::ANY_PORT_UDP,
+            };
+        }
+    }
+    flags
+}

@@ -1,0 +1,174 @@
+//! What the daemon leaves behind for its successor and for `mlb status`: id assignments
+//! (so a restarted daemon keeps every flow's Backend id) and a status snapshot, written
+//! atomically to `/run/mlb/<pin dir name>.json` next to the pinned maps.
+
+use std::{
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Config,
+    dataplane::DataplaneError,
+    reconcile::{Assignments, DataplaneOps, Reconciler, backend_key},
+};
+
+/// Where runtime state lives.
+pub const RUN_DIR: &str = "/run/mlb";
+
+/// The state file for the maps pinned under `pin_dir`.
+pub fn state_path(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir.file_name().map_or("mlb".into(), |n| n.to_string_lossy().into_owned());
+    Path::new(RUN_DIR).join(format!("{name}.json"))
+}
+
+/// The control socket of the daemon whose maps are pinned under `pin_dir`.
+pub fn socket_path(pin_dir: &Path) -> PathBuf {
+    state_path(pin_dir).with_extension("sock")
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub pid: u32,
+    pub config: PathBuf,
+    /// The applied config's text, for `mlb plan` against the running state.
+    #[serde(default)]
+    pub config_text: String,
+    /// Seconds since the Unix epoch.
+    pub updated: u64,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub vips: Vec<VipStatus>,
+    pub backends: Vec<BackendStatus>,
+    pub assignments: Assignments,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub xdp_mode: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub endpoint: String,
+    pub id: u32,
+    pub forwarding: String,
+    pub pool: String,
+    pub table_size: u32,
+    /// Table swaps since the daemon started (1 = first install).
+    pub table_generation: u64,
+    /// Backends holding slots: (name, slots).
+    pub slots: Vec<(String, u32)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub pool: String,
+    pub name: String,
+    pub address: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub up: bool,
+    pub drained: bool,
+}
+
+impl Snapshot {
+    /// The snapshot of a running reconciler.
+    pub fn of<D: DataplaneOps>(reconciler: &Reconciler<D>, config: &Config) -> Self {
+        let assignments = reconciler.assignments().clone();
+        let tables = reconciler.tables();
+        let vips = config
+            .vips
+            .iter()
+            .map(|vip| {
+                let endpoint = vip.endpoint();
+                let installed = tables.get(&endpoint);
+                let slots = installed.map_or_else(Vec::new, |t| {
+                    let counts = t.table.slot_counts();
+                    t.members
+                        .iter()
+                        .map(|(id, name)| {
+                            let n = counts.iter().find(|(i, _)| i == id).map_or(0, |(_, n)| *n);
+                            (name.clone(), n)
+                        })
+                        .collect()
+                });
+                VipStatus {
+                    name: vip.name.clone(),
+                    id: assignments.vips.get(&endpoint).map_or(0, |a| a.id),
+                    endpoint,
+                    forwarding: vip.forwarding.to_string(),
+                    pool: vip.pool.clone(),
+                    table_size: vip.table_size,
+                    table_generation: installed.map_or(0, |t| t.generation),
+                    slots,
+                }
+            })
+            .collect();
+        let backends = config
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| {
+                p.backends.iter().map(move |b| (pool.clone(), b.clone()))
+            })
+            .map(|(pool, b)| {
+                let key = backend_key(&pool, b.address);
+                BackendStatus {
+                    id: assignments.backends.get(&key).map_or(0, |a| a.id),
+                    up: reconciler.is_up(&pool, b.address),
+                    drained: reconciler.is_drained(&pool, b.address),
+                    pool,
+                    name: b.name.clone(),
+                    address: b.address,
+                    weight: b.weight,
+                }
+            })
+            .collect();
+        Self {
+            pid: std::process::id(),
+            config: config.source.clone(),
+            config_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
+            updated: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            interfaces: config
+                .interfaces
+                .iter()
+                .map(|i| InterfaceStatus { name: i.name.clone(), xdp_mode: i.xdp_mode.to_string() })
+                .collect(),
+            vips,
+            backends,
+            assignments,
+        }
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn load(path: &Path) -> io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        })
+    }
+}
+
+/// The assignments a previous daemon left for the maps under `pin_dir`, if any.
+pub fn previous_assignments(pin_dir: &Path) -> Result<Assignments, DataplaneError> {
+    match Snapshot::load(&state_path(pin_dir)) {
+        Ok(snapshot) => Ok(snapshot.assignments),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Assignments::default()),
+        Err(e) => Err(DataplaneError::Pin { path: state_path(pin_dir), error: e.to_string() }),
+    }
+}
