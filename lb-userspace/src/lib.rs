@@ -1,6 +1,17 @@
 //! `mlb`, the Maglev load balancer daemon: a library so that tests drive exactly what the
 //! binary runs.
 
+pub mod attach;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
+pub mod health;
+pub mod neighbors;
 pub mod netns;
+pub mod pinned;
+pub mod reconcile;
+pub mod state;
 pub mod testbed;

@@ -5,3 +5,4 @@
 
 pub mod lab;
 pub mod packets;
+pub mod daemon;
