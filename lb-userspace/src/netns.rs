@@ -47,6 +47,15 @@ impl Netns {
         command
     }
 
+    /// A command that runs in the namespace's network stack but the caller's mount
+    /// namespace (`nsenter --net`), unlike [`Netns::command`] (`ip netns exec` remounts
+    /// /sys privately, hiding the bpffs where maps are pinned).
+    pub fn command_net_only(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/var/run/netns/{}", self.name)).arg(program);
+        command
+    }
+
     /// Runs `program args` inside the namespace to completion.
     pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<()> {
         run(self.command(program).args(args))

@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("sysctl", "procps"),
+    ("nsenter", "util-linux"),
     ("python3", "python3"),
 ];
 

@@ -116,7 +116,7 @@ impl DaemonBed {
             .bed
             .lb
             .netns
-            .command(env!("CARGO_BIN_EXE_mlb"))
+            .command_net_only(env!("CARGO_BIN_EXE_mlb"))
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())
@@ -126,7 +126,8 @@ impl DaemonBed {
         self.daemon = Some(child);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
-            if self.mlb(&["status"]).status.success() {
+            let status = self.mlb(&["status"]);
+            if status.status.success() && status.stdout.starts_with(b"daemon: running") {
                 return;
             }
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
@@ -152,7 +153,7 @@ impl DaemonBed {
 
     /// Runs `mlb ARGS --pin-path <ours>` in the load balancer's namespace.
     pub fn mlb(&self, args: &[&str]) -> Output {
-        let mut command = self.bed.lb.netns.command(env!("CARGO_BIN_EXE_mlb"));
+        let mut command = self.bed.lb.netns.command_net_only(env!("CARGO_BIN_EXE_mlb"));
         command.args(args);
         if args[0] != "check" {
             command.arg("--pin-path").arg(&self.pin_dir);
