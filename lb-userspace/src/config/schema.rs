@@ -75,8 +75,9 @@ pub(crate) struct At<T> {
 }
 
 /// An optional key.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) enum Field<T> {
+    #[default]
     Absent,
     /// Given but refused (already reported): rules involving it are skipped.
     Invalid,
@@ -120,12 +121,6 @@ pub(crate) struct Global {
     pub encap_source_v4: Field<(Ipv4Addr, u8)>,
     pub encap_source_v6: Field<(Ipv6Addr, u8)>,
     pub pin_path: Field<PathBuf>,
-}
-
-impl<T> Default for Field<T> {
-    fn default() -> Self {
-        Field::Absent
-    }
 }
 
 pub(crate) struct InterfaceEntry {
@@ -226,7 +221,7 @@ pub(crate) fn read(root: &Node, out: &mut Vec<Problem>) -> Document {
     if let Some(global) = top.section("global", "in global".to_owned(), GLOBAL_KEYS, out) {
         document.global = read_global(&global, out);
     }
-    if let Some((pos, items)) = top.list("interfaces", true, out) {
+    if let Some((pos, items)) = top.list("interfaces", out) {
         let interfaces = items
             .iter()
             .filter_map(|item| {
@@ -239,7 +234,7 @@ pub(crate) fn read(root: &Node, out: &mut Vec<Problem>) -> Document {
             pos,
         });
     }
-    if let Some((_, items)) = top.list("vips", true, out) {
+    if let Some((_, items)) = top.list("vips", out) {
         document.vips = items
             .iter()
             .filter_map(|item| {
@@ -363,7 +358,7 @@ fn read_pools(node: &Node, out: &mut Vec<Problem>) -> Vec<PoolEntry> {
 
 fn read_pool(name: At<String>, s: &Section<'_>, out: &mut Vec<Problem>) -> PoolEntry {
     let backends = s
-        .list("backends", true, out)
+        .list("backends", out)
         .map(|(_, items)| {
             items
                 .iter()
@@ -441,6 +436,8 @@ struct Section<'a> {
     ctx: String,
     /// The first entry of each known key.
     entries: Vec<(&'a str, &'a Node, &'a Node)>,
+    /// Keys suggested for unknown ones: not reported again as missing.
+    suggested: Vec<&'static str>,
 }
 
 impl<'a> Section<'a> {
@@ -451,6 +448,7 @@ impl<'a> Section<'a> {
             pos: node.pos,
             ctx,
             entries: Vec::new(),
+            suggested: Vec::new(),
         };
         let Value::Map(entries) = &node.value else {
             return section;
@@ -481,12 +479,15 @@ impl<'a> Section<'a> {
                 section.entries.push((known, key, value));
             } else {
                 let message = match suggest(name, keys.iter().copied()) {
-                    Some(close) => format!(
-                        "unknown key {} {}, did you mean {}?",
-                        quote(name),
-                        section.ctx,
-                        quote(close)
-                    ),
+                    Some(close) => {
+                        section.suggested.push(close);
+                        format!(
+                            "unknown key {} {}, did you mean {}?",
+                            quote(name),
+                            section.ctx,
+                            quote(close)
+                        )
+                    }
                     None => format!(
                         "unknown key {} {}; valid keys are {}",
                         quote(name),
@@ -561,12 +562,10 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// The list `key` and the position of the key; null counts as empty.
-    fn list(&self, key: &str, required: bool, out: &mut Vec<Problem>) -> Option<(Pos, &'a [Node])> {
+    /// The required list `key` and the position of the key; null counts as empty.
+    fn list(&self, key: &str, out: &mut Vec<Problem>) -> Option<(Pos, &'a [Node])> {
         let Some(node) = self.get(key) else {
-            if required {
-                self.missing(key, out);
-            }
+            self.missing(key, out);
             return None;
         };
         match &node.value {
@@ -580,6 +579,9 @@ impl<'a> Section<'a> {
     }
 
     fn missing(&self, key: &str, out: &mut Vec<Problem>) {
+        if self.suggested.contains(&key) {
+            return;
+        }
         out.push(Problem::new(
             self.pos,
             format!("missing key {} {}", quote(key), self.ctx),

@@ -357,7 +357,10 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
                 names.insert(name.clone(), name_pos.line);
             }
         }
-        let label = name.clone().unwrap_or_else(|| "?".to_owned());
+        // How messages name this vip.
+        let label = name
+            .as_deref()
+            .map_or_else(|| "vip".to_owned(), |n| format!("vip {}", quote(n)));
 
         let pool = entry.pool.as_ref().and_then(|pool| {
             let found = document.pools.iter().find(|p| p.name.value == pool.value);
@@ -383,7 +386,7 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
             _ => (auto_table_size(backends), true),
         };
         vips.push(VipConfig {
-            name: label,
+            name: name.unwrap_or_default(),
             address: address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             port: port.unwrap_or_default(),
             protocol: protocol.unwrap_or(Protocol::Tcp),
@@ -401,6 +404,7 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
     vips
 }
 
+/// `vip`: the vip as messages name it.
 fn unknown_pool(document: &Document, vip: &str, pool: &At<String>) -> Problem {
     let names = || document.pools.iter().map(|p| p.name.value.as_str());
     let hint = match suggest(&pool.value, names()) {
@@ -413,15 +417,11 @@ fn unknown_pool(document: &Document, vip: &str, pool: &At<String>) -> Problem {
     };
     Problem::new(
         pool.pos,
-        format!(
-            "vip {} uses unknown pool {}{hint}",
-            quote(vip),
-            quote(&pool.value)
-        ),
+        format!("{vip} uses unknown pool {}{hint}", quote(&pool.value)),
     )
 }
 
-/// A Vip forwards to Backends of its own address family only.
+/// A Vip forwards to Backends of its own address family only (`vip`: as messages name it).
 fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec<Problem>) {
     let family = |a: &IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let other = pool
@@ -433,8 +433,7 @@ fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec
         out.push(Problem::new(
             address.pos,
             format!(
-                "vip {} is {} but pool {} has {} backend {} (line {})",
-                quote(vip),
+                "{vip} is {} but pool {} has {} backend {} (line {})",
                 family(&address.value),
                 quote(&pool.name.value),
                 family(&backend.value),
@@ -455,7 +454,8 @@ fn capacities(document: &Document, global: &Global, out: &mut Vec<Problem>) {
     if vips > max_vips {
         let pos = given(&document.global.max_vips);
         out.push(Problem::new(
-            pos.unwrap_or(document.vips[max_vips].pos),
+            pos.or_else(|| document.vips.get(max_vips).map(|v| v.pos))
+                .unwrap_or_default(),
             format!("{vips} vips do not fit in max_vips {max_vips}{}", note(pos)),
         ));
     }
@@ -472,7 +472,8 @@ fn capacities(document: &Document, global: &Global, out: &mut Vec<Problem>) {
     if distinct.len() >= max_backends {
         let pos = given(&document.global.max_backends);
         out.push(Problem::new(
-            pos.unwrap_or(distinct[max_backends.saturating_sub(1)].pos),
+            pos.or_else(|| distinct.get(max_backends.saturating_sub(1)).map(|a| a.pos))
+                .unwrap_or_default(),
             format!(
                 "{} distinct backend addresses need max_backends of at least {} (id 0 is reserved), but it is {max_backends}{}",
                 distinct.len(),

@@ -31,9 +31,9 @@ fn integer(text: &str) -> Option<u64> {
 }
 
 /// An integer in `min..=max`.
-pub(crate) fn uint<T: TryFrom<u64>>(text: &str, range: RangeInclusive<T>) -> Parsed<T>
+pub(crate) fn uint<T>(text: &str, range: RangeInclusive<T>) -> Parsed<T>
 where
-    T: Copy + Into<u64>,
+    T: Copy + Into<u64> + TryFrom<u64>,
 {
     let (min, max) = ((*range.start()).into(), (*range.end()).into());
     integer(text)
@@ -112,65 +112,66 @@ pub(crate) fn socket_address(text: &str) -> Parsed<SocketAddr> {
     })
 }
 
-/// `address/length` with `length` in `lengths` and no host bits set.
-fn prefix<A>(
-    text: &str,
-    lengths: RangeInclusive<u8>,
-    bits: u32,
-    to_int: fn(A) -> u128,
-    from_int: fn(u128) -> A,
-) -> Parsed<(A, u8)>
-where
-    A: std::str::FromStr + std::fmt::Display + Copy,
-{
-    let (min, max) = (lengths.start(), lengths.end());
-    let family = if bits == 32 { "IPv4" } else { "IPv6" };
+/// `address/length`: an IPv4 (`v4`) or IPv6 prefix, `length` in `lengths` (at least 8),
+/// no host bits set.
+fn prefix(text: &str, v4: bool, lengths: RangeInclusive<u8>) -> Parsed<(IpAddr, u8)> {
     let expected = || {
-        format!(
-            "expected an {family} prefix such as {}",
-            if bits == 32 {
-                "172.16.0.0/16"
-            } else {
-                "fd00:ffff::/96"
-            }
-        )
+        if v4 {
+            "expected an IPv4 prefix such as 172.16.0.0/16".to_owned()
+        } else {
+            "expected an IPv6 prefix such as fd00:ffff::/96".to_owned()
+        }
     };
     let (address, length) = text.trim().split_once('/').ok_or_else(expected)?;
-    let address: A = address.parse().map_err(|_| expected())?;
+    let address = address
+        .parse::<IpAddr>()
+        .ok()
+        .filter(|a| a.is_ipv4() == v4)
+        .ok_or_else(expected)?;
     let length: u8 = length
         .parse()
         .ok()
         .filter(|l| lengths.contains(l))
-        .ok_or_else(|| format!("the prefix length must be from {min} to {max}"))?;
-    let host_mask = if u32::from(length) == bits {
-        0
-    } else {
-        (1u128 << (bits - u32::from(length))) - 1
+        .ok_or_else(|| {
+            format!(
+                "the prefix length must be from {} to {}",
+                lengths.start(),
+                lengths.end()
+            )
+        })?;
+    let (bits, value) = match address {
+        IpAddr::V4(a) => (32, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (128, u128::from(a)),
     };
-    let network = to_int(address) & !host_mask;
-    if network != to_int(address) {
+    // `length >= 8`, so the shift stays below 128.
+    let host_mask = (1u128 << (bits - u32::from(length))) - 1;
+    if value & host_mask != 0 {
+        let network = value & !host_mask;
+        let network = match address {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(network as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(network)),
+        };
         return Err(format!(
-            "host bits are set; did you mean {}/{length}?",
-            from_int(network)
+            "host bits are set; did you mean {network}/{length}?"
         ));
     }
     Ok((address, length))
 }
 
-/// The IPIP outer source prefix: /8 to /32.
+/// The IPIP outer source prefix: /8 to /32 (`prefix` has checked the family).
 pub(crate) fn prefix_v4(text: &str) -> Parsed<(Ipv4Addr, u8)> {
-    prefix(
-        text,
-        8..=32,
-        32,
-        |a: Ipv4Addr| u128::from(u32::from(a)),
-        |n| Ipv4Addr::from(n as u32),
-    )
+    match prefix(text, true, 8..=32)? {
+        (IpAddr::V4(a), length) => Ok((a, length)),
+        (IpAddr::V6(_), _) => Err("expected an IPv4 prefix".to_owned()),
+    }
 }
 
 /// The IPv6-in-IPv6 outer source prefix: /8 to /96 (the last 32 bits carry the flow hash).
 pub(crate) fn prefix_v6(text: &str) -> Parsed<(Ipv6Addr, u8)> {
-    prefix(text, 8..=96, 128, u128::from, Ipv6Addr::from)
+    match prefix(text, false, 8..=96)? {
+        (IpAddr::V6(a), length) => Ok((a, length)),
+        (IpAddr::V4(_), _) => Err("expected an IPv6 prefix".to_owned()),
+    }
 }
 
 /// One of `words`; suggests the closest on a typo.
@@ -363,7 +364,7 @@ mod tests {
             Err("expected tcp or udp; did you mean \"tcp\"?".to_owned())
         );
         assert_eq!(
-            keyword("sctp", &words),
+            keyword("gre", &words),
             Err("expected tcp or udp".to_owned())
         );
     }
