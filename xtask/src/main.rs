@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything beyond `cargo build`, each step installing what it needs.
 
 mod bench;
+mod demo;
 mod setup;
 mod status;
 mod test;
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The demo: the real load balancer in front of three real HTTP backends in network
+    /// namespaces; traffic, one backend taken away, then back. Root.
+    Demo,
     /// Install what building and testing need: the pinned eBPF nightly with rust-src,
     /// bpf-linker built against it, Debian packages. Quick when all is there.
     Setup,
@@ -27,8 +31,19 @@ enum Command {
     Bench(bench::Bench),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Demo => demo::run(),
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),

@@ -1,0 +1,26 @@
+//! `cargo xtask demo`: builds mlb and runs the demo (root).
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{setup, status::run_with_status};
+
+pub fn run() -> anyhow::Result<()> {
+    setup::run()?;
+    if !setup::is_root() {
+        bail!("the demo creates network namespaces and loads XDP programs: run it as root");
+    }
+    run_with_status(
+        "building mlb and the demo",
+        Command::new("cargo").args(["build", "-p", "lb-userspace", "--bins"]),
+    )?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let status = Command::new(format!("{target}/debug/mlb-demo"))
+        .args(["--mlb", &format!("{target}/debug/mlb"), "--config", "config/demo.yaml"])
+        .status()?;
+    if !status.success() {
+        bail!("the demo failed");
+    }
+    Ok(())
+}
