@@ -28,6 +28,20 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 /// lookup; a false positive only costs the exact lookups behind it.
 pub const VIP_FILTER_WORDS: usize = 64;
 
+/// Hits of a flow-cache entry between two touches of its LRU connection-table entry.
+pub const FLOW_CACHE_REFRESH: u32 = 64;
+
+/// Per-CPU flow-cache slots for a connection table of `conntrack_entries`: a power of two,
+/// an eighth of the table, between 1024 and 65536.
+pub const fn flow_cache_entries(conntrack_entries: u32) -> u32 {
+    let want = conntrack_entries / 8;
+    let mut n = 1024;
+    while n < want && n < 65_536 {
+        n *= 2;
+    }
+    n
+}
+
 /// `BPF_F_INNER_MAP`: lets inner MaglevTable arrays of different sizes share one outer map.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// `BPF_F_MMAPABLE`: the daemon writes a new MaglevTable through mmap, not 65k syscalls.
@@ -176,6 +190,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
     pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+    pub const FLOW_CACHE_V4: &str = "FLOW_CACHE_V4";
+    pub const FLOW_CACHE_V6: &str = "FLOW_CACHE_V6";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";

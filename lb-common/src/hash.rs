@@ -1,30 +1,28 @@
 //! The flow hash. The kernel program and userspace (tests, `trace`, the simulator) call the
 //! same functions on the same words, so a Flow's backend can be predicted exactly.
 //!
-//! MurmurHash3's 32-bit block mix over the Flow's words as they sit in the packet (network
-//! byte order, read as native `u32`), then its finaliser: a few multiplies and rotates,
-//! cheap in BPF and well spread for `% M`.
+//! Multiply-xorshift rounds over 64-bit words of the Flow as it sits in the packet
+//! (network byte order, read as native integers): two 64-bit multiplies for an IPv4
+//! Flow, five for IPv6. It is on every packet's path (flow cache slot, outer source
+//! address), where MurmurHash3's 32-bit rounds cost about 15 ns more.
 
-const C1: u32 = 0xcc9e_2d51;
-const C2: u32 = 0x1b87_3593;
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
 #[inline(always)]
-const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+const fn mix(h: u64, v: u64) -> u64 {
+    let h = (h ^ v).wrapping_mul(K);
+    h ^ (h >> 29)
 }
 
 #[inline(always)]
-const fn finish(mut h: u32, len: u32) -> u32 {
-    h ^= len;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+const fn finish(h: u64) -> u32 {
+    let h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h ^ (h >> 32)) as u32
+}
+
+#[inline(always)]
+const fn pair(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
 }
 
 /// The port pair as one word: both ports in network byte order, source in the low half.
@@ -36,29 +34,18 @@ pub const fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
 /// Hash of an IPv4 Flow. Addresses and ports in network byte order.
 #[inline(always)]
 pub const fn flow_hash_v4(src: u32, dst: u32, ports: u32, proto: u8, seed: u32) -> u32 {
-    let mut h = seed;
-    h = mix(h, src);
-    h = mix(h, dst);
-    h = mix(h, ports);
-    h = mix(h, proto as u32);
-    finish(h, 16)
+    let h = mix(seed as u64 ^ K, pair(src, dst));
+    finish(mix(h, pair(ports, proto as u32)))
 }
 
 /// Hash of an IPv6 Flow. Addresses and ports in network byte order.
 #[inline(always)]
 pub const fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8, seed: u32) -> u32 {
-    let mut h = seed;
-    h = mix(h, src[0]);
-    h = mix(h, src[1]);
-    h = mix(h, src[2]);
-    h = mix(h, src[3]);
-    h = mix(h, dst[0]);
-    h = mix(h, dst[1]);
-    h = mix(h, dst[2]);
-    h = mix(h, dst[3]);
-    h = mix(h, ports);
-    h = mix(h, proto as u32);
-    finish(h, 40)
+    let mut h = mix(seed as u64 ^ K, pair(src[0], src[1]));
+    h = mix(h, pair(src[2], src[3]));
+    h = mix(h, pair(dst[0], dst[1]));
+    h = mix(h, pair(dst[2], dst[3]));
+    finish(mix(h, pair(ports, proto as u32)))
 }
 
 /// The MaglevTable slot (0-based) of a flow hash in a table of `m` slots: the hash scaled
@@ -240,7 +227,7 @@ mod tests {
         assert_eq!(g.hash(42), KNOWN_V6_42);
     }
 
-    const KNOWN_V4_0: u32 = 2_958_053_555;
-    const KNOWN_V4_1: u32 = 2_012_599_356;
-    const KNOWN_V6_42: u32 = 3_429_308_703;
+    const KNOWN_V4_0: u32 = 3_387_779_994;
+    const KNOWN_V4_1: u32 = 3_346_875_151;
+    const KNOWN_V6_42: u32 = 920_100_098;
 }

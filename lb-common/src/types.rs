@@ -54,8 +54,9 @@ pub struct Backend {
     pub generation: u32,
 }
 
-/// Key of `CONNTRACK_V4`: an IPv4 Flow as it arrives (client to Vip).
-#[repr(C)]
+/// Key of `CONNTRACK_V4`: an IPv4 Flow as it arrives (client to Vip). 8-aligned so the
+/// flow cache compares it in two words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowV4 {
     pub src: u32,
@@ -68,7 +69,7 @@ pub struct FlowV4 {
 }
 
 /// Key of `CONNTRACK_V6`: an IPv6 Flow as it arrives (client to Vip).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowV6 {
     pub src: [u32; 4],
@@ -117,6 +118,32 @@ pub struct GlobalConfig {
     /// Outer IPv6 source: these words with the last one xor-ed with the flow hash.
     /// Network byte order.
     pub encap_src6_base: [u32; 4],
+    /// Per-CPU flow cache slot of a flow: `flow_hash & flow_cache_mask` (size - 1, a power
+    /// of two). Set by the loader from the capacities, not by the config.
+    pub flow_cache_mask: u32,
+    pub _pad: u32,
+}
+
+/// Value of `FLOW_CACHE_V4` (per CPU): a direct-mapped cache of connection-table entries
+/// in front of the LRU map, indexed by flow hash. `packets` counts hits, so that every
+/// `FLOW_CACHE_REFRESH` hits the LRU entry is touched and stays recent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheV4 {
+    pub flow: FlowV4,
+    pub entry: ConntrackEntry,
+    pub packets: u32,
+    pub _pad: u32,
+}
+
+/// Value of `FLOW_CACHE_V6` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheV6 {
+    pub flow: FlowV6,
+    pub entry: ConntrackEntry,
+    pub packets: u32,
+    pub _pad: u32,
 }
 
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
@@ -136,7 +163,9 @@ const _: () = {
     assert!(size_of::<FlowV6>() == 40);
     assert!(size_of::<ConntrackEntry>() == 16);
     assert!(size_of::<NextHop>() == 20);
-    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(size_of::<GlobalConfig>() == 40);
+    assert!(size_of::<FlowCacheV4>() == 40);
+    assert!(size_of::<FlowCacheV6>() == 64);
     assert!(size_of::<TrafficCounters>() == 16);
 };
 
@@ -154,4 +183,6 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for FlowCacheV4 {}
+    unsafe impl aya::Pod for FlowCacheV6 {}
 }

@@ -195,7 +195,12 @@ fn reserved_id_backend_gets_no_slots_and_try_build_refuses_it() {
 fn lookup_is_the_slot_the_hash_scales_to() {
     let table = build(&pool(7), 251, 3);
     // The hash is scaled onto 0..M: slot = hash * M / 2^32.
-    for (hash, slot) in [(0u32, 0usize), (u32::MAX, 250), (1 << 31, 125), (17_112_761, 1)] {
+    for (hash, slot) in [
+        (0u32, 0usize),
+        (u32::MAX, 250),
+        (1 << 31, 125),
+        (17_112_761, 1),
+    ] {
         assert_eq!(table.lookup(hash), table.slots()[slot], "hash {hash}");
     }
 }

@@ -9,11 +9,11 @@ use aya_ebpf::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, VIP_FILTER_WORDS,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, flow_cache_entries,
     },
     types::{
-        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, TrafficCounters, VipAddr,
-        VipKey, VipState,
+        Backend, ConntrackEntry, FlowCacheV4, FlowCacheV6, FlowV4, FlowV6, GlobalConfig, NextHop,
+        TrafficCounters, VipAddr, VipKey, VipState,
     },
 };
 
@@ -22,6 +22,7 @@ const BACKENDS_MAX: usize = DEFAULT_MAX_BACKENDS as usize;
 const CONNTRACK_MAX: usize = DEFAULT_CONNTRACK_ENTRIES as usize;
 const TABLE_FLAGS: usize = (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize;
 const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
+const FLOW_CACHE_MAX: usize = flow_cache_entries(DEFAULT_CONNTRACK_ENTRIES) as usize;
 
 /// Hash seed, next-hop cache generation, encapsulation source prefixes (one entry).
 #[btf_map]
@@ -68,6 +69,15 @@ pub static CONNTRACK_V4: LruHashMap<FlowV4, ConntrackEntry, CONNTRACK_MAX, NO_CO
 #[btf_map]
 pub static CONNTRACK_V6: LruHashMap<FlowV6, ConntrackEntry, CONNTRACK_MAX, NO_COMMON_LRU> =
     LruHashMap::new();
+
+/// Per-CPU direct-mapped cache of IPv4 connection-table entries, by flow hash: an
+/// established flow costs an inlined array read instead of an LRU hash lookup.
+#[btf_map]
+pub static FLOW_CACHE_V4: PerCpuArray<FlowCacheV4, FLOW_CACHE_MAX> = PerCpuArray::new();
+
+/// Per-CPU flow cache for IPv6.
+#[btf_map]
+pub static FLOW_CACHE_V6: PerCpuArray<FlowCacheV6, FLOW_CACHE_MAX> = PerCpuArray::new();
 
 /// Per-CPU cache of `bpf_fib_lookup` results per Backend id.
 #[btf_map]

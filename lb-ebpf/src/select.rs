@@ -2,8 +2,8 @@
 
 use lb_common::{
     consts::{
-        Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
-        vip_flags,
+        Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
+        backend_flags, vip_flags,
     },
     hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
     types::{Backend, ConntrackEntry, FlowV4, FlowV6, VipKey, vip_addr_flags},
@@ -11,8 +11,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6,
-        VIP_STATE, VIPS,
+        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES,
+        VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE, VIPS,
     },
     parse::{Parsed, Verdict, zero},
     stats::count,
@@ -22,6 +22,10 @@ use crate::{
 pub trait Flow {
     fn conntrack(&self) -> Option<ConntrackEntry>;
     fn remember(&self, entry: &ConntrackEntry) -> bool;
+    /// This CPU's flow-cache entry at `slot`, if it holds this flow; counts the hit and
+    /// says whether the LRU entry is due a refresh.
+    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)>;
+    fn cache(&self, slot: u32, entry: &ConntrackEntry);
     fn hash(&self, seed: u32) -> u32;
     fn vip_key(&self, port: u16) -> VipKey;
     /// `vip_addr_flags` of the destination, if it is a Vip address at all.
@@ -39,6 +43,29 @@ impl Flow for FlowV4 {
     #[inline(always)]
     fn remember(&self, entry: &ConntrackEntry) -> bool {
         CONNTRACK_V4.insert(self, entry, 0).is_ok()
+    }
+    #[inline(always)]
+    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
+        let c = FLOW_CACHE_V4.get_ptr_mut(slot)?;
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if !same(&(*c).flow, self) {
+                return None;
+            }
+            (*c).packets = (*c).packets.wrapping_add(1);
+            Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
+        }
+    }
+    #[inline(always)]
+    fn cache(&self, slot: u32, entry: &ConntrackEntry) {
+        if let Some(c) = FLOW_CACHE_V4.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot.
+            unsafe {
+                (*c).flow = *self;
+                (*c).entry = *entry;
+                (*c).packets = 0;
+            }
+        }
     }
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -84,6 +111,29 @@ impl Flow for FlowV6 {
     #[inline(always)]
     fn remember(&self, entry: &ConntrackEntry) -> bool {
         CONNTRACK_V6.insert(self, entry, 0).is_ok()
+    }
+    #[inline(always)]
+    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
+        let c = FLOW_CACHE_V6.get_ptr_mut(slot)?;
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if !same(&(*c).flow, self) {
+                return None;
+            }
+            (*c).packets = (*c).packets.wrapping_add(1);
+            Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
+        }
+    }
+    #[inline(always)]
+    fn cache(&self, slot: u32, entry: &ConntrackEntry) {
+        if let Some(c) = FLOW_CACHE_V6.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot.
+            unsafe {
+                (*c).flow = *self;
+                (*c).entry = *entry;
+                (*c).packets = 0;
+            }
+        }
     }
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -134,38 +184,86 @@ fn usable(backend: &Backend) -> bool {
     backend.flags & backend_flags::UP != 0
 }
 
-/// Picks the backend for a parsed packet.
+/// Whether a connection-table entry still holds: its Vip and Backend ids still name what
+/// they named when it was made, and the Backend is up.
 #[inline(always)]
-pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
-    let flow = &pkt.flow;
-    let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
-    let hash = flow.hash(seed);
-
-    if let Some(entry) = flow.conntrack()
-        && let Some(vip) = VIP_STATE.get(entry.vip)
-        && vip.generation == entry.vip_generation
-        && vip.flags & vip_flags::ACTIVE != 0
-    {
-        if let Some(backend) = BACKENDS.get(entry.backend)
-            && backend.generation == entry.backend_generation
-            && usable(backend)
-        {
-            if !pkt.icmp_error {
-                count(Counter::ConntrackHit);
-            }
-            return Ok(Selection {
+fn established(entry: &ConntrackEntry, hash: u32) -> Result<Selection, bool> {
+    let Some(vip) = VIP_STATE.get(entry.vip) else {
+        return Err(false);
+    };
+    if vip.generation != entry.vip_generation || vip.flags & vip_flags::ACTIVE == 0 {
+        return Err(false);
+    }
+    match BACKENDS.get(entry.backend) {
+        Some(backend) if backend.generation == entry.backend_generation && usable(backend) => {
+            Ok(Selection {
                 vip: entry.vip,
                 vip_flags: vip.flags,
                 backend_id: entry.backend,
                 backend: *backend,
                 hash,
-            });
+            })
         }
-        // Its backend went down or away: the table re-steers it (invariant 2).
-        if !pkt.icmp_error {
-            count(Counter::ConntrackResteer);
+        // The Vip holds but its Backend went down or away: re-steer (invariant 2).
+        _ => Err(true),
+    }
+}
+
+/// Whether two plain-data values (multiple of 8 bytes, 8-aligned) are bitwise equal.
+#[inline(always)]
+fn same<T>(a: &T, b: &T) -> bool {
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8) };
+    let (a, b) = (a as *const T as *const u64, b as *const T as *const u64);
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        // SAFETY: in bounds, aligned.
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
         }
-        return from_table(pkt, entry.vip, hash);
+        i += 1;
+    }
+    true
+}
+
+/// Picks the backend for a parsed packet: this CPU's flow cache, then the LRU connection
+/// table, then the Vip's MaglevTable.
+#[inline(always)]
+pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
+    let flow = &pkt.flow;
+    let (seed, mask) = CONFIG
+        .get(0)
+        .map_or((0, 0), |c| (c.hash_seed, c.flow_cache_mask));
+    let hash = flow.hash(seed);
+    let slot = hash & mask;
+
+    if !pkt.icmp_error
+        && let Some((entry, refresh)) = flow.cached(slot)
+        && let Ok(selection) = established(&entry, hash)
+    {
+        count(Counter::ConntrackHit);
+        // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
+        if refresh && flow.conntrack().is_none() {
+            flow.remember(&entry);
+        }
+        return Ok(selection);
+    }
+    if let Some(entry) = flow.conntrack() {
+        match established(&entry, hash) {
+            Ok(selection) => {
+                if !pkt.icmp_error {
+                    count(Counter::ConntrackHit);
+                    flow.cache(slot, &entry);
+                }
+                return Ok(selection);
+            }
+            Err(true) => {
+                if !pkt.icmp_error {
+                    count(Counter::ConntrackResteer);
+                }
+                return from_table(pkt, entry.vip, hash, slot);
+            }
+            Err(false) => {}
+        }
     }
     let vip = lookup_vip(pkt)?;
     if !pkt.icmp_error {
@@ -174,7 +272,7 @@ pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
             count(Counter::ConntrackMissNonSyn);
         }
     }
-    from_table(pkt, vip, hash)
+    from_table(pkt, vip, hash, slot)
 }
 
 /// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
@@ -205,7 +303,12 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
 /// connection table unless the packet is an ICMP error.
 #[inline(always)]
-fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Selection, Verdict> {
+fn from_table<F: Flow>(
+    pkt: &Parsed<F>,
+    vip_id: u32,
+    hash: u32,
+    cache_slot: u32,
+) -> Result<Selection, Verdict> {
     let vip = VIP_STATE
         .get(vip_id)
         .ok_or(Verdict::Pass(Counter::PassVipOther))?;
@@ -241,6 +344,7 @@ fn from_table<F: Flow>(pkt: &Parsed<F>, vip_id: u32, hash: u32) -> Result<Select
         if !pkt.flow.remember(&entry) {
             count(Counter::ConntrackInsertFail);
         }
+        pkt.flow.cache(cache_slot, &entry);
     }
     Ok(Selection {
         vip: vip_id,

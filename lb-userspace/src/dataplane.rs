@@ -16,7 +16,8 @@ use aya::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, map_names as names, prog_names, table_entries,
+        DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, flow_cache_entries, map_names as names, prog_names,
+        table_entries,
     },
     hash::{addr_words, vip_filter_bit},
     maglev::MaglevTable,
@@ -27,7 +28,7 @@ use lb_common::{
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 16] = [
     names::CONFIG,
     names::VIP_FILTER,
     names::VIP_ADDRS_V4,
@@ -38,6 +39,8 @@ const ALL_MAPS: [&str; 14] = [
     names::BACKENDS,
     names::CONNTRACK_V4,
     names::CONNTRACK_V6,
+    names::FLOW_CACHE_V4,
+    names::FLOW_CACHE_V6,
     names::NEXT_HOPS,
     names::STATS,
     names::VIP_STATS,
@@ -58,6 +61,8 @@ fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
         (names::BACKEND_STATS, caps.max_backends),
         (names::CONNTRACK_V4, caps.conntrack_entries),
         (names::CONNTRACK_V6, caps.conntrack_entries),
+        (names::FLOW_CACHE_V4, flow_cache_entries(caps.conntrack_entries)),
+        (names::FLOW_CACHE_V6, flow_cache_entries(caps.conntrack_entries)),
     ]
 }
 
@@ -247,7 +252,12 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes the global entry; the flow-cache mask comes from the capacities.
     pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
+        let config = &GlobalConfig {
+            flow_cache_mask: flow_cache_entries(self.caps.conntrack_entries) - 1,
+            ..*config
+        };
         let mut map: Array<_, GlobalConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         map.set(0, config, 0).map_err(map_err(names::CONFIG))

@@ -128,6 +128,8 @@ impl Bed {
                 encap_src4_base: u32::from_be_bytes([172, 16, 0, 0]),
                 encap_src4_hostmask: 0xFFFF,
                 encap_src6_base: addr_words(ip("fd00:ffff::")),
+                flow_cache_mask: 0, // set by Dataplane::set_global
+                _pad: 0,
             })
             .unwrap();
         for (i, b) in self.bed.backends.iter().enumerate() {

@@ -532,6 +532,29 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
         vec![1, 2, 3, 4, 5],
         "{per_backend:?}"
     );
+
+    // Every flow's next packet stays on its backend, whether it is found in this CPU's
+    // flow cache (8192 slots here, so many collide) or in the LRU connection table.
+    let mac = lab.lb_mac;
+    let before = lab.counters();
+    let again: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
+        flows
+            .iter()
+            .map(|(f, _)| {
+                let ack = tcp(mac, f.src, f.sport, f.dst, 80, false);
+                let out = dp.test_run("lb_ingress", &ack, ifindex, 1).unwrap();
+                (out.action, out.packet)
+            })
+            .collect()
+    });
+    let after = lab.counters();
+    for ((f, _), ((_, first), (action, second))) in flows.iter().zip(outs.iter().zip(&again)) {
+        assert_eq!(*action, XDP_TX);
+        let outer = if f.src.is_ipv4() { 14..34 } else { 14..54 };
+        assert_eq!(first[outer.clone()], second[outer], "{f:?} changed backend on its second packet");
+    }
+    let hits = deltas(&before, &after);
+    assert!(hits.contains(&("conntrack_hit", 10_000)), "{hits:?}");
 }
 
 /// Invariant 2: the connection table keeps a flow on its backend through table changes;

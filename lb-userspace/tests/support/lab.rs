@@ -175,6 +175,8 @@ impl Lab {
                 encap_src4_base: u32::from_be_bytes(ENCAP_SRC4),
                 encap_src4_hostmask: 0xFFFF,
                 encap_src6_base: addr_words(encap6.into()),
+                flow_cache_mask: 0, // set by Dataplane::set_global
+                _pad: 0,
             })
             .unwrap();
         for b in &self.backends {
