@@ -34,39 +34,55 @@ pub trait Flow {
     fn dport(&self) -> u16;
 }
 
-impl Flow for FlowV4 {
-    #[inline(always)]
-    fn conntrack(&self) -> Option<ConntrackEntry> {
-        // SAFETY: copied out at once, before any other map operation.
-        unsafe { CONNTRACK_V4.get(self).copied() }
-    }
-    #[inline(always)]
-    fn remember(&self, entry: &ConntrackEntry) -> bool {
-        CONNTRACK_V4.insert(self, entry, 0).is_ok()
-    }
-    #[inline(always)]
-    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
-        let c = FLOW_CACHE_V4.get_ptr_mut(slot)?;
-        // SAFETY: this CPU's slot.
-        unsafe {
-            if !same(&(*c).flow, self) {
-                return None;
-            }
-            (*c).packets = (*c).packets.wrapping_add(1);
-            Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
+/// The methods both families share, over their own maps.
+macro_rules! flow_maps {
+    ($conntrack:ident, $cache:ident) => {
+        #[inline(always)]
+        fn conntrack(&self) -> Option<ConntrackEntry> {
+            // SAFETY: copied out at once, before any other map operation.
+            unsafe { $conntrack.get(self).copied() }
         }
-    }
-    #[inline(always)]
-    fn cache(&self, slot: u32, entry: &ConntrackEntry) {
-        if let Some(c) = FLOW_CACHE_V4.get_ptr_mut(slot) {
+        #[inline(always)]
+        fn remember(&self, entry: &ConntrackEntry) -> bool {
+            $conntrack.insert(self, entry, 0).is_ok()
+        }
+        #[inline(always)]
+        fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
+            let c = $cache.get_ptr_mut(slot)?;
             // SAFETY: this CPU's slot.
             unsafe {
-                (*c).flow = *self;
-                (*c).entry = *entry;
-                (*c).packets = 0;
+                if !same(&(*c).flow, self) {
+                    return None;
+                }
+                (*c).packets = (*c).packets.wrapping_add(1);
+                Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
             }
         }
-    }
+        #[inline(always)]
+        fn cache(&self, slot: u32, entry: &ConntrackEntry) {
+            if let Some(c) = $cache.get_ptr_mut(slot) {
+                // SAFETY: this CPU's slot.
+                unsafe {
+                    (*c).flow = *self;
+                    (*c).entry = *entry;
+                    (*c).packets = 0;
+                }
+            }
+        }
+        #[inline(always)]
+        fn proto(&self) -> u8 {
+            self.proto
+        }
+        #[inline(always)]
+        fn dport(&self) -> u16 {
+            self.dport
+        }
+    };
+}
+
+impl Flow for FlowV4 {
+    flow_maps!(CONNTRACK_V4, FLOW_CACHE_V4);
+
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
         flow_hash_v4(
@@ -92,49 +108,11 @@ impl Flow for FlowV4 {
         // SAFETY: copied out at once.
         unsafe { VIP_ADDRS_V4.get(self.dst) }.map(|a| a.flags)
     }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dport
-    }
 }
 
 impl Flow for FlowV6 {
-    #[inline(always)]
-    fn conntrack(&self) -> Option<ConntrackEntry> {
-        // SAFETY: copied out at once, before any other map operation.
-        unsafe { CONNTRACK_V6.get(self).copied() }
-    }
-    #[inline(always)]
-    fn remember(&self, entry: &ConntrackEntry) -> bool {
-        CONNTRACK_V6.insert(self, entry, 0).is_ok()
-    }
-    #[inline(always)]
-    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
-        let c = FLOW_CACHE_V6.get_ptr_mut(slot)?;
-        // SAFETY: this CPU's slot.
-        unsafe {
-            if !same(&(*c).flow, self) {
-                return None;
-            }
-            (*c).packets = (*c).packets.wrapping_add(1);
-            Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
-        }
-    }
-    #[inline(always)]
-    fn cache(&self, slot: u32, entry: &ConntrackEntry) {
-        if let Some(c) = FLOW_CACHE_V6.get_ptr_mut(slot) {
-            // SAFETY: this CPU's slot.
-            unsafe {
-                (*c).flow = *self;
-                (*c).entry = *entry;
-                (*c).packets = 0;
-            }
-        }
-    }
+    flow_maps!(CONNTRACK_V6, FLOW_CACHE_V6);
+
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
         flow_hash_v6(
@@ -158,14 +136,6 @@ impl Flow for FlowV6 {
     fn vip_addr_flags(&self) -> Option<u32> {
         // SAFETY: copied out at once.
         unsafe { VIP_ADDRS_V6.get(self.dst) }.map(|a| a.flags)
-    }
-    #[inline(always)]
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    #[inline(always)]
-    fn dport(&self) -> u16 {
-        self.dport
     }
 }
 
