@@ -23,6 +23,12 @@ pub enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Failover on the real daemon in network namespaces: detection, detection to live
+    /// table, failed connections per backend failure under load. Root.
+    Failover {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// MaglevTable build time, balance and disruption.
     Maglev {
         #[arg(long)]
@@ -51,6 +57,17 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 "--calls",
             ]);
             cargo.arg(calls.to_string());
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
+        Bench::Failover { json } => {
+            if !setup::is_root() {
+                bail!(
+                    "the failover benchmark builds network namespaces and runs the daemon: run it as root"
+                );
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "failover", "--"]);
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
             }
