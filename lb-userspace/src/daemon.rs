@@ -4,7 +4,8 @@
 use std::{
     future::Future,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -20,6 +21,7 @@ use crate::{
     control::{self, Command, Reply},
     dataplane::{Capacities, Dataplane},
     health::{self, HealthEvent},
+    metrics::{self, Metrics},
     neighbors,
     reconcile::{Reconciler, Report},
     state::{self, Snapshot},
@@ -49,6 +51,12 @@ pub fn capacities(config: &Config) -> Capacities {
 pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = Config::load(&options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin_dir = config.global.pin_path.clone();
+    // Metrics: /healthz answers from here on, /readyz once the config is applied.
+    let metrics = Arc::new(Metrics::new(&pin_dir));
+    let metrics_server = metrics::Server::start(config.global.metrics_listen, Arc::clone(&metrics))
+        .await
+        .with_context(|| format!("metrics_listen {}", config.global.metrics_listen))?;
+    info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
     let assignments = state::previous_assignments(&pin_dir)?;
@@ -57,7 +65,10 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     for interface in &config.interfaces {
         attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
     }
+    let started = Instant::now();
     let report = reconciler.apply(&config)?;
+    metrics.reconciled(&reconciler, &report, started.elapsed());
+    metrics.set_ready();
     log_report(if adopting { "adopted running state" } else { "applied config" }, &report);
     let mut applied_text = std::fs::read(&options.config).unwrap_or_default();
     after_apply(&reconciler, &config, &pin_dir);
@@ -84,12 +95,12 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
             _ = interrupt.recv() => { info!("SIGINT"); break }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading");
-                reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir);
+                reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir, &metrics);
             }
             _ = watch.tick() => {
                 if std::fs::read(&options.config).is_ok_and(|text| text != applied_text) {
                     info!("config file changed: reloading");
-                    reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir);
+                    reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir, &metrics);
                 }
             }
             _ = refresh.tick() => {
@@ -98,15 +109,16 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
                 }
             }
             Some(event) = health_rx.recv() => {
-                on_health(&mut reconciler, &event, &pin_dir);
+                on_health(&mut reconciler, &event, &pin_dir, &metrics);
             }
             Some((command, reply)) = control_rx.recv() => {
-                let answer = on_command(&mut reconciler, command, &pin_dir);
+                let answer = on_command(&mut reconciler, command, &pin_dir, &metrics);
                 let _ = reply.send(answer);
             }
         }
     }
     checker.stop();
+    drop(metrics_server);
     if options.detach_on_exit {
         let config = reconciler.config().cloned();
         drop(reconciler);
@@ -127,6 +139,7 @@ pub struct Reloads {
     pub failed: u64,
 }
 
+#[expect(clippy::too_many_arguments, reason = "the daemon loop's state, passed piecewise")]
 fn reload(
     path: &Path,
     reconciler: &mut Reconciler<Dataplane>,
@@ -135,6 +148,7 @@ fn reload(
     applied_text: &mut Vec<u8>,
     reloads: &mut Reloads,
     pin_dir: &Path,
+    metrics: &Metrics,
 ) {
     let text = std::fs::read(path).unwrap_or_default();
     *applied_text = text;
@@ -142,6 +156,7 @@ fn reload(
         Ok(config) => config,
         Err(e) => {
             reloads.failed += 1;
+            metrics.reload(false);
             for line in e.lines() {
                 error!(problem = %line, "config refused; the running config stays in force");
             }
@@ -151,12 +166,14 @@ fn reload(
     let running = reconciler.config().cloned().expect("applied at start");
     if let Some(problem) = needs_restart(&running, &config) {
         reloads.failed += 1;
+        metrics.reload(false);
         error!(%problem, "config refused; the running config stays in force");
         return;
     }
     for interface in config.interfaces.iter().filter(|i| !running.interfaces.contains(i)) {
         if let Err(e) = attach::attach(reconciler.dataplane_mut(), interface, pin_dir) {
             reloads.failed += 1;
+            metrics.reload(false);
             error!(error = %e, "config refused; the running config stays in force");
             return;
         }
@@ -166,9 +183,12 @@ fn reload(
             warn!(interface = %interface.name, error = %e, "detaching");
         }
     }
+    let started = Instant::now();
     match reconciler.apply(&config) {
         Ok(report) => {
             reloads.ok += 1;
+            metrics.reload(true);
+            metrics.reconciled(reconciler, &report, started.elapsed());
             log_report("reloaded", &report);
             *checker = {
                 let old = std::mem::replace(checker, health::Checker::idle());
@@ -179,6 +199,7 @@ fn reload(
         }
         Err(e) => {
             reloads.failed += 1;
+            metrics.reload(false);
             error!(error = %e, "reload failed; the running config stays in force");
         }
     }
@@ -208,11 +229,13 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     })
 }
 
-fn on_health(reconciler: &mut Reconciler<Dataplane>, event: &HealthEvent, pin_dir: &Path) {
+fn on_health(reconciler: &mut Reconciler<Dataplane>, event: &HealthEvent, pin_dir: &Path, metrics: &Metrics) {
     let state = if event.up { "up" } else { "down" };
     info!(pool = %event.pool, backend = %event.address, %state, reason = %event.reason, "health transition");
-    match reconciler.set_health(&event.pool, event.address, event.up) {
+    let started = Instant::now();
+    match reconciler.set_health(&[(event.pool.clone(), event.address, event.up)]) {
         Ok(report) => {
+            metrics.reconciled(reconciler, &report, started.elapsed());
             for vip in &report.empty_vips {
                 warn!(%vip, "vip has no usable backend");
             }
@@ -224,7 +247,8 @@ fn on_health(reconciler: &mut Reconciler<Dataplane>, event: &HealthEvent, pin_di
     }
 }
 
-fn on_command(reconciler: &mut Reconciler<Dataplane>, command: Command, pin_dir: &Path) -> Reply {
+fn on_command(reconciler: &mut Reconciler<Dataplane>, command: Command, pin_dir: &Path, metrics: &Metrics) -> Reply {
+    let started = Instant::now();
     let Some(config) = reconciler.config().cloned() else {
         return Reply::Error("no config applied".into());
     };
@@ -233,6 +257,7 @@ fn on_command(reconciler: &mut Reconciler<Dataplane>, command: Command, pin_dir:
         Command::Drain { address, drained } => match reconciler.set_drained(address, drained) {
             Ok((pools, _)) if pools.is_empty() => Reply::Error(format!("{address} is in no pool")),
             Ok((pools, report)) => {
+                metrics.reconciled(reconciler, &report, started.elapsed());
                 let verb = if drained { "drained" } else { "undrained" };
                 info!(backend = %address, pools = ?pools, "{verb}");
                 log_report(verb, &report);

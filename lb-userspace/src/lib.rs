@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod neighbors;
 pub mod netns;
 pub mod pinned;

@@ -26,6 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("nsenter", "util-linux"),
     ("python3", "python3"),
+    ("promtool", "prometheus"),
 ];
 
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`

@@ -1,0 +1,300 @@
+//! The data plane's counters, read from its pinned per-CPU maps at scrape time: nothing
+//! is copied between scrapes, and a scrape reads the global counters and the traffic
+//! slots of the Vip and Backend ids in use, 1024 slots per `BPF_MAP_LOOKUP_BATCH` call
+//! (never anything per table slot).
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use lb_common::{
+    consts::{Counter, map_names as names},
+    types::TrafficCounters,
+};
+
+use super::text::{Family, labels};
+
+/// The families of the global counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Passed,
+    Dropped,
+    Lookups,
+    MissNonSyn,
+    InsertFailures,
+    IcmpToBackend,
+    Forwarded,
+}
+
+/// Every family of the global counters: kind, name, help, label name (if any).
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 7] = [
+    (
+        Kind::Passed,
+        "mlb_packets_passed_total",
+        "Packets passed to the kernel untouched, by reason.",
+        Some("reason"),
+    ),
+    (
+        Kind::Dropped,
+        "mlb_packets_dropped_total",
+        "Packets dropped by the XDP program, by reason.",
+        Some("reason"),
+    ),
+    (
+        Kind::Lookups,
+        "mlb_conntrack_lookups_total",
+        "Connection-table lookups of packets to a Vip: hit (backend up), miss (backend chosen by \
+         the Maglev table), resteer (hit on a backend that is down or gone, chosen again).",
+        Some("result"),
+    ),
+    (
+        Kind::MissNonSyn,
+        "mlb_conntrack_miss_non_syn_total",
+        "Connection-table misses on TCP packets without SYN (still forwarded by the table).",
+        None,
+    ),
+    (
+        Kind::InsertFailures,
+        "mlb_conntrack_insert_failures_total",
+        "Connection-table inserts that failed (the packet was still forwarded).",
+        None,
+    ),
+    (
+        Kind::IcmpToBackend,
+        "mlb_icmp_to_backend_total",
+        "ICMP fragmentation-needed and ICMPv6 packet-too-big messages steered to a flow's backend.",
+        None,
+    ),
+    (
+        Kind::Forwarded,
+        "mlb_packets_forwarded_total",
+        "Packets forwarded to a backend, by XDP action (tx or redirect).",
+        Some("action"),
+    ),
+];
+
+/// Which family a counter feeds, and its label value there.
+fn kind(counter: Counter) -> (Kind, &'static str) {
+    let name = counter.name();
+    let strip = |prefix: &str| name.strip_prefix(prefix).unwrap_or(name);
+    match counter {
+        Counter::PassNotIp
+        | Counter::PassNotVip
+        | Counter::PassMalformed
+        | Counter::PassVipOther
+        | Counter::PassNoBackend => (Kind::Passed, strip("pass_")),
+        Counter::DropMalformed
+        | Counter::DropFragment
+        | Counter::DropIpv6Ext
+        | Counter::DropNoBackend
+        | Counter::DropFib
+        | Counter::DropEncap => (Kind::Dropped, strip("drop_")),
+        Counter::ConntrackHit | Counter::ConntrackMiss | Counter::ConntrackResteer => {
+            (Kind::Lookups, strip("conntrack_"))
+        }
+        Counter::ConntrackMissNonSyn => (Kind::MissNonSyn, ""),
+        Counter::ConntrackInsertFail => (Kind::InsertFailures, ""),
+        Counter::IcmpToBackend => (Kind::IcmpToBackend, ""),
+        Counter::Tx | Counter::Redirect => (Kind::Forwarded, name),
+    }
+}
+
+/// The three per-CPU counter maps, opened from their pins.
+pub(super) struct Maps {
+    stats: PerCpuArray<MapData, u64>,
+    vips: TrafficMap,
+    backends: TrafficMap,
+}
+
+impl Maps {
+    pub(super) fn open(dir: &Path) -> Result<Self, String> {
+        let data = |name: &str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let stats = Map::from_map_data(data(names::STATS)?)
+            .map_err(|e| format!("{}: {e}", names::STATS))?;
+        Ok(Self {
+            stats: PerCpuArray::try_from(stats).map_err(|e| format!("{}: {e}", names::STATS))?,
+            vips: TrafficMap::new(data(names::VIP_STATS)?)?,
+            backends: TrafficMap::new(data(names::BACKEND_STATS)?)?,
+        })
+    }
+
+    /// What slot `id` of the Vip (`vip`) or Backend traffic map holds, summed over CPUs.
+    pub(super) fn traffic(&self, vip: bool, id: u32) -> io::Result<TrafficCounters> {
+        if vip { &self.vips } else { &self.backends }.lookup(id)
+    }
+
+    /// Slots `0..=last` of the Vip (`vip`) or Backend traffic map, summed over CPUs.
+    pub(super) fn traffic_upto(&self, vip: bool, last: u32) -> io::Result<Vec<TrafficCounters>> {
+        if vip { &self.vips } else { &self.backends }.read_upto(last)
+    }
+
+    /// Writes the global counters' families.
+    pub(super) fn render_counters(&self, out: &mut String) -> Result<(), String> {
+        let mut values = Vec::with_capacity(Counter::ALL.len());
+        for counter in Counter::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(counter as u32), 0)
+                .map_err(|e| e.to_string())?;
+            values.push((counter, per_cpu.iter().sum::<u64>()));
+        }
+        for (family_kind, name, help, label) in FAMILIES {
+            let mut family = Family::new(out, name, "counter", help);
+            for &(counter, value) in &values {
+                let (k, label_value) = kind(counter);
+                if k == family_kind {
+                    let set = label.map_or_else(String::new, |l| labels(&[(l, label_value)]));
+                    family.int(&set, value);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `bpf(2)` commands and attribute layouts (`union bpf_attr` in linux/bpf.h).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+#[repr(C)]
+#[derive(Default)]
+struct LookupAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The kernel's internal "not supported" errno, which bpf(2) can return.
+const ENOTSUPP: i32 = 524;
+
+/// Slots read per `BPF_MAP_LOOKUP_BATCH` call.
+const BATCH: usize = 1024;
+
+/// A per-CPU array of [`TrafficCounters`] (Vip or Backend traffic).
+struct TrafficMap {
+    data: MapData,
+    max_entries: u32,
+    cpus: usize,
+}
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is the #[repr(C)] layout the command expects, and every pointer in it
+    // points at a live buffer of the size the kernel will write.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl TrafficMap {
+    fn new(data: MapData) -> Result<Self, String> {
+        let max_entries = data.info().map_err(|e| e.to_string())?.max_entries();
+        let cpus = aya::util::nr_cpus().map_err(|(path, e)| format!("{path}: {e}"))?;
+        Ok(Self {
+            data,
+            max_entries,
+            cpus,
+        })
+    }
+
+    fn fd(&self) -> u32 {
+        self.data.fd().as_fd().as_raw_fd() as u32
+    }
+
+    fn sum(per_cpu: &[TrafficCounters]) -> TrafficCounters {
+        per_cpu
+            .iter()
+            .fold(TrafficCounters::default(), |sum, c| TrafficCounters {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            })
+    }
+
+    fn lookup(&self, id: u32) -> io::Result<TrafficCounters> {
+        // TrafficCounters is 16 bytes: per-CPU values need no padding to 8.
+        let mut values = vec![TrafficCounters::default(); self.cpus];
+        let mut attr = LookupAttr {
+            map_fd: self.fd(),
+            key: &id as *const u32 as u64,
+            value: values.as_mut_ptr() as u64,
+            ..LookupAttr::default()
+        };
+        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+        Ok(Self::sum(&values))
+    }
+
+    /// Slots `0..=last` (at most the map's size): in batches, or one by one where the
+    /// kernel has no batch lookup (before 5.6).
+    fn read_upto(&self, last: u32) -> io::Result<Vec<TrafficCounters>> {
+        let wanted = (last.min(self.max_entries.saturating_sub(1)) as usize + 1)
+            .min(self.max_entries as usize);
+        let mut out = vec![TrafficCounters::default(); wanted];
+        let chunk = BATCH.min(wanted.max(1));
+        let mut keys = vec![0u32; chunk];
+        let mut values = vec![TrafficCounters::default(); chunk * self.cpus];
+        let (mut next, mut read) = (0u32, 0usize);
+        while read < wanted {
+            let mut attr = BatchAttr {
+                in_batch: if read == 0 {
+                    0
+                } else {
+                    &next as *const u32 as u64
+                },
+                out_batch: &mut next as *mut u32 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: chunk.min(wanted - read) as u32,
+                map_fd: self.fd(),
+                ..BatchAttr::default()
+            };
+            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let got = attr.count as usize;
+            for (i, &key) in keys[..got].iter().enumerate() {
+                if let Some(slot) = out.get_mut(key as usize) {
+                    *slot = Self::sum(&values[i * self.cpus..(i + 1) * self.cpus]);
+                }
+            }
+            read += got;
+            match result {
+                Ok(()) if got > 0 => {}
+                Ok(()) => break,
+                // The end of the array.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+                Err(e)
+                    if read == 0
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                        ) =>
+                {
+                    return (0..wanted as u32).map(|id| self.lookup(id)).collect();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
