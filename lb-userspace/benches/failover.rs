@@ -398,7 +398,7 @@ fn swap_in_process(config: &Config) -> (Vec<f64>, Vec<f64>) {
         for (up_now, samples) in [(false, &mut down), (true, &mut up)] {
             let started = Instant::now();
             reconciler
-                .set_health(pool, address, up_now)
+                .set_health(&[(pool.clone(), address, up_now)])
                 .unwrap_or_else(|e| panic!("{e}"));
             samples.push(started.elapsed().as_secs_f64() * 1e6);
         }

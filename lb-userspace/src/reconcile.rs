@@ -361,24 +361,34 @@ impl<D: DataplaneOps> Reconciler<D> {
         Ok(report)
     }
 
-    /// Records a health transition of `pool/address` and re-steers: the Backend's flag
-    /// (so its connection-table entries re-steer) and the tables of the pool's Vips.
-    pub fn set_health(&mut self, pool: &str, addr: IpAddr, up: bool) -> Result<Report, ReconcileError> {
-        let key = backend_key(pool, addr);
-        let changed = if up { self.down.remove(&key) } else { self.down.insert(key.clone()) };
+    /// Records health transitions of `(pool, address, up)` and re-steers: each Backend's
+    /// flag (so its connection-table entries re-steer), then each affected pool's Vip
+    /// tables once, however many of its Backends changed (a table swap waits for an RCU
+    /// grace period in the kernel, ~16 ms). Transitions of Backends the config no longer
+    /// has are ignored.
+    pub fn set_health(&mut self, transitions: &[(String, IpAddr, bool)]) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
-        if !changed {
-            return Ok(report);
-        }
-        if let Some(assigned) = self.assignments.backends.get(&key).copied() {
-            let mut flags = if up { backend_flags::UP } else { 0 };
+        let mut pools = BTreeSet::new();
+        for (pool, addr, up) in transitions {
+            let key = backend_key(pool, *addr);
+            let Some(assigned) = self.assignments.backends.get(&key).copied() else {
+                continue;
+            };
+            let changed = if *up { self.down.remove(&key) } else { self.down.insert(key) };
+            if !changed {
+                continue;
+            }
+            let mut flags = if *up { backend_flags::UP } else { 0 };
             if addr.is_ipv6() {
                 flags |= backend_flags::IPV6;
             }
-            let backend = Backend { addr: addr_words(addr), flags, generation: assigned.generation };
+            let backend = Backend { addr: addr_words(*addr), flags, generation: assigned.generation };
             self.dataplane.set_backend(assigned.id, &backend)?;
+            pools.insert(pool.clone());
         }
-        self.rebuild_pool(pool, &mut report)?;
+        for pool in pools {
+            self.rebuild_pool(&pool, &mut report)?;
+        }
         Ok(report)
     }
 
