@@ -34,6 +34,19 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded.
     unsafe { env::set_var("PATH", env::join_paths(paths)?) };
 
+    // The commit, for mlb_build_info (absent outside a git checkout).
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Some(commit) = commit {
+        println!("cargo:rustc-env=MLB_GIT_COMMIT={commit}");
+    }
+    println!("cargo:rerun-if-changed=../.git/HEAD");
+    println!("cargo:rerun-if-changed=../.git/refs/heads");
+
     let metadata = cargo_metadata()?;
     aya_build::build_ebpf(
         [aya_build::Package {

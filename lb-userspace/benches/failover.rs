@@ -180,7 +180,9 @@ fn round_figures(
     let up_us = checker(round.restart_wall_us, "health check: backend up")?;
     let daemon_us = log
         .iter()
-        .find(|(t, l)| *t >= down_us && l.contains("health transition") && l.contains(&field))
+        .find(|(t, l)| {
+            *t >= down_us && l.contains("health transition applied") && l.contains(&field)
+        })
         .map(|(t, _)| *t)?;
     let live_after = |t0: i64| {
         swaps

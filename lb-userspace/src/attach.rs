@@ -25,7 +25,11 @@ pub enum AttachError {
          attached, remove it with `ip link set dev {interface} xdp off`; EOPNOTSUPP with \
          native mode: the driver has no XDP, use xdp_mode: generic or auto)"
     )]
-    Attach { interface: String, mode: XdpModeConfig, error: String },
+    Attach {
+        interface: String,
+        mode: XdpModeConfig,
+        error: String,
+    },
     #[error("interface {interface}: {error}")]
     Interface { interface: String, error: String },
     #[error("pinned link {path}: {error}")]
@@ -39,22 +43,36 @@ pub fn link_pin(pin_dir: &Path, interface: &str) -> PathBuf {
 
 /// Attaches (or re-adopts) `lb_ingress` on `interface`; returns whether an existing
 /// attachment was adopted.
-pub fn attach(dataplane: &mut Dataplane, interface: &Interface, pin_dir: &Path) -> Result<bool, AttachError> {
+pub fn attach(
+    dataplane: &mut Dataplane,
+    interface: &Interface,
+    pin_dir: &Path,
+) -> Result<bool, AttachError> {
     let name = &interface.name;
-    enable_forwarding(name)
-        .map_err(|e| AttachError::Interface { interface: name.clone(), error: e.to_string() })?;
+    enable_forwarding(name).map_err(|e| AttachError::Interface {
+        interface: name.clone(),
+        error: e.to_string(),
+    })?;
     let pin = link_pin(pin_dir, name);
     let program = dataplane
         .xdp(prog_names::LB_INGRESS)
-        .map_err(|e| AttachError::Interface { interface: name.clone(), error: e.to_string() })?;
+        .map_err(|e| AttachError::Interface {
+            interface: name.clone(),
+            error: e.to_string(),
+        })?;
     if pin.exists() {
-        let pinned = PinnedLink::from_pin(&pin)
-            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
-        let link = XdpLink::try_from(FdLink::from(pinned))
-            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
-        program
-            .attach_to_link(link)
-            .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+        let pinned = PinnedLink::from_pin(&pin).map_err(|e| AttachError::Pin {
+            path: pin.clone(),
+            error: e.to_string(),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| AttachError::Pin {
+            path: pin.clone(),
+            error: e.to_string(),
+        })?;
+        program.attach_to_link(link).map_err(|e| AttachError::Pin {
+            path: pin.clone(),
+            error: e.to_string(),
+        })?;
         info!(interface = %name, "re-adopted the attached program (atomic replace)");
         return Ok(true);
     }
@@ -64,22 +82,34 @@ pub fn attach(dataplane: &mut Dataplane, interface: &Interface, pin_dir: &Path) 
         error: e.to_string(),
     };
     let link_id = match interface.xdp_mode {
-        XdpModeConfig::Native => program.attach(name, XdpMode::Driver).map_err(|e| attach_error(&e))?,
-        XdpModeConfig::Generic => program.attach(name, XdpMode::Skb).map_err(|e| attach_error(&e))?,
+        XdpModeConfig::Native => program
+            .attach(name, XdpMode::Driver)
+            .map_err(|e| attach_error(&e))?,
+        XdpModeConfig::Generic => program
+            .attach(name, XdpMode::Skb)
+            .map_err(|e| attach_error(&e))?,
         XdpModeConfig::Auto => match program.attach(name, XdpMode::Driver) {
             Ok(id) => id,
             Err(native) => {
                 info!(interface = %name, error = %native, "native XDP unavailable, using generic");
-                program.attach(name, XdpMode::Skb).map_err(|e| attach_error(&e))?
+                program
+                    .attach(name, XdpMode::Skb)
+                    .map_err(|e| attach_error(&e))?
             }
         },
     };
-    let link = program
-        .take_link(link_id)
-        .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
-    let fd_link = FdLink::try_from(link)
-        .map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
-    fd_link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.clone(), error: e.to_string() })?;
+    let link = program.take_link(link_id).map_err(|e| AttachError::Pin {
+        path: pin.clone(),
+        error: e.to_string(),
+    })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| AttachError::Pin {
+        path: pin.clone(),
+        error: e.to_string(),
+    })?;
+    fd_link.pin(&pin).map_err(|e| AttachError::Pin {
+        path: pin.clone(),
+        error: e.to_string(),
+    })?;
     info!(interface = %name, mode = %interface.xdp_mode, "attached");
     Ok(false)
 }

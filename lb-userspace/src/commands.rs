@@ -1,10 +1,6 @@
 //! The CLI's one-shot commands: check, plan, status, trace, drain, detach.
 
-use std::{
-    fmt::Write as _,
-    net::IpAddr,
-    path::Path,
-};
+use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
 use lb_common::{
@@ -44,12 +40,18 @@ pub fn check(files: &[std::path::PathBuf]) -> anyhow::Result<()> {
 pub fn plan(file: &Path, against: Option<&Path>, pin_dir: &Path) -> anyhow::Result<String> {
     let new = Config::load(file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (old, assignments) = match against {
-        Some(path) => (Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?, Assignments::default()),
+        Some(path) => (
+            Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            Assignments::default(),
+        ),
         None => {
             let snapshot = Snapshot::load(&state::state_path(pin_dir))
                 .context("no running state to compare with (start the daemon, or use --against)")?;
-            let old = Config::parse(&snapshot.config_text, &snapshot.config.display().to_string())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let old = Config::parse(
+                &snapshot.config_text,
+                &snapshot.config.display().to_string(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             (old, snapshot.assignments)
         }
     };
@@ -57,7 +59,12 @@ pub fn plan(file: &Path, against: Option<&Path>, pin_dir: &Path) -> anyhow::Resu
     reconciler.apply(&old)?;
     let report = reconciler.apply(&new)?;
     let mut out = String::new();
-    writeln!(out, "plan: {} -> {}", old.source.display(), new.source.display())?;
+    writeln!(
+        out,
+        "plan: {} -> {}",
+        old.source.display(),
+        new.source.display()
+    )?;
     for line in report.to_string().lines() {
         writeln!(out, "  {line}")?;
     }
@@ -72,8 +79,9 @@ pub fn status_snapshot(pin_dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
         Ok(Reply::Ok(_)) => bail!("daemon: unexpected reply"),
         Err(_) => {
             let path = state::state_path(pin_dir);
-            let snapshot = Snapshot::load(&path)
-                .with_context(|| format!("no daemon is running and no state at {}", path.display()))?;
+            let snapshot = Snapshot::load(&path).with_context(|| {
+                format!("no daemon is running and no state at {}", path.display())
+            })?;
             Ok((snapshot, false))
         }
     }
@@ -87,7 +95,11 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
     writeln!(
         out,
         "daemon: {} (pid {}), config {}",
-        if live { "running" } else { "NOT running (last state shown; the program may still be attached)" },
+        if live {
+            "running"
+        } else {
+            "NOT running (last state shown; the program may still be attached)"
+        },
         snapshot.pid,
         snapshot.config.display()
     )?;
@@ -99,8 +111,14 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         writeln!(
             out,
             "vip {} {} [{}] pool {}: table {} slots, generation {}, {} packets {} bytes",
-            vip.name, vip.endpoint, vip.forwarding, vip.pool, vip.table_size, vip.table_generation,
-            traffic.packets, traffic.bytes
+            vip.name,
+            vip.endpoint,
+            vip.forwarding,
+            vip.pool,
+            vip.table_size,
+            vip.table_generation,
+            traffic.packets,
+            traffic.bytes
         )?;
         for (name, slots) in &vip.slots {
             writeln!(out, "    {name}: {slots} slots")?;
@@ -123,8 +141,11 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         )?;
     }
     if let Ok(counters) = pinned.counters() {
-        let line: Vec<String> =
-            counters.iter().filter(|(_, v)| *v > 0).map(|(c, v)| format!("{}={v}", c.name())).collect();
+        let line: Vec<String> = counters
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(c, v)| format!("{}={v}", c.name()))
+            .collect();
         writeln!(out, "counters: {}", line.join(" "))?;
     }
     Ok(out)
@@ -135,8 +156,17 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
     let pinned = Pinned::open(pin_dir);
     let global = pinned.global()?;
     let hash = flow.hash(global.hash_seed);
-    let family = if flow.dst.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
-    let key = |port: u16| VipKey { addr: addr_words(flow.dst), port: port.to_be(), proto: flow.proto, family };
+    let family = if flow.dst.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    };
+    let key = |port: u16| VipKey {
+        addr: addr_words(flow.dst),
+        port: port.to_be(),
+        proto: flow.proto,
+        family,
+    };
     let mut out = String::new();
     let snapshot = status_snapshot(pin_dir).ok().map(|(s, _)| s);
     let (vip_id, via) = match pinned.vip_id(&key(flow.dport))? {
@@ -144,7 +174,11 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
         None => match pinned.vip_id(&key(0))? {
             Some(id) => (id, "any-port"),
             None => {
-                writeln!(out, "{} is not a Vip for this port/protocol: the packet is passed to the local stack", flow.dst)?;
+                writeln!(
+                    out,
+                    "{} is not a Vip for this port/protocol: the packet is passed to the local stack",
+                    flow.dst
+                )?;
                 return Ok(out);
             }
         },
@@ -152,15 +186,25 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
     let vip_name = snapshot
         .as_ref()
         .and_then(|s| s.vips.iter().find(|v| v.id == vip_id))
-        .map_or_else(|| format!("id {vip_id}"), |v| format!("{} ({})", v.name, v.endpoint));
+        .map_or_else(
+            || format!("id {vip_id}"),
+            |v| format!("{} ({})", v.name, v.endpoint),
+        );
     writeln!(out, "vip: {vip_name}, matched {via}")?;
-    writeln!(out, "flow hash (seed {:#x}): {hash:#010x}", global.hash_seed)?;
+    writeln!(
+        out,
+        "flow hash (seed {:#x}): {hash:#010x}",
+        global.hash_seed
+    )?;
     let name_of = |id: u32| -> String {
         let addr = pinned.backend(id).ok().map(|b| ip_of(&b.addr, family));
         snapshot
             .as_ref()
             .and_then(|s| s.backends.iter().find(|b| b.id == id))
-            .map_or_else(|| format!("id {id} {addr:?}"), |b| format!("{} {} (id {id})", b.name, b.address))
+            .map_or_else(
+                || format!("id {id} {addr:?}"),
+                |b| format!("{} {} (id {id})", b.name, b.address),
+            )
     };
     let entry = match (flow.src, flow.dst) {
         (IpAddr::V4(_), IpAddr::V4(_)) => pinned.conntrack_v4(&FlowV4 {
@@ -185,15 +229,23 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
     let table = pinned.table_slot(vip_id, hash)?;
     if let Some(e) = entry {
         let backend = pinned.backend(e.backend)?;
-        let valid = backend.generation == e.backend_generation && backend.flags & lb_common::consts::backend_flags::UP != 0;
+        let valid = backend.generation == e.backend_generation
+            && backend.flags & lb_common::consts::backend_flags::UP != 0;
         writeln!(
             out,
             "connection table: entry -> {}{}",
             name_of(e.backend),
-            if valid { " (backend up: this is where the flow goes)" } else { " (backend down or gone: the table re-steers it)" }
+            if valid {
+                " (backend up: this is where the flow goes)"
+            } else {
+                " (backend down or gone: the table re-steers it)"
+            }
         )?;
     } else {
-        writeln!(out, "connection table: no entry (a new flow: the table decides)")?;
+        writeln!(
+            out,
+            "connection table: no entry (a new flow: the table decides)"
+        )?;
     }
     match table {
         Some((0, _, _)) => writeln!(out, "table: empty (no usable backend)")?,
@@ -214,8 +266,11 @@ fn ip_of(words: &[u32; 4], family: u8) -> IpAddr {
 
 /// `mlb drain` / `mlb undrain`.
 pub fn drain(address: IpAddr, drained: bool, pin_dir: &Path) -> anyhow::Result<String> {
-    match control::request(&state::socket_path(pin_dir), &Command::Drain { address, drained })
-        .context("is the daemon running?")?
+    match control::request(
+        &state::socket_path(pin_dir),
+        &Command::Drain { address, drained },
+    )
+    .context("is the daemon running?")?
     {
         Reply::Ok(message) => Ok(message),
         Reply::Error(e) => bail!("{e}"),
@@ -231,12 +286,21 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<String> {
     let interfaces: Vec<String> = std::fs::read_dir(pin_dir)
         .map(|dir| {
             dir.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("link_").map(str::to_owned))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("link_")
+                        .map(str::to_owned)
+                })
                 .collect()
         })
         .unwrap_or_default();
     daemon::detach_all(pin_dir, interfaces.iter().map(String::as_str))?;
-    Ok(format!("detached from {} and removed {}", interfaces.join(", "), pin_dir.display()))
+    Ok(format!(
+        "detached from {} and removed {}",
+        interfaces.join(", "),
+        pin_dir.display()
+    ))
 }
 
 pub fn proto_number(tcp: bool) -> u8 {

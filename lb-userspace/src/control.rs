@@ -45,7 +45,10 @@ impl Drop for Server {
 }
 
 /// Serves the socket at `path`, passing each command to the daemon loop.
-pub fn serve(path: &Path, commands: mpsc::Sender<(Command, oneshot::Sender<Reply>)>) -> std::io::Result<Server> {
+pub fn serve(
+    path: &Path,
+    commands: mpsc::Sender<(Command, oneshot::Sender<Reply>)>,
+) -> std::io::Result<Server> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -53,7 +56,9 @@ pub fn serve(path: &Path, commands: mpsc::Sender<(Command, oneshot::Sender<Reply
     let listener = UnixListener::bind(path)?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let commands = commands.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
@@ -80,7 +85,10 @@ pub fn serve(path: &Path, commands: mpsc::Sender<(Command, oneshot::Sender<Reply
             });
         }
     });
-    Ok(Server { path: path.to_owned(), task })
+    Ok(Server {
+        path: path.to_owned(),
+        task,
+    })
 }
 
 /// Sends one command to the daemon listening on `path` (blocking client for the CLI).

@@ -2,7 +2,9 @@
 //! health transitions, control commands and signals until told to stop.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -59,9 +61,12 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
-    let assignments = state::previous_assignments(&pin_dir)?;
-    let adopting = !assignments.vips.is_empty() || !assignments.backends.is_empty();
+    let previous = state::previous(&pin_dir)?;
+    let adopting = previous.is_some();
+    let (assignments, down) = previous.map_or_else(Default::default, |p| (p.assignments, p.down));
     let mut reconciler = Reconciler::new(dataplane, assignments);
+    // Backends the previous daemon had down stay down until their checks pass again.
+    reconciler.set_initially_down(&down);
     for interface in &config.interfaces {
         attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
     }
@@ -69,22 +74,38 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let report = reconciler.apply(&config)?;
     metrics.reconciled(&reconciler, &report, started.elapsed());
     metrics.set_ready();
-    log_report(if adopting { "adopted running state" } else { "applied config" }, &report);
-    let mut applied_text = std::fs::read(&options.config).unwrap_or_default();
-    after_apply(&reconciler, &config, &pin_dir);
+    log_report(
+        if adopting {
+            "adopted running state"
+        } else {
+            "applied config"
+        },
+        &report,
+    );
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(1024);
-    let mut checker = health::Checker::start(&config, health_tx.clone());
-    let (control_tx, mut control_rx) = mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Reply>)>(16);
-    let socket = state::socket_path(&pin_dir);
-    let _control = control::serve(&socket, control_tx)?;
+    let mut daemon = Daemon {
+        checker: health::Checker::idle(),
+        health_tx,
+        applied_text: std::fs::read(&options.config).unwrap_or_default(),
+        config_path: options.config.clone(),
+        pin_dir: pin_dir.clone(),
+        reconciler,
+        metrics,
+        retry: None,
+        neighbours: BTreeSet::new(),
+    };
+    daemon.start_checker(&config, down);
+    daemon.after_apply(&config);
 
+    let (control_tx, mut control_rx) =
+        mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Reply>)>(16);
+    let _control = control::serve(&state::socket_path(&pin_dir), control_tx)?;
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
-    let mut reloads = Reloads::default();
     tokio::pin!(shutdown);
     info!(config = %options.config.display(), pid = std::process::id(), "running");
 
@@ -95,35 +116,44 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
             _ = interrupt.recv() => { info!("SIGINT"); break }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading");
-                reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir, &metrics);
+                daemon.reload();
             }
             _ = watch.tick() => {
-                if std::fs::read(&options.config).is_ok_and(|text| text != applied_text) {
+                if std::fs::read(&daemon.config_path).is_ok_and(|text| text != daemon.applied_text) {
                     info!("config file changed: reloading");
-                    reload(&options.config, &mut reconciler, &mut checker, &health_tx, &mut applied_text, &mut reloads, &pin_dir, &metrics);
+                    daemon.reload();
                 }
             }
-            _ = refresh.tick() => {
-                if let Err(e) = reconciler.refresh_next_hops() {
-                    warn!(error = %e, "refreshing next hops");
-                }
-            }
+            _ = refresh.tick() => daemon.refresh(),
             Some(event) = health_rx.recv() => {
-                on_health(&mut reconciler, &event, &pin_dir, &metrics);
+                // Take every transition already queued: one table rebuild per pool.
+                let mut events = vec![event];
+                while let Ok(more) = health_rx.try_recv() {
+                    events.push(more);
+                }
+                daemon.on_health(&events);
             }
             Some((command, reply)) = control_rx.recv() => {
-                let answer = on_command(&mut reconciler, command, &pin_dir, &metrics);
+                let answer = daemon.on_command(command);
                 let _ = reply.send(answer);
             }
         }
     }
+    let Daemon {
+        checker,
+        reconciler,
+        ..
+    } = daemon;
     checker.stop();
     drop(metrics_server);
     if options.detach_on_exit {
         let config = reconciler.config().cloned();
         drop(reconciler);
         if let Some(config) = config {
-            detach_all(&config.global.pin_path, config.interfaces.iter().map(|i| i.name.as_str()))?;
+            detach_all(
+                &config.global.pin_path,
+                config.interfaces.iter().map(|i| i.name.as_str()),
+            )?;
         }
         info!("detached and removed pinned state");
     } else {
@@ -132,75 +162,207 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(())
 }
 
-/// Reload counters, for logs (and metrics).
-#[derive(Default)]
-pub struct Reloads {
-    pub ok: u64,
-    pub failed: u64,
+/// The running daemon's state, between events.
+struct Daemon {
+    config_path: PathBuf,
+    pin_dir: PathBuf,
+    reconciler: Reconciler<Dataplane>,
+    checker: health::Checker,
+    health_tx: mpsc::Sender<HealthEvent>,
+    metrics: Arc<Metrics>,
+    /// The file content last tried, so the watcher reloads on change only.
+    applied_text: Vec<u8>,
+    /// A valid config whose apply failed in the kernel: retried on the refresh timer.
+    retry: Option<Config>,
+    /// Backend addresses that already have a managed neighbour entry.
+    neighbours: BTreeSet<IpAddr>,
 }
 
-#[expect(clippy::too_many_arguments, reason = "the daemon loop's state, passed piecewise")]
-fn reload(
-    path: &Path,
-    reconciler: &mut Reconciler<Dataplane>,
-    checker: &mut health::Checker,
-    health_tx: &mpsc::Sender<HealthEvent>,
-    applied_text: &mut Vec<u8>,
-    reloads: &mut Reloads,
-    pin_dir: &Path,
-    metrics: &Metrics,
-) {
-    let text = std::fs::read(path).unwrap_or_default();
-    *applied_text = text;
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(e) => {
-            reloads.failed += 1;
-            metrics.reload(false);
-            for line in e.lines() {
-                error!(problem = %line, "config refused; the running config stays in force");
-            }
-            return;
-        }
-    };
-    let running = reconciler.config().cloned().expect("applied at start");
-    if let Some(problem) = needs_restart(&running, &config) {
-        reloads.failed += 1;
-        metrics.reload(false);
+impl Daemon {
+    fn refused(&self, problem: &dyn std::fmt::Display) {
+        self.metrics.reload(false);
         error!(%problem, "config refused; the running config stays in force");
-        return;
     }
-    for interface in config.interfaces.iter().filter(|i| !running.interfaces.contains(i)) {
-        if let Err(e) = attach::attach(reconciler.dataplane_mut(), interface, pin_dir) {
-            reloads.failed += 1;
-            metrics.reload(false);
-            error!(error = %e, "config refused; the running config stays in force");
-            return;
+
+    fn reload(&mut self) {
+        self.applied_text = std::fs::read(&self.config_path).unwrap_or_default();
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(e) => {
+                for line in e.lines() {
+                    self.refused(&line);
+                }
+                return;
+            }
+        };
+        let running = self.reconciler.config().cloned().expect("applied at start");
+        if let Some(problem) = needs_restart(&running, &config) {
+            return self.refused(&problem);
         }
-    }
-    for interface in running.interfaces.iter().filter(|i| !config.interfaces.iter().any(|n| n.name == i.name)) {
-        if let Err(e) = attach::detach(pin_dir, &interface.name) {
-            warn!(interface = %interface.name, error = %e, "detaching");
+        for interface in config
+            .interfaces
+            .iter()
+            .filter(|i| !running.interfaces.contains(i))
+        {
+            if let Err(e) =
+                attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir)
+            {
+                return self.refused(&e);
+            }
         }
+        for interface in running
+            .interfaces
+            .iter()
+            .filter(|i| !config.interfaces.iter().any(|n| n.name == i.name))
+        {
+            if let Err(e) = attach::detach(&self.pin_dir, &interface.name) {
+                warn!(interface = %interface.name, error = %e, "detaching");
+            }
+        }
+        self.apply(config, "reloaded");
     }
-    let started = Instant::now();
-    match reconciler.apply(&config) {
-        Ok(report) => {
-            reloads.ok += 1;
-            metrics.reload(true);
-            metrics.reconciled(reconciler, &report, started.elapsed());
-            log_report("reloaded", &report);
-            *checker = {
-                let old = std::mem::replace(checker, health::Checker::idle());
+
+    fn apply(&mut self, config: Config, what: &str) {
+        let started = Instant::now();
+        match self.reconciler.apply(&config) {
+            Ok(report) => {
+                self.retry = None;
+                self.metrics.reload(true);
+                self.metrics
+                    .reconciled(&self.reconciler, &report, started.elapsed());
+                log_report(what, &report);
+                let old = std::mem::replace(&mut self.checker, health::Checker::idle());
+                let down = old.down_backends();
+                let stats = old.stats();
                 old.stop();
-                health::Checker::start(&config, health_tx.clone())
-            };
-            after_apply(reconciler, &config, pin_dir);
+                self.start_checker_with(&config, down, stats);
+                self.after_apply(&config);
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                error!(error = %e, "applying the config failed in the kernel; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
+                self.retry = Some(config);
+            }
         }
-        Err(e) => {
-            reloads.failed += 1;
-            metrics.reload(false);
-            error!(error = %e, "reload failed; the running config stays in force");
+    }
+
+    fn start_checker(&mut self, config: &Config, initial_down: Vec<(String, IpAddr)>) {
+        self.start_checker_with(config, initial_down, health::HealthStats::new());
+    }
+
+    /// Starts the health checks of `config`, carrying states and counters over, each probe
+    /// feeding the metrics.
+    fn start_checker_with(
+        &mut self,
+        config: &Config,
+        initial_down: Vec<(String, IpAddr)>,
+        stats: health::HealthStats,
+    ) {
+        let metrics = Arc::clone(&self.metrics);
+        let observer: health::Observer = Arc::new(move |o: &health::Observation<'_>| {
+            for pool in o.pools {
+                metrics.observe_check_at(
+                    pool,
+                    o.address,
+                    o.latency,
+                    o.result.map_err(|f| f.kind()),
+                );
+            }
+        });
+        let options = health::Options {
+            initial_down,
+            stats,
+            observer: Some(observer),
+            ..Default::default()
+        };
+        self.checker = health::Checker::start_with_options(config, self.health_tx.clone(), options);
+    }
+
+    /// Timer: re-resolve next hops; retry a config the kernel refused.
+    fn refresh(&mut self) {
+        if let Some(config) = self.retry.take() {
+            info!("retrying the config the kernel refused");
+            self.apply(config, "applied on retry");
+        }
+        if let Err(e) = self.reconciler.refresh_next_hops() {
+            warn!(error = %e, "refreshing next hops");
+        }
+    }
+
+    fn on_health(&mut self, events: &[HealthEvent]) {
+        let transitions: Vec<(String, IpAddr, bool)> = events
+            .iter()
+            .map(|e| (e.pool.clone(), e.address, e.up))
+            .collect();
+        let started = Instant::now();
+        match self.reconciler.set_health(&transitions) {
+            Ok(report) => {
+                for e in events {
+                    let state = if e.up { "up" } else { "down" };
+                    info!(pool = %e.pool, backend = %e.address, %state, reason = %e.reason, "health transition applied");
+                }
+                self.metrics
+                    .reconciled(&self.reconciler, &report, started.elapsed());
+                for (vip, diff) in &report.tables {
+                    info!(%vip, %diff, "table swapped after health transition");
+                }
+                for vip in &report.empty_vips {
+                    warn!(%vip, "vip has no usable backend");
+                }
+                self.save_snapshot();
+            }
+            Err(e) => error!(error = %e, "applying health transitions"),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) -> Reply {
+        let started = Instant::now();
+        let Some(config) = self.reconciler.config().cloned() else {
+            return Reply::Error("no config applied".into());
+        };
+        match command {
+            Command::Status => Reply::Status(Box::new(Snapshot::of(&self.reconciler, &config))),
+            Command::Drain { address, drained } => {
+                match self.reconciler.set_drained(address, drained) {
+                    Ok((pools, _)) if pools.is_empty() => {
+                        Reply::Error(format!("{address} is in no pool"))
+                    }
+                    Ok((pools, report)) => {
+                        self.metrics
+                            .reconciled(&self.reconciler, &report, started.elapsed());
+                        let verb = if drained { "drained" } else { "undrained" };
+                        info!(backend = %address, pools = ?pools, "{verb}");
+                        log_report(verb, &report);
+                        self.save_snapshot();
+                        Reply::Ok(format!("{address} {verb} in pools {}", pools.join(", ")))
+                    }
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Managed neighbour entries for backends new to this daemon; the snapshot.
+    fn after_apply(&mut self, config: &Config) {
+        let new: Vec<IpAddr> = config
+            .backend_addresses()
+            .into_iter()
+            .filter(|a| !self.neighbours.contains(a))
+            .collect();
+        for problem in neighbors::manage(&new) {
+            warn!(%problem, "could not set up a managed neighbour entry");
+        }
+        self.neighbours.extend(new);
+        self.save_snapshot();
+    }
+
+    fn save_snapshot(&self) {
+        let Some(config) = self.reconciler.config() else {
+            return;
+        };
+        let path = state::state_path(&self.pin_dir);
+        if let Err(e) = Snapshot::of(&self.reconciler, config).save(&path) {
+            warn!(path = %path.display(), error = %e, "saving state");
         }
     }
 }
@@ -225,62 +387,11 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
         changed.push("metrics_listen");
     }
     (!changed.is_empty()).then(|| {
-        format!("{} cannot change while running: restart the daemon", changed.join(", "))
+        format!(
+            "{} cannot change while running: restart the daemon",
+            changed.join(", ")
+        )
     })
-}
-
-fn on_health(reconciler: &mut Reconciler<Dataplane>, event: &HealthEvent, pin_dir: &Path, metrics: &Metrics) {
-    let state = if event.up { "up" } else { "down" };
-    info!(pool = %event.pool, backend = %event.address, %state, reason = %event.reason, "health transition");
-    let started = Instant::now();
-    match reconciler.set_health(&[(event.pool.clone(), event.address, event.up)]) {
-        Ok(report) => {
-            metrics.reconciled(reconciler, &report, started.elapsed());
-            for vip in &report.empty_vips {
-                warn!(%vip, "vip has no usable backend");
-            }
-            if let Some(config) = reconciler.config().cloned() {
-                save_snapshot(reconciler, &config, pin_dir);
-            }
-        }
-        Err(e) => error!(error = %e, "applying a health transition"),
-    }
-}
-
-fn on_command(reconciler: &mut Reconciler<Dataplane>, command: Command, pin_dir: &Path, metrics: &Metrics) -> Reply {
-    let started = Instant::now();
-    let Some(config) = reconciler.config().cloned() else {
-        return Reply::Error("no config applied".into());
-    };
-    match command {
-        Command::Status => Reply::Status(Box::new(Snapshot::of(reconciler, &config))),
-        Command::Drain { address, drained } => match reconciler.set_drained(address, drained) {
-            Ok((pools, _)) if pools.is_empty() => Reply::Error(format!("{address} is in no pool")),
-            Ok((pools, report)) => {
-                metrics.reconciled(reconciler, &report, started.elapsed());
-                let verb = if drained { "drained" } else { "undrained" };
-                info!(backend = %address, pools = ?pools, "{verb}");
-                log_report(verb, &report);
-                save_snapshot(reconciler, &config, pin_dir);
-                Reply::Ok(format!("{address} {verb} in pools {}", pools.join(", ")))
-            }
-            Err(e) => Reply::Error(e.to_string()),
-        },
-    }
-}
-
-fn after_apply(reconciler: &Reconciler<Dataplane>, config: &Config, pin_dir: &Path) {
-    for problem in neighbors::manage(&config.backend_addresses()) {
-        warn!(%problem, "could not set up a managed neighbour entry");
-    }
-    save_snapshot(reconciler, config, pin_dir);
-}
-
-fn save_snapshot(reconciler: &Reconciler<Dataplane>, config: &Config, pin_dir: &Path) {
-    let path = state::state_path(pin_dir);
-    if let Err(e) = Snapshot::of(reconciler, config).save(&path) {
-        warn!(path = %path.display(), error = %e, "saving state");
-    }
 }
 
 fn log_report(what: &str, report: &Report) {
@@ -294,7 +405,10 @@ fn log_report(what: &str, report: &Report) {
 }
 
 /// Removes the link pins (detaching the program), the pinned maps and the state file.
-pub fn detach_all<'a>(pin_dir: &Path, interfaces: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+pub fn detach_all<'a>(
+    pin_dir: &Path,
+    interfaces: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<()> {
     for interface in interfaces {
         attach::detach(pin_dir, interface).with_context(|| format!("detaching {interface}"))?;
     }
@@ -315,16 +429,26 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     let path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
     // SAFETY: valid path, zeroed out-struct.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    {
         return Ok(());
     }
     let fstype = std::ffi::CString::new("bpf").expect("no NUL");
     // SAFETY: valid C strings.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        anyhow::bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        anyhow::bail!(
+            "mounting bpffs on /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
     }
     info!("mounted bpffs on /sys/fs/bpf");
     Ok(())

@@ -4,8 +4,8 @@
 
 use std::{
     net::IpAddr,
-    path::Path,
     os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
 };
 
 use aya::{
@@ -61,8 +61,14 @@ fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
         (names::BACKEND_STATS, caps.max_backends),
         (names::CONNTRACK_V4, caps.conntrack_entries),
         (names::CONNTRACK_V6, caps.conntrack_entries),
-        (names::FLOW_CACHE_V4, flow_cache_entries(caps.conntrack_entries)),
-        (names::FLOW_CACHE_V6, flow_cache_entries(caps.conntrack_entries)),
+        (
+            names::FLOW_CACHE_V4,
+            flow_cache_entries(caps.conntrack_entries),
+        ),
+        (
+            names::FLOW_CACHE_V6,
+            flow_cache_entries(caps.conntrack_entries),
+        ),
     ]
 }
 
@@ -72,7 +78,11 @@ fn map_info(map: &aya::maps::Map) -> std::result::Result<aya::maps::MapInfo, Map
     let data: &MapData = match map {
         Map::Array(m) | Map::PerCpuArray(m) | Map::HashMap(m) | Map::LruHashMap(m) => m,
         Map::ArrayOfMaps(m) => m,
-        other => return Err(MapError::InvalidName { name: format!("{other:?}") }),
+        other => {
+            return Err(MapError::InvalidName {
+                name: format!("{other:?}"),
+            });
+        }
     };
     data.info()
 }
@@ -130,12 +140,22 @@ pub enum DataplaneError {
         capacity: u32,
     },
     #[error("pinning under {path}: {error}")]
-    Pin { path: std::path::PathBuf, error: String },
+    Pin {
+        path: std::path::PathBuf,
+        error: String,
+    },
     #[error(
         "map {name} pinned under {dir} holds {have} entries, the config asks for {want}: keep \
          the old capacity, or run `mlb detach` first (that drops the connection table)"
     )]
-    PinnedSize { name: &'static str, have: u32, want: u32, dir: std::path::PathBuf },
+    PinnedSize {
+        name: &'static str,
+        have: u32,
+        want: u32,
+        dir: std::path::PathBuf,
+    },
+    #[error("{0}")]
+    Os(std::io::Error),
     #[error("writing a MaglevTable through mmap: {0}")]
     Mmap(std::io::Error),
 }
@@ -172,7 +192,12 @@ impl Dataplane {
             let map = dataplane.map(name)?;
             let have = map_info(map).map_err(map_err(name))?.max_entries();
             if have != want {
-                return Err(DataplaneError::PinnedSize { name, have, want, dir: pin_dir.to_owned() });
+                return Err(DataplaneError::PinnedSize {
+                    name,
+                    have,
+                    want,
+                    dir: pin_dir.to_owned(),
+                });
             }
         }
         Ok(dataplane)
@@ -194,7 +219,11 @@ impl Dataplane {
         }
         let ebpf = loader.load(OBJECT)?;
         let mut dataplane = Self { ebpf, caps };
-        for name in [prog_names::LB_INGRESS, prog_names::LB_DECAP, prog_names::LB_PASS] {
+        for name in [
+            prog_names::LB_INGRESS,
+            prog_names::LB_DECAP,
+            prog_names::LB_PASS,
+        ] {
             dataplane
                 .xdp(name)?
                 .load()
@@ -418,6 +447,22 @@ impl Dataplane {
 
     pub fn counter(&self, counter: Counter) -> Result<u64> {
         Ok(self.counters()?[counter as usize])
+    }
+
+    /// Zeroes the per-CPU traffic counters of Vip (`vip`) or Backend `id`: an id given to
+    /// something new starts from zero.
+    pub fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<()> {
+        let name = if vip {
+            names::VIP_STATS
+        } else {
+            names::BACKEND_STATS
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Os(e))?;
+        let mut map: PerCpuArray<_, TrafficCounters> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+            .map_err(|e| DataplaneError::Os(std::io::Error::other(e)))?;
+        map.set(id, zeros, 0).map_err(map_err(name))
     }
 
     pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounters> {

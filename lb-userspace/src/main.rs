@@ -20,19 +20,29 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, detach_on_exit } => {
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
             init_logging();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             runtime.block_on(daemon::run(
-                daemon::Options { config, detach_on_exit },
+                daemon::Options {
+                    config,
+                    detach_on_exit,
+                },
                 std::future::pending(),
             ))
         }
         Command::Check { files } => commands::check(&files),
-        Command::Plan { file, against, pin_path } => {
+        Command::Plan {
+            file,
+            against,
+            pin_path,
+        } => {
             print!("{}", commands::plan(&file, against.as_deref(), &pin_path)?);
             Ok(())
         }
@@ -45,9 +55,28 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Trace { src, sport, dst, dport, proto, pin_path } => {
+        Command::Trace {
+            src,
+            sport,
+            dst,
+            dport,
+            proto,
+            pin_path,
+        } => {
             let proto = commands::proto_number(matches!(proto, Proto::Tcp));
-            print!("{}", commands::trace(&Flow { src, dst, sport, dport, proto }, &pin_path)?);
+            print!(
+                "{}",
+                commands::trace(
+                    &Flow {
+                        src,
+                        dst,
+                        sport,
+                        dport,
+                        proto
+                    },
+                    &pin_path
+                )?
+            );
             Ok(())
         }
         Command::Drain { address, pin_path } => {

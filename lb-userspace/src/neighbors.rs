@@ -17,8 +17,14 @@ fn route(addr: IpAddr) -> Result<(String, IpAddr), String> {
     let routes: serde_json::Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("ip route get output: {e}"))?;
     let route = &routes[0];
-    let dev = route["dev"].as_str().ok_or("no device in route")?.to_owned();
-    let via = route["gateway"].as_str().and_then(|g| g.parse().ok()).unwrap_or(addr);
+    let dev = route["dev"]
+        .as_str()
+        .ok_or("no device in route")?
+        .to_owned();
+    let via = route["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(addr);
     Ok((dev, via))
 }
 

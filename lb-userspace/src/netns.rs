@@ -52,7 +52,9 @@ impl Netns {
     /// /sys privately, hiding the bpffs where maps are pinned).
     pub fn command_net_only(&self, program: &str) -> Command {
         let mut command = Command::new("nsenter");
-        command.arg(format!("--net=/var/run/netns/{}", self.name)).arg(program);
+        command
+            .arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg(program);
         command
     }
 

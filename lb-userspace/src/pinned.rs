@@ -22,18 +22,26 @@ pub struct Pinned {
 
 impl Pinned {
     pub fn open(dir: &Path) -> Self {
-        Self { dir: dir.to_owned() }
+        Self {
+            dir: dir.to_owned(),
+        }
     }
 
     fn map(&self, name: &str) -> Result<Map, PinnedError> {
         let path = self.dir.join(name);
-        let err = |error: String| PinnedError { path: path.clone(), error };
+        let err = |error: String| PinnedError {
+            path: path.clone(),
+            error,
+        };
         let data = MapData::from_pin(&path).map_err(|e| err(e.to_string()))?;
         Map::from_map_data(data).map_err(|e| err(e.to_string()))
     }
 
     fn fail(&self, name: &str, e: impl std::fmt::Display) -> PinnedError {
-        PinnedError { path: self.dir.join(name), error: e.to_string() }
+        PinnedError {
+            path: self.dir.join(name),
+            error: e.to_string(),
+        }
     }
 
     pub fn global(&self) -> Result<GlobalConfig, PinnedError> {
@@ -49,49 +57,60 @@ impl Pinned {
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend, PinnedError> {
-        let map: Array<_, Backend> =
-            Array::try_from(self.map(names::BACKENDS)?).map_err(|e| self.fail(names::BACKENDS, e))?;
+        let map: Array<_, Backend> = Array::try_from(self.map(names::BACKENDS)?)
+            .map_err(|e| self.fail(names::BACKENDS, e))?;
         map.get(&id, 0).map_err(|e| self.fail(names::BACKENDS, e))
     }
 
     pub fn conntrack_v4(&self, flow: &FlowV4) -> Result<Option<ConntrackEntry>, PinnedError> {
-        let map: HashMap<_, FlowV4, ConntrackEntry> = HashMap::try_from(self.map(names::CONNTRACK_V4)?)
-            .map_err(|e| self.fail(names::CONNTRACK_V4, e))?;
+        let map: HashMap<_, FlowV4, ConntrackEntry> =
+            HashMap::try_from(self.map(names::CONNTRACK_V4)?)
+                .map_err(|e| self.fail(names::CONNTRACK_V4, e))?;
         Ok(map.get(flow, 0).ok())
     }
 
     pub fn conntrack_v6(&self, flow: &FlowV6) -> Result<Option<ConntrackEntry>, PinnedError> {
-        let map: HashMap<_, FlowV6, ConntrackEntry> = HashMap::try_from(self.map(names::CONNTRACK_V6)?)
-            .map_err(|e| self.fail(names::CONNTRACK_V6, e))?;
+        let map: HashMap<_, FlowV6, ConntrackEntry> =
+            HashMap::try_from(self.map(names::CONNTRACK_V6)?)
+                .map_err(|e| self.fail(names::CONNTRACK_V6, e))?;
         Ok(map.get(flow, 0).ok())
     }
 
     /// The installed MaglevTable of Vip `id`: its size and the Backend id of `slot`.
-    pub fn table_slot(&self, id: u32, flow_hash: u32) -> Result<Option<(u32, u32, u32)>, PinnedError> {
-        let outer: ArrayOfMaps<_, MapData> =
-            ArrayOfMaps::try_from(self.map(names::TABLES)?).map_err(|e| self.fail(names::TABLES, e))?;
-        let Ok(inner) = outer.get(&id, 0) else { return Ok(None) };
-        let inner: Array<_, [u32; 2]> = Array::try_from(
-            Map::from_map_data(inner).map_err(|e| self.fail(names::TABLES, e))?,
-        )
-        .map_err(|e| self.fail(names::TABLES, e))?;
+    pub fn table_slot(
+        &self,
+        id: u32,
+        flow_hash: u32,
+    ) -> Result<Option<(u32, u32, u32)>, PinnedError> {
+        let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map(names::TABLES)?)
+            .map_err(|e| self.fail(names::TABLES, e))?;
+        let Ok(inner) = outer.get(&id, 0) else {
+            return Ok(None);
+        };
+        let inner: Array<_, [u32; 2]> =
+            Array::try_from(Map::from_map_data(inner).map_err(|e| self.fail(names::TABLES, e))?)
+                .map_err(|e| self.fail(names::TABLES, e))?;
         let size = inner.get(&0, 0).map_err(|e| self.fail(names::TABLES, e))?[0];
         if size == 0 {
             return Ok(Some((0, 0, 0)));
         }
         let slot = 1 + lb_common::hash::table_slot(flow_hash, size);
-        let entry = inner.get(&(slot / 2), 0).map_err(|e| self.fail(names::TABLES, e))?;
+        let entry = inner
+            .get(&(slot / 2), 0)
+            .map_err(|e| self.fail(names::TABLES, e))?;
         Ok(Some((size, slot - 1, entry[(slot & 1) as usize])))
     }
 
     /// Global counters summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, PinnedError> {
-        let map: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.map(names::STATS)?).map_err(|e| self.fail(names::STATS, e))?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(names::STATS)?)
+            .map_err(|e| self.fail(names::STATS, e))?;
         Counter::ALL
             .iter()
             .map(|&c| {
-                let v = map.get(&(c as u32), 0).map_err(|e| self.fail(names::STATS, e))?;
+                let v = map
+                    .get(&(c as u32), 0)
+                    .map_err(|e| self.fail(names::STATS, e))?;
                 Ok((c, v.iter().sum()))
             })
             .collect()
@@ -99,13 +118,18 @@ impl Pinned {
 
     /// Per-Vip or per-Backend traffic summed over CPUs.
     pub fn traffic(&self, vips: bool, id: u32) -> Result<TrafficCounters, PinnedError> {
-        let name = if vips { names::VIP_STATS } else { names::BACKEND_STATS };
+        let name = if vips {
+            names::VIP_STATS
+        } else {
+            names::BACKEND_STATS
+        };
         let map: PerCpuArray<_, TrafficCounters> =
             PerCpuArray::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
         let v = map.get(&id, 0).map_err(|e| self.fail(name, e))?;
-        Ok(v.iter().fold(TrafficCounters::default(), |a, c| TrafficCounters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+        Ok(v.iter()
+            .fold(TrafficCounters::default(), |a, c| TrafficCounters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
     }
 }

@@ -35,6 +35,8 @@ pub trait DataplaneOps {
     fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
+    /// Zeroes the traffic counters of a Vip (`vip`) or Backend id given to something new.
+    fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError>;
 }
 
 impl DataplaneOps for Dataplane {
@@ -58,6 +60,9 @@ impl DataplaneOps for Dataplane {
     }
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
         Dataplane::install_table(self, id, table)
+    }
+    fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError> {
+        Dataplane::reset_traffic(self, vip, id)
     }
 }
 
@@ -85,6 +90,9 @@ impl DataplaneOps for DryRun {
         Ok(())
     }
     fn install_table(&mut self, _: u32, _: &MaglevTable) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn reset_traffic(&mut self, _: bool, _: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
 }
@@ -120,8 +128,13 @@ impl Assignments {
             return (*a, false);
         }
         let used: BTreeSet<u32> = slots.values().map(|a| a.id).collect();
-        let id = (first_id..).find(|id| !used.contains(id)).expect("ids left");
-        let assigned = Assigned { id, generation: generation() };
+        let id = (first_id..)
+            .find(|id| !used.contains(id))
+            .expect("ids left");
+        let assigned = Assigned {
+            id,
+            generation: generation(),
+        };
         slots.insert(key.to_owned(), assigned);
         (assigned, true)
     }
@@ -243,6 +256,13 @@ impl<D: DataplaneOps> Reconciler<D> {
         &self.tables
     }
 
+    /// Backends to treat as down from the start (those a previous daemon had down), until
+    /// health events say otherwise.
+    pub fn set_initially_down(&mut self, down: &[(String, IpAddr)]) {
+        self.down
+            .extend(down.iter().map(|(pool, addr)| backend_key(pool, *addr)));
+    }
+
     /// Whether `pool/address` is drained at run time.
     pub fn is_drained(&self, pool: &str, addr: IpAddr) -> bool {
         self.drained.contains(&backend_key(pool, addr))
@@ -262,7 +282,8 @@ impl<D: DataplaneOps> Reconciler<D> {
 
         // 1. Global settings; bump the next-hop generation so routes are looked up afresh.
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
-        self.dataplane.set_global(&global_config(config, self.assignments.fib_generation))?;
+        self.dataplane
+            .set_global(&global_config(config, self.assignments.fib_generation))?;
 
         // 2. Backends (new ones before any table names them).
         let mut live_backends = BTreeSet::new();
@@ -275,27 +296,42 @@ impl<D: DataplaneOps> Reconciler<D> {
                     Assignments::assign(&mut assignments.backends, &key, 1, &mut next)
                 };
                 if new {
+                    self.dataplane.reset_traffic(false, assigned.id)?;
                     report.backends_added.push(format!("{} ({key})", b.name));
                 }
-                let mut flags = if self.down.contains(&key) { 0 } else { backend_flags::UP };
+                let mut flags = if self.down.contains(&key) {
+                    0
+                } else {
+                    backend_flags::UP
+                };
                 if b.address.is_ipv6() {
                     flags |= backend_flags::IPV6;
                 }
-                let backend =
-                    Backend { addr: addr_words(b.address), flags, generation: assigned.generation };
+                let backend = Backend {
+                    addr: addr_words(b.address),
+                    flags,
+                    generation: assigned.generation,
+                };
                 self.dataplane.set_backend(assigned.id, &backend)?;
                 live_backends.insert(key);
             }
         }
 
         // 3. Vip addresses: the filter grows first (union), so no live Vip is ever missed.
-        let old_addrs: BTreeSet<IpAddr> =
-            old.iter().flat_map(|c| c.vips.iter().map(|v| v.address)).collect();
+        let old_addrs: BTreeSet<IpAddr> = old
+            .iter()
+            .flat_map(|c| c.vips.iter().map(|v| v.address))
+            .collect();
         let new_addrs = vip_addr_flags_of(config);
-        let union: Vec<IpAddr> = old_addrs.iter().copied().chain(new_addrs.keys().copied()).collect();
+        let union: Vec<IpAddr> = old_addrs
+            .iter()
+            .copied()
+            .chain(new_addrs.keys().copied())
+            .collect();
         self.dataplane.set_vip_filter(&union)?;
         for (addr, flags) in &new_addrs {
-            self.dataplane.set_vip_addr(*addr, Some(VipAddr { flags: *flags }))?;
+            self.dataplane
+                .set_vip_addr(*addr, Some(VipAddr { flags: *flags }))?;
         }
 
         // 4. Vips: table first, then the Vip itself.
@@ -307,15 +343,25 @@ impl<D: DataplaneOps> Reconciler<D> {
                 let mut next = Assignments::next_generation_fn(&mut assignments.generation);
                 Assignments::assign(&mut assignments.vips, &endpoint, 0, &mut next)
             };
-            let old_vip = old.as_ref().and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
+            let old_vip = old
+                .as_ref()
+                .and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
             if new {
+                self.dataplane.reset_traffic(true, assigned.id)?;
                 report.vips_added.push(endpoint.clone());
             } else if old_vip.is_some_and(|o| o != vip) {
                 report.vips_changed.push(endpoint.clone());
             }
             self.install_table_for(config, vip, assigned.id, &mut report)?;
-            let state = VipState { flags: vip.flags(), generation: assigned.generation };
-            self.dataplane.set_vip(assigned.id, &vip_key(vip.address, vip.port, vip.protocol), &state)?;
+            let state = VipState {
+                flags: vip.flags(),
+                generation: assigned.generation,
+            };
+            self.dataplane.set_vip(
+                assigned.id,
+                &vip_key(vip.address, vip.port, vip.protocol),
+                &state,
+            )?;
             live_vips.insert(endpoint);
         }
 
@@ -343,7 +389,8 @@ impl<D: DataplaneOps> Reconciler<D> {
             .collect();
         for key in gone {
             if let Some(assigned) = self.assignments.backends.remove(&key) {
-                self.dataplane.set_backend(assigned.id, &Backend::default())?;
+                self.dataplane
+                    .set_backend(assigned.id, &Backend::default())?;
                 self.down.remove(&key);
                 self.drained.remove(&key);
                 report.backends_removed.push(key);
@@ -366,7 +413,10 @@ impl<D: DataplaneOps> Reconciler<D> {
     /// tables once, however many of its Backends changed (a table swap waits for an RCU
     /// grace period in the kernel, ~16 ms). Transitions of Backends the config no longer
     /// has are ignored.
-    pub fn set_health(&mut self, transitions: &[(String, IpAddr, bool)]) -> Result<Report, ReconcileError> {
+    pub fn set_health(
+        &mut self,
+        transitions: &[(String, IpAddr, bool)],
+    ) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
         let mut pools = BTreeSet::new();
         for (pool, addr, up) in transitions {
@@ -374,7 +424,11 @@ impl<D: DataplaneOps> Reconciler<D> {
             let Some(assigned) = self.assignments.backends.get(&key).copied() else {
                 continue;
             };
-            let changed = if *up { self.down.remove(&key) } else { self.down.insert(key) };
+            let changed = if *up {
+                self.down.remove(&key)
+            } else {
+                self.down.insert(key)
+            };
             if !changed {
                 continue;
             }
@@ -382,7 +436,11 @@ impl<D: DataplaneOps> Reconciler<D> {
             if addr.is_ipv6() {
                 flags |= backend_flags::IPV6;
             }
-            let backend = Backend { addr: addr_words(*addr), flags, generation: assigned.generation };
+            let backend = Backend {
+                addr: addr_words(*addr),
+                flags,
+                generation: assigned.generation,
+            };
             self.dataplane.set_backend(assigned.id, &backend)?;
             pools.insert(pool.clone());
         }
@@ -394,7 +452,11 @@ impl<D: DataplaneOps> Reconciler<D> {
 
     /// Drains (or undrains) `address` in every pool at run time: no new flows, existing
     /// ones keep their Backend. Returns the pools it was found in.
-    pub fn set_drained(&mut self, addr: IpAddr, drained: bool) -> Result<(Vec<String>, Report), ReconcileError> {
+    pub fn set_drained(
+        &mut self,
+        addr: IpAddr,
+        drained: bool,
+    ) -> Result<(Vec<String>, Report), ReconcileError> {
         let pools: Vec<String> = self
             .config
             .as_ref()
@@ -422,8 +484,10 @@ impl<D: DataplaneOps> Reconciler<D> {
     /// Bumps the next-hop cache generation: every CPU looks its backends' routes up again.
     pub fn refresh_next_hops(&mut self) -> Result<(), ReconcileError> {
         if let Some(config) = &self.config {
-            self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
-            self.dataplane.set_global(&global_config(config, self.assignments.fib_generation))?;
+            self.assignments.fib_generation =
+                self.assignments.fib_generation.wrapping_add(1).max(1);
+            self.dataplane
+                .set_global(&global_config(config, self.assignments.fib_generation))?;
         }
         Ok(())
     }
@@ -453,8 +517,14 @@ impl<D: DataplaneOps> Reconciler<D> {
         let mut names = Vec::new();
         for b in &pool.backends {
             let key = backend_key(&vip.pool, b.address);
-            let Some(assigned) = self.assignments.backends.get(&key) else { continue };
-            let weight = if self.down.contains(&key) || self.drained.contains(&key) { 0 } else { b.weight };
+            let Some(assigned) = self.assignments.backends.get(&key) else {
+                continue;
+            };
+            let weight = if self.down.contains(&key) || self.drained.contains(&key) {
+                0
+            } else {
+                b.weight
+            };
             if weight > 0 {
                 names.push((assigned.id, b.name.clone()));
             }
@@ -474,7 +544,14 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
         let generation = previous.map_or(1, |p| p.generation + 1);
         report.tables.push((endpoint.clone(), diff));
-        self.tables.insert(endpoint, InstalledTable { table, generation, members: names });
+        self.tables.insert(
+            endpoint,
+            InstalledTable {
+                table,
+                generation,
+                members: names,
+            },
+        );
         Ok(())
     }
 

@@ -21,7 +21,9 @@ pub const RUN_DIR: &str = "/run/mlb";
 
 /// The state file for the maps pinned under `pin_dir`.
 pub fn state_path(pin_dir: &Path) -> PathBuf {
-    let name = pin_dir.file_name().map_or("mlb".into(), |n| n.to_string_lossy().into_owned());
+    let name = pin_dir
+        .file_name()
+        .map_or("mlb".into(), |n| n.to_string_lossy().into_owned());
     Path::new(RUN_DIR).join(format!("{name}.json"))
 }
 
@@ -112,9 +114,7 @@ impl Snapshot {
         let backends = config
             .pools
             .iter()
-            .flat_map(|(pool, p)| {
-                p.backends.iter().map(move |b| (pool.clone(), b.clone()))
-            })
+            .flat_map(|(pool, p)| p.backends.iter().map(move |b| (pool.clone(), b.clone())))
             .map(|(pool, b)| {
                 let key = backend_key(&pool, b.address);
                 BackendStatus {
@@ -138,7 +138,10 @@ impl Snapshot {
             interfaces: config
                 .interfaces
                 .iter()
-                .map(|i| InterfaceStatus { name: i.name.clone(), xdp_mode: i.xdp_mode.to_string() })
+                .map(|i| InterfaceStatus {
+                    name: i.name.clone(),
+                    xdp_mode: i.xdp_mode.to_string(),
+                })
                 .collect(),
             vips,
             backends,
@@ -152,23 +155,47 @@ impl Snapshot {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(io::Error::other)?,
+        )?;
         std::fs::rename(&tmp, path)
     }
 
     pub fn load(path: &Path) -> io::Result<Self> {
         let bytes = std::fs::read(path)?;
         serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
         })
     }
 }
 
-/// The assignments a previous daemon left for the maps under `pin_dir`, if any.
-pub fn previous_assignments(pin_dir: &Path) -> Result<Assignments, DataplaneError> {
+/// What a previous daemon left for the maps under `pin_dir`.
+pub struct Previous {
+    pub assignments: Assignments,
+    /// `(pool, address)` of the Backends it had down.
+    pub down: Vec<(String, IpAddr)>,
+}
+
+/// The state a previous daemon left for the maps under `pin_dir`, if any.
+pub fn previous(pin_dir: &Path) -> Result<Option<Previous>, DataplaneError> {
     match Snapshot::load(&state_path(pin_dir)) {
-        Ok(snapshot) => Ok(snapshot.assignments),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Assignments::default()),
-        Err(e) => Err(DataplaneError::Pin { path: state_path(pin_dir), error: e.to_string() }),
+        Ok(snapshot) => Ok(Some(Previous {
+            down: snapshot
+                .backends
+                .iter()
+                .filter(|b| !b.up)
+                .map(|b| (b.pool.clone(), b.address))
+                .collect(),
+            assignments: snapshot.assignments,
+        })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DataplaneError::Pin {
+            path: state_path(pin_dir),
+            error: e.to_string(),
+        }),
     }
 }

@@ -3,7 +3,11 @@
 use std::process::Command;
 
 fn mlb_check(path: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mlb")).arg("check").arg(path).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_mlb"))
+        .arg("check")
+        .arg(path)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -14,12 +18,20 @@ fn check_passes_on_every_shipped_config() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let out = mlb_check(&path);
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
             checked += 1;
         }
     }
-    assert!(checked >= 3, "config/ holds the example, minimal and demo configs");
+    assert!(
+        checked >= 3,
+        "config/ holds the example, minimal and demo configs"
+    );
 }
 
 #[test]
@@ -34,7 +46,10 @@ fn check_fails_on_broken_configs_naming_file_line_and_problem() {
         let out = mlb_check(&dir.join(file));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} must fail");
-        assert!(stderr.contains(&format!("{file}:")), "{file}: the file is named: {stderr}");
+        assert!(
+            stderr.contains(&format!("{file}:")),
+            "{file}: the file is named: {stderr}"
+        );
         assert!(stderr.contains(expected), "{file}: {stderr}");
     }
 }

@@ -14,7 +14,8 @@ use support::daemon::DaemonBed;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn connect(addr: SocketAddr) -> (TcpStream, String) {
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).unwrap();
@@ -26,10 +27,14 @@ fn echo(stream: &mut TcpStream, text: &str) -> std::io::Result<String> {
     writeln!(stream, "{text}")?;
     let mut line = String::new();
     BufReader::new(&*stream).read_line(&mut line)?;
-    line.trim().split_once(' ').map(|(n, _)| n.to_owned()).ok_or_else(|| std::io::Error::other(format!("reply {line:?}")))
+    line.trim()
+        .split_once(' ')
+        .map(|(n, _)| n.to_owned())
+        .ok_or_else(|| std::io::Error::other(format!("reply {line:?}")))
 }
 
-const VIPS: &str = "  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
+const VIPS: &str =
+    "  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
 
 #[test]
 fn daemon_serves_the_vip_and_status_shows_it() {
@@ -48,18 +53,30 @@ fn daemon_serves_the_vip_and_status_shows_it() {
     }
     let status = bed.mlb(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     assert!(text.contains("vip web 10.200.0.1:80/tcp"), "{text}");
     assert!(text.contains("be1: "), "{text}");
 }
 
 /// Opens `n` long-lived connections; returns them with their backend names.
 fn open_many(bed: &DaemonBed, n: usize) -> Vec<(TcpStream, String)> {
-    bed.bed.client.netns.enter(|| (0..n).map(|_| connect(bed.vip(80))).collect()).unwrap()
+    bed.bed
+        .client
+        .netns
+        .enter(|| (0..n).map(|_| connect(bed.vip(80))).collect())
+        .unwrap()
 }
 
 /// Echoes on every connection; returns the names, or which broke.
-fn check_alive(bed: &DaemonBed, conns: &mut [(TcpStream, String)], tag: &str) -> Vec<Result<(), String>> {
+fn check_alive(
+    bed: &DaemonBed,
+    conns: &mut [(TcpStream, String)],
+    tag: &str,
+) -> Vec<Result<(), String>> {
     bed.bed
         .client
         .netns
@@ -67,11 +84,13 @@ fn check_alive(bed: &DaemonBed, conns: &mut [(TcpStream, String)], tag: &str) ->
             conns
                 .iter_mut()
                 .enumerate()
-                .map(|(i, (stream, name))| match echo(stream, &format!("{tag}-{i}")) {
-                    Ok(who) if who == *name => Ok(()),
-                    Ok(who) => Err(format!("connection to {name} answered by {who}")),
-                    Err(e) => Err(format!("connection to {name} broke: {e}")),
-                })
+                .map(
+                    |(i, (stream, name))| match echo(stream, &format!("{tag}-{i}")) {
+                        Ok(who) if who == *name => Ok(()),
+                        Ok(who) => Err(format!("connection to {name} answered by {who}")),
+                        Err(e) => Err(format!("connection to {name} broke: {e}")),
+                    },
+                )
                 .collect()
         })
         .unwrap()
@@ -96,15 +115,21 @@ impl Traffic {
     fn start(bed: &DaemonBed) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
-        let netns = std::fs::File::open(format!("/var/run/netns/{}", bed.bed.client.netns.name())).unwrap();
+        let netns =
+            std::fs::File::open(format!("/var/run/netns/{}", bed.bed.client.netns.name())).unwrap();
         let vip = bed.vip(80);
         let handle = std::thread::spawn(move || {
             use std::os::fd::AsRawFd as _;
             // SAFETY: this thread only.
-            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
             let (mut ok, mut failed) = (0, 0);
             let started = std::time::Instant::now();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(60)
+            {
                 match TcpStream::connect_timeout(&vip, TIMEOUT).and_then(|mut s| {
                     s.set_read_timeout(Some(TIMEOUT))?;
                     let mut line = String::new();
@@ -150,29 +175,57 @@ fn reload_under_traffic_keeps_established_connections_of_staying_backends() {
     // 1. Add be4 (file change, picked up by the watcher).
     let traffic = Traffic::start(&bed);
     bed.write_config(&config(&bed, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
-    bed.wait_for("reload 1", Duration::from_secs(5), || applied(&bed, "reloaded:", 1));
+    bed.wait_for("reload 1", Duration::from_secs(5), || {
+        applied(&bed, "reloaded:", 1)
+    });
     let (ok, failed) = traffic.finish();
-    assert_eq!(failed, 0, "{failed} of {} background connections failed while adding a backend", ok + failed);
-    assert!(check_alive(&bed, &mut conns, "add").iter().all(Result::is_ok), "{:?}", check_alive(&bed, &mut conns, "add2"));
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} background connections failed while adding a backend",
+        ok + failed
+    );
+    assert!(
+        check_alive(&bed, &mut conns, "add")
+            .iter()
+            .all(Result::is_ok),
+        "{:?}",
+        check_alive(&bed, &mut conns, "add2")
+    );
     let flows = new_flows(&bed, 200);
-    assert!(flows.get("be4").is_some_and(|&n| n > 20), "new flows reach the new backend: {flows:?}");
+    assert!(
+        flows.get("be4").is_some_and(|&n| n > 20),
+        "new flows reach the new backend: {flows:?}"
+    );
 
     // 2. Weight of be2 to 5 (SIGHUP).
     let traffic = Traffic::start(&bed);
     bed.write_config(&config(&bed, &[(1, 1), (2, 5), (3, 1), (4, 1)]));
     bed.signal("-HUP");
-    bed.wait_for("reload 2", Duration::from_secs(5), || applied(&bed, "reloaded:", 2));
+    bed.wait_for("reload 2", Duration::from_secs(5), || {
+        applied(&bed, "reloaded:", 2)
+    });
     let (ok, failed) = traffic.finish();
-    assert_eq!(failed, 0, "{failed} of {} background connections failed while changing a weight", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} background connections failed while changing a weight",
+        ok + failed
+    );
     let results = check_alive(&bed, &mut conns, "weight");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let flows = new_flows(&bed, 300);
     let be2 = *flows.get("be2").unwrap_or(&0) as f64 / 300.0;
-    assert!((be2 - 5.0 / 8.0).abs() < 0.1, "be2 should get ~5/8 of new flows: {flows:?}");
+    assert!(
+        (be2 - 5.0 / 8.0).abs() < 0.1,
+        "be2 should get ~5/8 of new flows: {flows:?}"
+    );
 
     // 3. Remove be1: connections to the others survive; no new flow goes to be1.
     bed.write_config(&config(&bed, &[(2, 5), (3, 1), (4, 1)]));
-    bed.wait_for("reload 3", Duration::from_secs(5), || applied(&bed, "reloaded:", 3));
+    bed.wait_for("reload 3", Duration::from_secs(5), || {
+        applied(&bed, "reloaded:", 3)
+    });
     let results = check_alive(&bed, &mut conns, "remove");
     for ((_, name), result) in conns.iter().zip(&results) {
         if name != "be1" {
@@ -180,7 +233,10 @@ fn reload_under_traffic_keeps_established_connections_of_staying_backends() {
         }
     }
     let flows = new_flows(&bed, 100);
-    assert!(!flows.contains_key("be1"), "a new flow went to the removed backend: {flows:?}");
+    assert!(
+        !flows.contains_key("be1"),
+        "a new flow went to the removed backend: {flows:?}"
+    );
 }
 
 /// A bad config by SIGHUP is refused with its errors logged; traffic is unaffected and the
@@ -191,18 +247,32 @@ fn bad_config_on_sighup_is_refused_and_traffic_continues() {
     bed.write_config(&bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1), (2, 1)], "")));
     bed.start_daemon();
     let mut conns = open_many(&bed, 8);
-    std::fs::write(&bed.config, "vips:\n  - name: web\n    adress: 10.200.0.1\n").unwrap();
+    std::fs::write(
+        &bed.config,
+        "vips:\n  - name: web\n    adress: 10.200.0.1\n",
+    )
+    .unwrap();
     bed.signal("-HUP");
     bed.wait_for("the refusal in the log", Duration::from_secs(5), || {
         bed.log_text().contains("config refused")
     });
     let log = bed.log_text();
-    assert!(log.contains("lb.yaml:3:5"), "the error names file, line and column:\n{log}");
-    assert!(check_alive(&bed, &mut conns, "after").iter().all(Result::is_ok));
+    assert!(
+        log.contains("lb.yaml:3:5"),
+        "the error names file, line and column:\n{log}"
+    );
+    assert!(
+        check_alive(&bed, &mut conns, "after")
+            .iter()
+            .all(Result::is_ok)
+    );
     let flows = new_flows(&bed, 40);
     assert_eq!(flows.values().sum::<usize>(), 40);
     let status = String::from_utf8_lossy(&bed.mlb(&["status"]).stdout).to_string();
-    assert!(status.contains("vip web 10.200.0.1:80/tcp"), "the old config is in force:\n{status}");
+    assert!(
+        status.contains("vip web 10.200.0.1:80/tcp"),
+        "the old config is in force:\n{status}"
+    );
 }
 
 /// kill -9 of the daemon and a restart: open connections survive (the program stays
@@ -217,15 +287,31 @@ fn kill_9_and_restart_keep_open_connections() {
 
     bed.stop_daemon("-KILL");
     let results = check_alive(&bed, &mut conns, "dead");
-    assert!(results.iter().all(Result::is_ok), "with the daemon dead: {results:?}");
+    assert!(
+        results.iter().all(Result::is_ok),
+        "with the daemon dead: {results:?}"
+    );
 
     bed.start_daemon();
-    assert!(bed.log_text().contains("re-adopted the attached program"), "{}", bed.log_text());
-    assert!(bed.log_text().contains("adopted running state"), "{}", bed.log_text());
+    assert!(
+        bed.log_text().contains("re-adopted the attached program"),
+        "{}",
+        bed.log_text()
+    );
+    assert!(
+        bed.log_text().contains("adopted running state"),
+        "{}",
+        bed.log_text()
+    );
     let results = check_alive(&bed, &mut conns, "restarted");
-    assert!(results.iter().all(Result::is_ok), "after the restart: {results:?}");
+    assert!(
+        results.iter().all(Result::is_ok),
+        "after the restart: {results:?}"
+    );
     let after = std::fs::read_to_string(lb_userspace::state::state_path(&bed.pin_dir)).unwrap();
-    let ids = |text: &str| -> serde_json::Value { serde_json::from_str::<serde_json::Value>(text).unwrap()["assignments"]["backends"].clone() };
+    let ids = |text: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(text).unwrap()["assignments"]["backends"].clone()
+    };
     assert_eq!(ids(&before), ids(&after), "backend ids survive the restart");
     assert_eq!(new_flows(&bed, 30).values().sum::<usize>(), 30);
 }
@@ -239,19 +325,40 @@ fn plan_and_trace_explain_the_live_state() {
     let (stream, name) = bed.bed.client.netns.enter(|| connect(bed.vip(80))).unwrap();
     let local = stream.local_addr().unwrap();
     let out = bed.mlb(&[
-        "trace", "--src", &local.ip().to_string(), "--sport", &local.port().to_string(),
-        "--dst", "10.200.0.1", "--dport", "80",
+        "trace",
+        "--src",
+        &local.ip().to_string(),
+        "--sport",
+        &local.port().to_string(),
+        "--dst",
+        "10.200.0.1",
+        "--dport",
+        "80",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("connection table: entry -> {name}")), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("connection table: entry -> {name}")),
+        "{text}"
+    );
 
     let next = bed.dir.join("next.yaml");
-    std::fs::write(&next, bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1), (2, 1)], ""))).unwrap();
+    std::fs::write(
+        &next,
+        bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1), (2, 1)], "")),
+    )
+    .unwrap();
     let out = bed.mlb(&["plan", next.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("backends removed: web/10.100.0.13"), "{text}");
     assert!(text.contains("10.200.0.1:80/tcp"), "{text}");
 }
-

@@ -75,7 +75,9 @@ fn failures(attempts: &[Attempt]) -> Vec<&Attempt> {
 fn transitions(bed: &DaemonBed, address: &str) -> Vec<String> {
     bed.log_text()
         .lines()
-        .filter(|l| l.contains("health transition") && l.contains(&format!("backend={address} ")))
+        .filter(|l| {
+            l.contains("health check: backend") && l.contains(&format!("backend={address} "))
+        })
         .map(str::to_owned)
         .collect()
 }

@@ -750,8 +750,6 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
 }
 
 #[test]
-#[ignore = "until the health checker's observer calls Metrics::observe_check: without it the \
-            mlb_health_check_* series the dashboard shows never appear"]
 fn every_metric_the_grafana_dashboard_uses_is_in_a_live_scrape() {
     let _serial = serial();
     let dashboard = std::fs::read_to_string(DASHBOARD).unwrap();

@@ -551,7 +551,11 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
     for ((f, _), ((_, first), (action, second))) in flows.iter().zip(outs.iter().zip(&again)) {
         assert_eq!(*action, XDP_TX);
         let outer = if f.src.is_ipv4() { 14..34 } else { 14..54 };
-        assert_eq!(first[outer.clone()], second[outer], "{f:?} changed backend on its second packet");
+        assert_eq!(
+            first[outer.clone()],
+            second[outer],
+            "{f:?} changed backend on its second packet"
+        );
     }
     let hits = deltas(&before, &after);
     assert!(hits.contains(&("conntrack_hit", 10_000)), "{hits:?}");

@@ -85,7 +85,9 @@ impl Drop for Demo {
             let _ = server.kill();
             let _ = server.wait();
         }
-        let _ = Command::new(&self.mlb).args(["detach", "--pin-path", PIN_PATH]).output();
+        let _ = Command::new(&self.mlb)
+            .args(["detach", "--pin-path", PIN_PATH])
+            .output();
         let _ = std::fs::remove_dir_all(PIN_PATH);
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces go with self.bed.
@@ -104,14 +106,23 @@ impl Demo {
         let vip_addr = SocketAddr::new(vip.address, vip.port);
         let pool = &config.pools[&vip.pool];
         let names: Vec<String> = pool.backends.iter().map(|b| b.name.clone()).collect();
-        println!("mlb demo: a real XDP load balancer in front of {} real HTTP backends\n", names.len());
+        println!(
+            "mlb demo: a real XDP load balancer in front of {} real HTTP backends\n",
+            names.len()
+        );
 
         step("building the testbed: client, load balancer and backends in network namespaces");
         let started = Instant::now();
         let bed = Testbed::new(names.len(), &[vip.address])?;
         for (b, cfg) in bed.backends.iter().zip(&pool.backends) {
             if b.addr4 != cfg.address {
-                bail!("{} expects backend {} at {}, the testbed has {}", args.config.display(), cfg.name, cfg.address, b.addr4);
+                bail!(
+                    "{} expects backend {} at {}, the testbed has {}",
+                    args.config.display(),
+                    cfg.name,
+                    cfg.address,
+                    b.addr4
+                );
             }
         }
         println!("ok ({:.1?})", started.elapsed());
@@ -129,11 +140,17 @@ impl Demo {
 
         // Veth plumbing the daemon does not own: XDP_TX needs a program on the switch
         // port, and IPIP backends need the decapsulation program.
-        let mut helpers = Dataplane::load(Capacities { max_vips: 1, max_backends: 2, conntrack_entries: 1024 })?;
+        let mut helpers = Dataplane::load(Capacities {
+            max_vips: 1,
+            max_backends: 2,
+            conntrack_entries: 1024,
+        })?;
         let port = bed.switch_port(&bed.lb);
-        bed.switch.enter(|| helpers.attach(prog_names::LB_PASS, &port, XdpMode::Driver))??;
+        bed.switch
+            .enter(|| helpers.attach(prog_names::LB_PASS, &port, XdpMode::Driver))??;
         for b in &bed.backends {
-            b.netns.enter(|| helpers.attach(prog_names::LB_DECAP, NIC, XdpMode::Driver))??;
+            b.netns
+                .enter(|| helpers.attach(prog_names::LB_DECAP, NIC, XdpMode::Driver))??;
         }
 
         let mut demo = Self {
@@ -154,7 +171,11 @@ impl Demo {
         // The demo's own pin path, so it never touches a real deployment's state.
         let text = std::fs::read_to_string(config)?;
         let text = if text.contains("\nglobal:\n") || text.starts_with("global:\n") {
-            text.replacen("global:\n", &format!("global:\n  pin_path: {PIN_PATH}\n"), 1)
+            text.replacen(
+                "global:\n",
+                &format!("global:\n  pin_path: {PIN_PATH}\n"),
+                1,
+            )
         } else {
             format!("global:\n  pin_path: {PIN_PATH}\n{text}")
         };
@@ -181,12 +202,22 @@ impl Demo {
                 println!("ok (log: {})", log_path.display());
                 return Ok(());
             }
-            if let Some(exit) = self.daemon.as_mut().and_then(|d| d.try_wait().ok().flatten()) {
-                bail!("mlb exited ({exit}):\n{}", std::fs::read_to_string(&log_path)?);
+            if let Some(exit) = self
+                .daemon
+                .as_mut()
+                .and_then(|d| d.try_wait().ok().flatten())
+            {
+                bail!(
+                    "mlb exited ({exit}):\n{}",
+                    std::fs::read_to_string(&log_path)?
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("mlb did not come up:\n{}", std::fs::read_to_string(&log_path)?)
+        bail!(
+            "mlb did not come up:\n{}",
+            std::fs::read_to_string(&log_path)?
+        )
     }
 
     fn mlb_status(&self) -> anyhow::Result<String> {
@@ -202,7 +233,10 @@ impl Demo {
 
     fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         let victim = self.names[1].clone();
-        println!("\nphase 1: every backend up: {REQUESTS} HTTP requests from the client to http://{}/", self.vip);
+        println!(
+            "\nphase 1: every backend up: {REQUESTS} HTTP requests from the client to http://{}/",
+            self.vip
+        );
         self.traffic(stop)?;
 
         println!("\nphase 2: {victim}'s HTTP server is stopped; the health check takes it out");
@@ -212,7 +246,12 @@ impl Demo {
         self.traffic(stop)?;
 
         println!("\nphase 3: {victim} is back; after its rise checks it gets flows again");
-        let server = start_server(&self.bed.backends[1].netns, &self.dir.join("backend_server.py"), &victim, self.vip.port())?;
+        let server = start_server(
+            &self.bed.backends[1].netns,
+            &self.dir.join("backend_server.py"),
+            &victim,
+            self.vip.port(),
+        )?;
         self.servers[1] = Some(server);
         let took = self.wait_for_state(&victim, "up", stop)?;
         println!("  mlb marked {victim} up {took:.1?} after the restart");
@@ -234,11 +273,18 @@ impl Demo {
     }
 
     /// Waits until `mlb status` shows `name` in `state` ("DOWN" or "up").
-    fn wait_for_state(&self, name: &str, state: &str, stop: &AtomicBool) -> anyhow::Result<Duration> {
+    fn wait_for_state(
+        &self,
+        name: &str,
+        state: &str,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(15) && !stop.load(Ordering::SeqCst) {
             let status = self.mlb_status()?;
-            let line = status.lines().find(|l| l.starts_with(&format!("backend {name} ")));
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(&format!("backend {name} ")));
             if line.is_some_and(|l| l.contains(&format!(": {state}"))) {
                 return Ok(started.elapsed());
             }
@@ -255,7 +301,8 @@ impl Demo {
         let vip = self.vip;
         let names = self.names.clone();
         let (counts, failed) = self.bed.client.netns.enter(|| {
-            let mut counts: BTreeMap<String, usize> = names.iter().map(|n| (n.clone(), 0)).collect();
+            let mut counts: BTreeMap<String, usize> =
+                names.iter().map(|n| (n.clone(), 0)).collect();
             let mut failed = 0;
             for i in 1..=REQUESTS {
                 if stop.load(Ordering::SeqCst) {
@@ -266,8 +313,12 @@ impl Demo {
                     Err(_) => failed += 1,
                 }
                 if i % 20 == 0 || i == REQUESTS {
-                    let live: Vec<String> = counts.iter().map(|(n, c)| format!("{n} {c:>3}")).collect();
-                    print!("\r  requests {i:>3}/{REQUESTS}: {}  failed {failed}   ", live.join("  "));
+                    let live: Vec<String> =
+                        counts.iter().map(|(n, c)| format!("{n} {c:>3}")).collect();
+                    print!(
+                        "\r  requests {i:>3}/{REQUESTS}: {}  failed {failed}   ",
+                        live.join("  ")
+                    );
                     let _ = std::io::stdout().flush();
                 }
             }
@@ -277,7 +328,10 @@ impl Demo {
         let total: usize = counts.values().sum::<usize>().max(1);
         for (name, n) in &counts {
             let bar = "█".repeat(n * 40 / total);
-            println!("  {name:<6} {bar:<40} {n:>4} ({:>3.0}%)", *n as f64 * 100.0 / total as f64);
+            println!(
+                "  {name:<6} {bar:<40} {n:>4} ({:>3.0}%)",
+                *n as f64 * 100.0 / total as f64
+            );
         }
         println!("  failed {failed}");
         if stop.load(Ordering::SeqCst) {
@@ -287,7 +341,12 @@ impl Demo {
     }
 }
 
-fn start_server(netns: &lb_userspace::netns::Netns, script: &Path, name: &str, port: u16) -> anyhow::Result<Child> {
+fn start_server(
+    netns: &lb_userspace::netns::Netns,
+    script: &Path,
+    name: &str,
+    port: u16,
+) -> anyhow::Result<Child> {
     let mut child = netns
         .command("python3")
         .arg(script)
@@ -307,7 +366,10 @@ fn start_server(netns: &lb_userspace::netns::Netns, script: &Path, name: &str, p
 fn http_get(vip: SocketAddr) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    write!(stream, "GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     if !response.starts_with("HTTP/1.1 200") {

@@ -3,6 +3,6 @@
 //! a fixed set of Vips and Backends, and packet builders.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod daemon;
 pub mod lab;
 pub mod packets;
-pub mod daemon;
