@@ -10,11 +10,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     consts::{Counter, PROTO_IPIP, PROTO_IPV6, backend_flags, vip_flags},
-    types::{Backend, NextHop},
+    types::{Backend, GlobalConfig, NextHop},
 };
 
 use crate::{
-    maps::{CONFIG, NEXT_HOPS},
+    maps::NEXT_HOPS,
     parse::{
         ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, L2, Verdict, VlanHdr, ptr_at, zero,
@@ -29,19 +29,25 @@ const OUTER_TTL: u8 = 64;
 
 /// Forwards the packet to `sel`'s backend; `bytes` is what the client sent.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, l2: &L2, sel: &Selection, bytes: u64) -> Result<u32, Verdict> {
+pub fn forward(
+    ctx: &XdpContext,
+    l2: &L2,
+    sel: &Selection,
+    bytes: u64,
+    config: &GlobalConfig,
+) -> Result<u32, Verdict> {
     let v6 = sel.vip_flags & vip_flags::IPV6 != 0;
     if v6 != (sel.backend.flags & backend_flags::IPV6 != 0) {
         // The daemon refuses such configs; never emit a half-right packet.
         return Err(Verdict::Drop(Counter::DropEncap));
     }
-    let hop = next_hop(ctx, sel.backend_id, &sel.backend, v6)?;
+    let hop = next_hop(ctx, sel.backend_id, &sel.backend, v6, config.fib_generation)?;
     if sel.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, &hop)?;
     } else if v6 {
-        encap_ipv6(ctx, l2, &hop, sel)?;
+        encap_ipv6(ctx, l2, &hop, sel, config)?;
     } else {
-        encap_ipv4(ctx, l2, &hop, sel)?;
+        encap_ipv4(ctx, l2, &hop, sel, config)?;
     }
     count_forwarded(sel.vip, sel.backend_id, bytes);
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
@@ -57,9 +63,14 @@ pub fn forward(ctx: &XdpContext, l2: &L2, sel: &Selection, bytes: u64) -> Result
 /// The backend's next hop: this CPU's cached `bpf_fib_lookup` result while the daemon's
 /// generation is unchanged, else a fresh lookup (routes and neighbours are the kernel's).
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, id: u32, backend: &Backend, v6: bool) -> Result<NextHop, Verdict> {
+fn next_hop(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &Backend,
+    v6: bool,
+    generation: u32,
+) -> Result<NextHop, Verdict> {
     let no_route = Verdict::Drop(Counter::DropFib);
-    let generation = CONFIG.get(0).map_or(0, |c| c.fib_generation);
     let cached = NEXT_HOPS.get_ptr_mut(id).ok_or(no_route)?;
     // SAFETY: per-CPU slot, only this CPU touches it.
     unsafe {
@@ -158,17 +169,18 @@ fn push_l2(
 
 /// IPIP: outer IPv4 header from an RSS-spreading source to the backend.
 #[inline(always)]
-fn encap_ipv4(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Result<(), Verdict> {
+fn encap_ipv4(
+    ctx: &XdpContext,
+    l2: &L2,
+    hop: &NextHop,
+    sel: &Selection,
+    config: &GlobalConfig,
+) -> Result<(), Verdict> {
     let failed = Verdict::Drop(Counter::DropEncap);
     let inner: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
-    let src = CONFIG
-        .get(0)
-        .map_or(0, |c| {
-            c.encap_src4_base | (sel.hash & c.encap_src4_hostmask)
-        })
-        .to_be();
+    let src = (config.encap_src4_base | (sel.hash & config.encap_src4_hostmask)).to_be();
     push_l2(ctx, l2, hop, IPV4_HLEN, ETH_P_IP)?;
     let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
@@ -192,13 +204,19 @@ fn encap_ipv4(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Resu
 
 /// IPv6-in-IPv6: outer header to the backend; source and flow label vary with the flow.
 #[inline(always)]
-fn encap_ipv6(ctx: &XdpContext, l2: &L2, hop: &NextHop, sel: &Selection) -> Result<(), Verdict> {
+fn encap_ipv6(
+    ctx: &XdpContext,
+    l2: &L2,
+    hop: &NextHop,
+    sel: &Selection,
+    config: &GlobalConfig,
+) -> Result<(), Verdict> {
     let failed = Verdict::Drop(Counter::DropEncap);
     let inner: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     let (vtc_flow, inner_payload) =
         unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
-    let base = &CONFIG.get(0).ok_or(failed)?.encap_src6_base;
+    let base = &config.encap_src6_base;
     let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);

@@ -43,11 +43,15 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
 #[inline(always)]
 fn steer<F: Flow>(ctx: &XdpContext, l2: &L2, pkt: Parsed<F>) -> Result<u32, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let selection = select(&pkt)?;
+    // Read once, passed down: map lookups are not merged by the compiler.
+    let config = maps::CONFIG
+        .get(0)
+        .ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    let selection = select(&pkt, config)?;
     if pkt.icmp_error {
         stats::count(Counter::IcmpToBackend);
     }
-    forward::forward(ctx, l2, &selection, bytes)
+    forward::forward(ctx, l2, &selection, bytes, config)
 }
 
 #[xdp]

@@ -6,13 +6,13 @@ use lb_common::{
         backend_flags, vip_flags,
     },
     hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
-    types::{Backend, ConntrackEntry, FlowV4, FlowV6, VipKey, vip_addr_flags},
+    types::{Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, VipKey, vip_addr_flags},
 };
 
 use crate::{
     maps::{
-        BACKENDS, CONFIG, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES,
-        VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE, VIPS,
+        BACKENDS, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4,
+        VIP_ADDRS_V6, VIP_STATE, VIPS,
     },
     parse::{Parsed, Verdict, zero},
     stats::count,
@@ -198,13 +198,10 @@ fn same<T>(a: &T, b: &T) -> bool {
 /// Picks the backend for a parsed packet: this CPU's flow cache, then the LRU connection
 /// table, then the Vip's MaglevTable.
 #[inline(always)]
-pub fn select<F: Flow>(pkt: &Parsed<F>) -> Result<Selection, Verdict> {
+pub fn select<F: Flow>(pkt: &Parsed<F>, config: &GlobalConfig) -> Result<Selection, Verdict> {
     let flow = &pkt.flow;
-    let (seed, mask) = CONFIG
-        .get(0)
-        .map_or((0, 0), |c| (c.hash_seed, c.flow_cache_mask));
-    let hash = flow.hash(seed);
-    let slot = hash & mask;
+    let hash = flow.hash(config.hash_seed);
+    let slot = hash & config.flow_cache_mask;
 
     if !pkt.icmp_error
         && let Some((entry, refresh)) = flow.cached(slot)

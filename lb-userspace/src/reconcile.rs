@@ -421,17 +421,28 @@ impl<D: DataplaneOps> Reconciler<D> {
         let mut pools = BTreeSet::new();
         for (pool, addr, up) in transitions {
             let key = backend_key(pool, *addr);
-            let Some(assigned) = self.assignments.backends.get(&key).copied() else {
+            if !self.assignments.backends.contains_key(&key) {
                 continue;
-            };
+            }
             let changed = if *up {
                 self.down.remove(&key)
             } else {
-                self.down.insert(key)
+                self.down.insert(key.clone())
             };
             if !changed {
                 continue;
             }
+            if !*up {
+                // A new generation voids every connection entry (the LRU table's and every
+                // CPU's flow cache) made while it was up: its flows are re-steered, and
+                // when it comes back, re-steered flows stay where they went.
+                let generation =
+                    Assignments::next_generation_fn(&mut self.assignments.generation)();
+                if let Some(a) = self.assignments.backends.get_mut(&key) {
+                    a.generation = generation;
+                }
+            }
+            let assigned = self.assignments.backends[&key];
             let mut flags = if *up { backend_flags::UP } else { 0 };
             if addr.is_ipv6() {
                 flags |= backend_flags::IPV6;
@@ -622,4 +633,205 @@ fn vip_addr_flags_of(config: &Config) -> BTreeMap<IpAddr, u32> {
         }
     }
     flags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every write, in order.
+    #[derive(Default)]
+    struct Recorder {
+        ops: Vec<String>,
+        backends: BTreeMap<u32, Backend>,
+        tables: BTreeMap<u32, MaglevTable>,
+    }
+
+    impl DataplaneOps for Recorder {
+        fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+            self.ops
+                .push(format!("backend {id} flags {}", backend.flags));
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn set_vip_filter(&mut self, _: &[IpAddr]) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn set_vip_addr(&mut self, _: IpAddr, _: Option<VipAddr>) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn set_vip(&mut self, id: u32, _: &VipKey, _: &VipState) -> Result<(), DataplaneError> {
+            self.ops.push(format!("vip {id}"));
+            Ok(())
+        }
+        fn remove_vip(&mut self, id: u32, _: &VipKey) -> Result<(), DataplaneError> {
+            self.ops.push(format!("remove vip {id}"));
+            Ok(())
+        }
+        fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+            self.ops.push(format!("table {id}"));
+            self.tables.insert(id, table.clone());
+            Ok(())
+        }
+        fn reset_traffic(&mut self, _: bool, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+    }
+
+    fn config(backends: &[(&str, u32)]) -> Config {
+        let mut yaml = String::from(
+            "interfaces:\n  - name: eth0\nvips:\n  - address: 10.200.0.1\n    port: 80\n    \
+             protocol: tcp\n    table_size: 251\n    pool: web\npools:\n  web:\n    backends:\n",
+        );
+        for (addr, weight) in backends {
+            yaml += &format!("      - address: {addr}\n        weight: {weight}\n");
+        }
+        Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ids(r: &Reconciler<Recorder>) -> BTreeMap<String, u32> {
+        r.assignments()
+            .backends
+            .iter()
+            .map(|(k, a)| (k.clone(), a.id))
+            .collect()
+    }
+
+    #[test]
+    fn ids_stay_stable_when_other_backends_come_and_go() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        let before = ids(&r);
+        r.apply(&config(&[
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+            ("10.0.0.4", 1),
+        ]))
+        .unwrap();
+        let after = ids(&r);
+        for key in ["web/10.0.0.2", "web/10.0.0.3"] {
+            assert_eq!(before[key], after[key], "{key} kept its id");
+        }
+        assert!(!after.contains_key("web/10.0.0.1"));
+        // The new backend is assigned before the old one is released: a fresh id.
+        assert!(
+            !before.values().any(|&id| id == after["web/10.0.0.4"]),
+            "{before:?} {after:?}"
+        );
+        let generations: BTreeSet<u32> = r
+            .assignments()
+            .backends
+            .values()
+            .map(|a| a.generation)
+            .collect();
+        assert_eq!(
+            generations.len(),
+            3,
+            "every assignment has its own generation"
+        );
+    }
+
+    #[test]
+    fn a_removed_backend_is_cleared_only_after_the_table_no_longer_names_it() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        let removed = ids(&r)["web/10.0.0.1"];
+        r.dataplane_mut().ops.clear();
+        r.apply(&config(&[("10.0.0.2", 1)])).unwrap();
+        let ops = &r.dataplane().ops;
+        let table = ops
+            .iter()
+            .position(|o| o.starts_with("table"))
+            .expect("table swapped");
+        let cleared = ops
+            .iter()
+            .position(|o| *o == format!("backend {removed} flags 0"))
+            .expect("cleared");
+        assert!(
+            table < cleared,
+            "table swap before the backend is cleared: {ops:?}"
+        );
+        assert!(!r.dataplane().tables[&0].slots().contains(&removed));
+    }
+
+    #[test]
+    fn down_backend_leaves_the_table_and_gets_a_new_generation_draining_keeps_it_up() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 0),
+        ]))
+        .unwrap();
+        let id1 = ids(&r)["web/10.0.0.1"];
+        let id3 = ids(&r)["web/10.0.0.3"];
+        assert!(
+            !r.dataplane().tables[&0].slots().contains(&id3),
+            "weight 0 holds no slot"
+        );
+        assert_eq!(
+            r.dataplane().backends[&id3].flags & backend_flags::UP,
+            backend_flags::UP,
+            "draining stays up"
+        );
+        let generation = r.dataplane().backends[&id1].generation;
+
+        let report = r
+            .set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), false)])
+            .unwrap();
+        assert_eq!(report.tables.len(), 1, "one table rebuilt");
+        assert!(!r.dataplane().tables[&0].slots().contains(&id1));
+        assert_eq!(r.dataplane().backends[&id1].flags & backend_flags::UP, 0);
+        assert_ne!(
+            r.dataplane().backends[&id1].generation,
+            generation,
+            "old entries voided"
+        );
+
+        r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), true)])
+            .unwrap();
+        assert!(
+            r.dataplane().tables[&0].slots().contains(&id1),
+            "back in the table"
+        );
+        // Transitions of backends that are not configured are ignored.
+        let report = r
+            .set_health(&[("web".into(), "10.9.9.9".parse().unwrap(), false)])
+            .unwrap();
+        assert!(report.is_empty());
+    }
+
+    #[test]
+    fn a_dry_run_reports_the_share_of_flows_that_move() {
+        let mut r = Reconciler::new(DryRun, Assignments::default());
+        r.apply(&config(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+            ("10.0.0.4", 1),
+        ]))
+        .unwrap();
+        let report = r
+            .apply(&config(&[
+                ("10.0.0.1", 1),
+                ("10.0.0.2", 1),
+                ("10.0.0.3", 1),
+            ]))
+            .unwrap();
+        let (_, diff) = &report.tables[0];
+        assert!(
+            (0.24..0.30).contains(&diff.moved_fraction),
+            "about a quarter moves: {diff}"
+        );
+        assert_eq!(report.backends_removed, vec!["web/10.0.0.4".to_string()]);
+    }
 }

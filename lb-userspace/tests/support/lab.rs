@@ -252,12 +252,15 @@ impl Lab {
     }
 
     /// Marks backend `id` up or down in the data plane.
+    /// Marks backend `id` up or down in the data plane, as the daemon does: going down
+    /// takes a new generation, voiding the connection entries made while it was up.
     pub fn set_backend_up(&mut self, id: u32, up: bool) {
         let mut backend = self.dataplane.backend(id).unwrap();
         if up {
             backend.flags |= backend_flags::UP;
         } else {
             backend.flags &= !backend_flags::UP;
+            backend.generation += 1;
         }
         self.dataplane.set_backend(id, &backend).unwrap();
     }
