@@ -28,9 +28,12 @@ def main():
 
     class Tcp(socketserver.StreamRequestHandler):
         def handle(self):
-            self.wfile.write(name + b"\n")
-            for line in self.rfile:
-                self.wfile.write(name + b" " + line)
+            try:
+                self.wfile.write(name + b"\n")
+                for line in self.rfile:
+                    self.wfile.write(name + b" " + line)
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # a health check that connects and closes
 
     class Http(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
