@@ -29,6 +29,25 @@ pub enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Forwarding throughput through the real data plane against nftables DNAT and plain
+    /// routing in the same run, on veth in network namespaces; ratios per core. Root.
+    Throughput {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Per-packet cost as Vips, backends per Vip and active flows grow (BPF_PROG_TEST_RUN).
+    /// Root.
+    Scaling {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Every benchmark under a live display; JSON and one Markdown report with SVG plots
+    /// in bench-results/. Root.
+    All {
+        /// Fewer calls, shorter runs: for a look, not for the record.
+        #[arg(long)]
+        quick: bool,
+    },
     /// MaglevTable build time, balance and disruption.
     Maglev {
         #[arg(long)]
@@ -40,9 +59,34 @@ pub enum Bench {
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
+    if let Bench::All { quick } = bench {
+        return crate::report::run(quick);
+    }
     setup::run()?;
     let mut cargo = Command::new("cargo");
     match bench {
+        Bench::All { .. } => unreachable!("handled above"),
+        Bench::Throughput { json } => {
+            if !setup::is_root() {
+                bail!(
+                    "the throughput benchmark creates network namespaces and loads XDP programs: \
+                     run it as root"
+                );
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "throughput", "--"]);
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
+        Bench::Scaling { json } => {
+            if !setup::is_root() {
+                bail!("the scaling benchmark loads the XDP program into the kernel: run it as root");
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "scaling", "--"]);
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
         Bench::Xdp { json, calls } => {
             if !setup::is_root() {
                 bail!("the XDP benchmark loads the program into the kernel: run it as root");

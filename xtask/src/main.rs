@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod report;
 mod setup;
 mod status;
 mod test;

@@ -27,6 +27,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("python3", "python3"),
     ("promtool", "prometheus"),
+    ("nft", "nftables"),
 ];
 
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`
