@@ -16,8 +16,9 @@
 //! The process is pinned to one CPU, so every flow lives in that CPU's LRU list and flow
 //! cache. Every point checks that its calls were connection-table hits (misses are reported).
 //! For each series the growth is judged from the figures: flat (the range within the noise:
-//! max(5 ns, 15% of the mean, the rounds' spread)), else logarithmic or linear (a
-//! least-squares fit against log10(x) and against x, compared by R²).
+//! max(5 ns, 15% of the mean, the rounds' spread), or no fit with R² ≥ 0.5), else
+//! logarithmic or linear (a least-squares fit against log10(x) and against x, compared by
+//! R²).
 //!
 //! `cargo xtask bench scaling [--json FILE]`; directly:
 //! `cargo bench -p lb-userspace --bench scaling -- [--calls N] [--quick] [--json FILE]`
@@ -57,6 +58,8 @@ const BACKEND_SERIES_FLOWS: usize = 4096;
 /// Backends of the Vip and flow series.
 const FEW_BACKENDS: usize = 10;
 const MAX_BACKENDS: usize = 1000;
+/// Below this R² neither fit is a trend.
+const MIN_R2: f64 = 0.5;
 
 struct Options {
     calls: usize,
@@ -530,8 +533,9 @@ fn fit(xs: &[f64], ys: &[f64]) -> (f64, f64, f64) {
 }
 
 /// Flat if the whole range stays within max(5 ns, 15% of the mean, the points' mean
-/// round-to-round spread): no growth that the noise could not explain. Otherwise the better
-/// (by R²) of a fit against log10(x) and against x.
+/// round-to-round spread), or if neither fit explains at least half the variance: no growth
+/// that the noise could not explain. Otherwise the better (by R²) of a fit against log10(x)
+/// and against x.
 fn growth(points: &[Point]) -> Value {
     let xs: Vec<f64> = points.iter().map(|p| p.x as f64).collect();
     let ys: Vec<f64> = points.iter().map(|p| p.above_empty).collect();
@@ -550,6 +554,18 @@ fn growth(points: &[Point]) -> Value {
                 "flat: {min:.0}–{max:.0} ns from {} to {} (within {band:.0} ns, the noise band)",
                 xs[0],
                 xs[xs.len() - 1]
+            ),
+        )
+    } else if r2_lin.max(r2_log) < MIN_R2 {
+        (
+            "flat",
+            format!(
+                "flat: {min:.0}–{max:.0} ns from {} to {}, no consistent trend (R² {:.2} \
+                 against log10, {:.2} against x)",
+                xs[0],
+                xs[xs.len() - 1],
+                r2_log,
+                r2_lin
             ),
         )
     } else if r2_lin > r2_log {

@@ -963,24 +963,29 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(100));
         let (frame, program) = self.generator(proto);
         let thread = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
         let this = &*self;
         let (before, after, stopped) = std::thread::scope(|scope| {
             let sender = scope.spawn(|| {
+                let _done = SetOnDrop(&done);
                 this.wire.enter(|| {
                     let program = bpf::load(&program)?;
                     generate(&program, &frame, this.wire_ifindex, &thread)
                 })
             });
+            // Stops the generator however this scope is left, a panic included: the scope
+            // waits for the generator, whose call would otherwise run for minutes.
+            let interrupt = Interrupt {
+                thread: &thread,
+                done: &done,
+            };
             sleep_unless_stopped(WARMUP);
             if sender.is_finished() {
                 panic!("the generator stopped: {:?}", sender.join());
             }
             let before = this.snapshot();
             sleep_unless_stopped(Duration::from_secs_f64(seconds));
-            while !sender.is_finished() {
-                stop_generator(thread.load(Ordering::SeqCst));
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            drop(interrupt);
             let stopped = Instant::now();
             sender
                 .join()
@@ -1071,6 +1076,33 @@ fn generate(
         }
     }
     Ok(())
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// When dropped, interrupts the generator until it is done.
+struct Interrupt<'a> {
+    thread: &'a AtomicU64,
+    done: &'a AtomicBool,
+}
+
+impl Drop for Interrupt<'_> {
+    fn drop(&mut self) {
+        while !self.done.load(Ordering::SeqCst) {
+            let thread = self.thread.load(Ordering::SeqCst);
+            if thread != 0 {
+                stop_generator(thread);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Interrupts the generator's call (a signal whose handler does nothing makes the kernel

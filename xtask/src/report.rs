@@ -785,8 +785,9 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "{}; at least {} calls per point in {} rounds, on one CPU. Growth: flat when the \
-             whole range stays within max(5 ns, 15% of the mean, the rounds' spread), else the \
-             better (by R²) of a least-squares fit against log10(x) and against x.\n",
+             whole range stays within max(5 ns, 15% of the mean, the rounds' spread) or no fit \
+             reaches R² 0.5, else the better (by R²) of a least-squares fit against log10(x) \
+             and against x.\n",
             v["method"].as_str().unwrap_or(""),
             v["calls"],
             v["rounds"]
