@@ -436,8 +436,12 @@ impl Report<'_> {
             });
         let virt = command_output("systemd-detect-virt", &[]);
         let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]);
-        let dirty =
-            !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        let status = command_output("git", &["status", "--porcelain", "--untracked-files=no"]);
+        let commit = match (commit.as_str(), status.as_str()) {
+            ("?", _) => "unknown (not a git checkout)".to_owned(),
+            (c, "") => c.to_owned(),
+            (c, _) => format!("{c} (with uncommitted changes)"),
+        };
         let rustc = command_output("rustc", &["--version"]);
         let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
         let _ = writeln!(md, "# mlb performance report\n");
@@ -460,15 +464,7 @@ impl Report<'_> {
         let _ = writeln!(md, "| memory | {memory} |");
         let _ = writeln!(md, "| kernel | {} |", kernel.trim());
         let _ = writeln!(md, "| rustc | {rustc} |");
-        let _ = writeln!(
-            md,
-            "| commit | {commit}{} |",
-            if dirty {
-                " (with uncommitted changes)"
-            } else {
-                ""
-            }
-        );
+        let _ = writeln!(md, "| commit | {commit} |");
         let _ = writeln!(
             md,
             "| load average before / after | {} / {} |",
