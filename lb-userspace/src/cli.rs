@@ -102,3 +102,13 @@ pub enum Proto {
     Tcp,
     Udp,
 }
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::consts::PROTO_TCP,
+            Proto::Udp => lb_common::consts::PROTO_UDP,
+        }
+    }
+}

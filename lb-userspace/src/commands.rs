@@ -4,7 +4,7 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, bail};
 use lb_common::{
-    consts::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    consts::{FAMILY_V4, FAMILY_V6},
     hash::{Flow, addr_words},
     types::{FlowV4, FlowV6, VipKey},
 };
@@ -301,8 +301,4 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<String> {
         interfaces.join(", "),
         pin_dir.display()
     ))
-}
-
-pub fn proto_number(tcp: bool) -> u8 {
-    if tcp { PROTO_TCP } else { PROTO_UDP }
 }

@@ -51,7 +51,10 @@ pub fn capacities(config: &Config) -> Capacities {
 
 /// Runs the daemon until `shutdown` completes or SIGTERM/SIGINT arrives.
 pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let config = Config::load(&options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Read once: what is validated is what the watcher compares and the snapshot keeps.
+    let bytes = std::fs::read(&options.config)
+        .with_context(|| format!("reading {}", options.config.display()))?;
+    let config = Config::from_bytes(&bytes, &options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin_dir = config.global.pin_path.clone();
     // Metrics: /healthz answers from here on, /readyz once the config is applied.
     let metrics = Arc::new(Metrics::new(&pin_dir));
@@ -87,7 +90,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let mut daemon = Daemon {
         checker: health::Checker::idle(),
         health_tx,
-        applied_text: std::fs::read(&options.config).unwrap_or_default(),
+        running_text: String::from_utf8_lossy(&bytes).into_owned(),
+        watched: bytes,
         config_path: options.config.clone(),
         pin_dir: pin_dir.clone(),
         reconciler,
@@ -95,7 +99,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         retry: None,
         neighbours: BTreeSet::new(),
     };
-    daemon.start_checker(&config, down);
+    daemon.start_checker(&config, down, health::HealthStats::new());
     daemon.after_apply(&config);
 
     let (control_tx, mut control_rx) =
@@ -119,7 +123,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
                 daemon.reload();
             }
             _ = watch.tick() => {
-                if std::fs::read(&daemon.config_path).is_ok_and(|text| text != daemon.applied_text) {
+                if std::fs::read(&daemon.config_path).is_ok_and(|text| text != daemon.watched) {
                     info!("config file changed: reloading");
                     daemon.reload();
                 }
@@ -171,9 +175,12 @@ struct Daemon {
     health_tx: mpsc::Sender<HealthEvent>,
     metrics: Arc<Metrics>,
     /// The file content last tried, so the watcher reloads on change only.
-    applied_text: Vec<u8>,
-    /// A valid config whose apply failed in the kernel: retried on the refresh timer.
-    retry: Option<Config>,
+    watched: Vec<u8>,
+    /// The text of the config in force (for `mlb plan` against the running state).
+    running_text: String,
+    /// A valid config (and its text) whose apply failed in the kernel: retried on the
+    /// refresh timer.
+    retry: Option<(Config, String)>,
     /// Backend addresses that already have a managed neighbour entry.
     neighbours: BTreeSet<IpAddr>,
 }
@@ -185,8 +192,12 @@ impl Daemon {
     }
 
     fn reload(&mut self) {
-        self.applied_text = std::fs::read(&self.config_path).unwrap_or_default();
-        let config = match Config::load(&self.config_path) {
+        let bytes = match std::fs::read(&self.config_path) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.refused(&format!("{}: {e}", self.config_path.display())),
+        };
+        self.watched = bytes.clone();
+        let config = match Config::from_bytes(&bytes, &self.config_path) {
             Ok(config) => config,
             Err(e) => {
                 for line in e.lines() {
@@ -219,14 +230,19 @@ impl Daemon {
                 warn!(interface = %interface.name, error = %e, "detaching");
             }
         }
-        self.apply(config, "reloaded");
+        self.apply(
+            config,
+            String::from_utf8_lossy(&bytes).into_owned(),
+            "reloaded",
+        );
     }
 
-    fn apply(&mut self, config: Config, what: &str) {
+    fn apply(&mut self, config: Config, text: String, what: &str) {
         let started = Instant::now();
         match self.reconciler.apply(&config) {
             Ok(report) => {
                 self.retry = None;
+                self.running_text = text;
                 self.metrics.reload(true);
                 self.metrics
                     .reconciled(&self.reconciler, &report, started.elapsed());
@@ -235,24 +251,20 @@ impl Daemon {
                 let down = old.down_backends();
                 let stats = old.stats();
                 old.stop();
-                self.start_checker_with(&config, down, stats);
+                self.start_checker(&config, down, stats);
                 self.after_apply(&config);
             }
             Err(e) => {
                 self.metrics.reload(false);
                 error!(error = %e, "applying the config failed in the kernel; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
-                self.retry = Some(config);
+                self.retry = Some((config, text));
             }
         }
     }
 
-    fn start_checker(&mut self, config: &Config, initial_down: Vec<(String, IpAddr)>) {
-        self.start_checker_with(config, initial_down, health::HealthStats::new());
-    }
-
     /// Starts the health checks of `config`, carrying states and counters over, each probe
     /// feeding the metrics.
-    fn start_checker_with(
+    fn start_checker(
         &mut self,
         config: &Config,
         initial_down: Vec<(String, IpAddr)>,
@@ -280,9 +292,9 @@ impl Daemon {
 
     /// Timer: re-resolve next hops; retry a config the kernel refused.
     fn refresh(&mut self) {
-        if let Some(config) = self.retry.take() {
+        if let Some((config, text)) = self.retry.take() {
             info!("retrying the config the kernel refused");
-            self.apply(config, "applied on retry");
+            self.apply(config, text, "applied on retry");
         }
         if let Err(e) = self.reconciler.refresh_next_hops() {
             warn!(error = %e, "refreshing next hops");
@@ -321,7 +333,11 @@ impl Daemon {
             return Reply::Error("no config applied".into());
         };
         match command {
-            Command::Status => Reply::Status(Box::new(Snapshot::of(&self.reconciler, &config))),
+            Command::Status => Reply::Status(Box::new(Snapshot::of(
+                &self.reconciler,
+                &config,
+                &self.running_text,
+            ))),
             Command::Drain { address, drained } => {
                 match self.reconciler.set_drained(address, drained) {
                     Ok((pools, _)) if pools.is_empty() => {
@@ -361,7 +377,7 @@ impl Daemon {
             return;
         };
         let path = state::state_path(&self.pin_dir);
-        if let Err(e) = Snapshot::of(&self.reconciler, config).save(&path) {
+        if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text).save(&path) {
             warn!(path = %path.display(), error = %e, "saving state");
         }
     }

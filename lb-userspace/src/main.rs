@@ -3,7 +3,7 @@
 use clap::{CommandFactory as _, Parser as _};
 use lb_common::hash::Flow;
 use lb_userspace::{
-    cli::{Cli, Command, Proto},
+    cli::{Cli, Command},
     commands, daemon,
 };
 
@@ -63,7 +63,6 @@ fn run() -> anyhow::Result<()> {
             proto,
             pin_path,
         } => {
-            let proto = commands::proto_number(matches!(proto, Proto::Tcp));
             print!(
                 "{}",
                 commands::trace(
@@ -72,7 +71,7 @@ fn run() -> anyhow::Result<()> {
                         dst,
                         sport,
                         dport,
-                        proto
+                        proto: proto.number(),
                     },
                     &pin_path
                 )?

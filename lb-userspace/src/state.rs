@@ -80,7 +80,11 @@ pub struct BackendStatus {
 
 impl Snapshot {
     /// The snapshot of a running reconciler.
-    pub fn of<D: DataplaneOps>(reconciler: &Reconciler<D>, config: &Config) -> Self {
+    pub fn of<D: DataplaneOps>(
+        reconciler: &Reconciler<D>,
+        config: &Config,
+        config_text: &str,
+    ) -> Self {
         let assignments = reconciler.assignments().clone();
         let tables = reconciler.tables();
         let vips = config
@@ -131,7 +135,7 @@ impl Snapshot {
         Self {
             pid: std::process::id(),
             config: config.source.clone(),
-            config_text: std::fs::read_to_string(&config.source).unwrap_or_default(),
+            config_text: config_text.to_owned(),
             updated: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

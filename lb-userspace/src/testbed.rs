@@ -11,7 +11,10 @@
 
 use std::{io, net::IpAddr};
 
-use crate::netns::Netns;
+use aya::programs::XdpMode;
+use lb_common::consts::prog_names;
+
+use crate::{dataplane::Dataplane, netns::Netns};
 
 pub const SUBNET4: &str = "10.100.0";
 pub const SUBNET6: &str = "fd00:100:";
@@ -102,6 +105,27 @@ impl Testbed {
     /// The bridge port facing `host` (XDP_TX out of a veth needs a program on this peer).
     pub fn switch_port(&self, host: &Host) -> String {
         format!("p-{}", host.name)
+    }
+
+    /// Attaches, from `dataplane`'s object, what the segment itself needs besides the load
+    /// balancer: `lb_pass` on the switch port facing the load balancer (XDP_TX out of a
+    /// veth needs a program on its peer) and `lb_decap` on every backend (IPIP).
+    pub fn attach_plumbing(&self, dataplane: &mut Dataplane) -> io::Result<()> {
+        let attach = |dataplane: &mut Dataplane, netns: &Netns, program, dev: &str| {
+            netns
+                .enter(|| dataplane.attach(program, dev, XdpMode::Driver).map(|_| ()))?
+                .map_err(io::Error::other)
+        };
+        attach(
+            dataplane,
+            &self.switch,
+            prog_names::LB_PASS,
+            &self.switch_port(&self.lb),
+        )?;
+        for b in &self.backends {
+            attach(dataplane, &b.netns, prog_names::LB_DECAP, NIC)?;
+        }
+        Ok(())
     }
 
     /// Makes the load balancer resolve every backend's MAC (its next hops), as health

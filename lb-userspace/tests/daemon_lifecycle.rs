@@ -273,6 +273,21 @@ fn bad_config_on_sighup_is_refused_and_traffic_continues() {
         status.contains("vip web 10.200.0.1:80/tcp"),
         "the old config is in force:\n{status}"
     );
+    // `plan` compares with the config in force, not with the refused file on disk.
+    let next = bed.dir.join("next.yaml");
+    std::fs::write(
+        &next,
+        bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1)], "")),
+    )
+    .unwrap();
+    let out = bed.mlb(&["plan", next.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("backends removed: web/10.100.0.12"), "{text}");
 }
 
 /// kill -9 of the daemon and a restart: open connections survive (the program stays

@@ -89,24 +89,7 @@ impl Bed {
                     .unwrap();
             })
             .unwrap();
-        // XDP_TX out of a veth needs an XDP program on its peer.
-        let port = bed.switch_port(&bed.lb);
-        bed.switch
-            .enter(|| {
-                dataplane
-                    .attach(prog_names::LB_PASS, &port, XdpMode::Driver)
-                    .unwrap()
-            })
-            .unwrap();
-        for b in &bed.backends {
-            b.netns
-                .enter(|| {
-                    dataplane
-                        .attach(prog_names::LB_DECAP, NIC, XdpMode::Driver)
-                        .unwrap()
-                })
-                .unwrap();
-        }
+        bed.attach_plumbing(&mut dataplane).unwrap();
         bed.resolve_backends()
             .expect("the load balancer reaches every backend");
 

@@ -80,7 +80,9 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         }
         Bench::Scaling { json } => {
             if !setup::is_root() {
-                bail!("the scaling benchmark loads the XDP program into the kernel: run it as root");
+                bail!(
+                    "the scaling benchmark loads the XDP program into the kernel: run it as root"
+                );
             }
             cargo.args(["bench", "-p", "lb-userspace", "--bench", "scaling", "--"]);
             if let Some(json) = json {

@@ -17,7 +17,12 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let status = Command::new(format!("{target}/debug/mlb-demo"))
-        .args(["--mlb", &format!("{target}/debug/mlb"), "--config", "config/demo.yaml"])
+        .args([
+            "--mlb",
+            &format!("{target}/debug/mlb"),
+            "--config",
+            "config/demo.yaml",
+        ])
         .status()?;
     if !status.success() {
         bail!("the demo failed");

@@ -16,13 +16,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::XdpMode;
 use clap::Parser;
-use lb_common::consts::prog_names;
 use lb_userspace::{
     config::Config,
     dataplane::{Capacities, Dataplane},
-    testbed::{NIC, Testbed},
+    testbed::Testbed,
 };
 
 const BACKEND_SERVER: &str = include_str!("../../tests/support/backend_server.py");
@@ -145,13 +143,7 @@ impl Demo {
             max_backends: 2,
             conntrack_entries: 1024,
         })?;
-        let port = bed.switch_port(&bed.lb);
-        bed.switch
-            .enter(|| helpers.attach(prog_names::LB_PASS, &port, XdpMode::Driver))??;
-        for b in &bed.backends {
-            b.netns
-                .enter(|| helpers.attach(prog_names::LB_DECAP, NIC, XdpMode::Driver))??;
-        }
+        bed.attach_plumbing(&mut helpers)?;
 
         let mut demo = Self {
             bed,

@@ -297,14 +297,20 @@ impl Config {
     /// Reads, parses and validates the config at `path`; positions in errors name `path` as
     /// given.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let origin = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| {
             ConfigError::new(
-                &origin,
+                &path.display().to_string(),
                 vec![Problem::new(Pos::NONE, format!("cannot read: {e}"))],
             )
         })?;
-        let text = String::from_utf8(bytes).map_err(|e| {
+        Config::from_bytes(&bytes, path)
+    }
+
+    /// Parses and validates the bytes of the file at `path` (already read, so a caller
+    /// that keeps the bytes validates exactly what it kept).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
             let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
             let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
             let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);

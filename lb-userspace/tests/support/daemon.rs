@@ -9,12 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
-use lb_common::consts::prog_names;
 use lb_userspace::{
     dataplane::{Capacities, Dataplane},
     netns::Netns,
-    testbed::{NIC, Testbed},
+    testbed::Testbed,
 };
 
 pub const VIP: &str = "10.200.0.1";
@@ -82,23 +80,7 @@ impl DaemonBed {
             conntrack_entries: 1024,
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        let port = bed.switch_port(&bed.lb);
-        bed.switch
-            .enter(|| {
-                helpers
-                    .attach(prog_names::LB_PASS, &port, XdpMode::Driver)
-                    .unwrap()
-            })
-            .unwrap();
-        for b in &bed.backends {
-            b.netns
-                .enter(|| {
-                    helpers
-                        .attach(prog_names::LB_DECAP, NIC, XdpMode::Driver)
-                        .unwrap()
-                })
-                .unwrap();
-        }
+        bed.attach_plumbing(&mut helpers).unwrap();
         Self {
             bed,
             _helpers: helpers,
