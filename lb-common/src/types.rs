@@ -121,19 +121,40 @@ pub struct GlobalConfig {
     /// Per-CPU flow cache slot of a flow: `flow_hash & flow_cache_mask` (size - 1, a power
     /// of two). Set by the loader from the capacities, not by the config.
     pub flow_cache_mask: u32,
-    pub _pad: u32,
+    /// Flow-cache entries are valid only while theirs equals this. The loader bumps it on
+    /// every change to a Vip, a Backend or the next hops, so a cached Route never outlives
+    /// what it was built from. Never 0 (the value of an empty slot).
+    pub cache_epoch: u32,
 }
 
-/// Value of `FLOW_CACHE_V4` (per CPU): a direct-mapped cache of connection-table entries
-/// in front of the LRU map, indexed by flow hash. `packets` counts hits, so that every
-/// `FLOW_CACHE_REFRESH` hits the LRU entry is touched and stays recent.
+/// A forwarding decision as the flow cache keeps it: everything an established packet
+/// needs, so that it touches no Vip, Backend or next-hop map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    /// The connection-table entry behind it (refreshed in the LRU from time to time).
+    pub entry: ConntrackEntry,
+    /// Next hop towards the backend, as `bpf_fib_lookup` gave it.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// `vip_flags` of the Vip.
+    pub vip_flags: u32,
+}
+
+/// Value of `FLOW_CACHE_V4` (per CPU): a direct-mapped cache of whole Routes in front of
+/// the LRU connection table, indexed by flow hash; one cache line. `packets` counts hits,
+/// so that every `FLOW_CACHE_REFRESH` hits the LRU entry is touched and stays recent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheV4 {
     pub flow: FlowV4,
-    pub entry: ConntrackEntry,
+    pub route: Route,
+    /// Network byte order.
+    pub backend_addr: u32,
+    /// `GlobalConfig::cache_epoch` when the entry was written.
+    pub epoch: u32,
     pub packets: u32,
-    pub _pad: u32,
 }
 
 /// Value of `FLOW_CACHE_V6` (per CPU).
@@ -141,9 +162,11 @@ pub struct FlowCacheV4 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheV6 {
     pub flow: FlowV6,
-    pub entry: ConntrackEntry,
+    pub route: Route,
+    /// Network byte order.
+    pub backend_addr: [u32; 4],
+    pub epoch: u32,
     pub packets: u32,
-    pub _pad: u32,
 }
 
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
@@ -164,8 +187,9 @@ const _: () = {
     assert!(size_of::<ConntrackEntry>() == 16);
     assert!(size_of::<NextHop>() == 20);
     assert!(size_of::<GlobalConfig>() == 40);
-    assert!(size_of::<FlowCacheV4>() == 40);
-    assert!(size_of::<FlowCacheV6>() == 64);
+    assert!(size_of::<Route>() == 36);
+    assert!(size_of::<FlowCacheV4>() == 64);
+    assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);
 };
 
@@ -183,6 +207,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for Route {}
     unsafe impl aya::Pod for FlowCacheV4 {}
     unsafe impl aya::Pod for FlowCacheV6 {}
 }

@@ -1,7 +1,7 @@
 //! Sending a packet to its backend: next hop from `bpf_fib_lookup` (cached per CPU), then
 //! IPIP / IPv6-in-IPv6 encapsulation or an L2 (MAC) rewrite, then XDP_TX or XDP_REDIRECT.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, hint::cold_path};
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    consts::{Counter, PROTO_IPIP, PROTO_IPV6, backend_flags, vip_flags},
-    types::{Backend, GlobalConfig, NextHop},
+    consts::{Counter, PROTO_IPIP, PROTO_IPV6, vip_flags},
+    types::{Backend, GlobalConfig, NextHop, Route},
 };
 
 use crate::{
@@ -27,7 +27,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const OUTER_TTL: u8 = 64;
 
-/// Forwards the packet to `sel`'s backend; `bytes` is what the client sent.
+/// Forwards the packet along `sel`'s Route; `bytes` is what the client sent.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -36,34 +36,30 @@ pub fn forward(
     bytes: u64,
     config: &GlobalConfig,
 ) -> Result<u32, Verdict> {
-    let v6 = sel.vip_flags & vip_flags::IPV6 != 0;
-    if v6 != (sel.backend.flags & backend_flags::IPV6 != 0) {
-        // The daemon refuses such configs; never emit a half-right packet.
-        return Err(Verdict::Drop(Counter::DropEncap));
-    }
-    let hop = next_hop(ctx, sel.backend_id, &sel.backend, v6, config.fib_generation)?;
-    if sel.vip_flags & vip_flags::L2_DSR != 0 {
-        set_macs(ctx, &hop)?;
-    } else if v6 {
-        encap_ipv6(ctx, l2, &hop, sel, config)?;
+    let route = &sel.route;
+    if route.vip_flags & vip_flags::L2_DSR != 0 {
+        set_macs(ctx, route)?;
+    } else if route.vip_flags & vip_flags::IPV6 != 0 {
+        encap_ipv6(ctx, l2, sel, config)?;
     } else {
-        encap_ipv4(ctx, l2, &hop, sel, config)?;
+        encap_ipv4(ctx, l2, sel, config)?;
     }
-    count_forwarded(sel.vip, sel.backend_id, bytes);
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+    count_forwarded(route.entry.vip, route.entry.backend, bytes);
+    if route.ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::Tx);
         Ok(xdp_action::XDP_TX)
     } else {
+        cold_path();
         count(Counter::Redirect);
         // SAFETY: plain helper call.
-        Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+        Ok(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
     }
 }
 
 /// The backend's next hop: this CPU's cached `bpf_fib_lookup` result while the daemon's
 /// generation is unchanged, else a fresh lookup (routes and neighbours are the kernel's).
 #[inline(always)]
-fn next_hop(
+pub fn next_hop(
     ctx: &XdpContext,
     id: u32,
     backend: &Backend,
@@ -78,6 +74,7 @@ fn next_hop(
             return Ok(*cached);
         }
     }
+    cold_path();
     // The kernel answers only if forwarding is on for the ingress device (the daemon
     // turns it on where it attaches).
     let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
@@ -124,7 +121,7 @@ fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend
 
 /// L2 direct server return: the backend owns the Vip on a loopback; only the MACs change.
 #[inline(always)]
-fn set_macs(ctx: &XdpContext, hop: &NextHop) -> Result<(), Verdict> {
+fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -140,7 +137,7 @@ fn set_macs(ctx: &XdpContext, hop: &NextHop) -> Result<(), Verdict> {
 fn push_l2(
     ctx: &XdpContext,
     l2: &L2,
-    hop: &NextHop,
+    hop: &Route,
     outer_len: usize,
     proto: u16,
 ) -> Result<(), Verdict> {
@@ -157,6 +154,7 @@ fn push_l2(
         match l2.vlan_tci {
             None => (*eth).proto = proto,
             Some(tci) => {
+                cold_path();
                 (*eth).proto = ETH_P_8021Q;
                 let vlan: *mut VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(failed)?;
                 (*vlan).tci = tci;
@@ -172,7 +170,6 @@ fn push_l2(
 fn encap_ipv4(
     ctx: &XdpContext,
     l2: &L2,
-    hop: &NextHop,
     sel: &Selection,
     config: &GlobalConfig,
 ) -> Result<(), Verdict> {
@@ -181,23 +178,24 @@ fn encap_ipv4(
     // SAFETY: bounds checked by ptr_at.
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
     let src = (config.encap_src4_base | (sel.hash & config.encap_src4_hostmask)).to_be();
-    push_l2(ctx, l2, hop, IPV4_HLEN, ETH_P_IP)?;
+    let dst = sel.backend_addr[0];
+    let tot_len = (inner_len + IPV4_HLEN as u16).to_be();
+    push_l2(ctx, l2, &sel.route, IPV4_HLEN, ETH_P_IP)?;
     let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         *outer = Ipv4Hdr {
             vihl: 0x45,
             tos,
-            tot_len: (inner_len + IPV4_HLEN as u16).to_be(),
+            tot_len,
             id: 0,
             frag_off: 0,
             ttl: OUTER_TTL,
             proto: PROTO_IPIP,
-            check: 0,
+            check: ipv4_checksum(tos, tot_len, src, dst),
             src,
-            dst: sel.backend.addr[0],
+            dst,
         };
-        (*outer).check = ipv4_checksum(outer as *const u16);
     }
     Ok(())
 }
@@ -207,7 +205,6 @@ fn encap_ipv4(
 fn encap_ipv6(
     ctx: &XdpContext,
     l2: &L2,
-    hop: &NextHop,
     sel: &Selection,
     config: &GlobalConfig,
 ) -> Result<(), Verdict> {
@@ -220,7 +217,7 @@ fn encap_ipv6(
     let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
-    push_l2(ctx, l2, hop, IPV6_HLEN, ETH_P_IPV6)?;
+    push_l2(ctx, l2, &sel.route, IPV6_HLEN, ETH_P_IPV6)?;
     let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -230,20 +227,27 @@ fn encap_ipv6(
             nexthdr: PROTO_IPV6,
             hop_limit: OUTER_TTL,
             src,
-            dst: sel.backend.addr,
+            dst: sel.backend_addr,
         };
     }
     Ok(())
 }
 
-/// RFC 1071 checksum of a 20-byte IPv4 header whose checksum field is zero.
+/// RFC 1071 checksum of the outer IPv4 header (id, fragment offset and checksum zero),
+/// from the field values rather than read back from the packet: reading 16-bit words over
+/// stores of other widths stalls store forwarding. Fields are as stored (network order);
+/// the one's-complement sum of 16-bit words is the same in either byte order.
 #[inline(always)]
-fn ipv4_checksum(hdr: *const u16) -> u16 {
-    let mut sum = 0u32;
-    for i in 0..IPV4_HLEN / 2 {
-        // SAFETY: the caller bounds-checked all 20 bytes.
-        sum += unsafe { *hdr.add(i) } as u32;
-    }
+fn ipv4_checksum(tos: u8, tot_len_be: u16, src_be: u32, dst_be: u32) -> u16 {
+    let first = u16::from_ne_bytes([0x45, tos]) as u32;
+    let ttl_proto = u16::from_ne_bytes([OUTER_TTL, PROTO_IPIP]) as u32;
+    let mut sum = first
+        + tot_len_be as u32
+        + ttl_proto
+        + (src_be & 0xFFFF)
+        + (src_be >> 16)
+        + (dst_be & 0xFFFF)
+        + (dst_be >> 16);
     sum = (sum & 0xFFFF) + (sum >> 16);
     sum = (sum & 0xFFFF) + (sum >> 16);
     !(sum as u16)

@@ -47,7 +47,7 @@ fn steer<F: Flow>(ctx: &XdpContext, l2: &L2, pkt: Parsed<F>) -> Result<u32, Verd
     let config = maps::CONFIG
         .get(0)
         .ok_or(Verdict::Pass(Counter::PassNotVip))?;
-    let selection = select(&pkt, config)?;
+    let selection = select(ctx, &pkt, config)?;
     if pkt.icmp_error {
         stats::count(Counter::IcmpToBackend);
     }

@@ -5,6 +5,8 @@
 //! unaligned access (the verifier only enforces alignment where they lack it).
 //! Multi-byte fields are in network byte order.
 
+use core::hint::cold_path;
+
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     consts::{Counter, VIP_FILTER_WORDS},
@@ -129,6 +131,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
+        cold_path();
         return None;
     }
     Some((start + offset) as *mut T)
@@ -264,6 +267,7 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
         other => other,
     };
     if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
+        cold_path();
         // Only the first fragment has ports: all of them are dropped, so no datagram is
         // ever split between backends.
         return Err(confirm(Verdict::Drop(Counter::DropFragment)));
@@ -271,6 +275,7 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
     let l4 = l3 + ihl;
     let l3_end = l3 + tot_len;
     if proto == PROTO_ICMP {
+        cold_path();
         return parse_icmpv4_error(ctx, l4, l3_end).map_err(confirm);
     }
     let (ports, syn) = parse_l4(ctx, proto, l4, l3_end).map_err(confirm)?;

@@ -1,15 +1,18 @@
 //! Backend selection: the connection table first, the Vip's MaglevTable on a miss.
 
+use aya_ebpf::programs::XdpContext;
+use core::hint::cold_path;
 use lb_common::{
     consts::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
         backend_flags, vip_flags,
     },
     hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
-    types::{Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, VipKey, vip_addr_flags},
+    types::{Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, Route, VipKey, vip_addr_flags},
 };
 
 use crate::{
+    forward::next_hop,
     maps::{
         BACKENDS, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4,
         VIP_ADDRS_V6, VIP_STATE, VIPS,
@@ -18,14 +21,14 @@ use crate::{
     stats::count,
 };
 
-/// What a Flow's family contributes: its connection table, hash and Vip key.
+/// What a Flow's family contributes: its connection table, flow cache, hash and Vip key.
 pub trait Flow {
     fn conntrack(&self) -> Option<ConntrackEntry>;
     fn remember(&self, entry: &ConntrackEntry) -> bool;
-    /// This CPU's flow-cache entry at `slot`, if it holds this flow; counts the hit and
-    /// says whether the LRU entry is due a refresh.
-    fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)>;
-    fn cache(&self, slot: u32, entry: &ConntrackEntry);
+    /// This CPU's flow-cache Route at `slot`, if it holds this flow and is of `epoch`;
+    /// counts the hit and says whether the LRU entry is due a refresh.
+    fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection, bool)>;
+    fn cache(&self, slot: u32, epoch: u32, selection: &Selection);
     fn hash(&self, seed: u32) -> u32;
     fn vip_key(&self, port: u16) -> VipKey;
     /// `vip_addr_flags` of the destination, if it is a Vip address at all.
@@ -34,9 +37,10 @@ pub trait Flow {
     fn dport(&self) -> u16;
 }
 
-/// The methods both families share, over their own maps.
+/// The methods both families share, over their own maps. `$addr_in`/`$addr_out` convert
+/// between the cache's backend address and the 4-word form.
 macro_rules! flow_maps {
-    ($conntrack:ident, $cache:ident) => {
+    ($conntrack:ident, $cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
         #[inline(always)]
         fn conntrack(&self) -> Option<ConntrackEntry> {
             // SAFETY: copied out at once, before any other map operation.
@@ -47,24 +51,33 @@ macro_rules! flow_maps {
             $conntrack.insert(self, entry, 0).is_ok()
         }
         #[inline(always)]
-        fn cached(&self, slot: u32) -> Option<(ConntrackEntry, bool)> {
+        fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection, bool)> {
             let c = $cache.get_ptr_mut(slot)?;
             // SAFETY: this CPU's slot.
             unsafe {
-                if !same(&(*c).flow, self) {
+                if (*c).epoch != epoch || !same(&(*c).flow, self) {
                     return None;
                 }
                 (*c).packets = (*c).packets.wrapping_add(1);
-                Some(((*c).entry, (*c).packets % FLOW_CACHE_REFRESH == 0))
+                let $a = (*c).backend_addr;
+                let selection = Selection {
+                    route: (*c).route,
+                    backend_addr: $addr_in,
+                    hash,
+                };
+                Some((selection, (*c).packets % FLOW_CACHE_REFRESH == 0))
             }
         }
         #[inline(always)]
-        fn cache(&self, slot: u32, entry: &ConntrackEntry) {
+        fn cache(&self, slot: u32, epoch: u32, selection: &Selection) {
             if let Some(c) = $cache.get_ptr_mut(slot) {
+                let $w = selection.backend_addr;
                 // SAFETY: this CPU's slot.
                 unsafe {
                     (*c).flow = *self;
-                    (*c).entry = *entry;
+                    (*c).route = selection.route;
+                    (*c).backend_addr = $addr_out;
+                    (*c).epoch = epoch;
                     (*c).packets = 0;
                 }
             }
@@ -81,7 +94,7 @@ macro_rules! flow_maps {
 }
 
 impl Flow for FlowV4 {
-    flow_maps!(CONNTRACK_V4, FLOW_CACHE_V4);
+    flow_maps!(CONNTRACK_V4, FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
 
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -111,7 +124,7 @@ impl Flow for FlowV4 {
 }
 
 impl Flow for FlowV6 {
-    flow_maps!(CONNTRACK_V6, FLOW_CACHE_V6);
+    flow_maps!(CONNTRACK_V6, FLOW_CACHE_V6, |a| a, |w| w);
 
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -139,12 +152,11 @@ impl Flow for FlowV6 {
     }
 }
 
-/// Where a packet goes.
+/// Where a packet goes: its Route and the backend's address.
 pub struct Selection {
-    pub vip: u32,
-    pub vip_flags: u32,
-    pub backend_id: u32,
-    pub backend: Backend,
+    pub route: Route,
+    /// Network byte order; IPv4 in word 0.
+    pub backend_addr: [u32; 4],
     /// The flow hash, reused for the encapsulation source.
     pub hash: u32,
 }
@@ -155,9 +167,10 @@ fn usable(backend: &Backend) -> bool {
 }
 
 /// Whether a connection-table entry still holds: its Vip and Backend ids still name what
-/// they named when it was made, and the Backend is up.
+/// they named when it was made, and the Backend is up. `Ok` with the Vip's flags and the
+/// Backend; `Err(true)` when only the Backend failed (re-steer), `Err(false)` otherwise.
 #[inline(always)]
-fn established(entry: &ConntrackEntry, hash: u32) -> Result<Selection, bool> {
+fn established(entry: &ConntrackEntry) -> Result<(u32, Backend), bool> {
     let Some(vip) = VIP_STATE.get(entry.vip) else {
         return Err(false);
     };
@@ -166,17 +179,41 @@ fn established(entry: &ConntrackEntry, hash: u32) -> Result<Selection, bool> {
     }
     match BACKENDS.get(entry.backend) {
         Some(backend) if backend.generation == entry.backend_generation && usable(backend) => {
-            Ok(Selection {
-                vip: entry.vip,
-                vip_flags: vip.flags,
-                backend_id: entry.backend,
-                backend: *backend,
-                hash,
-            })
+            Ok((vip.flags, *backend))
         }
         // The Vip holds but its Backend went down or away: re-steer (invariant 2).
         _ => Err(true),
     }
+}
+
+/// The whole Route for `entry` to `backend`, next hop included.
+#[inline(always)]
+fn route(
+    ctx: &XdpContext,
+    entry: ConntrackEntry,
+    vip_flags: u32,
+    backend: &Backend,
+    hash: u32,
+    fib_generation: u32,
+) -> Result<Selection, Verdict> {
+    let v6 = vip_flags & vip_flags::IPV6 != 0;
+    if v6 != (backend.flags & backend_flags::IPV6 != 0) {
+        // The daemon refuses such configs; never emit a half-right packet.
+        cold_path();
+        return Err(Verdict::Drop(Counter::DropEncap));
+    }
+    let hop = next_hop(ctx, entry.backend, backend, v6, fib_generation)?;
+    Ok(Selection {
+        route: Route {
+            entry,
+            dmac: hop.dmac,
+            smac: hop.smac,
+            ifindex: hop.ifindex,
+            vip_flags,
+        },
+        backend_addr: backend.addr,
+        hash,
+    })
 }
 
 /// Whether two plain-data values (multiple of 8 bytes, 8-aligned) are bitwise equal.
@@ -195,40 +232,32 @@ fn same<T>(a: &T, b: &T) -> bool {
     true
 }
 
-/// The flow cache, then the LRU connection table: `Some` with the flow's backend (or its
-/// re-steering when that backend is down), `None` for a flow neither knows.
+/// The LRU connection table: `Some` with the flow's Route (or its re-steering when its
+/// backend is down), `None` for a flow it does not know.
 #[inline(always)]
 fn established_flow<F: Flow>(
+    ctx: &XdpContext,
     pkt: &Parsed<F>,
     hash: u32,
     slot: u32,
+    config: &GlobalConfig,
 ) -> Option<Result<Selection, Verdict>> {
     let flow = &pkt.flow;
-    if !pkt.icmp_error
-        && let Some((entry, refresh)) = flow.cached(slot)
-        && let Ok(selection) = established(&entry, hash)
-    {
-        count(Counter::ConntrackHit);
-        // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
-        if refresh && flow.conntrack().is_none() {
-            flow.remember(&entry);
-        }
-        return Some(Ok(selection));
-    }
     let entry = flow.conntrack()?;
-    match established(&entry, hash) {
-        Ok(selection) => {
-            if !pkt.icmp_error {
-                count(Counter::ConntrackHit);
-                flow.cache(slot, &entry);
-            }
-            Some(Ok(selection))
-        }
+    match established(&entry) {
+        Ok((vip_flags, backend)) => Some(
+            route(ctx, entry, vip_flags, &backend, hash, config.fib_generation).inspect(|sel| {
+                if !pkt.icmp_error {
+                    count(Counter::ConntrackHit);
+                    flow.cache(slot, config.cache_epoch, sel);
+                }
+            }),
+        ),
         Err(true) => {
             if !pkt.icmp_error {
                 count(Counter::ConntrackResteer);
             }
-            Some(from_table(pkt, entry.vip, hash, slot))
+            Some(from_table(ctx, pkt, entry.vip, hash, slot, config))
         }
         Err(false) => None,
     }
@@ -238,12 +267,29 @@ fn established_flow<F: Flow>(
 /// table, then the Vip's MaglevTable. A TCP SYN starts a new connection, so it goes
 /// straight to the table (as in Katran): the lookups it skips would miss on cold memory.
 #[inline(always)]
-pub fn select<F: Flow>(pkt: &Parsed<F>, config: &GlobalConfig) -> Result<Selection, Verdict> {
+pub fn select<F: Flow>(
+    ctx: &XdpContext,
+    pkt: &Parsed<F>,
+    config: &GlobalConfig,
+) -> Result<Selection, Verdict> {
     let flow = &pkt.flow;
     let hash = flow.hash(config.hash_seed);
     let slot = hash & config.flow_cache_mask;
     if !pkt.syn
-        && let Some(found) = established_flow(pkt, hash, slot)
+        && !pkt.icmp_error
+        && let Some((selection, refresh)) = flow.cached(slot, config.cache_epoch, hash)
+    {
+        count(Counter::ConntrackHit);
+        // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
+        if refresh && flow.conntrack().is_none() {
+            flow.remember(&selection.route.entry);
+        }
+        return Ok(selection);
+    }
+    // Established packets rarely get here: the flow cache holds them.
+    cold_path();
+    if !pkt.syn
+        && let Some(found) = established_flow(ctx, pkt, hash, slot, config)
     {
         return found;
     }
@@ -254,7 +300,7 @@ pub fn select<F: Flow>(pkt: &Parsed<F>, config: &GlobalConfig) -> Result<Selecti
             count(Counter::ConntrackMissNonSyn);
         }
     }
-    from_table(pkt, vip, hash, slot)
+    from_table(ctx, pkt, vip, hash, slot, config)
 }
 
 /// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
@@ -283,13 +329,15 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 }
 
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
-/// connection table unless the packet is an ICMP error.
+/// connection table and the flow cache unless the packet is an ICMP error.
 #[inline(always)]
 fn from_table<F: Flow>(
+    ctx: &XdpContext,
     pkt: &Parsed<F>,
     vip_id: u32,
     hash: u32,
     cache_slot: u32,
+    config: &GlobalConfig,
 ) -> Result<Selection, Verdict> {
     let vip = VIP_STATE
         .get(vip_id)
@@ -316,23 +364,18 @@ fn from_table<F: Flow>(
     if !usable(backend) {
         return Err(no_backend);
     }
+    let entry = ConntrackEntry {
+        backend: backend_id,
+        backend_generation: backend.generation,
+        vip: vip_id,
+        vip_generation: vip.generation,
+    };
+    let selection = route(ctx, entry, vip.flags, backend, hash, config.fib_generation)?;
     if !pkt.icmp_error {
-        let entry = ConntrackEntry {
-            backend: backend_id,
-            backend_generation: backend.generation,
-            vip: vip_id,
-            vip_generation: vip.generation,
-        };
         if !pkt.flow.remember(&entry) {
             count(Counter::ConntrackInsertFail);
         }
-        pkt.flow.cache(cache_slot, &entry);
+        pkt.flow.cache(cache_slot, config.cache_epoch, &selection);
     }
-    Ok(Selection {
-        vip: vip_id,
-        vip_flags: vip.flags,
-        backend_id,
-        backend: *backend,
-        hash,
-    })
+    Ok(selection)
 }

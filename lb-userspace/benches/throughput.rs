@@ -780,7 +780,7 @@ impl Bench {
             encap_src4_hostmask: 0xFFFF,
             encap_src6_base: addr_words("fd00:ffff::".parse().unwrap()),
             flow_cache_mask: 0, // set by Dataplane::set_global
-            _pad: 0,
+            cache_epoch: 0,     // set by Dataplane::set_global
         })
         .unwrap();
         let mut members = Vec::new();

@@ -1,9 +1,11 @@
 //! Per-packet cost of `lb_ingress` by BPF_PROG_TEST_RUN, the way DESIGN.md fixes it:
 //! one packet per call, averaged over many calls, and the empty XDP program (`lb_pass`)
 //! measured the same way in the same run; figures are reported as ns above it. Paths run
-//! in interleaved rounds so that drift on a noisy machine hits all of them alike.
+//! in interleaved rounds so that drift on a noisy machine hits all of them alike; the
+//! figure is the median over rounds of (path mean - baseline mean), since interference
+//! from other tenants only ever adds time. The thread is pinned to one CPU.
 //!
-//! `cargo xtask bench xdp [--calls N] [--json FILE]` (root).
+//! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,7 +23,7 @@ use support::{
     packets::{tcp, udp},
 };
 
-const ROUNDS: usize = 10;
+const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
 
 struct Path {
@@ -54,6 +56,8 @@ fn main() {
     };
     let calls: usize = arg("--calls").map_or(200_000, |c| c.parse().expect("--calls N"));
     let json = arg("--json");
+    // `--only TEXT`: just the paths whose name contains TEXT (and the baseline), for profiling.
+    let only = arg("--only");
 
     let mut lab = Lab::with_capacities(Capacities {
         max_vips: 16,
@@ -61,8 +65,16 @@ fn main() {
         // Room for every new flow of the run: inserts, not LRU evictions, are measured.
         conntrack_entries: (calls as u32 * 2).max(1 << 16),
     });
-    let paths = paths(&mut lab, calls);
+    let mut paths = paths(&mut lab, calls);
+    if let Some(only) = &only {
+        let mut i = 0;
+        paths.retain(|p| {
+            i += 1;
+            i == 1 || p.name.contains(only.as_str())
+        });
+    }
     let per_round = calls / ROUNDS;
+    pin_to_last_cpu();
     let started = Instant::now();
     let figures = lab.with_dataplane(|dp, ifindex| measure(dp, ifindex, &paths, per_round));
     eprintln!("\r{:60}", "");
@@ -192,22 +204,21 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
         })
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let baseline = mean(&rounds[0]);
     let baseline_repeat = repeat[0];
     paths
         .iter()
         .zip(&rounds)
         .zip(repeat)
         .map(|((p, r), rep)| {
-            // Spread: the difference to the baseline, round by round (min to max).
-            let diffs: Vec<f64> = r.iter().zip(&rounds[0]).map(|(a, b)| a - b).collect();
-            let spread = diffs.iter().cloned().fold(f64::MIN, f64::max)
-                - diffs.iter().cloned().fold(f64::MAX, f64::min);
+            let mut diffs: Vec<f64> = r.iter().zip(&rounds[0]).map(|(a, b)| a - b).collect();
+            diffs.sort_by(f64::total_cmp);
+            let quantile = |q: f64| diffs[((diffs.len() - 1) as f64 * q).round() as usize];
             Figure {
                 name: p.name,
                 per_call_ns: mean(r),
-                above_empty_ns: mean(r) - baseline,
-                round_spread_ns: spread,
+                above_empty_ns: quantile(0.5),
+                // Half the interquartile range of the per-round differences.
+                round_spread_ns: quantile(0.75) - quantile(0.25),
                 repeat_ns: rep.map(|x| x - baseline_repeat.unwrap_or(0.0)),
                 target: p.target,
             }
@@ -215,14 +226,29 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
         .collect()
 }
 
+/// Pins this thread to the last CPU, so that every call runs on one CPU's caches.
+fn pin_to_last_cpu() {
+    let cpu = std::env::var("MLB_BENCH_CPU")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    assert!(ok, "pinning to CPU {cpu}");
+}
+
 fn report(figures: &[Figure], calls: usize, seconds: f64) {
     println!(
         "\nXDP per-packet cost, BPF_PROG_TEST_RUN, one packet per call, {calls} calls per path \
-         in {ROUNDS} interleaved rounds ({seconds:.1} s)"
+         in {ROUNDS} interleaved rounds ({seconds:.1} s); ns > empty is the median over rounds"
     );
     println!(
         "{:<40} {:>10} {:>12} {:>10} {:>14} {:>8}",
-        "path", "ns/call", "ns > empty", "± rounds", "repeat > empty", "target"
+        "path", "ns/call", "ns > empty", "± IQR/2", "repeat > empty", "target"
     );
     for f in figures {
         let target = f.target.map_or("-".into(), |t| {
@@ -257,7 +283,7 @@ fn write_json(path: &str, figures: &[Figure], calls: usize) {
         .map(|f| {
             format!(
                 "    {{\"path\": \"{}\", \"ns_per_call\": {:.2}, \"ns_above_empty\": {:.2}, \
-                 \"round_spread_ns\": {:.2}, \"repeat_ns_above_empty\": {}, \"target_ns\": {}, \
+                 \"round_iqr_ns\": {:.2}, \"repeat_ns_above_empty\": {}, \"target_ns\": {}, \
                  \"met\": {}}}",
                 f.name,
                 f.per_call_ns,
@@ -273,7 +299,7 @@ fn write_json(path: &str, figures: &[Figure], calls: usize) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let body = format!(
         "{{\n  \"benchmark\": \"xdp\",\n  \"method\": \"BPF_PROG_TEST_RUN, one packet per call, \
-         mean over calls, minus the empty XDP program in the same run\",\n  \"calls\": {calls},\n  \
+         mean over calls per round, minus the empty XDP program in the same round, median over rounds\",\n  \"calls\": {calls},\n  \
          \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -281,15 +281,31 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes the global entry; the flow-cache mask comes from the capacities.
+    /// Writes the global entry; the flow-cache mask comes from the capacities, and the
+    /// cache epoch moves on (next hops may have changed).
     pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
-        let config = &GlobalConfig {
+        let epoch = self.global()?.cache_epoch;
+        self.write_global(&GlobalConfig {
             flow_cache_mask: flow_cache_entries(self.caps.conntrack_entries) - 1,
+            cache_epoch: next_epoch(epoch),
             ..*config
-        };
+        })
+    }
+
+    fn write_global(&mut self, config: &GlobalConfig) -> Result<()> {
         let mut map: Array<_, GlobalConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         map.set(0, config, 0).map_err(map_err(names::CONFIG))
+    }
+
+    /// Invalidates every CPU's flow cache: called after each change to a Vip or Backend,
+    /// so no cached Route outlives the state it was built from.
+    fn bump_cache_epoch(&mut self) -> Result<()> {
+        let config = self.global()?;
+        self.write_global(&GlobalConfig {
+            cache_epoch: next_epoch(config.cache_epoch),
+            ..config
+        })
     }
 
     pub fn global(&self) -> Result<GlobalConfig> {
@@ -302,7 +318,8 @@ impl Dataplane {
         self.check("max_backends", id, self.caps.max_backends)?;
         let mut map: Array<_, Backend> =
             Array::try_from(self.map_mut(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        map.set(id, backend, 0).map_err(map_err(names::BACKENDS))
+        map.set(id, backend, 0).map_err(map_err(names::BACKENDS))?;
+        self.bump_cache_epoch()
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -363,7 +380,8 @@ impl Dataplane {
             .map_err(map_err(names::VIP_STATE))?;
         let mut vips: HashMap<_, VipKey, u32> =
             HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        vips.insert(key, id, 0).map_err(map_err(names::VIPS))
+        vips.insert(key, id, 0).map_err(map_err(names::VIPS))?;
+        self.bump_cache_epoch()
     }
 
     /// Unpublishes a Vip key; its id's state is cleared so conntrack entries die with it.
@@ -375,7 +393,8 @@ impl Dataplane {
             Array::try_from(self.map_mut(names::VIP_STATE)?).map_err(map_err(names::VIP_STATE))?;
         states
             .set(id, VipState::default(), 0)
-            .map_err(map_err(names::VIP_STATE))
+            .map_err(map_err(names::VIP_STATE))?;
+        self.bump_cache_epoch()
     }
 
     /// Builds a new inner array holding `table` and swaps it in for Vip `id` in one map
@@ -628,4 +647,9 @@ fn raise_memlock_limit() {
     };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// The cache epoch after `epoch`; 0 is skipped, it marks an empty flow-cache slot.
+fn next_epoch(epoch: u32) -> u32 {
+    epoch.wrapping_add(1).max(1)
 }

@@ -607,7 +607,7 @@ pub fn global_config(config: &Config, fib_generation: u32) -> GlobalConfig {
         encap_src4_hostmask: hostmask,
         encap_src6_base: addr_words(IpAddr::V6(v6)),
         flow_cache_mask: 0, // set by Dataplane::set_global
-        _pad: 0,
+        cache_epoch: 0,     // set by Dataplane::set_global
     }
 }
 

@@ -112,7 +112,7 @@ impl Bed {
                 encap_src4_hostmask: 0xFFFF,
                 encap_src6_base: addr_words(ip("fd00:ffff::")),
                 flow_cache_mask: 0, // set by Dataplane::set_global
-                _pad: 0,
+                cache_epoch: 0,     // set by Dataplane::set_global
             })
             .unwrap();
         for (i, b) in self.bed.backends.iter().enumerate() {

@@ -611,3 +611,29 @@ fn established_flow_survives_table_change_and_resteers_when_backend_down() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The flow cache holds whole Routes: any change to a Vip or a Backend must void them, so
+/// a cached flow never goes where the daemon no longer sends it.
+#[test]
+fn cached_routes_die_with_their_vip() {
+    let mut lab = Lab::new();
+    let client = ip(CLIENT);
+    let packet = tcp(lab.lb_mac, client, 42000, ip(VIP), 80, false);
+    for _ in 0..3 {
+        assert_eq!(lab.run(&packet).action, XDP_TX, "warming the flow cache");
+    }
+    let before = lab.counters();
+    let key = support::lab::vip_key(ip(VIP), 80, PROTO_TCP);
+    lab.dataplane.remove_vip(VIP_TCP, &key).unwrap();
+    let out = lab.run(&packet);
+    assert_eq!(
+        out.action, XDP_PASS,
+        "a removed Vip's cached flow was forwarded"
+    );
+    assert_eq!(out.packet, packet, "passed untouched");
+    let moved = deltas(&before, &lab.counters());
+    assert!(
+        !moved.iter().any(|(c, _)| *c == "conntrack_hit"),
+        "{moved:?}"
+    );
+}

@@ -176,7 +176,7 @@ impl Lab {
                 encap_src4_hostmask: 0xFFFF,
                 encap_src6_base: addr_words(encap6.into()),
                 flow_cache_mask: 0, // set by Dataplane::set_global
-                _pad: 0,
+                cache_epoch: 0,     // set by Dataplane::set_global
             })
             .unwrap();
         for b in &self.backends {
