@@ -370,7 +370,7 @@ fn inner_map_id(fd: i32, slot: u32) -> u32 {
     let mut id = 0u32;
     let attr = LookupAttr {
         map_fd: fd as u32,
-        cache_epoch: 0, // set by Dataplane::set_global
+        _pad: 0,
         key: &slot as *const u32 as u64,
         value: &mut id as *mut u32 as u64,
         flags: 0,
