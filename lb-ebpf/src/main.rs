@@ -12,8 +12,9 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::consts::Counter;
-use parse::{ETH_P_IP, ETH_P_IPV6, L2, Parsed, Verdict, parse_ipv4, parse_ipv6, parse_l2};
-use select::{Flow, select};
+use lb_common::types::GlobalConfig;
+use parse::{ETH_P_IP, ETH_P_IPV6, Parsed, Verdict, parse_ipv4, parse_ipv6, parse_l2};
+use select::{Flow, Selection, select};
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
@@ -33,25 +34,31 @@ pub fn lb_ingress(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::Pass(Counter::PassMalformed))?;
-    match l2.proto {
-        ETH_P_IP => steer(ctx, &l2, parse_ipv4(ctx, l2.l3_off)?),
-        ETH_P_IPV6 => steer(ctx, &l2, parse_ipv6(ctx, l2.l3_off)?),
-        _ => Err(Verdict::Pass(Counter::PassNotIp)),
-    }
-}
-
-#[inline(always)]
-fn steer<F: Flow>(ctx: &XdpContext, l2: &L2, pkt: Parsed<F>) -> Result<u32, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // Read once, passed down: map lookups are not merged by the compiler.
     let config = maps::CONFIG
         .get(0)
         .ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    // Both families meet in one `forward`, so its code exists once in the program.
+    let selection = match l2.proto {
+        ETH_P_IP => steer(ctx, parse_ipv4(ctx, l2.l3_off)?, config)?,
+        ETH_P_IPV6 => steer(ctx, parse_ipv6(ctx, l2.l3_off)?, config)?,
+        _ => return Err(Verdict::Pass(Counter::PassNotIp)),
+    };
+    forward::forward(ctx, &l2, &selection, bytes, config)
+}
+
+#[inline(always)]
+fn steer<F: Flow>(
+    ctx: &XdpContext,
+    pkt: Parsed<F>,
+    config: &GlobalConfig,
+) -> Result<Selection, Verdict> {
     let selection = select(ctx, &pkt, config)?;
     if pkt.icmp_error {
         stats::count(Counter::IcmpToBackend);
     }
-    forward::forward(ctx, l2, &selection, bytes, config)
+    Ok(selection)
 }
 
 #[xdp]

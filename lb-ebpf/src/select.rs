@@ -329,7 +329,7 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 }
 
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
-/// connection table and the flow cache unless the packet is an ICMP error.
+/// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
 #[inline(always)]
 fn from_table<F: Flow>(
     ctx: &XdpContext,
@@ -375,7 +375,11 @@ fn from_table<F: Flow>(
         if !pkt.flow.remember(&entry) {
             count(Counter::ConntrackInsertFail);
         }
-        pkt.flow.cache(cache_slot, config.cache_epoch, &selection);
+        // A SYN is cached by its flow's next packet, from the connection table: SYN floods
+        // and scans that never complete do not evict established flows from the cache.
+        if !pkt.syn {
+            pkt.flow.cache(cache_slot, config.cache_epoch, &selection);
+        }
     }
     Ok(selection)
 }
