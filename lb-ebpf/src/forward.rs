@@ -44,15 +44,21 @@ pub fn forward(
     } else {
         encap_ipv4(ctx, l2, sel, config)?;
     }
+    Ok(finish(ctx, route, bytes))
+}
+
+/// Counts a forwarded packet and sends it: back out of its own device, or redirected.
+#[inline(always)]
+pub fn finish(ctx: &XdpContext, route: &Route, bytes: u64) -> u32 {
     count_forwarded(route.entry.vip, route.entry.backend, bytes);
     if route.ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::Tx);
-        Ok(xdp_action::XDP_TX)
+        xdp_action::XDP_TX
     } else {
         cold_path();
         count(Counter::Redirect);
         // SAFETY: plain helper call.
-        Ok(unsafe { bpf_redirect(route.ifindex, 0) } as u32)
+        unsafe { bpf_redirect(route.ifindex, 0) as u32 }
     }
 }
 
@@ -121,7 +127,7 @@ fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend
 
 /// L2 direct server return: the backend owns the Vip on a loopback; only the MACs change.
 #[inline(always)]
-fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
+pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -167,7 +173,7 @@ fn push_l2(
 
 /// IPIP: outer IPv4 header from an RSS-spreading source to the backend.
 #[inline(always)]
-fn encap_ipv4(
+pub fn encap_ipv4(
     ctx: &XdpContext,
     l2: &L2,
     sel: &Selection,

@@ -4,6 +4,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod decap;
+mod fast;
 mod forward;
 mod maps;
 mod parse;
@@ -18,17 +19,17 @@ use select::{Flow, Selection, select};
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
-    match try_lb_ingress(&ctx) {
-        Ok(action) => action,
-        Err(Verdict::Pass(counter)) => {
-            stats::count(counter);
-            xdp_action::XDP_PASS
-        }
-        Err(Verdict::Drop(counter)) => {
-            stats::count(counter);
-            xdp_action::XDP_DROP
-        }
+    match fast::fast_path(&ctx) {
+        Some(result) => fast::verdict(result),
+        None => full_path(ctx),
     }
+}
+
+/// Every packet the fast path leaves: a BPF subprogram of its own, so that its code
+/// stays out of the fast path's way.
+#[inline(never)]
+fn full_path(ctx: XdpContext) -> u32 {
+    fast::verdict(try_lb_ingress(&ctx))
 }
 
 #[inline(always)]

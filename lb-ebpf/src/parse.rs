@@ -18,7 +18,7 @@ use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_FILTER};
 
 /// Whether the Vip pre-filter has `bit` set (false positives possible, no false negatives).
 #[inline(always)]
-fn maybe_vip(bit: u32) -> bool {
+pub fn maybe_vip(bit: u32) -> bool {
     VIP_FILTER.get(0).is_some_and(|words| {
         words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
     })

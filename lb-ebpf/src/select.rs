@@ -263,6 +263,19 @@ fn established_flow<F: Flow>(
     }
 }
 
+/// The flow's Route from this CPU's flow cache, counted as a connection-table hit.
+#[inline(always)]
+pub fn cache_hit<F: Flow>(flow: &F, hash: u32, config: &GlobalConfig) -> Option<Selection> {
+    let (selection, refresh) =
+        flow.cached(hash & config.flow_cache_mask, config.cache_epoch, hash)?;
+    count(Counter::ConntrackHit);
+    // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
+    if refresh && flow.conntrack().is_none() {
+        flow.remember(&selection.route.entry);
+    }
+    Some(selection)
+}
+
 /// Picks the backend for a parsed packet: this CPU's flow cache, then the LRU connection
 /// table, then the Vip's MaglevTable. A TCP SYN starts a new connection, so it goes
 /// straight to the table (as in Katran): the lookups it skips would miss on cold memory.
@@ -277,13 +290,8 @@ pub fn select<F: Flow>(
     let slot = hash & config.flow_cache_mask;
     if !pkt.syn
         && !pkt.icmp_error
-        && let Some((selection, refresh)) = flow.cached(slot, config.cache_epoch, hash)
+        && let Some(selection) = cache_hit(flow, hash, config)
     {
-        count(Counter::ConntrackHit);
-        // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
-        if refresh && flow.conntrack().is_none() {
-            flow.remember(&selection.route.entry);
-        }
         return Ok(selection);
     }
     // Established packets rarely get here: the flow cache holds them.

@@ -637,3 +637,50 @@ fn cached_routes_die_with_their_vip() {
         "{moved:?}"
     );
 }
+
+/// The fast path handles only plain packets of cached flows; every other packet of such a
+/// flow must get what the full path gives it: forwarded the same way, or dropped.
+#[test]
+fn cached_flow_variants_take_the_full_path() {
+    let mut lab = Lab::new();
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let ack = tcp(mac, client, 43000, vip, 80, false);
+    let mut plain = lab.run(&ack);
+    for _ in 0..2 {
+        plain = lab.run(&ack);
+        assert_eq!(plain.action, XDP_TX, "warming the flow cache");
+    }
+    let (dmac, smac) = (
+        <[u8; 6]>::try_from(&plain.packet[0..6]).unwrap(),
+        <[u8; 6]>::try_from(&plain.packet[6..12]).unwrap(),
+    );
+    let src = <[u8; 4]>::try_from(&plain.packet[26..30]).unwrap();
+    let dst = <[u8; 4]>::try_from(&plain.packet[30..34]).unwrap();
+
+    let tagged = with_vlan(&ack, 42);
+    let out = lab.run(&tagged);
+    assert_eq!(out.action, XDP_TX, "VLAN-tagged");
+    assert_eq!(
+        hex(&out.packet),
+        hex(&expect_ipip_at(&tagged, 18, smac, dmac, src, dst))
+    );
+
+    let options = with_ipv4_options(&ack);
+    let out = lab.run(&options);
+    assert_eq!(out.action, XDP_TX, "IP options");
+    assert_eq!(
+        hex(&out.packet),
+        hex(&expect_ipip(&options, smac, dmac, src, dst))
+    );
+
+    let mut bad_doff = ack.clone();
+    bad_doff[14 + 20 + 12] = 0x40;
+    let before = lab.counters();
+    assert_eq!(lab.run(&bad_doff).action, XDP_DROP, "TCP data offset 4");
+    assert!(deltas(&before, &lab.counters()).contains(&("drop_malformed", 1)));
+
+    let before = lab.counters();
+    let fragment = as_fragment(&ack, true, 0);
+    assert_eq!(lab.run(&fragment).action, XDP_DROP, "first fragment");
+    assert!(deltas(&before, &lab.counters()).contains(&("drop_fragment", 1)));
+}
