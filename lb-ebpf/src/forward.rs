@@ -208,7 +208,7 @@ pub fn encap_ipv4(
 
 /// IPv6-in-IPv6: outer header to the backend; source and flow label vary with the flow.
 #[inline(always)]
-fn encap_ipv6(
+pub fn encap_ipv6(
     ctx: &XdpContext,
     l2: &L2,
     sel: &Selection,

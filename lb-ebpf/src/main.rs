@@ -20,8 +20,8 @@ use select::{Flow, Selection, select};
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
     match fast::fast_path(&ctx) {
-        Some(result) => fast::verdict(result),
-        None => full_path(ctx),
+        fast::NOT_HANDLED => full_path(ctx),
+        action => action,
     }
 }
 

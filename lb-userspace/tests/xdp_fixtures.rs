@@ -683,4 +683,17 @@ fn cached_flow_variants_take_the_full_path() {
     let fragment = as_fragment(&ack, true, 0);
     assert_eq!(lab.run(&fragment).action, XDP_DROP, "first fragment");
     assert!(deltas(&before, &lab.counters()).contains(&("drop_fragment", 1)));
+
+    let ack6 = tcp(mac, ip(CLIENT6), 43000, ip(VIP6), 80, false);
+    for _ in 0..3 {
+        assert_eq!(
+            lab.run(&ack6).action,
+            XDP_TX,
+            "warming the flow cache (IPv6)"
+        );
+    }
+    let before = lab.counters();
+    let routing = with_ipv6_ext(&ack6, 43);
+    assert_eq!(lab.run(&routing).action, XDP_DROP, "IPv6 routing header");
+    assert!(deltas(&before, &lab.counters()).contains(&("drop_ipv6_ext", 1)));
 }
