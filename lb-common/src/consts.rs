@@ -181,7 +181,6 @@ impl Counter {
 /// Map names, shared by `#[btf_map]` statics (via the static's identifier) and the loader.
 pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
-    pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const VIP_ADDRS_V4: &str = "VIP_ADDRS_V4";
     pub const VIP_ADDRS_V6: &str = "VIP_ADDRS_V6";
     pub const VIPS: &str = "VIPS";

@@ -2,6 +2,8 @@
 //! exactly as they sit in the packet, so the kernel copies them without swapping; an IPv4
 //! address in a 16-byte field uses word 0 and leaves words 1..3 zero.
 
+use crate::consts::VIP_FILTER_WORDS;
+
 /// Key of the `VIPS` map: one Vip. `port == 0` is the any-port Vip of that address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -125,6 +127,33 @@ pub struct GlobalConfig {
     /// every change to a Vip, a Backend or the next hops, so a cached Route never outlives
     /// what it was built from. Never 0 (the value of an empty slot).
     pub cache_epoch: u32,
+    /// Pre-filter of Vip addresses, set by `Dataplane::set_vip_filter`. Kept in this entry
+    /// so that a packet reads one map value, not two.
+    pub vip_filter: VipFilter,
+}
+
+/// Pre-filter of Vip addresses: bit `vip_filter_bit_*(dst)` is set for every Vip address
+/// (false positives possible, no false negatives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipFilter {
+    pub words: [u64; VIP_FILTER_WORDS],
+}
+
+impl Default for VipFilter {
+    fn default() -> Self {
+        Self {
+            words: [0; VIP_FILTER_WORDS],
+        }
+    }
+}
+
+impl VipFilter {
+    /// Whether `bit` is set.
+    #[inline(always)]
+    pub fn contains(&self, bit: u32) -> bool {
+        self.words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    }
 }
 
 /// A forwarding decision as the flow cache keeps it: everything an established packet
@@ -186,7 +215,7 @@ const _: () = {
     assert!(size_of::<FlowV6>() == 40);
     assert!(size_of::<ConntrackEntry>() == 16);
     assert!(size_of::<NextHop>() == 20);
-    assert!(size_of::<GlobalConfig>() == 40);
+    assert!(size_of::<GlobalConfig>() == 40 + 8 * VIP_FILTER_WORDS);
     assert!(size_of::<Route>() == 36);
     assert!(size_of::<FlowCacheV4>() == 64);
     assert!(size_of::<FlowCacheV6>() == 104);

@@ -18,7 +18,7 @@ use crate::{
     maps::CONFIG,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
-        Ipv6Hdr, L2, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, maybe_vip, ptr_at,
+        Ipv6Hdr, L2, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, ptr_at,
     },
     select::{Flow as _, Selection, cache_hit},
 };
@@ -67,7 +67,7 @@ fn fast_ipv4(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
         return None;
     }
     let config = CONFIG.get(0)?;
-    if !maybe_vip(vip_filter_bit_v4(dst)) {
+    if !config.vip_filter.contains(vip_filter_bit_v4(dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }
     if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
@@ -100,7 +100,7 @@ fn fast_ipv6(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
         return None;
     }
     let config = CONFIG.get(0)?;
-    if !maybe_vip(vip_filter_bit_v6(&dst)) {
+    if !config.vip_filter.contains(vip_filter_bit_v6(&dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }
     let (sport, dport) = ports(ctx, nexthdr, ETH_HLEN + IPV6_HLEN, l3_end)?;

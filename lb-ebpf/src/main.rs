@@ -42,8 +42,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
         .ok_or(Verdict::Pass(Counter::PassNotVip))?;
     // Both families meet in one `forward`, so its code exists once in the program.
     let selection = match l2.proto {
-        ETH_P_IP => steer(ctx, parse_ipv4(ctx, l2.l3_off)?, config)?,
-        ETH_P_IPV6 => steer(ctx, parse_ipv6(ctx, l2.l3_off)?, config)?,
+        ETH_P_IP => steer(ctx, parse_ipv4(ctx, l2.l3_off, &config.vip_filter)?, config)?,
+        ETH_P_IPV6 => steer(ctx, parse_ipv6(ctx, l2.l3_off, &config.vip_filter)?, config)?,
         _ => return Err(Verdict::Pass(Counter::PassNotIp)),
     };
     forward::forward(ctx, &l2, &selection, bytes, config)

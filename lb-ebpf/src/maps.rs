@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, flow_cache_entries,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, flow_cache_entries,
     },
     types::{
         Backend, ConntrackEntry, FlowCacheV4, FlowCacheV6, FlowV4, FlowV6, GlobalConfig, NextHop,
@@ -24,13 +24,10 @@ const TABLE_FLAGS: usize = (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize;
 const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
 const FLOW_CACHE_MAX: usize = flow_cache_entries(DEFAULT_CONNTRACK_ENTRIES) as usize;
 
-/// Hash seed, next-hop cache generation, encapsulation source prefixes (one entry).
+/// Hash seed, next-hop cache generation, encapsulation source prefixes, cache epoch and
+/// the Vip address pre-filter (one entry).
 #[btf_map]
 pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
-
-/// Pre-filter of Vip addresses: bit `vip_filter_bit_*(dst)` set for every Vip address.
-#[btf_map]
-pub static VIP_FILTER: Array<[u64; VIP_FILTER_WORDS], 1> = Array::new();
 
 /// Every IPv4 address that some Vip uses, with its wildcard flags: confirms the filter on
 /// the rare paths (fragments, ICMP, malformed L4, unknown port).

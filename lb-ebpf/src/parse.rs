@@ -9,20 +9,12 @@ use core::hint::cold_path;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    consts::{Counter, VIP_FILTER_WORDS},
+    consts::Counter,
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
-    types::{FlowV4, FlowV6},
+    types::{FlowV4, FlowV6, VipFilter},
 };
 
-use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_FILTER};
-
-/// Whether the Vip pre-filter has `bit` set (false positives possible, no false negatives).
-#[inline(always)]
-pub fn maybe_vip(bit: u32) -> bool {
-    VIP_FILTER.get(0).is_some_and(|words| {
-        words[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
-    })
-}
+use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6};
 
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
@@ -230,7 +222,11 @@ fn parse_l4(
 /// Parses an IPv4 packet to its Flow. Packets not for a Vip address come back as
 /// `Verdict::Pass` before anything past the IP header is read.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict> {
+pub fn parse_ipv4(
+    ctx: &XdpContext,
+    l3: usize,
+    filter: &VipFilter,
+) -> Result<Parsed<FlowV4>, Verdict> {
     let bad_l3 = Verdict::Pass(Counter::PassMalformed);
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
@@ -253,7 +249,7 @@ pub fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV4>, Verdict
     {
         return Err(bad_l3);
     }
-    if !maybe_vip(vip_filter_bit_v4(dst)) {
+    if !filter.contains(vip_filter_bit_v4(dst)) {
         return Err(Verdict::Pass(Counter::PassNotVip));
     }
     // Past the filter, decisions that drop are confirmed against the exact address set.
@@ -345,7 +341,11 @@ fn parse_icmpv4_error(
 
 /// Parses an IPv6 packet to its Flow; extension headers in front of L4 are not walked.
 #[inline(always)]
-pub fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV6>, Verdict> {
+pub fn parse_ipv6(
+    ctx: &XdpContext,
+    l3: usize,
+    filter: &VipFilter,
+) -> Result<Parsed<FlowV6>, Verdict> {
     let bad_l3 = Verdict::Pass(Counter::PassMalformed);
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
@@ -357,7 +357,7 @@ pub fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed<FlowV6>, Verdict
     }
     // SAFETY: bounds checked by ptr_at; the map value is copied out at once.
     let dst = unsafe { (*ip).dst };
-    if !maybe_vip(vip_filter_bit_v6(&dst)) {
+    if !filter.contains(vip_filter_bit_v6(&dst)) {
         return Err(Verdict::Pass(Counter::PassNotVip));
     }
     let confirm = |verdict: Verdict| match verdict {

@@ -255,8 +255,9 @@ impl Rig {
             encap_src4_base: u32::from_be_bytes([172, 16, 0, 0]),
             encap_src4_hostmask: 0xFFFF,
             encap_src6_base: addr_words("fd00:ffff::".parse().unwrap()),
-            flow_cache_mask: 0, // set by Dataplane::set_global
-            cache_epoch: 0,     // set by Dataplane::set_global
+            flow_cache_mask: 0,             // set by Dataplane::set_global
+            cache_epoch: 0,                 // set by Dataplane::set_global
+            vip_filter: Default::default(), // set by Dataplane::set_vip_filter
         })
         .unwrap();
         for id in 1..=backends {

@@ -16,21 +16,19 @@ use aya::{
 use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, VIP_FILTER_WORDS, flow_cache_entries, map_names as names, prog_names,
-        table_entries,
+        DEFAULT_MAX_VIPS, flow_cache_entries, map_names as names, prog_names, table_entries,
     },
     hash::{addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipKey,
-        VipState,
+        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipFilter,
+        VipKey, VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 15] = [
     names::CONFIG,
-    names::VIP_FILTER,
     names::VIP_ADDRS_V4,
     names::VIP_ADDRS_V6,
     names::VIPS,
@@ -154,6 +152,17 @@ pub enum DataplaneError {
         want: u32,
         dir: std::path::PathBuf,
     },
+    #[error(
+        "map {name} pinned under {dir} was made by another build of mlb (key and value of \
+         {have:?} bytes, this build needs {want:?}): run `mlb detach` first (that drops the \
+         connection table)"
+    )]
+    PinnedLayout {
+        name: &'static str,
+        have: (u32, u32),
+        want: (u32, u32),
+        dir: std::path::PathBuf,
+    },
     #[error("{0}")]
     Os(std::io::Error),
     #[error("writing a MaglevTable through mmap: {0}")]
@@ -187,6 +196,7 @@ impl Dataplane {
             path: pin_dir.to_owned(),
             error: e.to_string(),
         })?;
+        check_pinned_layouts(pin_dir)?;
         let dataplane = Self::load_with(caps, Some(pin_dir))?;
         for (name, want) in dataplane.map_sizes() {
             let map = dataplane.map(name)?;
@@ -281,13 +291,14 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes the global entry; the flow-cache mask comes from the capacities, and the
-    /// cache epoch moves on (next hops may have changed).
+    /// Writes the global entry; the flow-cache mask comes from the capacities, the cache
+    /// epoch moves on (next hops may have changed) and the Vip filter stays as it is.
     pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
-        let epoch = self.global()?.cache_epoch;
+        let current = self.global()?;
         self.write_global(&GlobalConfig {
             flow_cache_mask: flow_cache_entries(self.caps.conntrack_entries) - 1,
-            cache_epoch: next_epoch(epoch),
+            cache_epoch: next_epoch(current.cache_epoch),
+            vip_filter: current.vip_filter,
             ..*config
         })
     }
@@ -355,18 +366,19 @@ impl Dataplane {
     }
 
     /// Sets the Vip address pre-filter to exactly `addrs`. One array update, so a packet
-    /// sees the old or the new bitmap; when Vips are both added and removed, write the
-    /// union first so no Vip is ever missing from it.
+    /// sees the old or the new bitmap word by word; when Vips are both added and removed,
+    /// write the union first so no Vip is ever missing from it.
     pub fn set_vip_filter(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
-        let mut bits = [0u64; VIP_FILTER_WORDS];
+        let mut filter = VipFilter::default();
         for addr in addrs {
             let bit = vip_filter_bit(addr) as usize;
-            bits[bit / 64] |= 1 << (bit % 64);
+            filter.words[bit / 64] |= 1 << (bit % 64);
         }
-        let name = names::VIP_FILTER;
-        let mut map: Array<_, [u64; VIP_FILTER_WORDS]> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        map.set(0, bits, 0).map_err(map_err(name))
+        let config = self.global()?;
+        self.write_global(&GlobalConfig {
+            vip_filter: filter,
+            ..config
+        })
     }
 
     /// Publishes Vip `id` under `key`. Install its table first: a Vip without one drops
@@ -647,6 +659,60 @@ fn raise_memlock_limit() {
     };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// Key and value sizes of every map as this build lays them out (per CPU for per-CPU maps).
+fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
+    use lb_common::types::{FlowCacheV4, FlowCacheV6, NextHop};
+    [
+        (names::CONFIG, 4, size_of::<GlobalConfig>()),
+        (names::VIP_ADDRS_V4, 4, size_of::<VipAddr>()),
+        (names::VIP_ADDRS_V6, 16, size_of::<VipAddr>()),
+        (names::VIPS, size_of::<VipKey>(), 4),
+        (names::VIP_STATE, 4, size_of::<VipState>()),
+        (names::TABLES, 4, 4),
+        (names::BACKENDS, 4, size_of::<Backend>()),
+        (
+            names::CONNTRACK_V4,
+            size_of::<FlowV4>(),
+            size_of::<ConntrackEntry>(),
+        ),
+        (
+            names::CONNTRACK_V6,
+            size_of::<FlowV6>(),
+            size_of::<ConntrackEntry>(),
+        ),
+        (names::FLOW_CACHE_V4, 4, size_of::<FlowCacheV4>()),
+        (names::FLOW_CACHE_V6, 4, size_of::<FlowCacheV6>()),
+        (names::NEXT_HOPS, 4, size_of::<NextHop>()),
+        (names::STATS, 4, 8),
+        (names::VIP_STATS, 4, size_of::<TrafficCounters>()),
+        (names::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
+    ]
+}
+
+/// Refuses maps pinned under `dir` by a build that laid them out differently: the
+/// program would otherwise fail verification with no word about why.
+fn check_pinned_layouts(dir: &Path) -> Result<()> {
+    for (name, key, value) in map_layouts() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(map_err(name))?;
+        let info = map.info().map_err(map_err(name))?;
+        let have = (info.key_size(), info.value_size());
+        let want = (key as u32, value as u32);
+        if have != want {
+            return Err(DataplaneError::PinnedLayout {
+                name,
+                have,
+                want,
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The cache epoch after `epoch`; 0 is skipped, it marks an empty flow-cache slot.

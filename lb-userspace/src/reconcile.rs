@@ -606,8 +606,9 @@ pub fn global_config(config: &Config, fib_generation: u32) -> GlobalConfig {
         encap_src4_base: u32::from(v4) & !hostmask,
         encap_src4_hostmask: hostmask,
         encap_src6_base: addr_words(IpAddr::V6(v6)),
-        flow_cache_mask: 0, // set by Dataplane::set_global
-        cache_epoch: 0,     // set by Dataplane::set_global
+        flow_cache_mask: 0,             // set by Dataplane::set_global
+        cache_epoch: 0,                 // set by Dataplane::set_global
+        vip_filter: Default::default(), // set by Dataplane::set_vip_filter
     }
 }
 

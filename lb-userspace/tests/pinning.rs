@@ -1,0 +1,60 @@
+//! Maps pinned by another build of mlb are refused by name, before the kernel's verifier
+//! fails on them with no word about why. Needs root.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapData;
+use lb_userspace::dataplane::{Capacities, Dataplane};
+
+/// `BPF_MAP_TYPE_ARRAY`.
+const ARRAY: u32 = 2;
+
+/// Removes a bpffs pin directory on drop.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("reading /proc/mounts");
+    if !mounts.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")) {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting bpffs");
+    }
+}
+
+fn pin_array(dir: &Path, name: &str, value_size: u32) {
+    let definition = aya_obj::Map::new_from_params(ARRAY, 4, value_size, 1, 0);
+    let map = MapData::create(definition, name, None).unwrap_or_else(|e| panic!("{e}"));
+    map.pin(dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn maps_pinned_by_another_build_are_refused_by_name() {
+    ensure_bpffs();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/mlb-test-layout-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pins.0).unwrap();
+    // CONFIG as the build before the Vip filter moved into it laid it out: 40 bytes.
+    pin_array(&pins.0, "CONFIG", 40);
+    let error = match Dataplane::load_pinned(Capacities::default(), &pins.0) {
+        Ok(_) => panic!("a CONFIG map of another layout was reused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("map CONFIG"), "{error}");
+    assert!(error.contains("another build"), "{error}");
+    assert!(error.contains(&pins.0.display().to_string()), "{error}");
+    assert!(error.contains("mlb detach"), "{error}");
+
+    // The same directory with the layout of this build loads.
+    std::fs::remove_file(pins.0.join("CONFIG")).unwrap();
+    Dataplane::load_pinned(Capacities::default(), &pins.0).unwrap_or_else(|e| panic!("{e}"));
+}
