@@ -217,6 +217,9 @@ const _: () = {
     assert!(size_of::<NextHop>() == 20);
     assert!(size_of::<GlobalConfig>() == 40 + 8 * VIP_FILTER_WORDS);
     assert!(size_of::<Route>() == 36);
+    // The data plane copies both MACs in one run of 16-bit moves.
+    assert!(core::mem::offset_of!(Route, dmac).is_multiple_of(2));
+    assert!(core::mem::offset_of!(Route, smac) == core::mem::offset_of!(Route, dmac) + 6);
     assert!(size_of::<FlowCacheV4>() == 64);
     assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);

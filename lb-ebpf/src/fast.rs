@@ -157,7 +157,7 @@ fn send(
     bytes: u64,
     config: &GlobalConfig,
 ) -> Result<u32, Verdict> {
-    let route = &selection.route;
+    let route = selection.route;
     let l2 = L2 {
         l3_off: ETH_HLEN,
         proto,

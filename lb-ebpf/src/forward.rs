@@ -1,7 +1,7 @@
 //! Sending a packet to its backend: next hop from `bpf_fib_lookup` (cached per CPU), then
 //! IPIP / IPv6-in-IPv6 encapsulation or an L2 (MAC) rewrite, then XDP_TX or XDP_REDIRECT.
 
-use core::{ffi::c_void, hint::cold_path};
+use core::{ffi::c_void, hint::cold_path, mem::offset_of};
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
@@ -36,7 +36,7 @@ pub fn forward(
     bytes: u64,
     config: &GlobalConfig,
 ) -> Result<u32, Verdict> {
-    let route = &sel.route;
+    let route = sel.route;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
     } else if route.vip_flags & vip_flags::IPV6 != 0 {
@@ -125,14 +125,29 @@ fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend
     }
 }
 
+/// Writes the Route's MACs into the Ethernet header with 16-bit moves: a plain array
+/// assignment from map memory to packet memory becomes a call to a byte-wise `memmove`.
+#[inline(always)]
+fn set_eth_macs(eth: *mut EthHdr, route: &Route) {
+    // SAFETY: both MAC pairs are 2-aligned 12-byte runs (`Route` and `EthHdr` are repr(C)
+    // with the MACs at even offsets); `eth` was bounds-checked by the caller.
+    unsafe {
+        let from = (route as *const Route as *const u8).add(offset_of!(Route, dmac)) as *const u16;
+        let to = eth as *mut u16;
+        for i in 0..6 {
+            // `smac` follows `dmac` in both layouts.
+            *to.add(i) = core::ptr::read_volatile(from.add(i));
+        }
+    }
+}
+
 /// L2 direct server return: the backend owns the Vip on a loopback; only the MACs change.
 #[inline(always)]
 pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = hop.dmac;
-        (*eth).src = hop.smac;
+        set_eth_macs(eth, hop);
     }
     Ok(())
 }
@@ -155,8 +170,7 @@ fn push_l2(
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = hop.dmac;
-        (*eth).src = hop.smac;
+        set_eth_macs(eth, hop);
         match l2.vlan_tci {
             None => (*eth).proto = proto,
             Some(tci) => {
@@ -186,7 +200,7 @@ pub fn encap_ipv4(
     let src = (config.encap_src4_base | (sel.hash & config.encap_src4_hostmask)).to_be();
     let dst = sel.backend_addr[0];
     let tot_len = (inner_len + IPV4_HLEN as u16).to_be();
-    push_l2(ctx, l2, &sel.route, IPV4_HLEN, ETH_P_IP)?;
+    push_l2(ctx, l2, sel.route, IPV4_HLEN, ETH_P_IP)?;
     let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -223,7 +237,7 @@ pub fn encap_ipv6(
     let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
-    push_l2(ctx, l2, &sel.route, IPV6_HLEN, ETH_P_IPV6)?;
+    push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
     let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {

@@ -12,8 +12,10 @@ mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use core::mem::MaybeUninit;
 use lb_common::consts::Counter;
-use lb_common::types::GlobalConfig;
+
+use lb_common::types::{GlobalConfig, Route};
 use parse::{ETH_P_IP, ETH_P_IPV6, Parsed, Verdict, parse_ipv4, parse_ipv6, parse_l2};
 use select::{Flow, Selection, select};
 
@@ -41,21 +43,33 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
         .get(0)
         .ok_or(Verdict::Pass(Counter::PassNotVip))?;
     // Both families meet in one `forward`, so its code exists once in the program.
+    let mut scratch = MaybeUninit::uninit();
     let selection = match l2.proto {
-        ETH_P_IP => steer(ctx, parse_ipv4(ctx, l2.l3_off, &config.vip_filter)?, config)?,
-        ETH_P_IPV6 => steer(ctx, parse_ipv6(ctx, l2.l3_off, &config.vip_filter)?, config)?,
+        ETH_P_IP => steer(
+            ctx,
+            parse_ipv4(ctx, l2.l3_off, &config.vip_filter)?,
+            config,
+            &mut scratch,
+        )?,
+        ETH_P_IPV6 => steer(
+            ctx,
+            parse_ipv6(ctx, l2.l3_off, &config.vip_filter)?,
+            config,
+            &mut scratch,
+        )?,
         _ => return Err(Verdict::Pass(Counter::PassNotIp)),
     };
     forward::forward(ctx, &l2, &selection, bytes, config)
 }
 
 #[inline(always)]
-fn steer<F: Flow>(
+fn steer<'a, F: Flow>(
     ctx: &XdpContext,
     pkt: Parsed<F>,
     config: &GlobalConfig,
-) -> Result<Selection, Verdict> {
-    let selection = select(ctx, &pkt, config)?;
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Result<Selection<'a>, Verdict> {
+    let selection = select(ctx, &pkt, config, scratch)?;
     if pkt.icmp_error {
         stats::count(Counter::IcmpToBackend);
     }

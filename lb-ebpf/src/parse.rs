@@ -117,6 +117,18 @@ pub fn zero<T>(dst: *mut T) {
     }
 }
 
+/// Copies `*src` to `*dst` with volatile 32-bit loads: LLVM turns a plain struct copy
+/// between two pointers into a call to `memmove`, a byte loop in BPF.
+#[inline(always)]
+pub fn copy<T>(dst: *mut T, src: &T) {
+    const { assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4) };
+    let (to, from) = (dst as *mut u32, src as *const T as *const u32);
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: both in bounds of a `T` and 4-aligned; plain data.
+        unsafe { *to.add(i) = core::ptr::read_volatile(from.add(i)) };
+    }
+}
+
 /// A pointer to a `T` at `offset`, if the whole `T` lies inside the packet.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {

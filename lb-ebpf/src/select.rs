@@ -1,7 +1,7 @@
 //! Backend selection: the connection table first, the Vip's MaglevTable on a miss.
 
 use aya_ebpf::programs::XdpContext;
-use core::hint::cold_path;
+use core::{hint::cold_path, mem::MaybeUninit};
 use lb_common::{
     consts::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
@@ -17,7 +17,7 @@ use crate::{
         BACKENDS, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4,
         VIP_ADDRS_V6, VIP_STATE, VIPS,
     },
-    parse::{Parsed, Verdict, zero},
+    parse::{Parsed, Verdict, copy, zero},
     stats::count,
 };
 
@@ -27,7 +27,7 @@ pub trait Flow {
     fn remember(&self, entry: &ConntrackEntry) -> bool;
     /// This CPU's flow-cache Route at `slot`, if it holds this flow and is of `epoch`;
     /// counts the hit and says whether the LRU entry is due a refresh.
-    fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection, bool)>;
+    fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection<'static>, bool)>;
     fn cache(&self, slot: u32, epoch: u32, selection: &Selection);
     fn hash(&self, seed: u32) -> u32;
     fn vip_key(&self, port: u16) -> VipKey;
@@ -51,9 +51,11 @@ macro_rules! flow_maps {
             $conntrack.insert(self, entry, 0).is_ok()
         }
         #[inline(always)]
-        fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection, bool)> {
+        fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection<'static>, bool)> {
             let c = $cache.get_ptr_mut(slot)?;
-            // SAFETY: this CPU's slot.
+            // SAFETY: this CPU's slot; the Route is read in place, not copied: only this CPU
+            // writes the slot, never while one of its packets is in flight, and map values
+            // live as long as the program.
             unsafe {
                 if (*c).epoch != epoch || !same(&(*c).flow, self) {
                     return None;
@@ -61,7 +63,7 @@ macro_rules! flow_maps {
                 (*c).packets = (*c).packets.wrapping_add(1);
                 let $a = (*c).backend_addr;
                 let selection = Selection {
-                    route: (*c).route,
+                    route: &(*c).route,
                     backend_addr: $addr_in,
                     hash,
                 };
@@ -75,7 +77,7 @@ macro_rules! flow_maps {
                 // SAFETY: this CPU's slot.
                 unsafe {
                     (*c).flow = *self;
-                    (*c).route = selection.route;
+                    copy(&mut (*c).route, selection.route);
                     (*c).backend_addr = $addr_out;
                     (*c).epoch = epoch;
                     (*c).packets = 0;
@@ -152,9 +154,10 @@ impl Flow for FlowV6 {
     }
 }
 
-/// Where a packet goes: its Route and the backend's address.
-pub struct Selection {
-    pub route: Route,
+/// Where a packet goes: its Route (in the flow cache, or in the full path's scratch space)
+/// and the backend's address.
+pub struct Selection<'a> {
+    pub route: &'a Route,
     /// Network byte order; IPv4 in word 0.
     pub backend_addr: [u32; 4],
     /// The flow hash, reused for the encapsulation source.
@@ -186,16 +189,17 @@ fn established(entry: &ConntrackEntry) -> Result<(u32, Backend), bool> {
     }
 }
 
-/// The whole Route for `entry` to `backend`, next hop included.
+/// The whole Route for `entry` to `backend`, next hop included, built in `scratch`.
 #[inline(always)]
-fn route(
+fn route<'a>(
     ctx: &XdpContext,
     entry: ConntrackEntry,
     vip_flags: u32,
     backend: &Backend,
     hash: u32,
     fib_generation: u32,
-) -> Result<Selection, Verdict> {
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Result<Selection<'a>, Verdict> {
     let v6 = vip_flags & vip_flags::IPV6 != 0;
     if v6 != (backend.flags & backend_flags::IPV6 != 0) {
         // The daemon refuses such configs; never emit a half-right packet.
@@ -204,13 +208,13 @@ fn route(
     }
     let hop = next_hop(ctx, entry.backend, backend, v6, fib_generation)?;
     Ok(Selection {
-        route: Route {
+        route: scratch.write(Route {
             entry,
             dmac: hop.dmac,
             smac: hop.smac,
             ifindex: hop.ifindex,
             vip_flags,
-        },
+        }),
         backend_addr: backend.addr,
         hash,
     })
@@ -232,32 +236,25 @@ fn same<T>(a: &T, b: &T) -> bool {
     true
 }
 
-/// The LRU connection table: `Some` with the flow's Route (or its re-steering when its
-/// backend is down), `None` for a flow it does not know.
+/// What the LRU connection table knows of a flow.
+enum Known {
+    /// Its entry holds: the Vip's flags and the Backend.
+    Holds(ConntrackEntry, u32, Backend),
+    /// Its Vip holds but its Backend went down or away: re-steer by the Vip's table.
+    Resteer(u32),
+}
+
+/// The LRU connection table's word on a flow; `None` for a flow it does not know.
 #[inline(always)]
-fn established_flow<F: Flow>(
-    ctx: &XdpContext,
-    pkt: &Parsed<F>,
-    hash: u32,
-    slot: u32,
-    config: &GlobalConfig,
-) -> Option<Result<Selection, Verdict>> {
-    let flow = &pkt.flow;
-    let entry = flow.conntrack()?;
+fn known<F: Flow>(pkt: &Parsed<F>) -> Option<Known> {
+    let entry = pkt.flow.conntrack()?;
     match established(&entry) {
-        Ok((vip_flags, backend)) => Some(
-            route(ctx, entry, vip_flags, &backend, hash, config.fib_generation).inspect(|sel| {
-                if !pkt.icmp_error {
-                    count(Counter::ConntrackHit);
-                    flow.cache(slot, config.cache_epoch, sel);
-                }
-            }),
-        ),
+        Ok((vip_flags, backend)) => Some(Known::Holds(entry, vip_flags, backend)),
         Err(true) => {
             if !pkt.icmp_error {
                 count(Counter::ConntrackResteer);
             }
-            Some(from_table(ctx, pkt, entry.vip, hash, slot, config))
+            Some(Known::Resteer(entry.vip))
         }
         Err(false) => None,
     }
@@ -265,7 +262,11 @@ fn established_flow<F: Flow>(
 
 /// The flow's Route from this CPU's flow cache, counted as a connection-table hit.
 #[inline(always)]
-pub fn cache_hit<F: Flow>(flow: &F, hash: u32, config: &GlobalConfig) -> Option<Selection> {
+pub fn cache_hit<F: Flow>(
+    flow: &F,
+    hash: u32,
+    config: &GlobalConfig,
+) -> Option<Selection<'static>> {
     let (selection, refresh) =
         flow.cached(hash & config.flow_cache_mask, config.cache_epoch, hash)?;
     count(Counter::ConntrackHit);
@@ -280,11 +281,12 @@ pub fn cache_hit<F: Flow>(flow: &F, hash: u32, config: &GlobalConfig) -> Option<
 /// table, then the Vip's MaglevTable. A TCP SYN starts a new connection, so it goes
 /// straight to the table (as in Katran): the lookups it skips would miss on cold memory.
 #[inline(always)]
-pub fn select<F: Flow>(
+pub fn select<'a, F: Flow>(
     ctx: &XdpContext,
     pkt: &Parsed<F>,
     config: &GlobalConfig,
-) -> Result<Selection, Verdict> {
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Result<Selection<'a>, Verdict> {
     let flow = &pkt.flow;
     let hash = flow.hash(config.hash_seed);
     let slot = hash & config.flow_cache_mask;
@@ -296,19 +298,30 @@ pub fn select<F: Flow>(
     }
     // Established packets rarely get here: the flow cache holds them.
     cold_path();
-    if !pkt.syn
-        && let Some(found) = established_flow(ctx, pkt, hash, slot, config)
-    {
-        return found;
-    }
-    let vip = lookup_vip(pkt)?;
-    if !pkt.icmp_error {
-        count(Counter::ConntrackMiss);
-        if flow.proto() == PROTO_TCP && !pkt.syn {
-            count(Counter::ConntrackMissNonSyn);
+    let lru = if pkt.syn { None } else { known(pkt) };
+    let vip = match lru {
+        Some(Known::Holds(entry, vip_flags, backend)) => {
+            let fib = config.fib_generation;
+            let selection = route(ctx, entry, vip_flags, &backend, hash, fib, scratch)?;
+            if !pkt.icmp_error {
+                count(Counter::ConntrackHit);
+                flow.cache(slot, config.cache_epoch, &selection);
+            }
+            return Ok(selection);
         }
-    }
-    from_table(ctx, pkt, vip, hash, slot, config)
+        Some(Known::Resteer(vip)) => vip,
+        None => {
+            let vip = lookup_vip(pkt)?;
+            if !pkt.icmp_error {
+                count(Counter::ConntrackMiss);
+                if flow.proto() == PROTO_TCP && !pkt.syn {
+                    count(Counter::ConntrackMissNonSyn);
+                }
+            }
+            vip
+        }
+    };
+    from_table(ctx, pkt, vip, hash, slot, config, scratch)
 }
 
 /// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
@@ -339,14 +352,15 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
 /// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
 #[inline(always)]
-fn from_table<F: Flow>(
+fn from_table<'a, F: Flow>(
     ctx: &XdpContext,
     pkt: &Parsed<F>,
     vip_id: u32,
     hash: u32,
     cache_slot: u32,
     config: &GlobalConfig,
-) -> Result<Selection, Verdict> {
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Result<Selection<'a>, Verdict> {
     let vip = VIP_STATE
         .get(vip_id)
         .ok_or(Verdict::Pass(Counter::PassVipOther))?;
@@ -378,7 +392,15 @@ fn from_table<F: Flow>(
         vip: vip_id,
         vip_generation: vip.generation,
     };
-    let selection = route(ctx, entry, vip.flags, backend, hash, config.fib_generation)?;
+    let selection = route(
+        ctx,
+        entry,
+        vip.flags,
+        backend,
+        hash,
+        config.fib_generation,
+        scratch,
+    )?;
     if !pkt.icmp_error {
         if !pkt.flow.remember(&entry) {
             count(Counter::ConntrackInsertFail);
