@@ -145,10 +145,7 @@ fn set_eth_macs(eth: *mut EthHdr, route: &Route) {
 #[inline(always)]
 pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Counter::DropEncap))?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        set_eth_macs(eth, hop);
-    }
+    set_eth_macs(eth, hop);
     Ok(())
 }
 
