@@ -35,17 +35,11 @@ pub fn fast_path(ctx: &XdpContext) -> u32 {
     // SAFETY: bounds checked by ptr_at.
     match unsafe { (*eth).proto } {
         ETH_P_IP => fast_ipv4(ctx).map_or(NOT_HANDLED, verdict),
-        ETH_P_IPV6 => fast_ipv6_call(XdpContext { ctx: ctx.ctx }),
+        ETH_P_IPV6 => fast_ipv6(ctx).map_or(NOT_HANDLED, verdict),
         _ => NOT_HANDLED,
     }
 }
 
-/// IPv6 in a BPF subprogram of its own: its 40-byte addresses would otherwise push the
-/// entry function's stack past what the verifier allows in front of the full path.
-#[inline(never)]
-fn fast_ipv6_call(ctx: XdpContext) -> u32 {
-    fast_ipv6(&ctx).map_or(NOT_HANDLED, verdict)
-}
 
 #[inline(always)]
 fn fast_ipv4(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
