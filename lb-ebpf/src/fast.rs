@@ -40,7 +40,6 @@ pub fn fast_path(ctx: &XdpContext) -> u32 {
     }
 }
 
-
 #[inline(always)]
 fn fast_ipv4(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;

@@ -5,7 +5,8 @@
 //! figure is the median over rounds of (path mean - baseline mean), since interference
 //! from other tenants only ever adds time. The thread is pinned to one CPU.
 //!
-//! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root).
+//! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
+//! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -226,6 +227,12 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
         .collect()
 }
 
+/// CPUs online (not this pinned thread's affinity).
+fn online_cpus() -> i64 {
+    // SAFETY: plain libc query.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+}
+
 /// Pins this thread to the last CPU, so that every call runs on one CPU's caches.
 fn pin_to_last_cpu() {
     let cpu = std::env::var("MLB_BENCH_CPU")
@@ -302,7 +309,7 @@ fn write_json(path: &str, figures: &[Figure], calls: usize) {
          mean over calls per round, minus the empty XDP program in the same round, median over rounds\",\n  \"calls\": {calls},\n  \
          \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
         kernel.trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        online_cpus(),
         rows.join(",\n")
     );
     std::fs::write(path, body).expect("write JSON");

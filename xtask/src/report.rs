@@ -619,8 +619,9 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "`BPF_PROG_TEST_RUN`, one packet per call, {} calls per path in {} interleaved \
-             rounds, minus the empty XDP program measured the same way in the same run \
-             (DESIGN.md's method). Kernel {}, {} CPUs.\n",
+             rounds, minus the empty XDP program measured the same way in the same round \
+             (DESIGN.md's method); the figure is the median over rounds, ± half the \
+             interquartile range. Kernel {}, {} CPUs, pinned to one.\n",
             v["calls"],
             v["rounds"],
             v["kernel"].as_str().unwrap_or("?"),
@@ -651,7 +652,7 @@ impl Report<'_> {
         md.push_str(&self.svg("xdp", chart)?);
         let _ = writeln!(
             md,
-            "| path | ns/call | ns above empty | ± rounds | target |\n|---|---:|---:|---:|---:|"
+            "| path | ns/call | ns above empty | ± IQR/2 | target |\n|---|---:|---:|---:|---:|"
         );
         for p in paths {
             let _ = writeln!(
@@ -660,7 +661,7 @@ impl Report<'_> {
                 p["path"].as_str().unwrap_or(""),
                 p["ns_per_call"].as_f64().unwrap_or(f64::NAN),
                 p["ns_above_empty"].as_f64().unwrap_or(f64::NAN),
-                p["round_spread_ns"].as_f64().unwrap_or(f64::NAN) / 2.0,
+                p["round_iqr_ns"].as_f64().unwrap_or(f64::NAN) / 2.0,
                 p["target_ns"]
                     .as_f64()
                     .map_or("–".to_owned(), |t| format!("≤ {t:.0}"))
