@@ -6,11 +6,13 @@
 //! `None` and takes the full path, which parses the packet again from the start and
 //! decides exactly as if this path did not exist.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     consts::{Counter, PROTO_TCP, PROTO_UDP, vip_flags},
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
-    types::{FlowV4, FlowV6, GlobalConfig},
+    types::{FlowV4, FlowV6, GlobalConfig, Route},
 };
 
 use crate::{
@@ -18,9 +20,9 @@ use crate::{
     maps::CONFIG,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
-        Ipv6Hdr, L2, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, ptr_at,
+        Ipv6Hdr, L2, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, ptr_at, read_addr6,
     },
-    select::{Flow as _, Selection, cache_hit},
+    select::{Flow as _, Selection, cache_hit, table_hit},
 };
 
 /// Returned by the fast path for a packet it leaves to the full path.
@@ -32,16 +34,19 @@ pub fn fast_path(ctx: &XdpContext) -> u32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return NOT_HANDLED;
     };
+    // One scratch Route for both families: the entry function's stack is tight (the
+    // verifier allows 512 bytes for it and the full path together).
+    let mut scratch = MaybeUninit::uninit();
     // SAFETY: bounds checked by ptr_at.
     match unsafe { (*eth).proto } {
-        ETH_P_IP => fast_ipv4(ctx).map_or(NOT_HANDLED, verdict),
-        ETH_P_IPV6 => fast_ipv6(ctx).map_or(NOT_HANDLED, verdict),
+        ETH_P_IP => fast_ipv4(ctx, &mut scratch).map_or(NOT_HANDLED, verdict),
+        ETH_P_IPV6 => fast_ipv6(ctx, &mut scratch).map_or(NOT_HANDLED, verdict),
         _ => NOT_HANDLED,
     }
 }
 
 #[inline(always)]
-fn fast_ipv4(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
+fn fast_ipv4(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Result<u32, Verdict>> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, tot_len, frag_off, proto, src, dst) = unsafe {
@@ -77,12 +82,15 @@ fn fast_ipv4(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
         _pad1: 0,
     };
     let hash = flow.hash(config.hash_seed);
-    let selection = cache_hit(&flow, hash, config)?;
+    let selection = match cache_hit(&flow, hash, config) {
+        Some(selection) => selection,
+        None => table_hit(&flow, hash, config, scratch)?,
+    };
     Some(send(ctx, ETH_P_IP, &selection, bytes, config))
 }
 
 #[inline(always)]
-fn fast_ipv6(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
+fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Result<u32, Verdict>> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at.
     let (vtc_flow, payload_len, nexthdr, dst) =
@@ -99,7 +107,7 @@ fn fast_ipv6(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
     let (sport, dport) = ports(ctx, nexthdr, ETH_HLEN + IPV6_HLEN, l3_end)?;
     let flow = FlowV6 {
         // SAFETY: bounds checked by ptr_at.
-        src: unsafe { (*ip).src },
+        src: read_addr6(unsafe { &raw const (*ip).src }),
         dst,
         sport,
         dport,
@@ -108,7 +116,10 @@ fn fast_ipv6(ctx: &XdpContext) -> Option<Result<u32, Verdict>> {
         _pad1: 0,
     };
     let hash = flow.hash(config.hash_seed);
-    let selection = cache_hit(&flow, hash, config)?;
+    let selection = match cache_hit(&flow, hash, config) {
+        Some(selection) => selection,
+        None => table_hit(&flow, hash, config, scratch)?,
+    };
     Some(send(ctx, ETH_P_IPV6, &selection, bytes, config))
 }
 

@@ -14,7 +14,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::NEXT_HOPS,
+    maps::{FIB_SCRATCH, NEXT_HOPS},
     parse::{
         ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, L2, Verdict, VlanHdr, ptr_at, zero,
@@ -62,6 +62,14 @@ pub fn finish(ctx: &XdpContext, route: &Route, bytes: u64) -> u32 {
     }
 }
 
+/// This CPU's cached `bpf_fib_lookup` result for Backend `id`, if still of `generation`.
+#[inline(always)]
+pub fn cached_next_hop(id: u32, generation: u32) -> Option<NextHop> {
+    let cached = NEXT_HOPS.get_ptr_mut(id)?;
+    // SAFETY: per-CPU slot, only this CPU touches it.
+    unsafe { ((*cached).generation == generation && (*cached).ifindex != 0).then(|| *cached) }
+}
+
 /// The backend's next hop: this CPU's cached `bpf_fib_lookup` result while the daemon's
 /// generation is unchanged, else a fresh lookup (routes and neighbours are the kernel's).
 #[inline(always)]
@@ -73,28 +81,26 @@ pub fn next_hop(
     generation: u32,
 ) -> Result<NextHop, Verdict> {
     let no_route = Verdict::Drop(Counter::DropFib);
-    let cached = NEXT_HOPS.get_ptr_mut(id).ok_or(no_route)?;
-    // SAFETY: per-CPU slot, only this CPU touches it.
-    unsafe {
-        if (*cached).generation == generation && (*cached).ifindex != 0 {
-            return Ok(*cached);
-        }
+    if let Some(hop) = cached_next_hop(id, generation) {
+        return Ok(hop);
     }
+    let cached = NEXT_HOPS.get_ptr_mut(id).ok_or(no_route)?;
     cold_path();
     // The kernel answers only if forwarding is on for the ingress device (the daemon
     // turns it on where it attaches).
-    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    let rc = lookup_route(ctx, params.as_mut_ptr(), backend, v6);
+    let params = FIB_SCRATCH.get_ptr_mut(0).ok_or(no_route)?;
+    let rc = lookup_route(ctx, params, backend, v6);
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(no_route);
     }
-    // SAFETY: lookup_route initialised it.
-    let params = unsafe { params.assume_init() };
-    let hop = NextHop {
-        dmac: params.dmac,
-        smac: params.smac,
-        ifindex: params.ifindex,
-        generation,
+    // SAFETY: lookup_route filled this CPU's scratch entry.
+    let hop = unsafe {
+        NextHop {
+            dmac: (*params).dmac,
+            smac: (*params).smac,
+            ifindex: (*params).ifindex,
+            generation,
+        }
     };
     // SAFETY: as above.
     unsafe { *cached = hop };
@@ -114,7 +120,7 @@ fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend
         params.family = AF_INET;
         params.__bindgen_anon_4.ipv4_dst = backend.addr[0];
     }
-    // SAFETY: params is a valid, sized struct on the stack.
+    // SAFETY: params is a valid, sized struct in this CPU's scratch entry.
     unsafe {
         fib_lookup(
             ctx.ctx as *mut c_void,

@@ -3,6 +3,7 @@
 //! what is configured. Names must match `lb_common::consts::map_names`.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -79,6 +80,11 @@ pub static FLOW_CACHE_V6: PerCpuArray<FlowCacheV6, FLOW_CACHE_MAX> = PerCpuArray
 /// Per-CPU cache of `bpf_fib_lookup` results per Backend id.
 #[btf_map]
 pub static NEXT_HOPS: PerCpuArray<NextHop, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Scratch space for `bpf_fib_lookup`'s parameters (one per CPU): on the stack they
+/// would push the full path past the verifier's 512 bytes for the whole call chain.
+#[btf_map]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup, 1> = PerCpuArray::new();
 
 /// Global counters, indexed by `Counter`.
 #[btf_map]

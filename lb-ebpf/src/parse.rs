@@ -129,6 +129,15 @@ pub fn copy<T>(dst: *mut T, src: &T) {
     }
 }
 
+/// An IPv6 address read from packet memory with four 32-bit loads (a plain array copy
+/// between pointers may become a call to `memmove`).
+#[inline(always)]
+pub fn read_addr6(addr: *const [u32; 4]) -> [u32; 4] {
+    let words = addr as *const u32;
+    // SAFETY: the caller bounds-checked the 16 bytes.
+    unsafe { core::array::from_fn(|i| core::ptr::read_volatile(words.add(i))) }
+}
+
 /// A pointer to a `T` at `offset`, if the whole `T` lies inside the packet.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {

@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    forward::next_hop,
+    forward::{cached_next_hop, next_hop},
     maps::{
         BACKENDS, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4,
         VIP_ADDRS_V6, VIP_STATE, VIPS,
@@ -274,6 +274,43 @@ pub fn cache_hit<F: Flow>(
     if refresh && flow.conntrack().is_none() {
         flow.remember(&selection.route.entry);
     }
+    Some(selection)
+}
+
+/// For a flow the flow cache missed: its Route from the connection table, when the entry
+/// holds and its next hop is cached; then it is counted as a hit and cached. `None` leaves
+/// every other case (unknown flow, re-steer, next hop to look up) to `select`, with
+/// nothing counted.
+#[inline(always)]
+pub fn table_hit<'a, F: Flow>(
+    flow: &F,
+    hash: u32,
+    config: &GlobalConfig,
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Option<Selection<'a>> {
+    let entry = flow.conntrack()?;
+    let (vip_flags, backend) = established(&entry).ok()?;
+    if (vip_flags & vip_flags::IPV6 != 0) != (backend.flags & backend_flags::IPV6 != 0) {
+        return None;
+    }
+    let hop = cached_next_hop(entry.backend, config.fib_generation)?;
+    let selection = Selection {
+        route: scratch.write(Route {
+            entry,
+            dmac: hop.dmac,
+            smac: hop.smac,
+            ifindex: hop.ifindex,
+            vip_flags,
+        }),
+        backend_addr: backend.addr,
+        hash,
+    };
+    count(Counter::ConntrackHit);
+    flow.cache(
+        hash & config.flow_cache_mask,
+        config.cache_epoch,
+        &selection,
+    );
     Some(selection)
 }
 

@@ -26,6 +26,7 @@ use support::{
 
 const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
+const MANY_FLOWS: usize = 100_000;
 
 struct Path {
     name: &'static str,
@@ -113,6 +114,22 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
         })
         .collect();
     let _ = Ipv6Addr::LOCALHOST;
+    // Established flows far more numerous than the flow cache's slots: most packets miss
+    // it and take the connection table.
+    let many: Vec<Vec<u8>> = (0..MANY_FLOWS)
+        .map(|i| {
+            let src = IpAddr::V4(Ipv4Addr::new(
+                10,
+                70 + (i >> 16) as u8,
+                (i >> 8) as u8,
+                i as u8,
+            ));
+            tcp(mac, src, 2000 + (i & 0x3ff) as u16, vip, 80, false)
+        })
+        .collect();
+    for pkt in &many {
+        assert_eq!(lab.run(pkt).action, 3, "priming must forward");
+    }
     let not_vip = tcp(mac, client, 40002, "10.111.0.1".parse().unwrap(), 22, false);
     let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
         name,
@@ -155,6 +172,13 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             prog_names::LB_INGRESS,
             vec![established6],
             Some(30.0),
+            false,
+        ),
+        path(
+            "established, 100,000 flows (cache misses)",
+            prog_names::LB_INGRESS,
+            many,
+            None,
             false,
         ),
         path(

@@ -697,3 +697,48 @@ fn cached_flow_variants_take_the_full_path() {
     assert_eq!(lab.run(&routing).action, XDP_DROP, "IPv6 routing header");
     assert!(deltas(&before, &lab.counters()).contains(&("drop_ipv6_ext", 1)));
 }
+
+/// A flow whose flow-cache slot another flow took keeps its backend from the connection
+/// table, not from a Maglev table that changed in between (invariant 2 on the fast path's
+/// cache-miss branch).
+#[test]
+fn evicted_flow_keeps_its_backend_from_the_connection_table() {
+    let mut lab = Lab::new();
+    let mask =
+        lb_common::consts::flow_cache_entries(lab.dataplane.capacities().conntrack_entries) - 1;
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let a = flow(CLIENT, 44000, VIP, 80, 6);
+    let slot = a.hash(SEED) & mask;
+    // Another flow of the same Vip that lands in the same slot.
+    let sport_b = (44001..u16::MAX)
+        .find(|&p| flow(CLIENT, p, VIP, 80, 6).hash(SEED) & mask == slot)
+        .expect("a colliding flow");
+    let backend_of = |packet: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap());
+
+    let packet_a = tcp(mac, client, 44000, vip, 80, false);
+    let first = lab.run(&packet_a);
+    assert_eq!(first.action, XDP_TX);
+    let original = backend_of(&first.packet);
+    let original_id = lab.backend_by_addr(original.into()).unwrap().id;
+    // A new table without flow A's backend, which stays up.
+    let others: Vec<u32> = [1, 2, 3]
+        .into_iter()
+        .filter(|&b| b != original_id)
+        .collect();
+    lab.set_table(VIP_TCP, &others);
+    // Flow B takes A's cache slot.
+    assert_eq!(
+        lab.run(&tcp(mac, client, sport_b, vip, 80, false)).action,
+        XDP_TX
+    );
+
+    let before = lab.counters();
+    let out = lab.run(&packet_a);
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!(
+        backend_of(&out.packet),
+        original,
+        "flow A moved after losing its cache slot"
+    );
+    assert!(deltas(&before, &lab.counters()).contains(&("conntrack_hit", 1)));
+}
