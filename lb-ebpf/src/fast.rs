@@ -10,7 +10,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    consts::{Counter, PROTO_TCP, PROTO_UDP, vip_flags},
+    consts::{Counter, vip_flags},
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
     types::{FlowV4, FlowV6, GlobalConfig, Route},
 };
@@ -20,7 +20,7 @@ use crate::{
     maps::CONFIG,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
-        Ipv6Hdr, L2, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, ptr_at, read_addr6,
+        Ipv6Hdr, L2, Verdict, parse_l4, ptr_at, read_addr6,
     },
     select::{Flow as _, Selection, cache_hit, table_hit},
 };
@@ -126,28 +126,8 @@ fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
 /// Ports of a well-formed TCP (not SYN) or UDP header at `l4`; `None` for anything else.
 #[inline(always)]
 fn ports(ctx: &XdpContext, proto: u8, l4: usize, l3_end: usize) -> Option<(u16, u16)> {
-    match proto {
-        PROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
-            // SAFETY: bounds checked by ptr_at.
-            let (sport, dport, doff, flags) =
-                unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).doff, (*tcp).flags) };
-            if doff >> 4 < 5 || l4 + size_of::<TcpHdr>() > l3_end || flags & TCP_FLAG_SYN != 0 {
-                return None;
-            }
-            Some((sport, dport))
-        }
-        PROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, l4)?;
-            // SAFETY: bounds checked by ptr_at.
-            let (sport, dport, len) = unsafe { ((*udp).sport, (*udp).dport, (*udp).len) };
-            if (u16::from_be(len) as usize) < size_of::<UdpHdr>()
-                || l4 + size_of::<UdpHdr>() > l3_end
-            {
-                return None;
-            }
-            Some((sport, dport))
-        }
+    match parse_l4(ctx, proto, l4, l3_end) {
+        Ok((ports, false)) => Some((ports.sport, ports.dport)),
         _ => None,
     }
 }

@@ -207,7 +207,7 @@ const PROTO_UDP: u8 = lb_common::consts::PROTO_UDP;
 
 /// Reads ports (and SYN) of the TCP or UDP header at `l4` that must end by `l3_end`.
 #[inline(always)]
-fn parse_l4(
+pub fn parse_l4(
     ctx: &XdpContext,
     proto: u8,
     l4: usize,
