@@ -1,9 +1,10 @@
-//! The fast path: an untagged IPv4 or IPv6 TCP/UDP packet of a flow that this CPU's flow
-//! cache holds, handled in a few cache lines of code. Per packet, the cost of the full program
-//! is dominated by instruction-cache misses on its ~18 KB of JIT code, whose hot blocks
-//! the compiler spreads out; this path keeps them together. Anything else — a SYN, a
-//! cache miss, a VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — returns
-//! `None` and takes the full path, which parses the packet again from the start and
+//! The fast path: an untagged IPv4 or IPv6 TCP/UDP packet of an established flow, found
+//! in this CPU's flow cache or else in the connection table, handled in a few cache lines
+//! of code with fixed header offsets. It does not reuse `parse_ipv4`/`parse_ipv6`: with IP
+//! options and ICMP they need more stack than the verifier leaves beside the full path
+//! (measured: 552 of 512 bytes). Anything else — a SYN, an unknown flow, a re-steer, a
+//! VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — is
+//! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
 //! decides exactly as if this path did not exist.
 
 use core::mem::MaybeUninit;
@@ -132,7 +133,9 @@ fn ports(ctx: &XdpContext, proto: u8, l4: usize, l3_end: usize) -> Option<(u16, 
     }
 }
 
-/// Rewrites or encapsulates an untagged packet of EtherType `proto` along its Route.
+/// Rewrites or encapsulates an untagged packet of EtherType `proto` along its Route: the
+/// same steps as `forward::forward`, which needs 16 bytes more of the entry function's
+/// stack than the verifier leaves (measured: 528 of 512 with the full path).
 #[inline(always)]
 fn send(
     ctx: &XdpContext,

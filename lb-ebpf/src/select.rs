@@ -1,4 +1,4 @@
-//! Backend selection: the connection table first, the Vip's MaglevTable on a miss.
+//! Backend selection: the flow cache, then the connection table, then the Vip's MaglevTable.
 
 use aya_ebpf::programs::XdpContext;
 use core::{hint::cold_path, mem::MaybeUninit};
@@ -8,7 +8,10 @@ use lb_common::{
         backend_flags, vip_flags,
     },
     hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
-    types::{Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, Route, VipKey, vip_addr_flags},
+    types::{
+        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey,
+        vip_addr_flags,
+    },
 };
 
 use crate::{
@@ -207,7 +210,20 @@ fn route<'a>(
         return Err(Verdict::Drop(Counter::DropEncap));
     }
     let hop = next_hop(ctx, entry.backend, backend, v6, fib_generation)?;
-    Ok(Selection {
+    Ok(selection(entry, vip_flags, backend, hop, hash, scratch))
+}
+
+/// The Selection of `entry` to `backend` through `hop`, its Route built in `scratch`.
+#[inline(always)]
+fn selection<'a>(
+    entry: ConntrackEntry,
+    vip_flags: u32,
+    backend: &Backend,
+    hop: NextHop,
+    hash: u32,
+    scratch: &'a mut MaybeUninit<Route>,
+) -> Selection<'a> {
+    Selection {
         route: scratch.write(Route {
             entry,
             dmac: hop.dmac,
@@ -217,7 +233,7 @@ fn route<'a>(
         }),
         backend_addr: backend.addr,
         hash,
-    })
+    }
 }
 
 /// Whether two plain-data values (multiple of 8 bytes, 8-aligned) are bitwise equal.
@@ -294,17 +310,7 @@ pub fn table_hit<'a, F: Flow>(
         return None;
     }
     let hop = cached_next_hop(entry.backend, config.fib_generation)?;
-    let selection = Selection {
-        route: scratch.write(Route {
-            entry,
-            dmac: hop.dmac,
-            smac: hop.smac,
-            ifindex: hop.ifindex,
-            vip_flags,
-        }),
-        backend_addr: backend.addr,
-        hash,
-    };
+    let selection = selection(entry, vip_flags, &backend, hop, hash, scratch);
     count(Counter::ConntrackHit);
     flow.cache(
         hash & config.flow_cache_mask,

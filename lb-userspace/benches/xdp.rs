@@ -13,7 +13,7 @@ mod support;
 
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     time::Instant,
 };
 
@@ -113,7 +113,6 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             tcp(mac, src, 1024 + (i & 0xff) as u16 * 16 + 1, vip, 80, true)
         })
         .collect();
-    let _ = Ipv6Addr::LOCALHOST;
     // Established flows far more numerous than the flow cache's slots: most packets miss
     // it and take the connection table.
     let many: Vec<Vec<u8>> = (0..MANY_FLOWS)
