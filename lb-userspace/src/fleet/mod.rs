@@ -30,6 +30,8 @@ use std::{
 use aya::programs::XdpMode;
 use lb_common::consts::prog_names;
 
+pub mod scenarios;
+
 use crate::{
     dataplane::{Capacities, Dataplane},
     netns::Netns,
@@ -47,9 +49,9 @@ pub const HOLD_TIME: Duration = Duration::from_secs(3);
 const ROUTER_ADDR: &str = "10.100.0.1";
 const CLIENT_ADDR: &str = "10.99.0.2";
 const CLIENT_GATEWAY: &str = "10.99.0.1";
-const BIRD_LB: &str = include_str!("../../deploy/bird/lb.conf");
-const BIRD_ROUTER: &str = include_str!("../../deploy/bird/router.conf");
-const BACKEND_SERVER: &str = include_str!("../tests/support/backend_server.py");
+const BIRD_LB: &str = include_str!("../../../deploy/bird/lb.conf");
+const BIRD_ROUTER: &str = include_str!("../../../deploy/bird/router.conf");
+const BACKEND_SERVER: &str = include_str!("../../tests/support/backend_server.py");
 
 /// A load balancer of the fleet.
 pub struct LbBox {
