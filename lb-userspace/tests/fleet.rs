@@ -317,11 +317,20 @@ fn a_stopped_bgp_daemon_stops_nothing_and_only_our_routes_are_touched() {
         .wait_for_next_hops(&[0, 1, 2], Duration::from_secs(15))
         .expect("announced again once BIRD is back");
 
-    // A reload that moves the announce table moves the route, and only ours.
-    let pools = fleet.pool_yaml(&[1, 2, 3]);
+    // A reload that moves the announce table moves the route, and only ours; an IPv6 Vip
+    // gets a /128.
+    let pools = fleet.pool_yaml(&[1, 2, 3])
+        + &format!(
+            "  web6:\n    backends:\n      - address: {}\n",
+            fleet.backends[0].addr6
+        );
     let moved = fleet
         .config_yaml(0, &pools)
-        .replace("table: 200", "table: 201");
+        .replace("table: 200", "table: 201")
+        .replace(
+            "pools:\n",
+            "  - name: web6\n    address: fd00:200::1\n    port: 80\n    protocol: tcp\n    pool: web6\npools:\n",
+        );
     std::fs::write(&fleet.lbs[0].config, moved).unwrap();
     let table = |t: &str| {
         let out = fleet.lbs[0]
@@ -333,12 +342,23 @@ fn a_stopped_bgp_daemon_stops_nothing_and_only_our_routes_are_touched() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let table6 = |t: &str| {
+        let out = fleet.lbs[0]
+            .host
+            .netns
+            .command("ip")
+            .args(["-6", "route", "show", "table", t])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     wait_until(
         "the route moves to table 201",
         Duration::from_secs(10),
         || {
             table("201").contains("10.200.0.1 dev lo proto 250")
                 && !table("200").contains("10.200.0.1 dev lo proto 250")
+                && table6("201").contains("fd00:200::1 dev lo proto 250")
         },
     );
     assert!(table("200").contains("10.200.0.99"), "{}", table("200"));
