@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod report;
 mod setup;
+mod soak;
 mod status;
 mod test;
 
@@ -31,6 +32,10 @@ enum Command {
     /// Benchmarks; figures are printed and written as JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// The soak test: the real daemon in network namespaces under continuous traffic, a
+    /// reload every second, backends and the daemon killed; asserts zero broken
+    /// connections to healthy backends and flat memory, fds and tasks. Root.
+    Soak(soak::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,5 +54,6 @@ fn run() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
+        Command::Soak(args) => soak::run(args),
     }
 }
