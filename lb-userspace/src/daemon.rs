@@ -57,6 +57,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         .with_context(|| format!("reading {}", options.config.display()))?;
     let config = Config::from_bytes(&bytes, &options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin_dir = config.global.pin_path.clone();
+    // One daemon per pin path: a second one would overwrite the first one's maps.
+    let _lock = state::DaemonLock::take(&pin_dir).map_err(anyhow::Error::msg)?;
     // Metrics: /healthz answers from here on, /readyz once the config is applied.
     let metrics = Arc::new(Metrics::new(&pin_dir));
     let metrics_server = metrics::Server::start(config.global.metrics_listen, Arc::clone(&metrics))
