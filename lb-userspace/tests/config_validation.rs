@@ -237,14 +237,18 @@ fn check_counts_backends_as_the_reconciler_does() {
     let problems = parse_err(yaml);
     assert_eq!(
         problems,
-        ["test.yaml:2:17: 2 pool members need max_backends of at least 3 (id 0 is reserved), but it is 2"]
+        [
+            "test.yaml:2:17: 2 pool members need max_backends of at least 3 (id 0 is reserved), but it is 2"
+        ]
     );
     let config = parse_ok(&yaml.replace("max_backends: 2", "max_backends: 3"));
     let mut reconciler = lb_userspace::reconcile::Reconciler::new(
         lb_userspace::reconcile::DryRun,
         Default::default(),
     );
-    reconciler.apply(&config).expect("what check accepts, the reconciler applies");
+    reconciler
+        .apply(&config)
+        .expect("what check accepts, the reconciler applies");
 }
 
 #[test]
