@@ -73,10 +73,14 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
-    let (assignments, down) = previous.map_or_else(Default::default, |p| (p.assignments, p.down));
+    let (assignments, down, drained) =
+        previous.map_or_else(Default::default, |p| (p.assignments, p.down, p.drained));
     let mut reconciler = Reconciler::new(dataplane, assignments);
-    // Backends the previous daemon had down stay down until their checks pass again.
+    // Backends the previous daemon had down stay down until their checks pass again, and
+    // its drains stay; Backends a reload adds start down until their rise checks pass.
     reconciler.set_initially_down(&down);
+    reconciler.set_initially_drained(&drained);
+    reconciler.gate_new_backends_on_health();
     for interface in &config.interfaces {
         attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
     }
@@ -122,6 +126,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         retry: None,
         neighbours: BTreeSet::new(),
     };
+    let down = daemon.reconciler.down_backends();
     daemon.start_checker(&config, down, health::HealthStats::new());
     daemon.after_apply(&config);
 
@@ -318,7 +323,9 @@ impl Daemon {
                     .reconciled(&self.reconciler, &report, started.elapsed());
                 log_report(what, &report);
                 let old = std::mem::replace(&mut self.checker, health::Checker::idle());
-                let down = old.down_backends();
+                // The reconciler's view: the old checker's downs plus the new Backends,
+                // which start down until their rise checks pass.
+                let down = self.reconciler.down_backends();
                 let stats = old.stats();
                 old.stop();
                 self.start_checker(&config, down, stats);

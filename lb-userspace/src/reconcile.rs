@@ -22,7 +22,7 @@ use lb_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, Protocol, VipConfig},
+    config::{CheckKind, Config, Protocol, VipConfig},
     dataplane::{Dataplane, DataplaneError},
 };
 
@@ -249,6 +249,8 @@ pub struct Reconciler<D: DataplaneOps> {
     /// A write failed midway: `tables` may not be what the data plane holds, so the next
     /// write swaps every table in, changed or not.
     force_tables: bool,
+    /// See [`Reconciler::gate_new_backends_on_health`].
+    health_gated: bool,
 }
 
 impl<D: DataplaneOps> Reconciler<D> {
@@ -262,6 +264,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             drained: BTreeSet::new(),
             tables: BTreeMap::new(),
             force_tables: false,
+            health_gated: false,
         }
     }
 
@@ -292,6 +295,35 @@ impl<D: DataplaneOps> Reconciler<D> {
             .extend(down.iter().map(|(pool, addr)| backend_key(pool, *addr)));
     }
 
+    /// Backends drained at run time by a previous daemon stay drained.
+    pub fn set_initially_drained(&mut self, drained: &[(String, IpAddr)]) {
+        self.drained
+            .extend(drained.iter().map(|(pool, addr)| backend_key(pool, *addr)));
+    }
+
+    /// Backends a reload adds start down until their health checks pass (`rise` checks),
+    /// in pools that have checks: no flow goes to a Backend nothing has vouched for. At a
+    /// first start Backends start up, as Envoy and HAProxy do: there is no traffic to
+    /// protect yet, the first checks run at once and `fall` failures take a dead one out.
+    /// Off for dry runs (`mlb plan` shows the tables the config asks for).
+    pub fn gate_new_backends_on_health(&mut self) {
+        self.health_gated = true;
+    }
+
+    /// `(pool, address)` of the configured Backends considered down.
+    pub fn down_backends(&self) -> Vec<(String, IpAddr)> {
+        let Some(config) = &self.config else {
+            return Vec::new();
+        };
+        config
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| p.backends.iter().map(move |b| (pool, b.address)))
+            .filter(|(pool, addr)| self.down.contains(&backend_key(pool, *addr)))
+            .map(|(pool, addr)| (pool.clone(), addr))
+            .collect()
+    }
+
     /// Whether `pool/address` is drained at run time.
     pub fn is_drained(&self, pool: &str, addr: IpAddr) -> bool {
         self.drained.contains(&backend_key(pool, addr))
@@ -314,8 +346,10 @@ impl<D: DataplaneOps> Reconciler<D> {
         let drained = self.drained.clone();
         match self.write(config, old.as_ref()) {
             Ok(report) => {
-                // A reload ends run-time drains: the file is the truth again.
-                self.drained.clear();
+                // Run-time drains last until `undrain` (reloads and restarts included),
+                // for the Backends still configured.
+                let live: BTreeSet<&String> = self.assignments.backends.keys().collect();
+                self.drained.retain(|k| live.contains(k));
                 self.config = Some(config.clone());
                 Ok(report)
             }
@@ -357,6 +391,12 @@ impl<D: DataplaneOps> Reconciler<D> {
                 if new {
                     self.dataplane.reset_traffic(false, assigned.id)?;
                     report.backends_added.push(format!("{} ({key})", b.name));
+                    if self.health_gated
+                        && old.is_some()
+                        && pool.health_check.kind != CheckKind::None
+                    {
+                        self.down.insert(key.clone());
+                    }
                 }
                 let mut flags = if self.down.contains(&key) {
                     0

@@ -306,12 +306,20 @@ pub struct Previous {
     pub assignments: Assignments,
     /// `(pool, address)` of the Backends it had down.
     pub down: Vec<(String, IpAddr)>,
+    /// `(pool, address)` of the Backends drained at run time (`mlb drain`).
+    pub drained: Vec<(String, IpAddr)>,
 }
 
 /// The state a previous daemon left for the maps under `pin_dir`, if any.
 pub fn previous(pin_dir: &Path) -> Result<Option<Previous>, DataplaneError> {
     match Snapshot::load(&state_path(pin_dir)) {
         Ok(snapshot) => Ok(Some(Previous {
+            drained: snapshot
+                .backends
+                .iter()
+                .filter(|b| b.drained)
+                .map(|b| (b.pool.clone(), b.address))
+                .collect(),
             down: snapshot
                 .backends
                 .iter()
