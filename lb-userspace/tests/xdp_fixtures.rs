@@ -128,6 +128,22 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     bad_doff[14 + 20 + 12] = 0x40;
     let mut bad_udp_len = udp(mac, client, 5354, vip, 53);
     bad_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    // Data offset 15 (60 bytes) in a 34-byte segment (20-byte header + payload).
+    let mut long_doff = tcp(mac, client, 40016, vip, 80, true);
+    long_doff[14 + 20 + 12] = 0xF0;
+    let mut long_doff6 = tcp(mac, client6, 40017, vip6, 80, true);
+    long_doff6[14 + 40 + 12] = 0xF0;
+    // UDP length one past the IP payload.
+    let mut long_udp_len = udp(mac, client, 5356, vip, 53);
+    let udp_len = (8 + PAYLOAD.len() + 1) as u16;
+    long_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    let mut long_udp_len6 = udp(mac, client6, 5357, vip6, 53);
+    long_udp_len6[14 + 40 + 4..14 + 40 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    // The same UDP datagram with the IP total length cut to end inside the payload (the
+    // frame keeps its bytes: Ethernet padding).
+    let mut udp_past_tot_len = udp(mac, client, 5358, vip, 53);
+    udp_past_tot_len[16..18].copy_from_slice(&(20 + 8 + 4u16).to_be_bytes());
+    fix_ipv4_checksum(&mut udp_past_tot_len, 14);
     let mut ihl4 = syn.clone();
     ihl4[14] = 0x44;
     let mut version6_in_v4 = syn.clone();
@@ -344,6 +360,31 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
         drop(
             "UDP length < 8 to a Vip is dropped",
             bad_udp_len,
+            &["drop_malformed"],
+        ),
+        drop(
+            "TCP data offset past the segment to a Vip is dropped",
+            long_doff,
+            &["drop_malformed"],
+        ),
+        drop(
+            "TCP data offset past the segment in IPv6 to a Vip is dropped",
+            long_doff6,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond the IP payload to a Vip is dropped",
+            long_udp_len,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond the IPv6 payload to a Vip is dropped",
+            long_udp_len6,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond an IPv4 total length shorter than the frame is dropped",
+            udp_past_tot_len,
             &["drop_malformed"],
         ),
         pass(
