@@ -783,3 +783,159 @@ fn evicted_flow_keeps_its_backend_from_the_connection_table() {
     );
     assert!(deltas(&before, &lab.counters()).contains(&("conntrack_hit", 1)));
 }
+
+/// BPF_PROG_TEST_RUN by hand on a program fd: the Dataplane is busy on another thread.
+fn raw_test_run(prog: std::os::fd::BorrowedFd<'_>, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
+    let ctx: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attr points at live buffers of the sizes it gives.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+    out.truncate(attr.data_size_out as usize);
+    (attr.retval, out)
+}
+
+/// Invariant 3 for the global config: while the daemon rewrites it, every packet sees the
+/// old one or the new one. Config A has the Vip in its filter and seed SEED; config B has an
+/// empty filter and another seed. The program reads the filter before the seed, so a packet
+/// that saw half of a write of B over A (A's filter, B's seed) is forwarded with B's hash:
+/// an outer source address neither config gives.
+#[test]
+fn a_packet_sees_the_old_global_config_or_the_new_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut lab = Lab::new();
+    let a = lab.dataplane.global().unwrap();
+    let b = lb_common::types::GlobalConfig {
+        hash_seed: SEED ^ 0x0bad_5eed,
+        vip_filter: Default::default(),
+        ..a
+    };
+    let mac = lab.lb_mac;
+    let mut rng = StdRng::seed_from_u64(15);
+    // Distinct flows, so that no packet hits the connection table or the flow cache.
+    let flows: Vec<(Flow, Vec<u8>)> = (0..200_000u32)
+        .map(|i| {
+            let src = IpAddr::V4(Ipv4Addr::new(
+                10,
+                60 + (i >> 16) as u8,
+                rng.random(),
+                rng.random(),
+            ));
+            let sport = 1024 + (i % 60_000) as u16;
+            let f = flow(&src.to_string(), sport, VIP, 80, PROTO_TCP);
+            (f, tcp(mac, src, sport, ip(VIP), 80, true))
+        })
+        .collect();
+    let expected_a: Vec<Vec<u8>> = flows
+        .iter()
+        .map(|(f, pkt)| ipip(&lab, pkt, 14, VIP_TCP, f))
+        .collect();
+    let done = AtomicBool::new(false);
+    let (outcomes, writes) = lab.with_dataplane(|dp, ifindex| {
+        let prog = dp
+            .xdp(lb_common::consts::prog_names::LB_INGRESS)
+            .unwrap()
+            .fd()
+            .unwrap()
+            .try_clone()
+            .unwrap();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let outcomes: Vec<(u32, Vec<u8>)> = flows
+                    .iter()
+                    .map(|(_, pkt)| raw_test_run(prog.as_fd(), pkt, ifindex))
+                    .collect();
+                done.store(true, Ordering::Relaxed);
+                outcomes
+            });
+            let mut writes = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let epoch = a.cache_epoch.wrapping_add(writes as u32).max(1);
+                let next = if writes % 2 == 0 { &b } else { &a };
+                dp.write_global(&lb_common::types::GlobalConfig {
+                    cache_epoch: epoch,
+                    ..*next
+                })
+                .unwrap();
+                writes += 1;
+            }
+            (reader.join().unwrap(), writes)
+        })
+    });
+    use std::os::fd::AsFd as _;
+    let (mut seen_a, mut seen_b, mut mixed) = (0, 0, Vec::new());
+    for (i, ((action, packet), want_a)) in outcomes.iter().zip(&expected_a).enumerate() {
+        if *action == XDP_TX && packet == want_a {
+            seen_a += 1;
+        } else if *action == XDP_PASS && *packet == flows[i].1 {
+            seen_b += 1;
+        } else {
+            mixed.push(format!(
+                "flow {i}: {} {}",
+                action_name(*action),
+                hex(packet)
+            ));
+        }
+    }
+    eprintln!(
+        "{writes} config writes; packets saw A {seen_a}, B {seen_b}, a mix {}",
+        mixed.len()
+    );
+    assert!(writes > 300, "only {writes} config writes during the run");
+    assert!(
+        seen_a > 0 && seen_b > 0,
+        "A {seen_a}, B {seen_b}: the configs did not alternate"
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} packets saw a mixed config:\n{}",
+        mixed.len(),
+        mixed[..mixed.len().min(5)].join("\n")
+    );
+}
