@@ -897,7 +897,7 @@ fn a_packet_sees_the_old_global_config_or_the_new_one() {
             let mut writes = 0u64;
             while !done.load(Ordering::Relaxed) {
                 let epoch = a.cache_epoch.wrapping_add(writes as u32).max(1);
-                let next = if writes % 2 == 0 { &b } else { &a };
+                let next = if writes.is_multiple_of(2) { &b } else { &a };
                 dp.write_global(&lb_common::types::GlobalConfig {
                     cache_epoch: epoch,
                     ..*next
