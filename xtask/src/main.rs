@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod report;
 mod setup;
 mod status;
@@ -30,6 +31,9 @@ enum Command {
     /// Benchmarks; figures are printed and written as JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Fuzzers with a longer budget than the test suite gives them.
+    #[command(subcommand)]
+    Fuzz(fuzz::Fuzz),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,5 +52,6 @@ fn run() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
+        Command::Fuzz(fuzz) => fuzz::run(fuzz),
     }
 }

@@ -1,0 +1,46 @@
+//! `cargo xtask fuzz xdp --minutes N`: the differential XDP fuzzer of the test suite
+//! (`lb-userspace/tests/xdp_fuzz.rs`) with a longer budget than `cargo xtask test` gives it.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::setup;
+
+/// Read by the fuzz test: its budget in seconds, and its random seed.
+const FUZZ_SECONDS: &str = "MLB_FUZZ_SECONDS";
+const FUZZ_SEED: &str = "MLB_FUZZ_SEED";
+
+#[derive(clap::Subcommand)]
+pub enum Fuzz {
+    /// BPF_PROG_TEST_RUN on the real program against the userspace model (root).
+    Xdp {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Random seed (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+pub fn run(fuzz: Fuzz) -> anyhow::Result<()> {
+    let Fuzz::Xdp { minutes, seed } = fuzz;
+    setup::run()?;
+    if !setup::is_root() {
+        bail!("the XDP fuzzer loads the program and creates a network namespace: run it as root");
+    }
+    println!("▶ xdp fuzz for {minutes} min (cargo test -p lb-userspace --test xdp_fuzz)");
+    let mut cargo = Command::new("cargo");
+    cargo
+        .args(["test", "-p", "lb-userspace", "--test", "xdp_fuzz"])
+        .args(["--", "--nocapture"])
+        .env(FUZZ_SECONDS, (minutes * 60).to_string());
+    if let Some(seed) = seed {
+        cargo.env(FUZZ_SEED, seed.to_string());
+    }
+    if !cargo.status()?.success() {
+        bail!("the XDP fuzzer found frames where the program and its model disagree");
+    }
+    Ok(())
+}
