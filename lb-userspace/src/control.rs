@@ -22,7 +22,14 @@ use crate::state::Snapshot;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Command {
     Status,
-    Drain { address: IpAddr, drained: bool },
+    Drain {
+        address: IpAddr,
+        drained: bool,
+    },
+    /// Withdraw every Vip (forwarding goes on), or announce again.
+    Maintenance {
+        on: bool,
+    },
 }
 
 /// Adjacently tagged: an internally tagged enum cannot carry a bare string, and every
