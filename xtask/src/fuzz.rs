@@ -1,5 +1,6 @@
-//! `cargo xtask fuzz xdp --minutes N`: the differential XDP fuzzer of the test suite
-//! (`lb-userspace/tests/xdp_fuzz.rs`) with a longer budget than `cargo xtask test` gives it.
+//! `cargo xtask fuzz xdp --minutes N` / `fuzz config|control --cases N`: the fuzz targets of
+//! the test suite (`lb-userspace/tests/{xdp,config,control}_fuzz.rs`) with a longer budget
+//! than `cargo xtask test` gives them.
 
 use std::process::Command;
 
@@ -10,6 +11,7 @@ use crate::setup;
 /// Read by the fuzz test: its budget in seconds, and its random seed.
 const FUZZ_SECONDS: &str = "MLB_FUZZ_SECONDS";
 const FUZZ_SEED: &str = "MLB_FUZZ_SEED";
+const FUZZ_CASES: &str = "MLB_FUZZ_CASES";
 
 #[derive(clap::Subcommand)]
 pub enum Fuzz {
@@ -22,10 +24,39 @@ pub enum Fuzz {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// The YAML loader and validator (proptest; no privileges).
+    Config {
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+    },
+    /// The control-socket protocol against the real server (proptest; no privileges).
+    Control {
+        #[arg(long, default_value_t = 20_000)]
+        cases: u64,
+    },
 }
 
 pub fn run(fuzz: Fuzz) -> anyhow::Result<()> {
-    let Fuzz::Xdp { minutes, seed } = fuzz;
+    let (target, cases) = match fuzz {
+        Fuzz::Xdp { minutes, seed } => return xdp(minutes, seed),
+        Fuzz::Config { cases } => ("config_fuzz", cases),
+        Fuzz::Control { cases } => ("control_fuzz", cases),
+    };
+    println!("▶ {target}: {cases} cases per property");
+    let status = Command::new("cargo")
+        .args(["test", "-p", "lb-userspace", "--test", target])
+        .args(["--", "--nocapture"])
+        .env(FUZZ_CASES, cases.to_string())
+        .status()?;
+    if !status.success() {
+        bail!(
+            "{target} failed: the shrunk input is printed above (and its seed kept in tests/{target}.regressions)"
+        );
+    }
+    Ok(())
+}
+
+fn xdp(minutes: u64, seed: Option<u64>) -> anyhow::Result<()> {
     setup::run()?;
     if !setup::is_root() {
         bail!("the XDP fuzzer loads the program and creates a network namespace: run it as root");
