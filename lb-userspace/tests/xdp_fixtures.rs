@@ -939,3 +939,106 @@ fn a_packet_sees_the_old_global_config_or_the_new_one() {
         mixed[..mixed.len().min(5)].join("\n")
     );
 }
+
+/// A Backend marked down is never picked for a new flow, even from a table that still lists
+/// it (the window before the daemon swaps in a table without it); an established flow on it
+/// is re-steered even if its generation did not move (the UP flag alone decides).
+#[test]
+fn a_down_backend_gets_no_new_flow_before_the_table_swap() {
+    let mut lab = Lab::new();
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let down = 1;
+    // Flows the (unchanged) table sends to backend 1.
+    let ports: Vec<u16> = (45000..u16::MAX)
+        .filter(|&p| lab.predict(VIP_TCP, &flow(CLIENT, p, VIP, 80, 6)) == down)
+        .take(20)
+        .collect();
+    // One of them established first, while backend 1 is up.
+    let established = tcp(mac, client, ports[0], vip, 80, false);
+    assert_eq!(lab.run(&established).action, XDP_TX);
+
+    // Down by its flag only, same generation, table untouched.
+    let mut backend = lab.dataplane.backend(down).unwrap();
+    backend.flags &= !lb_common::consts::backend_flags::UP;
+    lab.dataplane.set_backend(down, &backend).unwrap();
+
+    let dead = lab.backend(down).addr;
+    for (i, &port) in ports.iter().enumerate().skip(1) {
+        let syn = i % 2 == 0;
+        let before = lab.counters();
+        let out = lab.run(&tcp(mac, client, port, vip, 80, syn));
+        assert_eq!(
+            out.action,
+            XDP_DROP,
+            "new flow {port} (SYN {syn}) to down backend {dead}: {}",
+            action_name(out.action)
+        );
+        assert!(deltas(&before, &lab.counters()).contains(&("drop_no_backend", 1)));
+    }
+    let before = lab.counters();
+    let out = lab.run(&established);
+    let moved = deltas(&before, &lab.counters());
+    assert!(
+        moved.contains(&("conntrack_resteer", 1)),
+        "the established flow on a down backend was not re-steered: {moved:?}"
+    );
+    assert_ne!(
+        out.action, XDP_TX,
+        "re-steered into the same stale table slot, yet sent"
+    );
+}
+
+/// A Vip removed and added again under the same id with another pool (a new generation)
+/// does not keep its old connection-table entries: their flows follow the new pool.
+#[test]
+fn a_vip_readded_with_another_pool_drops_its_old_flows_backends() {
+    let mut lab = Lab::new();
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let key = support::lab::vip_key(vip, 80, PROTO_TCP);
+    let backend_of = |packet: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap());
+    let flows: Vec<u16> = (46000..46050).collect();
+    let mut first = Vec::new();
+    for &port in &flows {
+        let out = lab.run(&tcp(mac, client, port, vip, 80, false));
+        assert_eq!(out.action, XDP_TX);
+        first.push(
+            lab.backend_by_addr(backend_of(&out.packet).into())
+                .unwrap()
+                .id,
+        );
+    }
+    // Backend 3 stays up, but the re-added Vip's pool is backends 1 and 2 only.
+    lab.dataplane.remove_vip(VIP_TCP, &key).unwrap();
+    lab.set_table(VIP_TCP, &[1, 2]);
+    let flags = lab.vips.iter().find(|v| v.id == VIP_TCP).unwrap().flags;
+    lab.dataplane
+        .set_vip(
+            VIP_TCP,
+            &key,
+            &lb_common::types::VipState {
+                flags,
+                generation: 2,
+            },
+        )
+        .unwrap();
+    let mut stayed_on_3 = 0;
+    for (&port, &was) in flows.iter().zip(&first) {
+        let out = lab.run(&tcp(mac, client, port, vip, 80, false));
+        assert_eq!(out.action, XDP_TX);
+        let now = lab
+            .backend_by_addr(backend_of(&out.packet).into())
+            .unwrap()
+            .id;
+        assert_eq!(
+            now,
+            lab.predict(VIP_TCP, &flow(CLIENT, port, VIP, 80, 6)),
+            "flow {port} (was on {was}) is not on the new pool's table backend"
+        );
+        stayed_on_3 += usize::from(now == 3);
+    }
+    assert!(
+        first.contains(&3),
+        "no flow was on backend 3 to begin with: {first:?}"
+    );
+    assert_eq!(stayed_on_3, 0);
+}
