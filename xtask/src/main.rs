@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod mutants;
 mod report;
 mod setup;
 mod status;
@@ -34,6 +35,9 @@ enum Command {
     /// Fuzzers with a longer budget than the test suite gives them.
     #[command(subcommand)]
     Fuzz(fuzz::Fuzz),
+    /// cargo-mutants over the Maglev builder, the flow hash, reconcile and health (long;
+    /// not in CI).
+    Mutants(mutants::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,5 +57,6 @@ fn run() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
         Command::Fuzz(fuzz) => fuzz::run(fuzz),
+        Command::Mutants(args) => mutants::run(args),
     }
 }
