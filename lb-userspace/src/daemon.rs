@@ -234,7 +234,9 @@ impl Daemon {
                 return;
             }
         };
-        let running = self.reconciler.config().cloned().expect("applied at start");
+        let Some(running) = self.reconciler.config().cloned() else {
+            return self.refused(&"no config in force to reload over");
+        };
         if let Some(problem) = needs_restart(&running, &config) {
             return self.refused(&problem);
         }

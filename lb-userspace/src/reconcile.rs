@@ -221,6 +221,9 @@ pub struct Reconciler<D: DataplaneOps> {
     /// Backends drained at run time (`pool/address`): weight 0 until the next reload.
     drained: BTreeSet<String>,
     tables: BTreeMap<String, InstalledTable>,
+    /// A write failed midway: `tables` may not be what the data plane holds, so the next
+    /// write swaps every table in, changed or not.
+    force_tables: bool,
 }
 
 impl<D: DataplaneOps> Reconciler<D> {
@@ -233,6 +236,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             down: BTreeSet::new(),
             drained: BTreeSet::new(),
             tables: BTreeMap::new(),
+            force_tables: false,
         }
     }
 
@@ -273,12 +277,42 @@ impl<D: DataplaneOps> Reconciler<D> {
         !self.down.contains(&backend_key(pool, addr))
     }
 
-    /// Applies a validated config. Nothing is left half-applied on a capacity error: ids
-    /// are checked before any write.
+    /// Applies a validated config, whole or not at all: on a capacity error nothing is
+    /// written (ids are checked first); when a map write fails midway, the config in force
+    /// before is written back whole (every table included, as the data plane may hold
+    /// some of the new ones) and stays in force, and the error is returned for the caller
+    /// to report and retry. Should the rollback fail too, the old config still counts as
+    /// in force and the next apply rewrites every table.
     pub fn apply(&mut self, config: &Config) -> Result<Report, ReconcileError> {
         self.check_capacity(config)?;
+        let old = self.config.clone();
+        let drained = self.drained.clone();
+        match self.write(config, old.as_ref()) {
+            Ok(report) => {
+                // A reload ends run-time drains: the file is the truth again.
+                self.drained.clear();
+                self.config = Some(config.clone());
+                Ok(report)
+            }
+            Err(error) => {
+                // The data plane may hold any of the new tables: write every one back.
+                self.force_tables = true;
+                self.drained = drained;
+                if let Some(old) = &old {
+                    if let Err(again) = self.write(old, Some(config)) {
+                        tracing::error!(error = %again, "rolling back to the config in force failed too");
+                        self.force_tables = true;
+                    }
+                }
+                self.config = old;
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes `config` over the data plane state of `old` (`None`: an empty data plane).
+    fn write(&mut self, config: &Config, old: Option<&Config>) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
-        let old = self.config.take();
 
         // 1. Global settings; bump the next-hop generation so routes are looked up afresh.
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
@@ -343,9 +377,7 @@ impl<D: DataplaneOps> Reconciler<D> {
                 let mut next = Assignments::next_generation_fn(&mut assignments.generation);
                 Assignments::assign(&mut assignments.vips, &endpoint, 0, &mut next)
             };
-            let old_vip = old
-                .as_ref()
-                .and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
+            let old_vip = old.and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
             if new {
                 self.dataplane.reset_traffic(true, assigned.id)?;
                 report.vips_added.push(endpoint.clone());
@@ -366,7 +398,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
 
         // 5. Removals, now that no table names a removed Backend.
-        if let Some(old) = &old {
+        if let Some(old) = old {
             for vip in &old.vips {
                 let endpoint = vip.endpoint();
                 if live_vips.contains(&endpoint) {
@@ -401,10 +433,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
         let exact: Vec<IpAddr> = new_addrs.keys().copied().collect();
         self.dataplane.set_vip_filter(&exact)?;
-
-        // A reload ends run-time drains: the file is the truth again.
-        self.drained.clear();
-        self.config = Some(config.clone());
+        self.force_tables = false;
         Ok(report)
     }
 
@@ -544,7 +573,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         let table = maglev::build(&members, vip.table_size, config.global.hash_seed);
         let endpoint = vip.endpoint();
         let previous = self.tables.get(&endpoint);
-        if previous.is_some_and(|p| p.table == table) {
+        if !self.force_tables && previous.is_some_and(|p| p.table == table) {
             return Ok(());
         }
         let empty = maglev::build(&[], vip.table_size, 0);
@@ -834,5 +863,208 @@ mod tests {
             "about a quarter moves: {diff}"
         );
         assert_eq!(report.backends_removed, vec!["web/10.0.0.4".to_string()]);
+    }
+
+    /// A data plane that keeps what a packet would see and fails its `fail_at`th write
+    /// (counting from 0) once, or every write from then on when `stuck`.
+    #[derive(Default)]
+    struct Faulty {
+        writes: usize,
+        fail_at: Option<usize>,
+        stuck: bool,
+        backends: BTreeMap<u32, Backend>,
+        vips: BTreeMap<u32, (VipKey, VipState)>,
+        tables: BTreeMap<u32, MaglevTable>,
+        addrs: BTreeMap<IpAddr, u32>,
+        filter: Vec<IpAddr>,
+    }
+
+    impl Faulty {
+        fn write(&mut self) -> Result<(), DataplaneError> {
+            let n = self.writes;
+            self.writes += 1;
+            match self.fail_at {
+                Some(at) if n == at || (self.stuck && n >= at) => {
+                    Err(DataplaneError::Pin {
+                        path: "/injected".into(),
+                        error: format!("injected failure of write {n}"),
+                    })
+                }
+                _ => Ok(()),
+            }
+        }
+
+        /// What packets see, without ids or generations: per Vip key, its flags and its
+        /// table as backend addresses; the live backends; Vip address flags; the filter.
+        fn view(&self) -> String {
+            let addr_of = |id: u32| {
+                self.backends
+                    .get(&id)
+                    .map(|b| format!("{:?}/{}", b.addr, b.flags))
+                    .unwrap_or_else(|| format!("MISSING {id}"))
+            };
+            let mut out = String::new();
+            for (id, (key, state)) in &self.vips {
+                let table: Vec<String> = self
+                    .tables
+                    .get(id)
+                    .map(|t| t.slots().iter().map(|b| addr_of(*b)).collect())
+                    .unwrap_or_default();
+                out += &format!("vip {key:?} flags {} table {table:?}\n", state.flags);
+            }
+            let mut live: Vec<String> = self
+                .backends
+                .values()
+                .filter(|b| *b != &Backend::default())
+                .map(|b| format!("{:?}/{}", b.addr, b.flags))
+                .collect();
+            live.sort();
+            out += &format!("backends {live:?}\naddrs {:?}\n", self.addrs);
+            let mut filter = self.filter.clone();
+            filter.sort();
+            out += &format!("filter {filter:?}\n");
+            out
+        }
+    }
+
+    impl DataplaneOps for Faulty {
+        fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+            self.write()
+        }
+        fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn set_vip_filter(&mut self, addrs: &[IpAddr]) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.filter = addrs.to_vec();
+            Ok(())
+        }
+        fn set_vip_addr(&mut self, addr: IpAddr, value: Option<VipAddr>) -> Result<(), DataplaneError> {
+            self.write()?;
+            match value {
+                Some(v) => self.addrs.insert(addr, v.flags),
+                None => self.addrs.remove(&addr),
+            };
+            Ok(())
+        }
+        fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.vips.insert(id, (*key, *state));
+            Ok(())
+        }
+        fn remove_vip(&mut self, id: u32, _: &VipKey) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.vips.remove(&id);
+            self.tables.remove(&id);
+            Ok(())
+        }
+        fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.tables.insert(id, table.clone());
+            Ok(())
+        }
+        fn reset_traffic(&mut self, _: bool, _: u32) -> Result<(), DataplaneError> {
+            self.write()
+        }
+    }
+
+    /// Two configs that differ in every way a reload can: a Vip added and one removed,
+    /// backends added, removed and reweighted, a Vip address gone.
+    fn before_and_after() -> (Config, Config) {
+        let parse = |yaml: &str| Config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let head = "interfaces:\n  - name: eth0\nvips:\n";
+        let vip = |addr: &str, port: u16, pool: &str| {
+            format!(
+                "  - address: {addr}\n    port: {port}\n    protocol: tcp\n    table_size: 251\n    pool: {pool}\n"
+            )
+        };
+        let pool = |name: &str, members: &[(&str, u32)]| {
+            let mut yaml = format!("  {name}:\n    backends:\n");
+            for (addr, weight) in members {
+                yaml += &format!("      - address: {addr}\n        weight: {weight}\n");
+            }
+            yaml
+        };
+        let before = format!(
+            "{head}{}{}pools:\n{}{}",
+            vip("10.200.0.1", 80, "web"),
+            vip("10.200.0.9", 80, "old"),
+            pool("web", &[("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)]),
+            pool("old", &[("10.0.0.9", 1)]),
+        );
+        let after = format!(
+            "{head}{}{}pools:\n{}{}",
+            vip("10.200.0.1", 80, "web"),
+            vip("10.200.0.2", 443, "new"),
+            pool("web", &[("10.0.0.2", 3), ("10.0.0.3", 1), ("10.0.0.4", 1)]),
+            pool("new", &[("10.0.0.5", 1), ("10.0.0.6", 1)]),
+        );
+        (parse(&before), parse(&after))
+    }
+
+    #[test]
+    fn a_reload_that_fails_at_any_write_leaves_the_old_config_whole_then_retries() {
+        let (before, after) = before_and_after();
+        let view_of = |config: &Config| {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(config).unwrap();
+            r.dataplane().view()
+        };
+        let (old_view, new_view) = (view_of(&before), view_of(&after));
+        let writes = {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(&before).unwrap();
+            let start = r.dataplane().writes;
+            r.apply(&after).unwrap();
+            r.dataplane().writes - start
+        };
+        assert!(writes > 10, "a reload makes many writes: {writes}");
+        for n in 0..writes {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(&before).unwrap();
+            r.dataplane_mut().fail_at = Some(r.dataplane().writes + n);
+            assert!(r.apply(&after).is_err(), "write {n} fails the reload");
+            assert_eq!(r.dataplane().view(), old_view, "after a failure at write {n}: the old config whole");
+            assert_eq!(r.config(), Some(&before), "the old config stays in force");
+            // Health transitions still rebuild tables meanwhile.
+            let report = r
+                .set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), false)])
+                .unwrap();
+            assert_eq!(report.tables.len(), 1, "write {n}: {report}");
+            r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), true)])
+                .unwrap();
+            // The retry applies the new config whole.
+            r.dataplane_mut().fail_at = None;
+            r.apply(&after).unwrap();
+            assert_eq!(r.dataplane().view(), new_view, "the retry after write {n}");
+        }
+    }
+
+    #[test]
+    fn a_data_plane_that_keeps_failing_never_panics_and_recovers() {
+        let (before, after) = before_and_after();
+        let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+        r.apply(&before).unwrap();
+        r.dataplane_mut().fail_at = Some(r.dataplane().writes + 3);
+        r.dataplane_mut().stuck = true;
+        for _ in 0..3 {
+            assert!(r.apply(&after).is_err());
+            assert_eq!(r.config(), Some(&before));
+        }
+        // A health transition while the kernel refuses writes is reported, not lost.
+        assert!(
+            r.set_health(&[("web".into(), "10.0.0.2".parse().unwrap(), false)])
+                .is_err()
+        );
+        r.dataplane_mut().fail_at = None;
+        r.apply(&after).unwrap();
+        let mut fresh = Reconciler::new(Faulty::default(), Assignments::default());
+        fresh.apply(&after).unwrap();
+        fresh
+            .set_health(&[("web".into(), "10.0.0.2".parse().unwrap(), false)])
+            .unwrap();
+        assert_eq!(r.dataplane().view(), fresh.dataplane().view());
     }
 }

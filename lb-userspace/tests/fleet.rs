@@ -225,3 +225,143 @@ fn detach_withdraws_and_a_crash_leaves_the_route() {
         .expect("detach withdraws");
     assert!(!fleet.announced_routes(1).contains("10.200.0.1"));
 }
+
+/// Waits until `f` holds, or panics with `what`.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// One scrape of load balancer `i`'s metrics endpoint (from its log's listening line).
+fn scrape(fleet: &Fleet, i: usize) -> String {
+    let log = fleet.log_text(i);
+    let addr = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("metrics listening addr=").nth(1))
+        .expect("metrics address in the log")
+        .trim()
+        .to_owned();
+    let out = fleet.lbs[i]
+        .host
+        .netns
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                "import urllib.request; print(urllib.request.urlopen('http://{addr}/metrics').read().decode())"
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_stopped_bgp_daemon_stops_nothing_and_only_our_routes_are_touched() {
+    let _serial = serial();
+    let mut fleet = fleet();
+    let lb = &fleet.lbs[0].host.netns;
+    // Someone else's route in the announce table: never touched.
+    lb.ip(&[
+        "route",
+        "add",
+        "10.200.0.99/32",
+        "dev",
+        "lo",
+        "table",
+        "200",
+    ])
+    .unwrap();
+    let metrics = scrape(&fleet, 0);
+    assert!(
+        metrics.contains("mlb_vip_announced{vip=\"web\"} 1"),
+        "{metrics}"
+    );
+
+    fleet.stop_bird(0, "-TERM");
+    fleet
+        .wait_for_next_hops(&[1, 2], Duration::from_secs(5))
+        .expect("a stopped BIRD withdraws at once");
+    assert!(fleet.status(0).unwrap().starts_with("daemon: running"));
+    // mlb keeps its routes right without BIRD.
+    fleet.block_checks(0, true).unwrap();
+    wait_until("the route is withdrawn", Duration::from_secs(10), || {
+        !fleet
+            .announced_routes(0)
+            .contains("10.200.0.1 dev lo proto 250")
+    });
+    let metrics = scrape(&fleet, 0);
+    assert!(
+        metrics.contains("mlb_vip_announced{vip=\"web\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mlb_vip_announce_transitions_total{to=\"withdrawn\",vip=\"web\"} 1"),
+        "{metrics}"
+    );
+    fleet.block_checks(0, false).unwrap();
+    wait_until("the route is back", Duration::from_secs(10), || {
+        fleet
+            .announced_routes(0)
+            .contains("10.200.0.1 dev lo proto 250")
+    });
+    fleet.start_bird(0).unwrap();
+    fleet
+        .wait_for_next_hops(&[0, 1, 2], Duration::from_secs(15))
+        .expect("announced again once BIRD is back");
+
+    // A reload that moves the announce table moves the route, and only ours; an IPv6 Vip
+    // gets a /128.
+    let pools = fleet.pool_yaml(&[1, 2, 3])
+        + &format!(
+            "  web6:\n    backends:\n      - address: {}\n",
+            fleet.backends[0].addr6
+        );
+    let moved = fleet
+        .config_yaml(0, &pools)
+        .replace("table: 200", "table: 201")
+        .replace(
+            "pools:\n",
+            "  - name: web6\n    address: fd00:200::1\n    port: 80\n    protocol: tcp\n    pool: web6\npools:\n",
+        );
+    std::fs::write(&fleet.lbs[0].config, moved).unwrap();
+    let table = |t: &str| {
+        let out = fleet.lbs[0]
+            .host
+            .netns
+            .command("ip")
+            .args(["route", "show", "table", t])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table6 = |t: &str| {
+        let out = fleet.lbs[0]
+            .host
+            .netns
+            .command("ip")
+            .args(["-6", "route", "show", "table", t])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(
+        "the route moves to table 201",
+        Duration::from_secs(10),
+        || {
+            table("201").contains("10.200.0.1 dev lo proto 250")
+                && !table("200").contains("10.200.0.1 dev lo proto 250")
+                && table6("201").contains("fd00:200::1 dev lo proto 250")
+        },
+    );
+    assert!(table("200").contains("10.200.0.99"), "{}", table("200"));
+    let main = table("main");
+    assert!(!main.contains("10.200.0.1"), "nothing in main: {main}");
+}

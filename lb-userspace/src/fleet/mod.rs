@@ -548,6 +548,8 @@ impl Drop for Fleet {
         for lb in &self.lbs {
             let _ = std::fs::remove_dir_all(&lb.pin_dir);
             let _ = std::fs::remove_file(crate::state::state_path(&lb.pin_dir));
+            // A killed daemon leaves its control socket behind.
+            let _ = std::fs::remove_file(crate::state::socket_path(&lb.pin_dir));
             let _ = std::fs::remove_file(crate::state::maintenance_path(&lb.pin_dir));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -757,15 +759,16 @@ fn exchange(
 /// Short connections: connect, read the greeting, close.
 pub struct ShortLoad {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<Result<String, String>>>>,
+    results: Arc<Mutex<Vec<Result<String, String>>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl ShortLoad {
     fn start(client: &Netns, every: Duration, timeout: Duration) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let (flag, shared) = (Arc::clone(&stop), Arc::clone(&results));
         let thread = spawn_in(client, move || {
-            let mut results = Vec::new();
             // Bounded: at most 10 minutes of load.
             let started = Instant::now();
             while !flag.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(600) {
@@ -784,26 +787,31 @@ impl ShortLoad {
                             name => Ok(name.to_owned()),
                         }
                     });
-                results.push(result);
+                shared.lock().expect("results").push(result);
                 if let Some(wait) = every.checked_sub(at.elapsed()) {
                     std::thread::sleep(wait);
                 }
             }
-            results
         })?;
         Ok(Self {
             stop,
+            results,
             thread: Some(thread),
         })
     }
 
-    /// Stops; every attempt's result (the backend that answered, or the error).
+    /// Every attempt so far: the backend that answered, or the error.
+    pub fn results(&self) -> Vec<Result<String, String>> {
+        self.results.lock().expect("results").clone()
+    }
+
+    /// Stops; every attempt's result.
     pub fn stop(mut self) -> Vec<Result<String, String>> {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.results()
     }
 }
 
