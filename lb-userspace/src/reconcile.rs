@@ -884,12 +884,10 @@ mod tests {
             let n = self.writes;
             self.writes += 1;
             match self.fail_at {
-                Some(at) if n == at || (self.stuck && n >= at) => {
-                    Err(DataplaneError::Pin {
-                        path: "/injected".into(),
-                        error: format!("injected failure of write {n}"),
-                    })
-                }
+                Some(at) if n == at || (self.stuck && n >= at) => Err(DataplaneError::Pin {
+                    path: "/injected".into(),
+                    error: format!("injected failure of write {n}"),
+                }),
                 _ => Ok(()),
             }
         }
@@ -941,7 +939,11 @@ mod tests {
             self.filter = addrs.to_vec();
             Ok(())
         }
-        fn set_vip_addr(&mut self, addr: IpAddr, value: Option<VipAddr>) -> Result<(), DataplaneError> {
+        fn set_vip_addr(
+            &mut self,
+            addr: IpAddr,
+            value: Option<VipAddr>,
+        ) -> Result<(), DataplaneError> {
             self.write()?;
             match value {
                 Some(v) => self.addrs.insert(addr, v.flags),
@@ -949,7 +951,12 @@ mod tests {
             };
             Ok(())
         }
-        fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError> {
+        fn set_vip(
+            &mut self,
+            id: u32,
+            key: &VipKey,
+            state: &VipState,
+        ) -> Result<(), DataplaneError> {
             self.write()?;
             self.vips.insert(id, (*key, *state));
             Ok(())
@@ -1026,7 +1033,11 @@ mod tests {
             r.apply(&before).unwrap();
             r.dataplane_mut().fail_at = Some(r.dataplane().writes + n);
             assert!(r.apply(&after).is_err(), "write {n} fails the reload");
-            assert_eq!(r.dataplane().view(), old_view, "after a failure at write {n}: the old config whole");
+            assert_eq!(
+                r.dataplane().view(),
+                old_view,
+                "after a failure at write {n}: the old config whole"
+            );
             assert_eq!(r.config(), Some(&before), "the old config stays in force");
             // Health transitions still rebuild tables meanwhile.
             let report = r
