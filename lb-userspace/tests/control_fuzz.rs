@@ -134,8 +134,8 @@ fn json() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
-        any::<f64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
         "(status|drain|maintenance|command|address|drained|on|10\\.0\\.0\\.1|fd00::1|.{0,8})"
             .prop_map(Value::String),
     ];
