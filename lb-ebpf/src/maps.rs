@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, flow_cache_entries,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, CONFIG_SLOTS, Counter,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, flow_cache_entries,
     },
     types::{
         Backend, ConntrackEntry, FlowCacheV4, FlowCacheV6, FlowV4, FlowV6, GlobalConfig, NextHop,
@@ -26,9 +26,21 @@ const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
 const FLOW_CACHE_MAX: usize = flow_cache_entries(DEFAULT_CONNTRACK_ENTRIES) as usize;
 
 /// Hash seed, next-hop cache generation, encapsulation source prefixes, cache epoch and
-/// the Vip address pre-filter (one entry).
+/// the Vip address pre-filter: a ring of slots, the live one named by `CONFIG_INDEX`, so
+/// that a packet never reads a config the daemon is rewriting.
 #[btf_map]
-pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
+pub static CONFIG: Array<GlobalConfig, { CONFIG_SLOTS as usize }> = Array::new();
+
+/// The live `CONFIG` slot (one entry).
+#[btf_map]
+pub static CONFIG_INDEX: Array<u32, 1> = Array::new();
+
+/// The live config: the index is read once, so the whole packet uses one slot.
+#[inline(always)]
+pub fn config() -> Option<&'static GlobalConfig> {
+    let index = *CONFIG_INDEX.get(0)?;
+    CONFIG.get(index & (CONFIG_SLOTS - 1))
+}
 
 /// Every IPv4 address that some Vip uses, with its wildcard flags: confirms the filter on
 /// the rare paths (fragments, ICMP, malformed L4, unknown port).

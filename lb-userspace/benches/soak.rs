@@ -30,7 +30,7 @@ use std::{
 };
 
 use clap::Parser;
-use lb_userspace::fleet::{ConnectionReport, Connections, ShortLoad};
+use lb_userspace::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::{Value, json};
 use support::daemon::{DaemonBed, check_yaml};
@@ -368,7 +368,7 @@ impl Soak {
         }
         // Alternate weights: 1..=3 one way, then the other.
         for (i, weight) in &mut next.members {
-            *weight = if k % 2 == 0 {
+            *weight = if k.is_multiple_of(2) {
                 1 + (*i as u32 % 3)
             } else {
                 3 - (*i as u32 % 3)
@@ -749,8 +749,7 @@ fn main() {
             )
         })
         .collect();
-    let short_failed: Vec<&(Instant, Result<String, String>)> =
-        short.iter().filter(|(_, r)| r.is_err()).collect();
+    let short_failed: Vec<&TimedResult> = short.iter().filter(|(_, r)| r.is_err()).collect();
     let short_unexcused: Vec<String> = short_failed
         .iter()
         .filter(|(at, _)| !soak.in_fault_window(*at))

@@ -2,6 +2,8 @@
 
 mod bench;
 mod demo;
+mod fuzz;
+mod mutants;
 mod report;
 mod setup;
 mod soak;
@@ -36,6 +38,12 @@ enum Command {
     /// reload every second, backends and the daemon killed; asserts zero broken
     /// connections to healthy backends and flat memory, fds and tasks. Root.
     Soak(soak::Args),
+    /// Fuzzers with a longer budget than the test suite gives them.
+    #[command(subcommand)]
+    Fuzz(fuzz::Fuzz),
+    /// cargo-mutants over the Maglev builder, the flow hash, reconcile and health (long;
+    /// not in CI).
+    Mutants(mutants::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,5 +63,7 @@ fn run() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
         Command::Soak(args) => soak::run(args),
+        Command::Fuzz(fuzz) => fuzz::run(fuzz),
+        Command::Mutants(args) => mutants::run(args),
     }
 }

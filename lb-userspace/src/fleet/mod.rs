@@ -770,10 +770,13 @@ fn exchange(
     }
 }
 
+/// A short connection's start and outcome: the backend that answered, or the error.
+pub type TimedResult = (Instant, Result<String, String>);
+
 /// Short connections: connect, read the greeting, close.
 pub struct ShortLoad {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Instant, Result<String, String>)>>>,
+    results: Arc<Mutex<Vec<TimedResult>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -845,7 +848,7 @@ impl ShortLoad {
     }
 
     /// Stops; every attempt with when it started.
-    pub fn stop_timed(mut self) -> Vec<(Instant, Result<String, String>)> {
+    pub fn stop_timed(mut self) -> Vec<TimedResult> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
