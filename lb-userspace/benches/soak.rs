@@ -479,7 +479,13 @@ impl Soak {
 
     fn status_line(&self, total: Duration) -> String {
         let reports = self.all_reports();
-        let live = reports.iter().filter(|r| r.broken.is_none()).count();
+        let live = self
+            .steady
+            .iter()
+            .chain(self.groups.iter().map(|(_, g)| g))
+            .flat_map(Connections::reports)
+            .filter(|r| r.broken.is_none())
+            .count();
         let broken: Vec<_> = reports.iter().filter(|r| r.broken.is_some()).collect();
         let unexpected = broken.iter().filter(|r| !self.excused(r)).count();
         let (short, short_failed) = self.short.as_ref().map_or((0, 0), ShortLoad::counts);
@@ -497,7 +503,7 @@ impl Soak {
                 )
             });
         format!(
-            "{:>5.0}/{:.0}s reloads {} ({} broken refused) kills {} daemon {} | conns {} live, {} broken ({} unexpected) | short {} ({} failed) | {}",
+            "{:>5.0}/{:.0}s reloads {} ({} broken refused) kills {} daemon {} | conns {} open, {} broken ({} unexpected) of {} | short {} ({} failed) | {}",
             self.started.elapsed().as_secs_f64(),
             total.as_secs_f64(),
             self.reloads,
@@ -507,6 +513,7 @@ impl Soak {
             live,
             broken.len(),
             unexpected,
+            reports.len(),
             short,
             short_failed,
             res
