@@ -131,6 +131,9 @@ struct Soak {
     broken_sent: u64,
     broken_refused: u64,
     membership_changes: u64,
+    /// The file holds a broken config (until the next reload): a daemon started now
+    /// would refuse to start, rightly.
+    file_broken: bool,
     added_while_dead: u64,
     backend_kills: u64,
     kills: Vec<Instant>,
@@ -316,6 +319,7 @@ impl Soak {
             let before = self.refusals_logged();
             self.broken_sent += 1;
             self.install(&self.broken_yaml(k / 10));
+            self.file_broken = true;
             let started = Instant::now();
             while self.refusals_logged() == before && started.elapsed() < Duration::from_secs(3) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -375,6 +379,7 @@ impl Soak {
             };
         }
         self.install(&self.good_yaml(&next));
+        self.file_broken = false;
         self.desired = next;
         if self.wait_in_force(&self.desired, Duration::from_secs(3)) {
             self.reloads_applied_checked += 1;
@@ -619,6 +624,7 @@ fn main() {
         broken_sent: 0,
         broken_refused: 0,
         membership_changes: 0,
+        file_broken: false,
         added_while_dead: 0,
         backend_kills: 0,
         kills: Vec::new(),
@@ -687,8 +693,9 @@ fn main() {
             soak.kill_backend();
             next_kill = now + backend_every;
         }
-        // Never with a backend dead: its detection needs a running daemon.
-        if now >= next_daemon && soak.dead.is_none() {
+        // Never with a backend dead (its detection needs a running daemon), nor with a
+        // broken config in the file (a daemon does not start on one).
+        if now >= next_daemon && soak.dead.is_none() && !soak.file_broken {
             soak.kill_daemon();
             next_daemon = Instant::now() + daemon_every;
         }
