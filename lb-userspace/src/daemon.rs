@@ -319,6 +319,7 @@ impl Daemon {
                 self.retry = None;
                 self.running_text = text;
                 self.metrics.reload(true);
+                self.metrics.set_apply_failed(false);
                 self.metrics
                     .reconciled(&self.reconciler, &report, started.elapsed());
                 log_report(what, &report);
@@ -333,7 +334,8 @@ impl Daemon {
             }
             Err(e) => {
                 self.metrics.reload(false);
-                error!(error = %e, "applying the config failed in the kernel; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
+                self.metrics.set_apply_failed(true);
+                error!(error = %e, "applying the config failed in the kernel; the config in force stays; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
                 self.retry = Some((config, text));
             }
         }

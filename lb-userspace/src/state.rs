@@ -165,6 +165,9 @@ pub struct VipStatus {
     pub table_generation: u64,
     /// Backends holding slots: (name, slots).
     pub slots: Vec<(String, u32)>,
+    /// `drop` or `pass`: what a packet gets when no backend is usable.
+    #[serde(default)]
+    pub when_no_backend: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -212,6 +215,7 @@ impl Snapshot {
                     table_size: vip.table_size,
                     table_generation: installed.map_or(0, |t| t.generation),
                     slots,
+                    when_no_backend: vip.when_no_backend.to_string(),
                 }
             })
             .collect();
