@@ -360,6 +360,7 @@ impl Daemon {
                 );
             }
         });
+        self.metrics.set_health_stats(stats.clone());
         let options = health::Options {
             initial_down,
             stats,

@@ -77,6 +77,10 @@ pub struct Metrics {
     no_usable_backend: IntGaugeVec,
     /// Vip names with a `no_usable_backend` series now.
     empty_vips: Mutex<Vec<String>>,
+    /// The health checker's counters (flap damping), read at scrape time.
+    health: Mutex<Option<crate::health::HealthStats>>,
+    damping_holds: prometheus::IntCounter,
+    backends_held: prometheus::IntGauge,
 }
 
 /// Label values of `build_info` and `xdp_attached` now set.
@@ -165,7 +169,22 @@ impl Metrics {
         )
         .expect("valid");
         register(Box::new(no_usable_backend.clone()));
+        let damping_holds = prometheus::IntCounter::new(
+            "mlb_health_damping_holds_total",
+            "Flap-damping holds started (a backend held down while its checks pass).",
+        )
+        .expect("valid");
+        register(Box::new(damping_holds.clone()));
+        let backends_held = prometheus::IntGauge::new(
+            "mlb_health_backends_held",
+            "Backends held down by flap damping right now.",
+        )
+        .expect("valid");
+        register(Box::new(backends_held.clone()));
         Self {
+            health: Mutex::new(None),
+            damping_holds,
+            backends_held,
             announce,
             no_usable_backend,
             empty_vips: Mutex::new(Vec::new()),
@@ -189,6 +208,12 @@ impl Metrics {
     pub fn set_ready(&self) {
         self.last_reload_success.set(now_seconds());
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// The health checker's counters to export (flap damping); the same handle across
+    /// reloads.
+    pub fn set_health_stats(&self, stats: crate::health::HealthStats) {
+        *lock(&self.health) = Some(stats);
     }
 
     /// The last apply failed in the kernel (retried): `/readyz` answers 503 until one
@@ -377,6 +402,14 @@ impl Metrics {
             if maps.is_some() {
                 self.failing(result);
             }
+        }
+        if let Some(stats) = lock(&self.health).as_ref() {
+            let backends = stats.backends();
+            let holds: u64 = backends.values().map(|b| b.damped).sum();
+            let seen = self.damping_holds.get();
+            self.damping_holds.inc_by(holds.saturating_sub(seen));
+            self.backends_held
+                .set(backends.values().filter(|b| b.held).count() as i64);
         }
         let mut buffer = out.into_bytes();
         TextEncoder::new()
