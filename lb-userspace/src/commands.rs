@@ -105,7 +105,15 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         snapshot.config.display()
     )?;
     for i in &snapshot.interfaces {
-        writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        if i.attached_mode.is_empty() || i.attached_mode == i.xdp_mode {
+            writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        } else {
+            writeln!(
+                out,
+                "interface {} (xdp {}, configured {})",
+                i.name, i.attached_mode, i.xdp_mode
+            )?;
+        }
     }
     for vip in &snapshot.vips {
         let traffic = pinned.traffic(true, vip.id).ok().unwrap_or_default();

@@ -79,6 +79,8 @@ pub struct Metrics {
     empty_vips: Mutex<Vec<String>>,
     /// The health checker's counters (flap damping), read at scrape time.
     health: Mutex<Option<crate::health::HealthStats>>,
+    /// Interface → the XDP mode attached.
+    attached: Mutex<std::collections::BTreeMap<String, String>>,
     damping_holds: prometheus::IntCounter,
     backends_held: prometheus::IntGauge,
 }
@@ -183,6 +185,7 @@ impl Metrics {
         register(Box::new(backends_held.clone()));
         Self {
             health: Mutex::new(None),
+            attached: Mutex::new(Default::default()),
             damping_holds,
             backends_held,
             announce,
@@ -208,6 +211,12 @@ impl Metrics {
     pub fn set_ready(&self) {
         self.last_reload_success.set(now_seconds());
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// The XDP mode each interface is attached in, for `mlb_xdp_attached` and
+    /// `mlb_build_info` (instead of the configured one, which may be `auto`).
+    pub fn set_attached(&self, modes: &std::collections::BTreeMap<String, String>) {
+        *lock(&self.attached) = modes.clone();
     }
 
     /// The health checker's counters to export (flap damping); the same handle across
@@ -323,13 +332,16 @@ impl Metrics {
     }
 
     fn update_info(&self, config: &Config) {
+        let attached = lock(&self.attached).clone();
+        let mode_of = |i: &crate::config::Interface| {
+            attached
+                .get(&i.name)
+                .cloned()
+                .unwrap_or_else(|| i.xdp_mode.to_string())
+        };
         let mut info = lock(&self.info);
         let Info { build, interfaces } = &mut *info;
-        let mut modes: Vec<String> = config
-            .interfaces
-            .iter()
-            .map(|i| i.xdp_mode.to_string())
-            .collect();
+        let mut modes: Vec<String> = config.interfaces.iter().map(mode_of).collect();
         modes.sort();
         modes.dedup();
         let values = vec![
@@ -350,7 +362,7 @@ impl Metrics {
         let now: Vec<(String, String)> = config
             .interfaces
             .iter()
-            .map(|i| (i.name.clone(), i.xdp_mode.to_string()))
+            .map(|i| (i.name.clone(), mode_of(i)))
             .collect();
         for (name, mode) in interfaces.iter().filter(|i| !now.contains(i)) {
             let _ = self.xdp_attached.remove_label_values(&[name, mode]);
