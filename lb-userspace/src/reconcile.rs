@@ -22,7 +22,7 @@ use lb_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, Protocol, VipConfig},
+    config::{CheckKind, Config, Protocol, VipConfig},
     dataplane::{Dataplane, DataplaneError},
 };
 
@@ -35,6 +35,14 @@ pub trait DataplaneOps {
     fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
+    /// Several Vips' tables at once (each swap atomic; the real data plane makes it one
+    /// syscall, one RCU grace period).
+    fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        for (id, table) in tables {
+            self.install_table(*id, table)?;
+        }
+        Ok(())
+    }
     /// Zeroes the traffic counters of a Vip (`vip`) or Backend id given to something new.
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError>;
 }
@@ -60,6 +68,9 @@ impl DataplaneOps for Dataplane {
     }
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
         Dataplane::install_table(self, id, table)
+    }
+    fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        Dataplane::install_tables(self, tables)
     }
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError> {
         Dataplane::reset_traffic(self, vip, id)
@@ -152,6 +163,20 @@ pub struct InstalledTable {
     pub generation: u64,
     /// Backend ids holding slots, with their names.
     pub members: Vec<(u32, String)>,
+    /// What it was built from (Backends with their effective weights, size, seed): a Vip
+    /// whose inputs did not change is not rebuilt.
+    inputs: TableInputs,
+}
+
+type TableInputs = (Vec<MaglevBackend>, u32, u32);
+
+/// A table to swap in.
+struct Planned {
+    id: u32,
+    endpoint: String,
+    table: MaglevTable,
+    inputs: TableInputs,
+    names: Vec<(u32, String)>,
 }
 
 /// What one reconcile changed, for logs, `plan` and metrics.
@@ -224,6 +249,8 @@ pub struct Reconciler<D: DataplaneOps> {
     /// A write failed midway: `tables` may not be what the data plane holds, so the next
     /// write swaps every table in, changed or not.
     force_tables: bool,
+    /// See [`Reconciler::gate_new_backends_on_health`].
+    health_gated: bool,
 }
 
 impl<D: DataplaneOps> Reconciler<D> {
@@ -237,6 +264,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             drained: BTreeSet::new(),
             tables: BTreeMap::new(),
             force_tables: false,
+            health_gated: false,
         }
     }
 
@@ -267,6 +295,35 @@ impl<D: DataplaneOps> Reconciler<D> {
             .extend(down.iter().map(|(pool, addr)| backend_key(pool, *addr)));
     }
 
+    /// Backends drained at run time by a previous daemon stay drained.
+    pub fn set_initially_drained(&mut self, drained: &[(String, IpAddr)]) {
+        self.drained
+            .extend(drained.iter().map(|(pool, addr)| backend_key(pool, *addr)));
+    }
+
+    /// Backends a reload adds start down until their health checks pass (`rise` checks),
+    /// in pools that have checks: no flow goes to a Backend nothing has vouched for. At a
+    /// first start Backends start up, as Envoy and HAProxy do: there is no traffic to
+    /// protect yet, the first checks run at once and `fall` failures take a dead one out.
+    /// Off for dry runs (`mlb plan` shows the tables the config asks for).
+    pub fn gate_new_backends_on_health(&mut self) {
+        self.health_gated = true;
+    }
+
+    /// `(pool, address)` of the configured Backends considered down.
+    pub fn down_backends(&self) -> Vec<(String, IpAddr)> {
+        let Some(config) = &self.config else {
+            return Vec::new();
+        };
+        config
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| p.backends.iter().map(move |b| (pool, b.address)))
+            .filter(|(pool, addr)| self.down.contains(&backend_key(pool, *addr)))
+            .map(|(pool, addr)| (pool.clone(), addr))
+            .collect()
+    }
+
     /// Whether `pool/address` is drained at run time.
     pub fn is_drained(&self, pool: &str, addr: IpAddr) -> bool {
         self.drained.contains(&backend_key(pool, addr))
@@ -289,8 +346,10 @@ impl<D: DataplaneOps> Reconciler<D> {
         let drained = self.drained.clone();
         match self.write(config, old.as_ref()) {
             Ok(report) => {
-                // A reload ends run-time drains: the file is the truth again.
-                self.drained.clear();
+                // Run-time drains last until `undrain` (reloads and restarts included),
+                // for the Backends still configured.
+                let live: BTreeSet<&String> = self.assignments.backends.keys().collect();
+                self.drained.retain(|k| live.contains(k));
                 self.config = Some(config.clone());
                 Ok(report)
             }
@@ -332,6 +391,12 @@ impl<D: DataplaneOps> Reconciler<D> {
                 if new {
                     self.dataplane.reset_traffic(false, assigned.id)?;
                     report.backends_added.push(format!("{} ({key})", b.name));
+                    if self.health_gated
+                        && old.is_some()
+                        && pool.health_check.kind != CheckKind::None
+                    {
+                        self.down.insert(key.clone());
+                    }
                 }
                 let mut flags = if self.down.contains(&key) {
                     0
@@ -384,7 +449,16 @@ impl<D: DataplaneOps> Reconciler<D> {
             } else if old_vip.is_some_and(|o| o != vip) {
                 report.vips_changed.push(endpoint.clone());
             }
-            self.install_table_for(config, vip, assigned.id, &mut report)?;
+            live_vips.insert(endpoint);
+        }
+        let vips: Vec<(&VipConfig, Assigned)> = config
+            .vips
+            .iter()
+            .map(|v| (v, self.assignments.vips[&v.endpoint()]))
+            .collect();
+        let planned = self.plan_tables(config, vips.iter().map(|(v, a)| (*v, a.id)));
+        self.install_planned(planned, &mut report)?;
+        for (vip, assigned) in &vips {
             let state = VipState {
                 flags: vip.flags(),
                 generation: assigned.generation,
@@ -394,7 +468,6 @@ impl<D: DataplaneOps> Reconciler<D> {
                 &vip_key(vip.address, vip.port, vip.protocol),
                 &state,
             )?;
-            live_vips.insert(endpoint);
         }
 
         // 5. Removals, now that no table names a removed Backend.
@@ -437,17 +510,18 @@ impl<D: DataplaneOps> Reconciler<D> {
         Ok(report)
     }
 
-    /// Records health transitions of `(pool, address, up)` and re-steers: each Backend's
-    /// flag (so its connection-table entries re-steer), then each affected pool's Vip
-    /// tables once, however many of its Backends changed (a table swap waits for an RCU
-    /// grace period in the kernel, ~16 ms). Transitions of Backends the config no longer
-    /// has are ignored.
+    /// Records health transitions of `(pool, address, up)` and re-steers: the affected
+    /// pools' Vip tables, rebuilt once however many of their Backends changed and swapped
+    /// in one batch (one RCU grace period for all, ~14 ms here, instead of one per Vip),
+    /// and each Backend's flag (so its connection-table entries re-steer). Transitions of
+    /// Backends the config no longer has are ignored.
     pub fn set_health(
         &mut self,
         transitions: &[(String, IpAddr, bool)],
     ) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
         let mut pools = BTreeSet::new();
+        let (mut ups, mut downs) = (Vec::new(), Vec::new());
         for (pool, addr, up) in transitions {
             let key = backend_key(pool, *addr);
             if !self.assignments.backends.contains_key(&key) {
@@ -481,11 +555,22 @@ impl<D: DataplaneOps> Reconciler<D> {
                 flags,
                 generation: assigned.generation,
             };
-            self.dataplane.set_backend(assigned.id, &backend)?;
+            if *up {
+                ups.push((assigned.id, backend));
+            } else {
+                downs.push((assigned.id, backend));
+            }
             pools.insert(pool.clone());
         }
-        for pool in pools {
-            self.rebuild_pool(&pool, &mut report)?;
+        // A Backend coming up is flagged before a table names it; one going down is
+        // flagged after the tables without it are live, so that no new or re-steered flow
+        // meets a table slot whose Backend is already flagged down (dropped).
+        for (id, backend) in &ups {
+            self.dataplane.set_backend(*id, backend)?;
+        }
+        self.rebuild_pools(&pools, &mut report)?;
+        for (id, backend) in &downs {
+            self.dataplane.set_backend(*id, backend)?;
         }
         Ok(report)
     }
@@ -516,8 +601,9 @@ impl<D: DataplaneOps> Reconciler<D> {
             } else {
                 self.drained.remove(&key);
             }
-            self.rebuild_pool(pool, &mut report)?;
         }
+        let affected: BTreeSet<String> = pools.iter().cloned().collect();
+        self.rebuild_pools(&affected, &mut report)?;
         Ok((pools, report))
     }
 
@@ -532,66 +618,104 @@ impl<D: DataplaneOps> Reconciler<D> {
         Ok(())
     }
 
-    fn rebuild_pool(&mut self, pool: &str, report: &mut Report) -> Result<(), ReconcileError> {
+    fn rebuild_pools(
+        &mut self,
+        pools: &BTreeSet<String>,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
         let Some(config) = self.config.clone() else {
             return Ok(());
         };
-        for vip in config.vips.iter().filter(|v| v.pool == pool) {
-            if let Some(assigned) = self.assignments.vips.get(&vip.endpoint()).copied() {
-                self.install_table_for(&config, vip, assigned.id, report)?;
-            }
-        }
-        Ok(())
+        let vips = config.vips.iter().filter(|v| pools.contains(&v.pool));
+        let vips = vips.filter_map(|v| Some((v, self.assignments.vips.get(&v.endpoint())?.id)));
+        let vips: Vec<(&VipConfig, u32)> = vips.collect();
+        let planned = self.plan_tables(&config, vips.into_iter());
+        self.install_planned(planned, report)
     }
 
-    /// Builds the Vip's table from its pool's usable Backends; swaps it in if it changed.
-    fn install_table_for(
-        &mut self,
+    /// The tables of `vips` whose inputs changed (all of them after a failed write),
+    /// each distinct table built once: Vips sharing a pool share their table.
+    fn plan_tables<'c>(
+        &self,
         config: &Config,
-        vip: &VipConfig,
-        id: u32,
+        vips: impl Iterator<Item = (&'c VipConfig, u32)>,
+    ) -> Vec<Planned> {
+        let mut built: Vec<(TableInputs, MaglevTable)> = Vec::new();
+        let mut planned = Vec::new();
+        for (vip, id) in vips {
+            let pool = &config.pools[&vip.pool];
+            let mut members = Vec::new();
+            let mut names = Vec::new();
+            for b in &pool.backends {
+                let key = backend_key(&vip.pool, b.address);
+                let Some(assigned) = self.assignments.backends.get(&key) else {
+                    continue;
+                };
+                let weight = if self.down.contains(&key) || self.drained.contains(&key) {
+                    0
+                } else {
+                    b.weight
+                };
+                if weight > 0 {
+                    names.push((assigned.id, b.name.clone()));
+                }
+                members.push(MaglevBackend::new(assigned.id, b.address, weight));
+            }
+            let inputs = (members, vip.table_size, config.global.hash_seed);
+            let endpoint = vip.endpoint();
+            let installed = self.tables.get(&endpoint);
+            if !self.force_tables && installed.is_some_and(|t| t.inputs == inputs) {
+                continue;
+            }
+            let table = match built.iter().find(|(i, _)| *i == inputs) {
+                Some((_, table)) => table.clone(),
+                None => {
+                    let table = maglev::build(&inputs.0, inputs.1, inputs.2);
+                    built.push((inputs.clone(), table.clone()));
+                    table
+                }
+            };
+            if !self.force_tables && installed.is_some_and(|t| t.table == table) {
+                continue;
+            }
+            planned.push(Planned {
+                id,
+                endpoint,
+                table,
+                inputs,
+                names,
+            });
+        }
+        planned
+    }
+
+    /// Swaps the planned tables in, in one batch, and records them.
+    fn install_planned(
+        &mut self,
+        planned: Vec<Planned>,
         report: &mut Report,
     ) -> Result<(), ReconcileError> {
-        let pool = &config.pools[&vip.pool];
-        let mut members = Vec::new();
-        let mut names = Vec::new();
-        for b in &pool.backends {
-            let key = backend_key(&vip.pool, b.address);
-            let Some(assigned) = self.assignments.backends.get(&key) else {
-                continue;
-            };
-            let weight = if self.down.contains(&key) || self.drained.contains(&key) {
-                0
-            } else {
-                b.weight
-            };
-            if weight > 0 {
-                names.push((assigned.id, b.name.clone()));
+        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &p.table)).collect();
+        self.dataplane.install_tables(&batch)?;
+        for p in planned {
+            let previous = self.tables.get(&p.endpoint);
+            let empty = maglev::build(&[], p.table.size(), 0);
+            let diff = maglev::diff(previous.map_or(&empty, |t| &t.table), &p.table);
+            if p.table.is_empty() {
+                report.empty_vips.push(p.endpoint.clone());
             }
-            members.push(MaglevBackend::new(assigned.id, b.address, weight));
+            let generation = previous.map_or(1, |t| t.generation + 1);
+            report.tables.push((p.endpoint.clone(), diff));
+            self.tables.insert(
+                p.endpoint,
+                InstalledTable {
+                    table: p.table,
+                    generation,
+                    members: p.names,
+                    inputs: p.inputs,
+                },
+            );
         }
-        let table = maglev::build(&members, vip.table_size, config.global.hash_seed);
-        let endpoint = vip.endpoint();
-        let previous = self.tables.get(&endpoint);
-        if !self.force_tables && previous.is_some_and(|p| p.table == table) {
-            return Ok(());
-        }
-        let empty = maglev::build(&[], vip.table_size, 0);
-        let diff = maglev::diff(previous.map_or(&empty, |p| &p.table), &table);
-        self.dataplane.install_table(id, &table)?;
-        if table.is_empty() {
-            report.empty_vips.push(endpoint.clone());
-        }
-        let generation = previous.map_or(1, |p| p.generation + 1);
-        report.tables.push((endpoint.clone(), diff));
-        self.tables.insert(
-            endpoint,
-            InstalledTable {
-                table,
-                generation,
-                members: names,
-            },
-        );
         Ok(())
     }
 
@@ -1077,5 +1201,58 @@ mod tests {
             .set_health(&[("web".into(), "10.0.0.2".parse().unwrap(), false)])
             .unwrap();
         assert_eq!(r.dataplane().view(), fresh.dataplane().view());
+    }
+
+    #[test]
+    fn a_backend_going_down_is_flagged_after_its_tables_swap_and_one_coming_up_before() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        let id = ids(&r)["web/10.0.0.1"];
+        r.dataplane_mut().ops.clear();
+        r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), false)])
+            .unwrap();
+        assert_eq!(
+            r.dataplane().ops,
+            ["table 0".to_owned(), format!("backend {id} flags 0")],
+            "down: the table without it first"
+        );
+        r.dataplane_mut().ops.clear();
+        r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), true)])
+            .unwrap();
+        assert_eq!(
+            r.dataplane().ops,
+            [
+                format!("backend {id} flags {}", backend_flags::UP),
+                "table 0".to_owned()
+            ],
+            "up: flagged before a table names it"
+        );
+    }
+
+    #[test]
+    fn a_reload_rebuilds_only_the_vips_whose_inputs_changed() {
+        let yaml = |web2: u32| {
+            format!(
+                "interfaces:\n  - name: eth0\nvips:\n  - address: 10.200.0.1\n    port: 80\n    \
+                 protocol: tcp\n    table_size: 251\n    pool: a\n  - address: 10.200.0.2\n    \
+                 port: 80\n    protocol: tcp\n    table_size: 251\n    pool: b\npools:\n  a:\n    \
+                 backends:\n      - address: 10.0.0.1\n  b:\n    backends:\n      - address: 10.0.0.2\n      \
+                 - address: 10.0.0.3\n        weight: {web2}\n"
+            )
+        };
+        let parse = |y: &str| Config::parse(y, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&parse(&yaml(1))).unwrap();
+        r.dataplane_mut().ops.clear();
+        let report = r.apply(&parse(&yaml(2))).unwrap();
+        let tables: Vec<&String> = r
+            .dataplane()
+            .ops
+            .iter()
+            .filter(|o| o.starts_with("table"))
+            .collect();
+        assert_eq!(tables, ["table 1"], "only pool b's vip: {report}");
+        assert_eq!(report.tables.len(), 1);
     }
 }

@@ -204,6 +204,30 @@ fn config_skew_breaks_only_connections_whose_slot_moved() {
 }
 
 #[test]
+fn a_second_daemon_on_the_same_pin_path_is_refused() {
+    let _serial = serial();
+    let fleet = fleet();
+    let pid = fleet.lbs[0].daemon.as_ref().unwrap().id();
+    let out = fleet.lbs[0]
+        .host
+        .netns
+        .command_net_only(env!("CARGO_BIN_EXE_mlb"))
+        .args(["run", "--config"])
+        .arg(&fleet.lbs[0].config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("another mlb daemon (pid {pid}) is running")),
+        "{stderr}"
+    );
+    // The first one is untouched: still serving its socket, still announcing.
+    assert!(fleet.status(0).unwrap().starts_with("daemon: running"));
+    assert_eq!(fleet.router_next_hops(), [0, 1, 2]);
+}
+
+#[test]
 fn detach_withdraws_and_a_crash_leaves_the_route() {
     let _serial = serial();
     let mut fleet = fleet();

@@ -74,6 +74,9 @@ pub struct Metrics {
     info: Mutex<Info>,
     /// Route health injection.
     pub announce: announce::AnnounceMetrics,
+    no_usable_backend: IntGaugeVec,
+    /// Vip names with a `no_usable_backend` series now.
+    empty_vips: Mutex<Vec<String>>,
 }
 
 /// Label values of `build_info` and `xdp_attached` now set.
@@ -153,8 +156,19 @@ impl Metrics {
         .expect("valid");
         register(Box::new(xdp_attached.clone()));
         let announce = announce::AnnounceMetrics::new(&registry);
+        let no_usable_backend = IntGaugeVec::new(
+            Opts::new(
+                "mlb_vip_no_usable_backend",
+                "1 while the Vip's table has no usable backend (its packets are dropped or passed, per when_no_backend), else 0.",
+            ),
+            &["vip"],
+        )
+        .expect("valid");
+        register(Box::new(no_usable_backend.clone()));
         Self {
             announce,
+            no_usable_backend,
+            empty_vips: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
             pin_dir: pin_dir.into(),
             maps: Mutex::new(None),
@@ -175,6 +189,12 @@ impl Metrics {
     pub fn set_ready(&self) {
         self.last_reload_success.set(now_seconds());
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// The last apply failed in the kernel (retried): `/readyz` answers 503 until one
+    /// succeeds.
+    pub fn set_apply_failed(&self, failed: bool) {
+        self.ready.store(!failed, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -243,6 +263,27 @@ impl Metrics {
         };
         if !report.tables.is_empty() {
             self.table_rebuild_duration.observe(elapsed.as_secs_f64());
+        }
+        {
+            let tables = reconciler.tables();
+            let mut names = lock(&self.empty_vips);
+            let now: Vec<(String, bool)> = config
+                .vips
+                .iter()
+                .map(|v| {
+                    let empty = tables.get(&v.endpoint()).is_none_or(|t| t.table.is_empty());
+                    (v.name.clone(), empty)
+                })
+                .collect();
+            for gone in names.iter().filter(|n| !now.iter().any(|(v, _)| v == *n)) {
+                let _ = self.no_usable_backend.remove_label_values(&[gone]);
+            }
+            for (vip, empty) in &now {
+                self.no_usable_backend
+                    .with_label_values(&[vip])
+                    .set(i64::from(*empty));
+            }
+            *names = now.into_iter().map(|(v, _)| v).collect();
         }
         let maps = self.maps();
         {
