@@ -783,3 +783,18 @@ fn a_table_size_error_is_the_build_errors_source() {
     let source = std::error::Error::source(&e).expect("a source");
     assert_eq!(source.to_string(), e.to_string());
 }
+
+/// A size change counts every backend's slots as lost and gained, empty slots aside.
+#[test]
+fn diff_across_sizes_counts_each_backends_slots() {
+    let (old, new) = (build(&pool(2), 251, 0), build(&pool(3), 257, 0));
+    let d = diff(&old, &new);
+    assert!(d.size_changed());
+    let ids: Vec<u32> = d.backends.iter().map(|b| b.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    for b in &d.backends {
+        assert_eq!((b.lost, b.gained), (b.old_slots, b.new_slots), "{b:?}");
+    }
+    assert_eq!(d.backends.iter().map(|b| b.old_slots).sum::<u32>(), 251);
+    assert_eq!(d.backends.iter().map(|b| b.new_slots).sum::<u32>(), 257);
+}
