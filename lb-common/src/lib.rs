@@ -13,6 +13,7 @@
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod consts;
+pub mod conntrack;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod maglev;

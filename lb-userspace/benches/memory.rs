@@ -34,6 +34,7 @@ fn main() {
             max_vips: vips,
             max_backends: 1024,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
         for id in 0..vips {

@@ -683,6 +683,7 @@ impl Bench {
             max_vips: 8,
             max_backends: 16,
             conntrack_entries: 1 << 16,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
 

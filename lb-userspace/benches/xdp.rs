@@ -66,6 +66,7 @@ fn main() {
         max_backends: 64,
         // Room for every new flow of the run: inserts, not LRU evictions, are measured.
         conntrack_entries: (calls as u32 * 2).max(1 << 16),
+        ..Default::default()
     });
     let mut paths = paths(&mut lab, calls);
     if let Some(only) = &only {

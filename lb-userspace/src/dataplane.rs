@@ -15,19 +15,21 @@ use aya::{
 };
 use lb_common::{
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, flow_cache_entries, map_names as names, prog_names, table_entries,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_VIPS, flow_cache_slots, map_names as names, prog_names, table_entries,
     },
-    hash::{addr_words, vip_filter_bit},
+    conntrack::{self, Way},
+    hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipFilter,
-        VipKey, VipState,
+        Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipAddr, VipFilter, VipKey,
+        VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 14] = [
     names::CONFIG,
     names::VIP_ADDRS_V4,
     names::VIP_ADDRS_V6,
@@ -35,8 +37,7 @@ const ALL_MAPS: [&str; 15] = [
     names::VIP_STATE,
     names::TABLES,
     names::BACKENDS,
-    names::CONNTRACK_V4,
-    names::CONNTRACK_V6,
+    names::CONNTRACK,
     names::FLOW_CACHE_V4,
     names::FLOW_CACHE_V6,
     names::NEXT_HOPS,
@@ -57,15 +58,15 @@ fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
         (names::BACKENDS, caps.max_backends),
         (names::NEXT_HOPS, caps.max_backends),
         (names::BACKEND_STATS, caps.max_backends),
-        (names::CONNTRACK_V4, caps.conntrack_entries),
-        (names::CONNTRACK_V6, caps.conntrack_entries),
+        // The buckets, then the element holding the table's seed.
+        (names::CONNTRACK, caps.conntrack_buckets() + 1),
         (
             names::FLOW_CACHE_V4,
-            flow_cache_entries(caps.conntrack_entries),
+            flow_cache_slots(caps.flow_cache_entries),
         ),
         (
             names::FLOW_CACHE_V6,
-            flow_cache_entries(caps.conntrack_entries),
+            flow_cache_slots(caps.flow_cache_entries),
         ),
     ]
 }
@@ -91,12 +92,21 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Map sizes, fixed when the program is loaded.
+/// Benchmark baselines (`lru_insert`), never loaded by the daemon.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+
+/// Map sizes and connection-table settings, fixed when the program is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Connection-table ways, both families (rounded up to a power of two of buckets).
     pub conntrack_entries: u32,
+    /// Seconds without a packet before a connection-table entry may be reused.
+    pub conntrack_idle: u32,
+    /// Per-CPU flow-cache slots per family (rounded up to a power of two).
+    pub flow_cache_entries: u32,
 }
 
 impl Default for Capacities {
@@ -105,8 +115,33 @@ impl Default for Capacities {
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_idle: DEFAULT_CONNTRACK_IDLE,
+            flow_cache_entries: DEFAULT_FLOW_CACHE_ENTRIES,
         }
     }
+}
+
+impl Capacities {
+    /// Buckets of the connection table.
+    pub fn conntrack_buckets(&self) -> u32 {
+        conntrack::buckets(self.conntrack_entries)
+    }
+}
+
+/// The kernel's tick rate (`CONFIG_HZ`, what `jiffies` counts), from /proc/config.gz; 1000
+/// when unknown, the highest common value: a lower real rate only makes entries idle later.
+pub fn kernel_hz() -> u32 {
+    let config = std::process::Command::new("zcat")
+        .arg("/proc/config.gz")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1000)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +252,12 @@ impl Dataplane {
         raise_memlock_limit();
         let sizes = map_sizes(caps);
         let mut loader = EbpfLoader::new();
+        let (shift, idle) = conntrack::age_units(kernel_hz(), caps.conntrack_idle);
+        let mask = caps.conntrack_buckets() - 1;
+        loader
+            .override_global("CT_BUCKET_MASK", &mask, true)
+            .override_global("CT_AGE_SHIFT", &shift, true)
+            .override_global("CT_IDLE", &idle, true);
         let paths: Vec<(&'static str, std::path::PathBuf)> = ALL_MAPS
             .iter()
             .filter_map(|name| pin_dir.map(|dir| (*name, dir.join(name))))
@@ -229,6 +270,10 @@ impl Dataplane {
         }
         let ebpf = loader.load(OBJECT)?;
         let mut dataplane = Self { ebpf, caps };
+        // A fresh table gets a random seed; an adopted one keeps its own.
+        if dataplane.conntrack_seed()? == 0 {
+            dataplane.set_conntrack_seed(random_seed())?;
+        }
         for name in [
             prog_names::LB_INGRESS,
             prog_names::LB_DECAP,
@@ -291,12 +336,80 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The connection table's hash seed (0 before one is set).
+    pub fn conntrack_seed(&self) -> Result<u64> {
+        Ok(self.conntrack_bucket(self.caps.conntrack_buckets())?.ways[0])
+    }
+
+    /// Empties the connection table and gives it hash seed `seed` (non-zero). For tests
+    /// that need a known placement; a running data plane loses every flow's entry.
+    pub fn set_conntrack_seed(&mut self, seed: u64) -> Result<()> {
+        let name = names::CONNTRACK;
+        let buckets = self.caps.conntrack_buckets();
+        let mut map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for index in 0..buckets {
+            map.set(index, ConntrackBucket::default(), 0)
+                .map_err(map_err(name))?;
+        }
+        let mut cell = ConntrackBucket::default();
+        cell.ways[0] = seed;
+        map.set(buckets, cell, 0).map_err(map_err(name))
+    }
+
+    /// Bucket `index` of the connection table.
+    pub fn conntrack_bucket(&self, index: u32) -> Result<ConntrackBucket> {
+        let name = names::CONNTRACK;
+        let map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.get(&index, 0).map_err(map_err(name))
+    }
+
+    /// Writes bucket `index` of the connection table (tests that stage a bucket).
+    pub fn set_conntrack_bucket(&mut self, index: u32, bucket: &ConntrackBucket) -> Result<()> {
+        let name = names::CONNTRACK;
+        let mut map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        map.set(index, bucket, 0).map_err(map_err(name))
+    }
+
+    /// The connection-table way of `flow`, if any, as the kernel would find it.
+    pub fn conntrack(&self, flow: &Flow) -> Result<Option<Way>> {
+        let seed = self.conntrack_seed()?;
+        let place = conntrack::place(
+            flow.conntrack_hash(seed),
+            self.caps.conntrack_buckets() - 1,
+        );
+        for index in [place.first, place.second] {
+            let mut bucket = self.conntrack_bucket(index)?;
+            // SAFETY: a bucket we own.
+            if let Some((_, word)) = unsafe { conntrack::find(&mut bucket, place.tag) } {
+                return Ok(Some(Way::unpack(word)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The kernel's clock in age units, as the program reads it: jiffies (from
+    /// /proc/timer_list) shifted by the age unit. `None` when it cannot be read.
+    pub fn conntrack_now(&self) -> Option<u64> {
+        let (shift, _) = conntrack::age_units(kernel_hz(), self.caps.conntrack_idle);
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let jiffies: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((jiffies >> shift) & conntrack::AGE_MASK)
+    }
+
     /// Writes the global entry; the flow-cache mask comes from the capacities, the cache
     /// epoch moves on (next hops may have changed) and the Vip filter stays as it is.
     pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
         let current = self.global()?;
         self.write_global(&GlobalConfig {
-            flow_cache_mask: flow_cache_entries(self.caps.conntrack_entries) - 1,
+            flow_cache_mask: flow_cache_slots(self.caps.flow_cache_entries) - 1,
             cache_epoch: next_epoch(current.cache_epoch),
             vip_filter: current.vip_filter,
             ..*config
@@ -516,22 +629,6 @@ impl Dataplane {
             }))
     }
 
-    /// The connection-table entry of an IPv4 Flow, if any.
-    pub fn conntrack_v4(&self, flow: &FlowV4) -> Result<Option<ConntrackEntry>> {
-        let name = names::CONNTRACK_V4;
-        let map: HashMap<_, FlowV4, ConntrackEntry> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(map.get(flow, 0)).map_err(map_err(name))
-    }
-
-    /// The connection-table entry of an IPv6 Flow, if any.
-    pub fn conntrack_v6(&self, flow: &FlowV6) -> Result<Option<ConntrackEntry>> {
-        let name = names::CONNTRACK_V6;
-        let map: HashMap<_, FlowV6, ConntrackEntry> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(map.get(flow, 0)).map_err(map_err(name))
-    }
-
     /// Runs program `name` once on `packet` with BPF_PROG_TEST_RUN. `ingress_ifindex`
     /// (0 = loopback) is the device the packet pretends to arrive on, which is where
     /// `bpf_fib_lookup` starts. Returns the action and the packet as the program left it.
@@ -616,16 +713,6 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-fn optional<T>(
-    result: std::result::Result<T, MapError>,
-) -> std::result::Result<Option<T>, MapError> {
-    match result {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
 /// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
 /// devices that forward.
@@ -672,16 +759,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::VIP_STATE, 4, size_of::<VipState>()),
         (names::TABLES, 4, 4),
         (names::BACKENDS, 4, size_of::<Backend>()),
-        (
-            names::CONNTRACK_V4,
-            size_of::<FlowV4>(),
-            size_of::<ConntrackEntry>(),
-        ),
-        (
-            names::CONNTRACK_V6,
-            size_of::<FlowV6>(),
-            size_of::<ConntrackEntry>(),
-        ),
+        (names::CONNTRACK, 4, size_of::<ConntrackBucket>()),
         (names::FLOW_CACHE_V4, 4, size_of::<FlowCacheV4>()),
         (names::FLOW_CACHE_V6, 4, size_of::<FlowCacheV6>()),
         (names::NEXT_HOPS, 4, size_of::<NextHop>()),
@@ -713,6 +791,19 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A random non-zero 64-bit seed, from the kernel's generator.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    loop {
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        let seed = u64::from_ne_bytes(bytes);
+        if n == 8 && seed != 0 {
+            return seed;
+        }
+    }
 }
 
 /// The cache epoch after `epoch`; 0 is skipped, it marks an empty flow-cache slot.

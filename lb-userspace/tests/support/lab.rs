@@ -109,6 +109,8 @@ impl Lab {
             max_vips: 16,
             max_backends: 64,
             conntrack_entries: 65_536,
+            flow_cache_entries: 8192,
+            ..Default::default()
         })
     }
 
