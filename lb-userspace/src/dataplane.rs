@@ -661,6 +661,81 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// A file descriptor of program `name` of its own, for callers that run it from
+    /// several threads at once ([`test_run_fd`]).
+    pub fn program_fd(&mut self, name: &'static str) -> Result<std::os::fd::OwnedFd> {
+        let fd = self
+            .xdp(name)?
+            .fd()
+            .map_err(|source| DataplaneError::Program { name, source })?
+            .try_clone()
+            .map_err(DataplaneError::Os)?;
+        Ok(fd.as_fd().try_clone_to_owned().map_err(DataplaneError::Os)?)
+    }
+}
+
+/// BPF_PROG_TEST_RUN of the program behind `fd`, once, on the calling thread's CPU (and
+/// in its network namespace): the action and the packet as the program left it. For
+/// tests that race two CPUs; [`Dataplane::test_run`] otherwise.
+pub fn test_run_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> std::io::Result<(u32, Vec<u8>)> {
+    /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; packet.len() + 256];
+    let ctx = xdp_md(ingress_ifindex, packet.len() as u32);
+    let mut attr = TestAttr {
+        prog_fd: fd.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    if ingress_ifindex != 0 {
+        attr.ctx_size_in = ctx.len() as u32;
+        attr.ctx_in = ctx.as_ptr() as u64;
+    }
+    // SAFETY: a valid attr of its size; the buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            size_of::<TestAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
+}
+
 /// What one BPF_PROG_TEST_RUN call returned.
 #[derive(Debug)]
 pub struct TestRunOutcome {
