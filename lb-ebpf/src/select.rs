@@ -27,6 +27,17 @@ use crate::{
     stats::count,
 };
 
+/// 1 when the per-CPU flow cache is in use (`flow_cache_entries` > 0), set by the loader
+/// in frozen .rodata: with 0 the verifier sees the cache's code as dead.
+#[unsafe(no_mangle)]
+static FLOW_CACHE_ON: u32 = 1;
+
+#[inline(always)]
+fn flow_cache_on() -> bool {
+    // SAFETY: a static; volatile so the compiler does not fold the placeholder in.
+    unsafe { core::ptr::read_volatile(&FLOW_CACHE_ON) != 0 }
+}
+
 /// What a Flow's family contributes: its flow cache, hashes and Vip key.
 pub trait Flow {
     /// This CPU's flow-cache Route at `slot`, if it holds this flow and is of `epoch`; and
@@ -61,6 +72,9 @@ macro_rules! flow_maps {
             hash: u32,
             now: u32,
         ) -> Option<(Selection<'static>, bool)> {
+            if !flow_cache_on() {
+                return None;
+            }
             let c = $cache.get_ptr_mut(slot)?;
             // SAFETY: this CPU's slot; the Route is read in place, not copied: only this CPU
             // writes the slot, never while one of its packets is in flight, and map values
@@ -84,6 +98,9 @@ macro_rules! flow_maps {
         }
         #[inline(always)]
         fn cache(&self, slot: u32, epoch: u32, selection: &Selection, now: u32) {
+            if !flow_cache_on() {
+                return;
+            }
             if let Some(c) = $cache.get_ptr_mut(slot) {
                 let $w = selection.backend_addr;
                 // SAFETY: this CPU's slot.

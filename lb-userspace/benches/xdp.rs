@@ -41,6 +41,8 @@ const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 struct Path {
     name: &'static str,
     program: &'static str,
+    /// Run on the second lab, which has no flow cache (the A/B of the flow cache).
+    no_cache: bool,
     /// One packet per call; more than one means "a new flow on every call".
     packets: Vec<Vec<u8>>,
     /// DESIGN.md's target, ns above empty.
@@ -78,7 +80,22 @@ fn main() {
         conntrack_entries: (calls as u32 * 2).max(1 << 16),
         ..Default::default()
     });
+    // The same, but without the flow cache: every established packet reads the
+    // connection table. Its packets run in the first lab's namespace, whose veth0 has the
+    // same addresses and neighbours.
+    let mut uncached = Lab::with_capacities(Capacities {
+        max_vips: 16,
+        max_backends: 64,
+        conntrack_entries: (calls as u32 * 2).max(1 << 16),
+        // `MLB_BENCH_FLOW_CACHE=N`: give the second lab N slots instead (other sizes' A/B).
+        flow_cache_entries: std::env::var("MLB_BENCH_FLOW_CACHE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        ..Default::default()
+    });
     let mut paths = paths(&mut lab, calls);
+    paths.extend(uncached_paths(&mut uncached, &paths));
     if let Some(only) = &only {
         let mut i = 0;
         paths.retain(|p| {
@@ -90,8 +107,9 @@ fn main() {
     let mut bench = load_bench_object(calls as u32 * 2);
     pin_to_last_cpu();
     let started = Instant::now();
+    let dp2 = &mut uncached.dataplane;
     let figures = lab.with_dataplane(|dp, ifindex| {
-        measure(dp, &mut bench, ifindex, &paths, per_round)
+        measure([dp, dp2], &mut bench, ifindex, &paths, per_round)
     });
     eprintln!("\r{:60}", "");
     report(&figures, calls, started.elapsed().as_secs_f64());
@@ -147,6 +165,7 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
         name,
         program,
+        no_cache: false,
         packets,
         target,
         repeat_valid,
@@ -212,6 +231,41 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     ]
 }
 
+/// The established paths again on `lab` (no flow cache), primed there.
+fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
+    let pick = |name: &str, label: &'static str| {
+        let p = paths.iter().find(|p| p.name == name).expect("a path");
+        Path {
+            name: label,
+            program: p.program,
+            no_cache: true,
+            packets: p.packets.clone(),
+            target: p.target,
+            repeat_valid: false,
+        }
+    };
+    let out = vec![
+        pick(
+            "established TCP flow, IPIP",
+            "established TCP flow, IPIP, no flow cache",
+        ),
+        pick(
+            "established IPv6 TCP flow, IP6IP6",
+            "established IPv6 TCP, IP6IP6, no flow cache",
+        ),
+        pick(
+            "established, 100,000 flows (cache misses)",
+            "established, 100,000 flows, no flow cache",
+        ),
+    ];
+    for p in &out {
+        for pkt in &p.packets {
+            assert_eq!(lab.run(pkt).action, 3, "priming must forward");
+        }
+    }
+    out
+}
+
 /// The `lb-bench` object with its LRU hash sized `entries` (room for every insert of the
 /// run, as the connection table has: inserts, not evictions, are measured; the LRU has
 /// per-CPU lists, as mlb's connection table had).
@@ -247,7 +301,7 @@ fn run_bench(bench: &mut Ebpf, packet: &[u8]) -> std::time::Duration {
 }
 
 fn measure(
-    dp: &mut Dataplane,
+    mut dps: [&mut Dataplane; 2],
     bench: &mut Ebpf,
     ifindex: u32,
     paths: &[Path],
@@ -266,7 +320,8 @@ fn measure(
                 let duration = if path.program == prog_names::LRU_INSERT {
                     run_bench(bench, packet)
                 } else {
-                    dp.test_run(path.program, packet, ifindex, 1)
+                    dps[path.no_cache as usize]
+                        .test_run(path.program, packet, ifindex, 1)
                         .expect("test run")
                         .duration
                 };
@@ -279,7 +334,7 @@ fn measure(
         .iter()
         .map(|p| {
             p.repeat_valid.then(|| {
-                let out = dp
+                let out = dps[0]
                     .test_run(p.program, &p.packets[0], ifindex, REPEAT)
                     .expect("test run");
                 out.duration.as_nanos() as f64

@@ -105,7 +105,8 @@ pub struct Capacities {
     pub conntrack_entries: u32,
     /// Seconds without a packet before a connection-table entry may be reused.
     pub conntrack_idle: u32,
-    /// Per-CPU flow-cache slots per family (rounded up to a power of two).
+    /// Per-CPU flow-cache slots per family (rounded up to a power of two); 0 = no flow
+    /// cache (a one-slot map the program never uses).
     pub flow_cache_entries: u32,
 }
 
@@ -254,10 +255,12 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         let (shift, idle) = conntrack::age_units(kernel_hz(), caps.conntrack_idle);
         let mask = caps.conntrack_buckets() - 1;
+        let flow_cache_on = u32::from(caps.flow_cache_entries > 0);
         loader
             .override_global("CT_BUCKET_MASK", &mask, true)
             .override_global("CT_AGE_SHIFT", &shift, true)
-            .override_global("CT_IDLE", &idle, true);
+            .override_global("CT_IDLE", &idle, true)
+            .override_global("FLOW_CACHE_ON", &flow_cache_on, true);
         let paths: Vec<(&'static str, std::path::PathBuf)> = ALL_MAPS
             .iter()
             .filter_map(|name| pin_dir.map(|dir| (*name, dir.join(name))))

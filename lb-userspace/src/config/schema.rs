@@ -262,7 +262,7 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
             values::uint(t, 1..=super::MAX_CONNTRACK_IDLE)
         }),
         flow_cache_entries: s.optional("flow_cache_entries", out, |t| {
-            values::uint(t, 1..=super::MAX_FLOW_CACHE_ENTRIES)
+            values::uint(t, 0..=super::MAX_FLOW_CACHE_ENTRIES)
         }),
         // The connection table's ways hold 10-bit Vip and 13-bit Backend ids.
         max_vips: s.optional("max_vips", out, |t| {
