@@ -87,14 +87,29 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Maintenance: `on` withdraws every Vip this host announces (forwarding goes on, so
+    /// traffic drains to the other load balancers); `off` announces again. Remembered
+    /// across daemon restarts and reboots until turned off.
+    Maintenance {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
     /// Detach the program from the interfaces and remove the pinned maps and state
-    /// (drops every flow). For a stopped daemon.
+    /// (drops every flow) and withdraw its Vip routes. For a stopped daemon.
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -1,4 +1,4 @@
-//! The CLI's one-shot commands: check, plan, status, trace, drain, detach.
+//! The CLI's one-shot commands: check, plan, status, trace, drain, maintenance, detach.
 
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
@@ -10,6 +10,7 @@ use lb_common::{
 };
 
 use crate::{
+    announce,
     config::{Config, describe},
     control::{self, Command, Reply},
     daemon,
@@ -126,6 +127,31 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         if vip.slots.is_empty() {
             writeln!(out, "    NO USABLE BACKEND")?;
         }
+    }
+    match snapshot.announce_table {
+        Some(table) => {
+            if snapshot.maintenance {
+                writeln!(
+                    out,
+                    "MAINTENANCE: every vip withdrawn (mlb maintenance off to announce)"
+                )?;
+            }
+            for a in &snapshot.announce {
+                writeln!(
+                    out,
+                    "announce {} (table {table}): {} ({})",
+                    a.address,
+                    if a.announced {
+                        "announced"
+                    } else {
+                        "WITHDRAWN"
+                    },
+                    a.reason
+                )?;
+            }
+        }
+        None if snapshot.maintenance => writeln!(out, "maintenance: on (announcing is off)")?,
+        None => {}
     }
     for b in &snapshot.backends {
         let traffic = pinned.traffic(false, b.id).ok().unwrap_or_default();
@@ -261,10 +287,35 @@ pub fn drain(address: IpAddr, drained: bool, pin_dir: &Path) -> anyhow::Result<S
     }
 }
 
+/// `mlb maintenance on|off`: through the daemon, or remembered for its next start.
+pub fn maintenance(on: bool, pin_dir: &Path) -> anyhow::Result<String> {
+    match control::request(&state::socket_path(pin_dir), &Command::Maintenance { on }) {
+        Ok(Reply::Ok(message)) => Ok(message),
+        Ok(Reply::Error(e)) => bail!("{e}"),
+        Ok(Reply::Status(_)) => bail!("unexpected reply"),
+        Err(_) => {
+            state::set_maintenance(pin_dir, on).with_context(|| {
+                format!("writing {}", state::maintenance_path(pin_dir).display())
+            })?;
+            Ok(format!(
+                "maintenance {}: the daemon is not running; it takes effect when it starts",
+                if on { "on" } else { "off" }
+            ))
+        }
+    }
+}
+
 /// `mlb detach`: for a stopped daemon.
 pub fn detach(pin_dir: &Path) -> anyhow::Result<String> {
     if control::request(&state::socket_path(pin_dir), &Command::Status).is_ok() {
         bail!("the daemon is running: stop it first (or run it with --detach-on-exit)");
+    }
+    let table = Snapshot::load(&state::state_path(pin_dir))
+        .ok()
+        .and_then(|s| s.announce_table);
+    if let Some(table) = table {
+        announce::withdraw_blocking(table)
+            .with_context(|| format!("withdrawing the vip routes from table {table}"))?;
     }
     let interfaces: Vec<String> = std::fs::read_dir(pin_dir)
         .map(|dir| {

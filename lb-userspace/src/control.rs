@@ -20,7 +20,14 @@ use crate::state::Snapshot;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Command {
     Status,
-    Drain { address: IpAddr, drained: bool },
+    Drain {
+        address: IpAddr,
+        drained: bool,
+    },
+    /// Withdraw every Vip (forwarding goes on), or announce again.
+    Maintenance {
+        on: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! health transitions, control commands and signals until told to stop.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -18,13 +18,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    announce::{self, Announcer, Decision},
     attach,
     config::Config,
     control::{self, Command, Reply},
     dataplane::{Capacities, Dataplane},
     health::{self, HealthEvent},
     metrics::{self, Metrics},
-    neighbors,
+    netlink::Netlink,
     reconcile::{Reconciler, Report},
     state::{self, Snapshot},
 };
@@ -88,8 +89,23 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         &report,
     );
 
+    let netlink = Netlink::connect().context("opening a netlink socket")?;
+    let errors = Arc::clone(&metrics);
+    let announcer = Announcer::start(netlink.clone(), Arc::new(move || errors.announce.error()));
+    let maintenance = state::in_maintenance(&pin_dir);
+    if maintenance {
+        warn!(
+            path = %state::maintenance_path(&pin_dir).display(),
+            "in maintenance: every vip stays withdrawn until `mlb maintenance off`"
+        );
+    }
+
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(1024);
     let mut daemon = Daemon {
+        netlink,
+        announcer,
+        maintenance,
+        decisions: BTreeMap::new(),
         checker: health::Checker::idle(),
         health_tx,
         running_text: String::from_utf8_lossy(&bytes).into_owned(),
@@ -148,6 +164,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let Daemon {
         checker,
         reconciler,
+        announcer,
         ..
     } = daemon;
     checker.stop();
@@ -155,6 +172,10 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     if options.detach_on_exit {
         let config = reconciler.config().cloned();
         drop(reconciler);
+        if let Some(announce) = config.as_ref().and_then(|c| c.announce) {
+            announcer.withdraw_all(announce.table).await;
+            info!(table = announce.table, "every vip withdrawn");
+        }
         if let Some(config) = config {
             detach_all(
                 &config.global.pin_path,
@@ -185,6 +206,13 @@ struct Daemon {
     retry: Option<(Config, String)>,
     /// Backend addresses that already have a managed neighbour entry.
     neighbours: BTreeSet<IpAddr>,
+    netlink: Netlink,
+    /// Keeps the announce table in line with `decisions`.
+    announcer: Announcer,
+    /// `mlb maintenance on`: every Vip withdrawn, forwarding goes on.
+    maintenance: bool,
+    /// Per Vip address: announced or not, and why (empty while announcing is off).
+    decisions: BTreeMap<IpAddr, Decision>,
 }
 
 impl Daemon {
@@ -323,6 +351,7 @@ impl Daemon {
                 for vip in &report.empty_vips {
                     warn!(%vip, "vip has no usable backend");
                 }
+                self.announce();
                 self.save_snapshot();
             }
             Err(e) => error!(error = %e, "applying health transitions"),
@@ -335,11 +364,39 @@ impl Daemon {
             return Reply::Error("no config applied".into());
         };
         match command {
-            Command::Status => Reply::Status(Box::new(Snapshot::of(
-                &self.reconciler,
-                &config,
-                &self.running_text,
-            ))),
+            Command::Status => Reply::Status(Box::new(
+                Snapshot::of(&self.reconciler, &config, &self.running_text)
+                    .with_announce(self.maintenance, &self.decisions),
+            )),
+            Command::Maintenance { on } => {
+                if let Err(e) = state::set_maintenance(&self.pin_dir, on) {
+                    return Reply::Error(format!(
+                        "{}: {e}",
+                        state::maintenance_path(&self.pin_dir).display()
+                    ));
+                }
+                self.maintenance = on;
+                info!(
+                    maintenance = on,
+                    "maintenance {}",
+                    if on { "on" } else { "off" }
+                );
+                self.announce();
+                self.save_snapshot();
+                let announced = self.decisions.values().filter(|d| d.announced).count();
+                Reply::Ok(match (on, config.announce) {
+                    (true, Some(_)) => {
+                        "maintenance on: every vip withdrawn; forwarding goes on".into()
+                    }
+                    (false, Some(_)) => {
+                        format!("maintenance off: {announced} vip address(es) announced")
+                    }
+                    (_, None) => format!(
+                        "maintenance {}: remembered, but announcing is off in the config (no `announce:` section)",
+                        if on { "on" } else { "off" }
+                    ),
+                })
+            }
             Command::Drain { address, drained } => {
                 match self.reconciler.set_drained(address, drained) {
                     Ok((pools, _)) if pools.is_empty() => {
@@ -351,6 +408,7 @@ impl Daemon {
                         let verb = if drained { "drained" } else { "undrained" };
                         info!(backend = %address, pools = ?pools, "{verb}");
                         log_report(verb, &report);
+                        self.announce();
                         self.save_snapshot();
                         Reply::Ok(format!("{address} {verb} in pools {}", pools.join(", ")))
                     }
@@ -360,18 +418,76 @@ impl Daemon {
         }
     }
 
-    /// Managed neighbour entries for backends new to this daemon; the snapshot.
+    /// Managed neighbour entries for backends new to this daemon (on a task: netlink never
+    /// holds up the loop); announcements; the snapshot.
     fn after_apply(&mut self, config: &Config) {
         let new: Vec<IpAddr> = config
             .backend_addresses()
             .into_iter()
             .filter(|a| !self.neighbours.contains(a))
             .collect();
-        for problem in neighbors::manage(&new) {
-            warn!(%problem, "could not set up a managed neighbour entry");
-        }
+        let netlink = self.netlink.clone();
+        let addresses = new.clone();
+        tokio::spawn(async move {
+            for backend in addresses {
+                if let Err(e) = netlink.manage_neighbour(backend).await {
+                    warn!(%backend, error = %e, "could not set up a managed neighbour entry");
+                }
+            }
+        });
         self.neighbours.extend(new);
+        self.announce();
         self.save_snapshot();
+    }
+
+    /// Decides which Vip addresses to announce from the config in force, its tables and
+    /// maintenance; logs every change with its reason; hands the routes to the announcer.
+    fn announce(&mut self) {
+        let Some(config) = self.reconciler.config() else {
+            return;
+        };
+        let tables = self.reconciler.tables();
+        let empty: BTreeSet<String> = config
+            .vips
+            .iter()
+            .map(|v| v.endpoint())
+            .filter(|e| tables.get(e).is_none_or(|t| t.table.is_empty()))
+            .collect();
+        let Some(announce) = config.announce else {
+            if !self.decisions.is_empty() {
+                info!("announcing turned off: every vip route removed");
+            }
+            self.decisions.clear();
+            self.announcer.set(None, BTreeSet::new());
+            self.metrics.announce.set(None, self.maintenance, &[]);
+            return;
+        };
+        let decisions = announce::decide(config, &empty, self.maintenance);
+        let mut changed = Vec::new();
+        for (addr, d) in &decisions {
+            if self.decisions.get(addr).map(|o| o.announced) == Some(d.announced) {
+                continue;
+            }
+            if d.announced {
+                info!(vip = %addr, table = announce.table, reason = %d.reason, "announcing");
+            } else {
+                warn!(vip = %addr, table = announce.table, reason = %d.reason, "withdrawing");
+            }
+            changed.extend(d.vips.iter().map(|v| (v.clone(), d.announced)));
+        }
+        for addr in self.decisions.keys().filter(|a| !decisions.contains_key(a)) {
+            info!(vip = %addr, table = announce.table, reason = "no longer configured", "withdrawing");
+        }
+        let routes = decisions
+            .iter()
+            .filter(|(_, d)| d.announced)
+            .map(|(a, _)| *a)
+            .collect();
+        self.announcer.set(Some(announce.table), routes);
+        self.metrics
+            .announce
+            .set(Some(&decisions), self.maintenance, &changed);
+        self.decisions = decisions;
     }
 
     fn save_snapshot(&self) {
@@ -379,7 +495,10 @@ impl Daemon {
             return;
         };
         let path = state::state_path(&self.pin_dir);
-        if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text).save(&path) {
+        if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text)
+            .with_announce(self.maintenance, &self.decisions)
+            .save(&path)
+        {
             warn!(path = %path.display(), error = %e, "saving state");
         }
     }

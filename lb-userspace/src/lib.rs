@@ -1,6 +1,7 @@
 //! `mlb`, the Maglev load balancer daemon: a library so that tests drive exactly what the
 //! binary runs.
 
+pub mod announce;
 pub mod attach;
 pub mod cli;
 pub mod commands;
@@ -8,9 +9,10 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
-pub mod neighbors;
+pub mod netlink;
 pub mod netns;
 pub mod pinned;
 pub mod reconcile;

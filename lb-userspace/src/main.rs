@@ -3,7 +3,7 @@
 use clap::{CommandFactory as _, Parser as _};
 use lb_common::hash::Flow;
 use lb_userspace::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, OnOff},
     commands, daemon,
 };
 
@@ -84,6 +84,13 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Undrain { address, pin_path } => {
             println!("{}", commands::drain(address, false, &pin_path)?);
+            Ok(())
+        }
+        Command::Maintenance { state, pin_path } => {
+            println!(
+                "{}",
+                commands::maintenance(matches!(state, OnOff::On), &pin_path)?
+            );
             Ok(())
         }
         Command::Detach { pin_path } => {

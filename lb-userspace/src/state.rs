@@ -27,6 +27,40 @@ pub fn state_path(pin_dir: &Path) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{name}.json"))
 }
 
+/// Where `mlb maintenance on` is remembered, across daemon restarts and reboots (unlike the
+/// state under [`RUN_DIR`]): a drained box stays drained until an operator says `off`.
+pub const LIB_DIR: &str = "/var/lib/mlb";
+
+/// The maintenance flag file for the maps pinned under `pin_dir`.
+pub fn maintenance_path(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or("mlb".into(), |n| n.to_string_lossy().into_owned());
+    Path::new(LIB_DIR).join(format!("{name}.maintenance"))
+}
+
+/// Whether the host is in maintenance.
+pub fn in_maintenance(pin_dir: &Path) -> bool {
+    maintenance_path(pin_dir).exists()
+}
+
+/// Puts the host in maintenance (`true`) or takes it out.
+pub fn set_maintenance(pin_dir: &Path, on: bool) -> io::Result<()> {
+    let path = maintenance_path(pin_dir);
+    if on {
+        std::fs::create_dir_all(LIB_DIR)?;
+        std::fs::write(
+            &path,
+            b"maintenance: every vip withdrawn, forwarding goes on\n",
+        )
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The control socket of the daemon whose maps are pinned under `pin_dir`.
 pub fn socket_path(pin_dir: &Path) -> PathBuf {
     state_path(pin_dir).with_extension("sock")
@@ -45,6 +79,22 @@ pub struct Snapshot {
     pub vips: Vec<VipStatus>,
     pub backends: Vec<BackendStatus>,
     pub assignments: Assignments,
+    /// `announce.table`, if announcing is on.
+    #[serde(default)]
+    pub announce_table: Option<u32>,
+    #[serde(default)]
+    pub maintenance: bool,
+    /// Per Vip address: announced or not, and why.
+    #[serde(default)]
+    pub announce: Vec<AnnounceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    pub address: IpAddr,
+    pub announced: bool,
+    pub reason: String,
+    pub vips: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -150,7 +200,31 @@ impl Snapshot {
             vips,
             backends,
             assignments,
+            announce_table: config.announce.map(|a| a.table),
+            maintenance: false,
+            announce: Vec::new(),
         }
+    }
+
+    /// With the announce decisions (and maintenance) of the daemon.
+    pub fn with_announce(
+        mut self,
+        maintenance: bool,
+        decisions: &std::collections::BTreeMap<IpAddr, crate::announce::Decision>,
+    ) -> Self {
+        self.maintenance = maintenance;
+        if self.announce_table.is_some() {
+            self.announce = decisions
+                .iter()
+                .map(|(address, d)| AnnounceStatus {
+                    address: *address,
+                    announced: d.announced,
+                    reason: d.reason.to_string(),
+                    vips: d.vips.clone(),
+                })
+                .collect();
+        }
+        self
     }
 
     /// Writes atomically (temporary file, then rename).

@@ -23,7 +23,7 @@ pub const VIP_PREFIX4: &str = "10.200.0.0/24";
 pub const VIP_PREFIX6: &str = "fd00:200::/64";
 /// Frames grow by the outer header (20 or 40 bytes): the segment carries them, the
 /// client's own MTU stays at 1500.
-const SEGMENT_MTU: &str = "1600";
+pub const SEGMENT_MTU: &str = "1600";
 
 /// A host on the segment: its namespace, NIC name inside it, and addresses.
 pub struct Host {
@@ -142,7 +142,8 @@ impl Testbed {
     }
 }
 
-fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host> {
+/// Creates a host namespace with its NIC on the switch's bridge at `SUBNET.last`.
+pub fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host> {
     let netns = Netns::new(&format!("mlb-{name}"))?;
     let port = format!("p-{name}");
     switch.ip(&[

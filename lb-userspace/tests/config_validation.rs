@@ -47,6 +47,12 @@ fn parse_err(text: &str) -> Vec<String> {
 /// Each broken file and the exact lines it must produce.
 const BROKEN: &[(&str, &[&str])] = &[
     (
+        "announce_main_table.yaml",
+        &[
+            "announce_main_table.yaml:4:10: invalid table in announce: table 254 is the kernel's main table: choose another (e.g. 200)",
+        ],
+    ),
+    (
         "backend_name_conflict.yaml",
         &[
             "backend_name_conflict.yaml:20:15: pool \"api\" has backend 10.100.0.11 named \"be9\" here but \"be1\" in pool \"web\" (line 16)",
@@ -219,6 +225,30 @@ fn every_broken_file_reports_exactly_its_problems() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn announce_takes_a_table_the_kernel_does_not_use_itself() {
+    let base = "interfaces:\n  - name: eth0\nvips: []\n";
+    let config = parse_ok(&format!("{base}announce:\n  table: 200\n"));
+    assert_eq!(config.announce.map(|a| a.table), Some(200));
+    assert_eq!(parse_ok(base).announce, None, "off by default");
+    for (table, name) in [("253", "default"), ("255", "local"), ("0", "")] {
+        let problems = parse_err(&format!("{base}announce:\n  table: {table}\n"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("test.yaml:5:10: invalid table in announce")
+                && problems[0].contains(name),
+            "{problems:?}"
+        );
+    }
+    let problems = parse_err(&format!("{base}announce:\n  tabel: 200\n"));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("did you mean") || p.contains("table")),
+        "{problems:?}"
+    );
 }
 
 #[test]

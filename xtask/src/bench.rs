@@ -41,6 +41,13 @@ pub enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Three load balancers behind a BGP/ECMP router in network namespaces, through a
+    /// box lost, a box without backends, maintenance, a rolling restart and config skew:
+    /// broken connections and convergence times. Root.
+    Fleet {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Every benchmark under a live display; JSON and one Markdown report with SVG plots
     /// in bench-results/. Root.
     All {
@@ -114,6 +121,17 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 );
             }
             cargo.args(["bench", "-p", "lb-userspace", "--bench", "failover", "--"]);
+            if let Some(json) = json {
+                cargo.arg("--json").arg(json);
+            }
+        }
+        Bench::Fleet { json } => {
+            if !setup::is_root() {
+                bail!(
+                    "the fleet benchmark builds network namespaces and runs daemons: run it as root"
+                );
+            }
+            cargo.args(["bench", "-p", "lb-userspace", "--bench", "fleet", "--"]);
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
             }

@@ -6,7 +6,14 @@ use anyhow::bail;
 
 use crate::{setup, status::run_with_status};
 
-pub fn run() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+pub struct Args {
+    /// Three load balancers behind an ECMP router (BGP via BIRD) instead of one.
+    #[arg(long)]
+    fleet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
     setup::run()?;
     if !setup::is_root() {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root");
@@ -16,14 +23,16 @@ pub fn run() -> anyhow::Result<()> {
         Command::new("cargo").args(["build", "-p", "lb-userspace", "--bins"]),
     )?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let status = Command::new(format!("{target}/debug/mlb-demo"))
-        .args([
-            "--mlb",
-            &format!("{target}/debug/mlb"),
-            "--config",
-            "config/demo.yaml",
-        ])
-        .status()?;
+    let mlb = format!("{target}/debug/mlb");
+    let status = if args.fleet {
+        Command::new(format!("{target}/debug/mlb-fleet-demo"))
+            .args(["--mlb", &mlb])
+            .status()?
+    } else {
+        Command::new(format!("{target}/debug/mlb-demo"))
+            .args(["--mlb", &mlb, "--config", "config/demo.yaml"])
+            .status()?
+    };
     if !status.success() {
         bail!("the demo failed");
     }

@@ -19,8 +19,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The demo: the real load balancer in front of three real HTTP backends in network
-    /// namespaces; traffic, one backend taken away, then back. Root.
-    Demo,
+    /// namespaces; traffic, one backend taken away, then back. `--fleet`: three load
+    /// balancers behind an ECMP router, one taken away. Root.
+    Demo(demo::Args),
     /// Install what building and testing need: the pinned eBPF nightly with rust-src,
     /// bpf-linker built against it, Debian packages. Quick when all is there.
     Setup,
@@ -44,7 +45,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo => demo::run(),
+        Command::Demo(args) => demo::run(args),
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),

@@ -28,6 +28,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("promtool", "prometheus"),
     ("nft", "nftables"),
+    ("bird", "bird2"),
 ];
 
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`

@@ -37,6 +37,18 @@ pub fn describe(config: &Config) -> String {
         g.metrics_listen,
         g.pin_path.display()
     );
+    match config.announce {
+        Some(a) => {
+            let _ = writeln!(
+                s,
+                "  announce: a route per servable Vip address in table {}",
+                a.table
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  announce: off");
+        }
+    }
 
     let _ = writeln!(s, "interfaces:");
     for interface in &config.interfaces {

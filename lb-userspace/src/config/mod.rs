@@ -69,6 +69,8 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// By name. Pools no Vip refers to are kept (and reported by [`describe`]).
     pub pools: BTreeMap<String, Pool>,
+    /// Route health injection: `None` = off.
+    pub announce: Option<Announce>,
     /// Where the config came from: the path given to [`Config::load`], or the origin given
     /// to [`Config::parse`].
     pub source: PathBuf,
@@ -116,6 +118,14 @@ impl Default for Global {
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
         }
     }
+}
+
+/// Route health injection: one host route per servable Vip address in a kernel routing
+/// table that a BGP daemon (BIRD, FRR, GoBGP via zebra) exports to the routers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table the routes go to (never main, local or default).
+    pub table: u32,
 }
 
 /// An interface the XDP program is attached to.

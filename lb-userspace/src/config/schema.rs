@@ -20,7 +20,8 @@ use super::{
     yaml::{Node, Value},
 };
 
-const TOP_KEYS: &[&str] = &["global", "interfaces", "vips", "pools"];
+const TOP_KEYS: &[&str] = &["global", "interfaces", "announce", "vips", "pools"];
+const ANNOUNCE_KEYS: &[&str] = &["table"];
 const GLOBAL_KEYS: &[&str] = &[
     "hash_seed",
     "conntrack_entries",
@@ -111,6 +112,8 @@ pub(crate) struct Document {
     pub vips: Vec<VipEntry>,
     /// In file order.
     pub pools: Vec<PoolEntry>,
+    /// `announce.table`; `None` when the section is absent or refused.
+    pub announce_table: Option<At<u32>>,
 }
 
 #[derive(Default)]
@@ -209,6 +212,7 @@ pub(crate) fn read(root: &Node, out: &mut Vec<Problem>) -> Document {
         interfaces: None,
         vips: Vec::new(),
         pools: Vec::new(),
+        announce_table: None,
     };
     if !matches!(root.value, Value::Map(_) | Value::Null) {
         out.push(Problem::new(
@@ -224,6 +228,9 @@ pub(crate) fn read(root: &Node, out: &mut Vec<Problem>) -> Document {
     let top = Section::new(root, "at the top level".to_owned(), TOP_KEYS, out);
     if let Some(global) = top.section("global", "in global".to_owned(), GLOBAL_KEYS, out) {
         document.global = read_global(&global, out);
+    }
+    if let Some(announce) = top.section("announce", "in announce".to_owned(), ANNOUNCE_KEYS, out) {
+        document.announce_table = announce.required("table", out, values::route_table);
     }
     if let Some((pos, items)) = top.list("interfaces", out) {
         let interfaces = items

@@ -16,8 +16,8 @@ use std::{
 use lb_common::maglev::{auto_table_size, check_table_size};
 
 use super::{
-    BackendConfig, CheckKind, Config, Global, HealthCheck, Interface, Pool, Protocol, VipConfig,
-    endpoint,
+    Announce, BackendConfig, CheckKind, Config, Global, HealthCheck, Interface, Pool, Protocol,
+    VipConfig, endpoint,
     error::{Pos, Problem, quote, suggest},
     schema::{self, At, CheckEntry, Document, Field, Kind, PoolEntry},
 };
@@ -33,6 +33,10 @@ pub(crate) fn validate(document: &Document, out: &mut Vec<Problem>) -> Config {
         interfaces,
         vips,
         pools,
+        announce: document
+            .announce_table
+            .as_ref()
+            .map(|t| Announce { table: t.value }),
         source: PathBuf::new(),
     }
 }

@@ -235,6 +235,17 @@ pub(crate) fn name(text: &str) -> Parsed<String> {
     Ok(text.to_owned())
 }
 
+/// A kernel routing table id for announced Vip routes: not one the kernel uses itself.
+pub(crate) fn route_table(text: &str) -> Parsed<u32> {
+    let table = uint(text, 1..=u32::MAX)?;
+    match table {
+        253 => Err("table 253 is the kernel's default table: choose another (e.g. 200)".into()),
+        254 => Err("table 254 is the kernel's main table: choose another (e.g. 200)".into()),
+        255 => Err("table 255 is the kernel's local table: choose another (e.g. 200)".into()),
+        _ => Ok(table),
+    }
+}
+
 pub(crate) fn absolute_path(text: &str) -> Parsed<PathBuf> {
     let path = PathBuf::from(text);
     if path.is_absolute() {

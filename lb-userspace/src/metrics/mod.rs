@@ -8,6 +8,7 @@
 //! Label vocabulary: `vip` (the Vip's name), `pool`, `backend` (the Backend's name in its
 //! pool), `reason`, `result`, `action`, `interface`.
 
+mod announce;
 mod dataplane;
 mod series;
 mod server;
@@ -71,6 +72,8 @@ pub struct Metrics {
     build_info: IntGaugeVec,
     xdp_attached: IntGaugeVec,
     info: Mutex<Info>,
+    /// Route health injection.
+    pub announce: announce::AnnounceMetrics,
 }
 
 /// Label values of `build_info` and `xdp_attached` now set.
@@ -149,7 +152,9 @@ impl Metrics {
         )
         .expect("valid");
         register(Box::new(xdp_attached.clone()));
+        let announce = announce::AnnounceMetrics::new(&registry);
         Self {
+            announce,
             ready: AtomicBool::new(false),
             pin_dir: pin_dir.into(),
             maps: Mutex::new(None),
