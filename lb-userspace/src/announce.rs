@@ -173,10 +173,8 @@ async fn keep(
                 info!(table = old, "announce table left: its vip routes removed");
             }
         }
-        if result.is_ok() {
-            if let Some(table) = now.table {
-                result = sync(&netlink, table, &now.routes).await;
-            }
+        if let (Ok(()), Some(table)) = (&result, now.table) {
+            result = sync(&netlink, table, &now.routes).await;
         }
         let wait = match result {
             Ok(()) => {

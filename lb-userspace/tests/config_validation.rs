@@ -49,7 +49,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "announce_main_table.yaml",
         &[
-            "announce_main_table.yaml:4:10: invalid table in announce: table 254 is the kernel's main table: choose another (e.g. 200)",
+            "announce_main_table.yaml:4:10: invalid table \"254\" in announce: table 254 is the kernel's main table: choose another (e.g. 200)",
         ],
     ),
     (
@@ -237,7 +237,7 @@ fn announce_takes_a_table_the_kernel_does_not_use_itself() {
         let problems = parse_err(&format!("{base}announce:\n  table: {table}\n"));
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            problems[0].starts_with("test.yaml:5:10: invalid table in announce")
+            problems[0].starts_with("test.yaml:5:10: invalid table \"")
                 && problems[0].contains(name),
             "{problems:?}"
         );
@@ -523,7 +523,7 @@ fn an_empty_file_says_what_is_missing() {
     assert_eq!(
         parse_err("- eth0\n"),
         [
-            "test.yaml:1:1: expected a mapping with the keys global, interfaces, vips, pools, found a sequence"
+            "test.yaml:1:1: expected a mapping with the keys global, interfaces, announce, vips, pools, found a sequence"
         ]
     );
 }

@@ -77,6 +77,7 @@ fn config(pools: &[(&str, &[IpAddr], HealthCheck)]) -> Config {
         interfaces: Vec::new(),
         vips: Vec::new(),
         pools,
+        announce: None,
         source: PathBuf::from("test"),
     }
 }
