@@ -152,9 +152,7 @@ mod user {
                     self.proto,
                     key,
                 ),
-                (s, d) => {
-                    conntrack_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, key)
-                }
+                (s, d) => conntrack_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, key),
             }
         }
 

@@ -12,8 +12,8 @@
 //!   Backend through the connection table.
 #![cfg_attr(not(feature = "user"), no_std)]
 
-pub mod consts;
 pub mod conntrack;
+pub mod consts;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod maglev;

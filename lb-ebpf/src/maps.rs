@@ -8,14 +8,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
+    conntrack::buckets,
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     },
-    conntrack::buckets,
     types::{
-        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop,
-        TrafficCounters, VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop, TrafficCounters,
+        VipAddr, VipKey, VipState,
     },
 };
 

@@ -3,11 +3,11 @@
 use aya_ebpf::programs::XdpContext;
 use core::{hint::cold_path, mem::MaybeUninit};
 use lb_common::{
+    conntrack::{Way, generation_digest},
     consts::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
         vip_flags,
     },
-    conntrack::{Way, generation_digest},
     hash::{
         conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word, table_slot,
     },
@@ -486,7 +486,10 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
 /// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
-#[expect(clippy::too_many_arguments, reason = "inlined; all computed once by select")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; all computed once by select"
+)]
 #[inline(always)]
 fn from_table<'a, F: Flow>(
     ctx: &XdpContext,
@@ -546,7 +549,8 @@ fn from_table<'a, F: Flow>(
         // A SYN is cached by its flow's next packet, from the connection table: SYN floods
         // and scans that never complete do not evict established flows from the cache.
         if !pkt.syn {
-            pkt.flow.cache(cache_slot, config.cache_epoch, &selection, now as u32);
+            pkt.flow
+                .cache(cache_slot, config.cache_epoch, &selection, now as u32);
         }
     }
     Ok(selection)

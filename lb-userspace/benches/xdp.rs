@@ -108,9 +108,8 @@ fn main() {
     pin_to_last_cpu();
     let started = Instant::now();
     let dp2 = &mut uncached.dataplane;
-    let figures = lab.with_dataplane(|dp, ifindex| {
-        measure([dp, dp2], &mut bench, ifindex, &paths, per_round)
-    });
+    let figures = lab
+        .with_dataplane(|dp, ifindex| measure([dp, dp2], &mut bench, ifindex, &paths, per_round));
     eprintln!("\r{:60}", "");
     report(&figures, calls, started.elapsed().as_secs_f64());
     if let Some(path) = json {
@@ -213,7 +212,13 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             None,
             false,
         ),
-        path(NEW_FLOW, prog_names::LB_INGRESS, new_flows, Some(180.0), false),
+        path(
+            NEW_FLOW,
+            prog_names::LB_INGRESS,
+            new_flows,
+            Some(180.0),
+            false,
+        ),
         path(
             LRU_BASELINE,
             prog_names::LRU_INSERT,

@@ -14,12 +14,12 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
+    conntrack::{self, Way},
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_VIPS, flow_cache_slots, map_names as names, prog_names, table_entries,
+        DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        flow_cache_slots, map_names as names, prog_names, table_entries,
     },
-    conntrack::{self, Way},
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
@@ -93,8 +93,7 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Benchmark baselines (`lru_insert`), never loaded by the daemon.
-pub static BENCH_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
 
 /// Map sizes and connection-table settings, fixed when the program is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -379,10 +378,7 @@ impl Dataplane {
     /// The connection-table way of `flow`, if any, as the kernel would find it.
     pub fn conntrack(&self, flow: &Flow) -> Result<Option<Way>> {
         let seed = self.conntrack_seed()?;
-        let place = conntrack::place(
-            flow.conntrack_hash(seed),
-            self.caps.conntrack_buckets() - 1,
-        );
+        let place = conntrack::place(flow.conntrack_hash(seed), self.caps.conntrack_buckets() - 1);
         for index in [place.first, place.second] {
             let mut bucket = self.conntrack_bucket(index)?;
             // SAFETY: a bucket we own.
@@ -674,7 +670,10 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?
             .try_clone()
             .map_err(DataplaneError::Os)?;
-        Ok(fd.as_fd().try_clone_to_owned().map_err(DataplaneError::Os)?)
+        Ok(fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DataplaneError::Os)?)
     }
 }
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    consts::{Counter, map_names as names},
     conntrack::{self, Way},
+    consts::{Counter, map_names as names},
     hash::Flow,
     types::{Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipKey, VipState},
 };

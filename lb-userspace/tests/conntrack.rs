@@ -276,7 +276,10 @@ fn two_cpus_racing_on_one_bucket_never_misroute() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut lab = small_lab(60);
     let mask = lab.dataplane.capacities().conntrack_buckets() - 1;
-    let home = place(flow(ip("10.50.3.1"), 1).conntrack_hash(CONNTRACK_SEED), mask);
+    let home = place(
+        flow(ip("10.50.3.1"), 1).conntrack_hash(CONNTRACK_SEED),
+        mask,
+    );
     let in_home = |f: &Flow| {
         let p = place(f.conntrack_hash(CONNTRACK_SEED), mask);
         p.first == home.first || p.first == home.second
@@ -303,12 +306,7 @@ fn two_cpus_racing_on_one_bucket_never_misroute() {
             let ns = std::fs::File::open(netns).unwrap();
             // SAFETY: setns on this thread only.
             assert_eq!(
-                unsafe {
-                    libc::setns(
-                        std::os::fd::AsRawFd::as_raw_fd(&ns),
-                        libc::CLONE_NEWNET,
-                    )
-                },
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET,) },
                 0
             );
             use std::os::fd::AsFd as _;
