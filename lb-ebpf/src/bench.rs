@@ -51,7 +51,7 @@ pub fn lru_insert(_ctx: XdpContext) -> u32 {
         vip: 0,
         vip_generation: 1,
     };
-    if LRU.insert(&key, &entry, 0).is_err() {
+    if LRU.insert(key, entry, 0).is_err() {
         return xdp_action::XDP_ABORTED;
     }
     xdp_action::XDP_PASS

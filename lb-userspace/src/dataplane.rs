@@ -670,10 +670,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?
             .try_clone()
             .map_err(DataplaneError::Os)?;
-        Ok(fd
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(DataplaneError::Os)?)
+        fd.as_fd().try_clone_to_owned().map_err(DataplaneError::Os)
     }
 }
 
