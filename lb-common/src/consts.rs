@@ -37,6 +37,14 @@ pub const DEFAULT_FLOW_CACHE_ENTRIES: u32 = 256;
 /// lookup; a false positive only costs the exact lookups behind it.
 pub const VIP_FILTER_WORDS: usize = 64;
 
+/// `CONFIG` is a ring of this many `GlobalConfig` slots; `CONFIG_INDEX` names the live one.
+/// The daemon writes a slot no packet reads, then moves the index: a packet reads the index
+/// once and sees one whole config, old or new. A slot is rewritten only after an RCU grace
+/// period since it was last live (the daemon waits for one every `CONFIG_SLOTS - 1` writes).
+pub const CONFIG_SLOTS: u32 = 64;
+// A power of two (the program masks the index), at most 64 (the daemon tracks them in a u64).
+const _: () = assert!(CONFIG_SLOTS.is_power_of_two() && CONFIG_SLOTS <= 64);
+
 /// Per-CPU flow-cache slots for a configured `flow_cache_entries`: a power of two, at
 /// least 1 (with 0 the map keeps one slot, unused), at most 2^20.
 pub const fn flow_cache_slots(flow_cache_entries: u32) -> u32 {
@@ -187,6 +195,7 @@ impl Counter {
 /// Map names, shared by `#[btf_map]` statics (via the static's identifier) and the loader.
 pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
+    pub const CONFIG_INDEX: &str = "CONFIG_INDEX";
     pub const VIP_ADDRS_V4: &str = "VIP_ADDRS_V4";
     pub const VIP_ADDRS_V6: &str = "VIP_ADDRS_V6";
     pub const VIPS: &str = "VIPS";

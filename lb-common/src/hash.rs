@@ -275,6 +275,64 @@ mod tests {
         assert_eq!(g.hash(42), KNOWN_V6_42);
     }
 
+    #[test]
+    fn known_v6_vectors_with_seeds_that_share_bits_with_the_constant() {
+        // Seed 42 shares no bit with K's low bits, so `seed ^ K` and `seed | K` agree on it;
+        // these seeds tell them apart.
+        let g = Flow {
+            src: "2001:db8::1".parse().unwrap(),
+            dst: "2001:db8::2".parse().unwrap(),
+            sport: 5353,
+            dport: 53,
+            proto: 17,
+        };
+        assert_eq!(
+            (g.hash(0), g.hash(0xdead_beef)),
+            (513_018_050, 2_566_861_098)
+        );
+    }
+
+    #[test]
+    fn vip_filter_bits_stay_fixed_and_spread() {
+        // The kernel reads the bitmap userspace writes: both use these functions, and a
+        // filter that maps many addresses to few bits passes nothing by and costs the exact
+        // lookups on every packet.
+        let bits: Vec<u32> = ["10.200.0.1", "192.0.2.77", "2001:db8::1", "fd00:200::1"]
+            .iter()
+            .map(|a| vip_filter_bit(a.parse().unwrap()))
+            .collect();
+        assert_eq!(bits, [867, 3487, 3755, 3230]);
+        for v6 in [false, true] {
+            let distinct: std::collections::HashSet<u32> = (0..2000u32)
+                .map(|i| {
+                    let addr: std::net::IpAddr = if v6 {
+                        std::net::Ipv6Addr::new(
+                            0xfd00,
+                            0x200,
+                            0,
+                            0,
+                            0,
+                            0,
+                            (i >> 8) as u16,
+                            i as u16,
+                        )
+                        .into()
+                    } else {
+                        std::net::Ipv4Addr::from(0x0ac8_0000 + i).into()
+                    };
+                    vip_filter_bit(addr)
+                })
+                .collect();
+            // 2000 random draws from 4096 bits give ~1580 distinct ones.
+            assert!(
+                distinct.len() > 1400,
+                "v6 {v6}: {} distinct bits",
+                distinct.len()
+            );
+            assert!(distinct.iter().all(|&b| b < 4096));
+        }
+    }
+
     const KNOWN_V4_0: u32 = 3_387_779_994;
     const KNOWN_V4_1: u32 = 3_346_875_151;
     const KNOWN_V6_42: u32 = 920_100_098;

@@ -115,7 +115,7 @@ pub struct NextHop {
     pub generation: u32,
 }
 
-/// The single entry of `CONFIG`.
+/// One slot of `CONFIG` (the live one is `CONFIG_INDEX`'s).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalConfig {

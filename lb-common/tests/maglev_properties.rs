@@ -151,6 +151,24 @@ fn single_backend_fills_table() {
     }
 }
 
+/// `slot_counts` (what `mlb_table_slots` exports) is the table's own census.
+#[test]
+fn slot_counts_count_every_backend_slot() {
+    let table = build(&weighted(&[1, 2, 0, 3]), 1009, 7);
+    let mut by_hand = std::collections::BTreeMap::<u32, u32>::new();
+    for &id in table.slots() {
+        *by_hand.entry(id).or_default() += 1;
+    }
+    let counts = table.slot_counts();
+    assert_eq!(counts, by_hand.into_iter().collect::<Vec<_>>());
+    assert_eq!(counts.iter().map(|c| c.1).sum::<u32>(), 1009);
+    assert!(
+        counts.iter().all(|&(id, _)| id != 3),
+        "weight 0 holds no slot"
+    );
+    assert!(build(&[], 251, 0).slot_counts().is_empty());
+}
+
 #[test]
 fn no_backends_give_an_empty_table() {
     let table = build(&[], DEFAULT_TABLE_SIZE, 0);

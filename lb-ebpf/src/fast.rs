@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::{
     forward::{encap_ipv4, encap_ipv6, finish, set_macs},
-    maps::CONFIG,
+    maps::config,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, L2, Verdict, parse_l4, ptr_at, read_addr6,
@@ -65,7 +65,7 @@ fn fast_ipv4(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     if vihl != 0x45 || tot_len < IPV4_HLEN || ETH_HLEN + tot_len > bytes as usize {
         return None;
     }
-    let config = CONFIG.get(0)?;
+    let config = config()?;
     if !config.vip_filter.contains(vip_filter_bit_v4(dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }
@@ -101,7 +101,7 @@ fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     if u32::from_be(vtc_flow) >> 28 != 6 || l3_end > bytes as usize {
         return None;
     }
-    let config = CONFIG.get(0)?;
+    let config = config()?;
     if !config.vip_filter.contains(vip_filter_bit_v6(&dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }

@@ -49,9 +49,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::Pass(Counter::PassMalformed))?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // Read once, passed down: map lookups are not merged by the compiler.
-    let config = maps::CONFIG
-        .get(0)
-        .ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    let config = maps::config().ok_or(Verdict::Pass(Counter::PassNotVip))?;
     // Both families meet in one `forward`, so its code exists once in the program.
     let mut scratch = MaybeUninit::uninit();
     let selection = match l2.proto {

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     conntrack::buckets,
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     },
     types::{
@@ -27,9 +27,21 @@ const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
 const FLOW_CACHE_MAX: usize = DEFAULT_FLOW_CACHE_ENTRIES as usize;
 
 /// Hash seed, next-hop cache generation, encapsulation source prefixes, cache epoch and
-/// the Vip address pre-filter (one entry).
+/// the Vip address pre-filter: a ring of slots, the live one named by `CONFIG_INDEX`, so
+/// that a packet never reads a config the daemon is rewriting.
 #[btf_map]
-pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
+pub static CONFIG: Array<GlobalConfig, { CONFIG_SLOTS as usize }> = Array::new();
+
+/// The live `CONFIG` slot (one entry).
+#[btf_map]
+pub static CONFIG_INDEX: Array<u32, 1> = Array::new();
+
+/// The live config: the index is read once, so the whole packet uses one slot.
+#[inline(always)]
+pub fn config() -> Option<&'static GlobalConfig> {
+    let index = *CONFIG_INDEX.get(0)?;
+    CONFIG.get(index & (CONFIG_SLOTS - 1))
+}
 
 /// Every IPv4 address that some Vip uses, with its wildcard flags: confirms the filter on
 /// the rare paths (fragments, ICMP, malformed L4, unknown port).

@@ -220,7 +220,9 @@ pub fn parse_l4(
             // SAFETY: bounds checked by ptr_at.
             let (sport, dport, doff, flags) =
                 unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).doff, (*tcp).flags) };
-            if doff >> 4 < 5 || l4 + size_of::<TcpHdr>() > l3_end {
+            // The header, options included, must end inside the IP payload.
+            let hlen = ((doff >> 4) as usize) * 4;
+            if hlen < size_of::<TcpHdr>() || l4 + hlen > l3_end {
                 return Err(malformed);
             }
             Ok((Ports { sport, dport }, flags & TCP_FLAG_SYN != 0))
@@ -229,9 +231,9 @@ pub fn parse_l4(
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
             // SAFETY: bounds checked by ptr_at.
             let (sport, dport, len) = unsafe { ((*udp).sport, (*udp).dport, (*udp).len) };
-            if (u16::from_be(len) as usize) < size_of::<UdpHdr>()
-                || l4 + size_of::<UdpHdr>() > l3_end
-            {
+            // The datagram must fit the IP payload (shorter is fine: trailing padding).
+            let len = u16::from_be(len) as usize;
+            if len < size_of::<UdpHdr>() || l4 + len > l3_end {
                 return Err(malformed);
             }
             Ok((Ports { sport, dport }, false))

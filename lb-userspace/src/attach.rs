@@ -5,13 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::{
-    XdpMode,
-    links::{FdLink, PinnedLink},
-    xdp::XdpLink,
+use aya::{
+    programs::{
+        ProgramError, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+    sys::SyscallError,
 };
 use lb_common::consts::prog_names;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::{Interface, XdpModeConfig},
@@ -69,12 +72,37 @@ pub fn attach(
             path: pin.clone(),
             error: e.to_string(),
         })?;
-        program.attach_to_link(link).map_err(|e| AttachError::Pin {
-            path: pin.clone(),
-            error: e.to_string(),
-        })?;
-        info!(interface = %name, "re-adopted the attached program (atomic replace)");
-        return Ok(true);
+        match program.attach_to_link(link) {
+            Ok(_) => {
+                info!(interface = %name, "re-adopted the attached program (atomic replace)");
+                return Ok(true);
+            }
+            // The interface the link was made on is gone (deleted and recreated: a driver
+            // reload, a VM or container restart): the kernel keeps the link but it is
+            // attached to nothing. The pinned maps stay; a fresh link goes on the
+            // interface that now has this name.
+            Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+            {
+                warn!(
+                    interface = %name,
+                    pin = %pin.display(),
+                    "the pinned link's interface is gone (recreated?): attaching a fresh link, keeping the maps"
+                );
+                std::fs::remove_file(&pin).map_err(|e| AttachError::Pin {
+                    path: pin.clone(),
+                    error: format!("removing the defunct link: {e}"),
+                })?;
+            }
+            Err(e) => {
+                return Err(AttachError::Pin {
+                    path: pin.clone(),
+                    error: format!(
+                        "{e}\n  (to start afresh: `mlb detach`, which drops the connection table)"
+                    ),
+                });
+            }
+        }
     }
     let attach_error = |e: &dyn std::fmt::Display| AttachError::Attach {
         interface: name.clone(),

@@ -30,8 +30,12 @@ use crate::{
     state::{self, Snapshot},
 };
 
-/// How often the config file is compared with what was applied.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the config file is compared with what was applied. A change is applied
+/// once two reads in a row agree (the file has settled: an editor or a `cp` mid-write is
+/// never read half-written), so within 2 intervals.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Reads of a file that keeps changing while it is read, before the reload gives up.
+const SETTLE_READS: usize = 10;
 /// How often cached next hops are invalidated (routes or neighbours may have changed).
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(5);
 
@@ -59,6 +63,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         .with_context(|| format!("reading {}", options.config.display()))?;
     let config = Config::from_bytes(&bytes, &options.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pin_dir = config.global.pin_path.clone();
+    // One daemon per pin path: a second one would overwrite the first one's maps.
+    let _lock = state::DaemonLock::take(&pin_dir).map_err(anyhow::Error::msg)?;
     // Metrics: /healthz answers from here on, /readyz once the config is applied.
     let metrics = Arc::new(Metrics::new(&pin_dir));
     let metrics_server = metrics::Server::start(config.global.metrics_listen, Arc::clone(&metrics))
@@ -69,10 +75,14 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
-    let (assignments, down) = previous.map_or_else(Default::default, |p| (p.assignments, p.down));
+    let (assignments, down, drained) =
+        previous.map_or_else(Default::default, |p| (p.assignments, p.down, p.drained));
     let mut reconciler = Reconciler::new(dataplane, assignments);
-    // Backends the previous daemon had down stay down until their checks pass again.
+    // Backends the previous daemon had down stay down until their checks pass again, and
+    // its drains stay; Backends a reload adds start down until their rise checks pass.
     reconciler.set_initially_down(&down);
+    reconciler.set_initially_drained(&drained);
+    reconciler.gate_new_backends_on_health();
     for interface in &config.interfaces {
         attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
     }
@@ -110,6 +120,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         health_tx,
         running_text: String::from_utf8_lossy(&bytes).into_owned(),
         watched: bytes,
+        pending: None,
         config_path: options.config.clone(),
         pin_dir: pin_dir.clone(),
         reconciler,
@@ -117,6 +128,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         retry: None,
         neighbours: BTreeSet::new(),
     };
+    let down = daemon.reconciler.down_backends();
     daemon.start_checker(&config, down, health::HealthStats::new());
     daemon.after_apply(&config);
 
@@ -140,12 +152,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
                 info!("SIGHUP: reloading");
                 daemon.reload();
             }
-            _ = watch.tick() => {
-                if std::fs::read(&daemon.config_path).is_ok_and(|text| text != daemon.watched) {
-                    info!("config file changed: reloading");
-                    daemon.reload();
-                }
-            }
+            _ = watch.tick() => daemon.watch(),
             _ = refresh.tick() => daemon.refresh(),
             Some(event) = health_rx.recv() => {
                 // Take every transition already queued: one table rebuild per pool.
@@ -199,6 +206,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     /// The file content last tried, so the watcher reloads on change only.
     watched: Vec<u8>,
+    /// A changed content the watcher saw once: applied when the next tick sees it again.
+    pending: Option<Vec<u8>>,
     /// The text of the config in force (for `mlb plan` against the running state).
     running_text: String,
     /// A valid config (and its text) whose apply failed in the kernel: retried on the
@@ -216,27 +225,65 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn refused(&self, problem: &dyn std::fmt::Display) {
+    /// One refused reload (counted once), with each of its problems logged.
+    fn refused_all(&self, problems: &[String]) {
         self.metrics.reload(false);
-        error!(%problem, "config refused; the running config stays in force");
+        for problem in problems {
+            error!(%problem, "config refused; the running config stays in force");
+        }
+    }
+
+    fn refused(&self, problem: &dyn std::fmt::Display) {
+        self.refused_all(&[problem.to_string()]);
+    }
+
+    /// The file watcher: reloads a changed file once it has settled (the same content on
+    /// two ticks in a row). Write-then-rename is seen like an edit in place: the path is
+    /// read afresh every time.
+    fn watch(&mut self) {
+        let Ok(text) = std::fs::read(&self.config_path) else {
+            return;
+        };
+        if text == self.watched {
+            self.pending = None;
+        } else if self.pending.as_ref() == Some(&text) {
+            info!("config file changed: reloading");
+            self.pending = None;
+            self.reload();
+        } else {
+            self.pending = Some(text);
+        }
+    }
+
+    /// The config file's content, read until two reads in a row agree.
+    fn read_settled(&self) -> std::io::Result<Vec<u8>> {
+        let mut last = std::fs::read(&self.config_path)?;
+        for _ in 0..SETTLE_READS {
+            std::thread::sleep(Duration::from_millis(5));
+            let again = std::fs::read(&self.config_path)?;
+            if again == last {
+                return Ok(last);
+            }
+            last = again;
+        }
+        Err(std::io::Error::other(format!(
+            "still changing after {SETTLE_READS} reads"
+        )))
     }
 
     fn reload(&mut self) {
-        let bytes = match std::fs::read(&self.config_path) {
+        let bytes = match self.read_settled() {
             Ok(bytes) => bytes,
             Err(e) => return self.refused(&format!("{}: {e}", self.config_path.display())),
         };
         self.watched = bytes.clone();
         let config = match Config::from_bytes(&bytes, &self.config_path) {
             Ok(config) => config,
-            Err(e) => {
-                for line in e.lines() {
-                    self.refused(&line);
-                }
-                return;
-            }
+            Err(e) => return self.refused_all(&e.lines()),
         };
-        let running = self.reconciler.config().cloned().expect("applied at start");
+        let Some(running) = self.reconciler.config().cloned() else {
+            return self.refused(&"no config in force to reload over");
+        };
         if let Some(problem) = needs_restart(&running, &config) {
             return self.refused(&problem);
         }
@@ -278,7 +325,9 @@ impl Daemon {
                     .reconciled(&self.reconciler, &report, started.elapsed());
                 log_report(what, &report);
                 let old = std::mem::replace(&mut self.checker, health::Checker::idle());
-                let down = old.down_backends();
+                // The reconciler's view: the old checker's downs plus the new Backends,
+                // which start down until their rise checks pass.
+                let down = self.reconciler.down_backends();
                 let stats = old.stats();
                 old.stop();
                 self.start_checker(&config, down, stats);

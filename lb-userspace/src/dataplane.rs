@@ -16,7 +16,7 @@ use aya::{
 use lb_common::{
     conntrack::{self, Way},
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
         flow_cache_slots, map_names as names, prog_names, table_entries,
     },
@@ -29,8 +29,9 @@ use lb_common::{
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 15] = [
     names::CONFIG,
+    names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
     names::VIP_ADDRS_V6,
     names::VIPS,
@@ -49,6 +50,8 @@ const ALL_MAPS: [&str; 14] = [
 /// Map sizes that follow from the capacities.
 fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
     vec![
+        // Fixed, but checked: a CONFIG pinned by a build without its ring has one slot.
+        (names::CONFIG, CONFIG_SLOTS),
         (names::VIP_ADDRS_V4, caps.max_vips),
         (names::VIP_ADDRS_V6, caps.max_vips),
         (names::VIPS, caps.max_vips),
@@ -214,6 +217,9 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 pub struct Dataplane {
     ebpf: Ebpf,
     caps: Capacities,
+    /// `CONFIG` slots that were live since the last RCU grace period: a packet may still
+    /// be reading them, so they are not rewritten before the next one.
+    config_retired: u64,
 }
 
 impl Dataplane {
@@ -271,7 +277,12 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(OBJECT)?;
-        let mut dataplane = Self { ebpf, caps };
+        let mut dataplane = Self {
+            ebpf,
+            caps,
+            // Pinned maps: another daemon may have just moved the index.
+            config_retired: u64::MAX,
+        };
         // A fresh table gets a random seed; an adopted one keeps its own.
         if dataplane.conntrack_seed()? == 0 {
             dataplane.set_conntrack_seed(random_seed())?;
@@ -415,10 +426,33 @@ impl Dataplane {
         })
     }
 
-    fn write_global(&mut self, config: &GlobalConfig) -> Result<()> {
+    /// Writes `config` as given (flow-cache mask, epoch and Vip filter included) into the
+    /// next `CONFIG` slot, then makes it the live one: a packet reads the index once, so it
+    /// sees the old config or the new one, never a mix.
+    pub fn write_global(&mut self, config: &GlobalConfig) -> Result<()> {
+        let live = self.config_index()?;
+        let next = (live + 1) % CONFIG_SLOTS;
+        if self.config_retired & (1u64 << next) != 0 {
+            wait_for_running_programs().map_err(DataplaneError::Os)?;
+            self.config_retired = 0;
+        }
         let mut map: Array<_, GlobalConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        map.set(0, config, 0).map_err(map_err(names::CONFIG))
+        map.set(next, config, 0).map_err(map_err(names::CONFIG))?;
+        let mut index: Array<_, u32> = Array::try_from(self.map_mut(names::CONFIG_INDEX)?)
+            .map_err(map_err(names::CONFIG_INDEX))?;
+        index
+            .set(0, next, 0)
+            .map_err(map_err(names::CONFIG_INDEX))?;
+        self.config_retired |= 1u64 << live;
+        Ok(())
+    }
+
+    fn config_index(&self) -> Result<u32> {
+        let index: Array<_, u32> = Array::try_from(self.map(names::CONFIG_INDEX)?)
+            .map_err(map_err(names::CONFIG_INDEX))?;
+        let live = index.get(&0, 0).map_err(map_err(names::CONFIG_INDEX))?;
+        Ok(live % CONFIG_SLOTS)
     }
 
     /// Invalidates every CPU's flow cache: called after each change to a Vip or Backend,
@@ -431,10 +465,12 @@ impl Dataplane {
         })
     }
 
+    /// The live config.
     pub fn global(&self) -> Result<GlobalConfig> {
+        let live = self.config_index()?;
         let map: Array<_, GlobalConfig> =
             Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        map.get(&0, 0).map_err(map_err(names::CONFIG))
+        map.get(&live, 0).map_err(map_err(names::CONFIG))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
@@ -539,6 +575,64 @@ impl Dataplane {
         let mut outer: ArrayOfMaps<_, MapData> =
             ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
         outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
+    }
+
+    /// Swaps several Vips' tables in with one `BPF_MAP_UPDATE_BATCH` on the outer map: the
+    /// kernel waits for one RCU grace period per syscall that writes an array-of-maps
+    /// (~13 ms here), so 256 single swaps took 3.3 s and one batch takes one wait. Each
+    /// Vip's swap stays atomic (one pointer store). Equal tables share one inner map (the
+    /// data plane never writes a table, and a change always installs a new map). Falls
+    /// back to one swap per table where the kernel has no batch update for the map type.
+    pub fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<()> {
+        for (id, _) in tables {
+            self.check("max_vips", *id, self.caps.max_vips)?;
+        }
+        let mut inners: Vec<(&MaglevTable, MapData)> = Vec::new();
+        let mut keys = Vec::with_capacity(tables.len());
+        let mut fds = Vec::with_capacity(tables.len());
+        for (id, table) in tables {
+            let index = match inners.iter().position(|(t, _)| *t == *table) {
+                Some(index) => index,
+                None => {
+                    let entries = table_entries(table.size());
+                    let definition = aya_obj::Map::new_from_params(
+                        BPF_MAP_TYPE_ARRAY,
+                        size_of::<u32>() as u32,
+                        size_of::<[u32; 2]>() as u32,
+                        entries,
+                        BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+                    );
+                    let inner = MapData::create(definition, "mlb_table", None)
+                        .map_err(map_err("MaglevTable"))?;
+                    write_table(inner.fd().as_fd(), entries, table)?;
+                    inners.push((table, inner));
+                    inners.len() - 1
+                }
+            };
+            keys.push(*id);
+            fds.push(inners[index].1.fd().as_fd().as_raw_fd() as u32);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let outer = self.map(names::TABLES)?;
+        let outer_fd = match outer {
+            aya::maps::Map::ArrayOfMaps(data) => data.fd().as_fd().as_raw_fd() as u32,
+            _ => return Err(DataplaneError::MissingMap(names::TABLES)),
+        };
+        match update_batch(outer_fd, &keys, &fds) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP)) => {
+                for (id, table) in tables {
+                    self.install_table(*id, table)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(DataplaneError::Pin {
+                path: names::TABLES.into(),
+                error: format!("batch table swap: {e}"),
+            }),
+        }
     }
 
     /// Kernel memory charged to the data plane's maps, per map name, inner MaglevTables
@@ -754,6 +848,51 @@ fn xdp_md(ingress_ifindex: u32, len: u32) -> [u8; 24] {
 }
 
 /// Writes `table` into an mmap-able inner array of `entries` 8-byte entries.
+/// The kernel's internal "not supported" errno, which bpf(2) can return.
+const ENOTSUPP: i32 = 524;
+
+/// `BPF_MAP_UPDATE_BATCH` (`union bpf_attr`'s `batch` member, linux/bpf.h): `keys[i]` gets
+/// `values[i]`, in one syscall. aya 0.14 has no batch operations.
+fn update_batch(map_fd: u32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the layout the command expects; keys and values hold `count` u32 each and
+    // outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn write_table(fd: std::os::fd::BorrowedFd<'_>, entries: u32, table: &MaglevTable) -> Result<()> {
     let len = entries as usize * 8;
     // SAFETY: a shared mapping of a BPF array we own; unmapped before returning.
@@ -827,6 +966,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
     use lb_common::types::{FlowCacheV4, FlowCacheV6, NextHop};
     [
         (names::CONFIG, 4, size_of::<GlobalConfig>()),
+        (names::CONFIG_INDEX, 4, 4),
         (names::VIP_ADDRS_V4, 4, size_of::<VipAddr>()),
         (names::VIP_ADDRS_V6, 16, size_of::<VipAddr>()),
         (names::VIPS, size_of::<VipKey>(), 4),
@@ -878,6 +1018,21 @@ fn random_seed() -> u64 {
             return seed;
         }
     }
+}
+
+/// Returns once every XDP program run that started before the call has ended:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`, and XDP runs inside an RCU
+/// read-side section. Then a retired `CONFIG` slot has no reader left.
+fn wait_for_running_programs() -> std::io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: plain syscall, no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Refused on nohz_full kernels: no program run lasts anywhere near this long.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    Ok(())
 }
 
 /// The cache epoch after `epoch`; 0 is skipped, it marks an empty flow-cache slot.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     conntrack::{self, Way},
-    consts::{Counter, map_names as names},
+    consts::{CONFIG_SLOTS, Counter, map_names as names},
     hash::Flow,
     types::{Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipKey, VipState},
 };
@@ -46,10 +46,17 @@ impl Pinned {
         }
     }
 
+    /// The live config (the `CONFIG` slot that `CONFIG_INDEX` names).
     pub fn global(&self) -> Result<GlobalConfig, PinnedError> {
+        let index: Array<_, u32> = Array::try_from(self.map(names::CONFIG_INDEX)?)
+            .map_err(|e| self.fail(names::CONFIG_INDEX, e))?;
+        let live = index
+            .get(&0, 0)
+            .map_err(|e| self.fail(names::CONFIG_INDEX, e))?
+            % CONFIG_SLOTS;
         let map: Array<_, GlobalConfig> =
             Array::try_from(self.map(names::CONFIG)?).map_err(|e| self.fail(names::CONFIG, e))?;
-        map.get(&0, 0).map_err(|e| self.fail(names::CONFIG, e))
+        map.get(&live, 0).map_err(|e| self.fail(names::CONFIG, e))
     }
 
     pub fn vip_id(&self, key: &VipKey) -> Result<Option<u32>, PinnedError> {

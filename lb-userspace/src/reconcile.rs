@@ -22,7 +22,7 @@ use lb_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, Protocol, VipConfig},
+    config::{CheckKind, Config, Protocol, VipConfig},
     dataplane::{Dataplane, DataplaneError},
 };
 
@@ -35,6 +35,14 @@ pub trait DataplaneOps {
     fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
+    /// Several Vips' tables at once (each swap atomic; the real data plane makes it one
+    /// syscall, one RCU grace period).
+    fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        for (id, table) in tables {
+            self.install_table(*id, table)?;
+        }
+        Ok(())
+    }
     /// Zeroes the traffic counters of a Vip (`vip`) or Backend id given to something new.
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError>;
 }
@@ -60,6 +68,9 @@ impl DataplaneOps for Dataplane {
     }
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
         Dataplane::install_table(self, id, table)
+    }
+    fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        Dataplane::install_tables(self, tables)
     }
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError> {
         Dataplane::reset_traffic(self, vip, id)
@@ -152,6 +163,20 @@ pub struct InstalledTable {
     pub generation: u64,
     /// Backend ids holding slots, with their names.
     pub members: Vec<(u32, String)>,
+    /// What it was built from (Backends with their effective weights, size, seed): a Vip
+    /// whose inputs did not change is not rebuilt.
+    inputs: TableInputs,
+}
+
+type TableInputs = (Vec<MaglevBackend>, u32, u32);
+
+/// A table to swap in.
+struct Planned {
+    id: u32,
+    endpoint: String,
+    table: MaglevTable,
+    inputs: TableInputs,
+    names: Vec<(u32, String)>,
 }
 
 /// What one reconcile changed, for logs, `plan` and metrics.
@@ -221,6 +246,11 @@ pub struct Reconciler<D: DataplaneOps> {
     /// Backends drained at run time (`pool/address`): weight 0 until the next reload.
     drained: BTreeSet<String>,
     tables: BTreeMap<String, InstalledTable>,
+    /// A write failed midway: `tables` may not be what the data plane holds, so the next
+    /// write swaps every table in, changed or not.
+    force_tables: bool,
+    /// See [`Reconciler::gate_new_backends_on_health`].
+    health_gated: bool,
 }
 
 impl<D: DataplaneOps> Reconciler<D> {
@@ -233,6 +263,8 @@ impl<D: DataplaneOps> Reconciler<D> {
             down: BTreeSet::new(),
             drained: BTreeSet::new(),
             tables: BTreeMap::new(),
+            force_tables: false,
+            health_gated: false,
         }
     }
 
@@ -263,6 +295,35 @@ impl<D: DataplaneOps> Reconciler<D> {
             .extend(down.iter().map(|(pool, addr)| backend_key(pool, *addr)));
     }
 
+    /// Backends drained at run time by a previous daemon stay drained.
+    pub fn set_initially_drained(&mut self, drained: &[(String, IpAddr)]) {
+        self.drained
+            .extend(drained.iter().map(|(pool, addr)| backend_key(pool, *addr)));
+    }
+
+    /// Backends a reload adds start down until their health checks pass (`rise` checks),
+    /// in pools that have checks: no flow goes to a Backend nothing has vouched for. At a
+    /// first start Backends start up, as Envoy and HAProxy do: there is no traffic to
+    /// protect yet, the first checks run at once and `fall` failures take a dead one out.
+    /// Off for dry runs (`mlb plan` shows the tables the config asks for).
+    pub fn gate_new_backends_on_health(&mut self) {
+        self.health_gated = true;
+    }
+
+    /// `(pool, address)` of the configured Backends considered down.
+    pub fn down_backends(&self) -> Vec<(String, IpAddr)> {
+        let Some(config) = &self.config else {
+            return Vec::new();
+        };
+        config
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| p.backends.iter().map(move |b| (pool, b.address)))
+            .filter(|(pool, addr)| self.down.contains(&backend_key(pool, *addr)))
+            .map(|(pool, addr)| (pool.clone(), addr))
+            .collect()
+    }
+
     /// Whether `pool/address` is drained at run time.
     pub fn is_drained(&self, pool: &str, addr: IpAddr) -> bool {
         self.drained.contains(&backend_key(pool, addr))
@@ -273,12 +334,44 @@ impl<D: DataplaneOps> Reconciler<D> {
         !self.down.contains(&backend_key(pool, addr))
     }
 
-    /// Applies a validated config. Nothing is left half-applied on a capacity error: ids
-    /// are checked before any write.
+    /// Applies a validated config, whole or not at all: on a capacity error nothing is
+    /// written (ids are checked first); when a map write fails midway, the config in force
+    /// before is written back whole (every table included, as the data plane may hold
+    /// some of the new ones) and stays in force, and the error is returned for the caller
+    /// to report and retry. Should the rollback fail too, the old config still counts as
+    /// in force and the next apply rewrites every table.
     pub fn apply(&mut self, config: &Config) -> Result<Report, ReconcileError> {
         self.check_capacity(config)?;
+        let old = self.config.clone();
+        let drained = self.drained.clone();
+        match self.write(config, old.as_ref()) {
+            Ok(report) => {
+                // Run-time drains last until `undrain` (reloads and restarts included),
+                // for the Backends still configured.
+                let live: BTreeSet<&String> = self.assignments.backends.keys().collect();
+                self.drained.retain(|k| live.contains(k));
+                self.config = Some(config.clone());
+                Ok(report)
+            }
+            Err(error) => {
+                // The data plane may hold any of the new tables: write every one back.
+                self.force_tables = true;
+                self.drained = drained;
+                if let Some(old) = &old {
+                    if let Err(again) = self.write(old, Some(config)) {
+                        tracing::error!(error = %again, "rolling back to the config in force failed too");
+                        self.force_tables = true;
+                    }
+                }
+                self.config = old;
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes `config` over the data plane state of `old` (`None`: an empty data plane).
+    fn write(&mut self, config: &Config, old: Option<&Config>) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
-        let old = self.config.take();
 
         // 1. Global settings; bump the next-hop generation so routes are looked up afresh.
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
@@ -298,6 +391,12 @@ impl<D: DataplaneOps> Reconciler<D> {
                 if new {
                     self.dataplane.reset_traffic(false, assigned.id)?;
                     report.backends_added.push(format!("{} ({key})", b.name));
+                    if self.health_gated
+                        && old.is_some()
+                        && pool.health_check.kind != CheckKind::None
+                    {
+                        self.down.insert(key.clone());
+                    }
                 }
                 let mut flags = if self.down.contains(&key) {
                     0
@@ -343,16 +442,23 @@ impl<D: DataplaneOps> Reconciler<D> {
                 let mut next = Assignments::next_generation_fn(&mut assignments.generation);
                 Assignments::assign(&mut assignments.vips, &endpoint, 0, &mut next)
             };
-            let old_vip = old
-                .as_ref()
-                .and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
+            let old_vip = old.and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
             if new {
                 self.dataplane.reset_traffic(true, assigned.id)?;
                 report.vips_added.push(endpoint.clone());
             } else if old_vip.is_some_and(|o| o != vip) {
                 report.vips_changed.push(endpoint.clone());
             }
-            self.install_table_for(config, vip, assigned.id, &mut report)?;
+            live_vips.insert(endpoint);
+        }
+        let vips: Vec<(&VipConfig, Assigned)> = config
+            .vips
+            .iter()
+            .map(|v| (v, self.assignments.vips[&v.endpoint()]))
+            .collect();
+        let planned = self.plan_tables(config, vips.iter().map(|(v, a)| (*v, a.id)));
+        self.install_planned(planned, &mut report)?;
+        for (vip, assigned) in &vips {
             let state = VipState {
                 flags: vip.flags(),
                 generation: assigned.generation,
@@ -362,11 +468,10 @@ impl<D: DataplaneOps> Reconciler<D> {
                 &vip_key(vip.address, vip.port, vip.protocol),
                 &state,
             )?;
-            live_vips.insert(endpoint);
         }
 
         // 5. Removals, now that no table names a removed Backend.
-        if let Some(old) = &old {
+        if let Some(old) = old {
             for vip in &old.vips {
                 let endpoint = vip.endpoint();
                 if live_vips.contains(&endpoint) {
@@ -401,24 +506,22 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
         let exact: Vec<IpAddr> = new_addrs.keys().copied().collect();
         self.dataplane.set_vip_filter(&exact)?;
-
-        // A reload ends run-time drains: the file is the truth again.
-        self.drained.clear();
-        self.config = Some(config.clone());
+        self.force_tables = false;
         Ok(report)
     }
 
-    /// Records health transitions of `(pool, address, up)` and re-steers: each Backend's
-    /// flag (so its connection-table entries re-steer), then each affected pool's Vip
-    /// tables once, however many of its Backends changed (a table swap waits for an RCU
-    /// grace period in the kernel, ~16 ms). Transitions of Backends the config no longer
-    /// has are ignored.
+    /// Records health transitions of `(pool, address, up)` and re-steers: the affected
+    /// pools' Vip tables, rebuilt once however many of their Backends changed and swapped
+    /// in one batch (one RCU grace period for all, ~14 ms here, instead of one per Vip),
+    /// and each Backend's flag (so its connection-table entries re-steer). Transitions of
+    /// Backends the config no longer has are ignored.
     pub fn set_health(
         &mut self,
         transitions: &[(String, IpAddr, bool)],
     ) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
         let mut pools = BTreeSet::new();
+        let (mut ups, mut downs) = (Vec::new(), Vec::new());
         for (pool, addr, up) in transitions {
             let key = backend_key(pool, *addr);
             if !self.assignments.backends.contains_key(&key) {
@@ -452,11 +555,22 @@ impl<D: DataplaneOps> Reconciler<D> {
                 flags,
                 generation: assigned.generation,
             };
-            self.dataplane.set_backend(assigned.id, &backend)?;
+            if *up {
+                ups.push((assigned.id, backend));
+            } else {
+                downs.push((assigned.id, backend));
+            }
             pools.insert(pool.clone());
         }
-        for pool in pools {
-            self.rebuild_pool(&pool, &mut report)?;
+        // A Backend coming up is flagged before a table names it; one going down is
+        // flagged after the tables without it are live, so that no new or re-steered flow
+        // meets a table slot whose Backend is already flagged down (dropped).
+        for (id, backend) in &ups {
+            self.dataplane.set_backend(*id, backend)?;
+        }
+        self.rebuild_pools(&pools, &mut report)?;
+        for (id, backend) in &downs {
+            self.dataplane.set_backend(*id, backend)?;
         }
         Ok(report)
     }
@@ -487,8 +601,9 @@ impl<D: DataplaneOps> Reconciler<D> {
             } else {
                 self.drained.remove(&key);
             }
-            self.rebuild_pool(pool, &mut report)?;
         }
+        let affected: BTreeSet<String> = pools.iter().cloned().collect();
+        self.rebuild_pools(&affected, &mut report)?;
         Ok((pools, report))
     }
 
@@ -503,66 +618,104 @@ impl<D: DataplaneOps> Reconciler<D> {
         Ok(())
     }
 
-    fn rebuild_pool(&mut self, pool: &str, report: &mut Report) -> Result<(), ReconcileError> {
+    fn rebuild_pools(
+        &mut self,
+        pools: &BTreeSet<String>,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
         let Some(config) = self.config.clone() else {
             return Ok(());
         };
-        for vip in config.vips.iter().filter(|v| v.pool == pool) {
-            if let Some(assigned) = self.assignments.vips.get(&vip.endpoint()).copied() {
-                self.install_table_for(&config, vip, assigned.id, report)?;
-            }
-        }
-        Ok(())
+        let vips = config.vips.iter().filter(|v| pools.contains(&v.pool));
+        let vips = vips.filter_map(|v| Some((v, self.assignments.vips.get(&v.endpoint())?.id)));
+        let vips: Vec<(&VipConfig, u32)> = vips.collect();
+        let planned = self.plan_tables(&config, vips.into_iter());
+        self.install_planned(planned, report)
     }
 
-    /// Builds the Vip's table from its pool's usable Backends; swaps it in if it changed.
-    fn install_table_for(
-        &mut self,
+    /// The tables of `vips` whose inputs changed (all of them after a failed write),
+    /// each distinct table built once: Vips sharing a pool share their table.
+    fn plan_tables<'c>(
+        &self,
         config: &Config,
-        vip: &VipConfig,
-        id: u32,
+        vips: impl Iterator<Item = (&'c VipConfig, u32)>,
+    ) -> Vec<Planned> {
+        let mut built: Vec<(TableInputs, MaglevTable)> = Vec::new();
+        let mut planned = Vec::new();
+        for (vip, id) in vips {
+            let pool = &config.pools[&vip.pool];
+            let mut members = Vec::new();
+            let mut names = Vec::new();
+            for b in &pool.backends {
+                let key = backend_key(&vip.pool, b.address);
+                let Some(assigned) = self.assignments.backends.get(&key) else {
+                    continue;
+                };
+                let weight = if self.down.contains(&key) || self.drained.contains(&key) {
+                    0
+                } else {
+                    b.weight
+                };
+                if weight > 0 {
+                    names.push((assigned.id, b.name.clone()));
+                }
+                members.push(MaglevBackend::new(assigned.id, b.address, weight));
+            }
+            let inputs = (members, vip.table_size, config.global.hash_seed);
+            let endpoint = vip.endpoint();
+            let installed = self.tables.get(&endpoint);
+            if !self.force_tables && installed.is_some_and(|t| t.inputs == inputs) {
+                continue;
+            }
+            let table = match built.iter().find(|(i, _)| *i == inputs) {
+                Some((_, table)) => table.clone(),
+                None => {
+                    let table = maglev::build(&inputs.0, inputs.1, inputs.2);
+                    built.push((inputs.clone(), table.clone()));
+                    table
+                }
+            };
+            if !self.force_tables && installed.is_some_and(|t| t.table == table) {
+                continue;
+            }
+            planned.push(Planned {
+                id,
+                endpoint,
+                table,
+                inputs,
+                names,
+            });
+        }
+        planned
+    }
+
+    /// Swaps the planned tables in, in one batch, and records them.
+    fn install_planned(
+        &mut self,
+        planned: Vec<Planned>,
         report: &mut Report,
     ) -> Result<(), ReconcileError> {
-        let pool = &config.pools[&vip.pool];
-        let mut members = Vec::new();
-        let mut names = Vec::new();
-        for b in &pool.backends {
-            let key = backend_key(&vip.pool, b.address);
-            let Some(assigned) = self.assignments.backends.get(&key) else {
-                continue;
-            };
-            let weight = if self.down.contains(&key) || self.drained.contains(&key) {
-                0
-            } else {
-                b.weight
-            };
-            if weight > 0 {
-                names.push((assigned.id, b.name.clone()));
+        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &p.table)).collect();
+        self.dataplane.install_tables(&batch)?;
+        for p in planned {
+            let previous = self.tables.get(&p.endpoint);
+            let empty = maglev::build(&[], p.table.size(), 0);
+            let diff = maglev::diff(previous.map_or(&empty, |t| &t.table), &p.table);
+            if p.table.is_empty() {
+                report.empty_vips.push(p.endpoint.clone());
             }
-            members.push(MaglevBackend::new(assigned.id, b.address, weight));
+            let generation = previous.map_or(1, |t| t.generation + 1);
+            report.tables.push((p.endpoint.clone(), diff));
+            self.tables.insert(
+                p.endpoint,
+                InstalledTable {
+                    table: p.table,
+                    generation,
+                    members: p.names,
+                    inputs: p.inputs,
+                },
+            );
         }
-        let table = maglev::build(&members, vip.table_size, config.global.hash_seed);
-        let endpoint = vip.endpoint();
-        let previous = self.tables.get(&endpoint);
-        if previous.is_some_and(|p| p.table == table) {
-            return Ok(());
-        }
-        let empty = maglev::build(&[], vip.table_size, 0);
-        let diff = maglev::diff(previous.map_or(&empty, |p| &p.table), &table);
-        self.dataplane.install_table(id, &table)?;
-        if table.is_empty() {
-            report.empty_vips.push(endpoint.clone());
-        }
-        let generation = previous.map_or(1, |p| p.generation + 1);
-        report.tables.push((endpoint.clone(), diff));
-        self.tables.insert(
-            endpoint,
-            InstalledTable {
-                table,
-                generation,
-                members: names,
-            },
-        );
         Ok(())
     }
 
@@ -834,5 +987,272 @@ mod tests {
             "about a quarter moves: {diff}"
         );
         assert_eq!(report.backends_removed, vec!["web/10.0.0.4".to_string()]);
+    }
+
+    /// A data plane that keeps what a packet would see and fails its `fail_at`th write
+    /// (counting from 0) once, or every write from then on when `stuck`.
+    #[derive(Default)]
+    struct Faulty {
+        writes: usize,
+        fail_at: Option<usize>,
+        stuck: bool,
+        backends: BTreeMap<u32, Backend>,
+        vips: BTreeMap<u32, (VipKey, VipState)>,
+        tables: BTreeMap<u32, MaglevTable>,
+        addrs: BTreeMap<IpAddr, u32>,
+        filter: Vec<IpAddr>,
+    }
+
+    impl Faulty {
+        fn write(&mut self) -> Result<(), DataplaneError> {
+            let n = self.writes;
+            self.writes += 1;
+            match self.fail_at {
+                Some(at) if n == at || (self.stuck && n >= at) => Err(DataplaneError::Pin {
+                    path: "/injected".into(),
+                    error: format!("injected failure of write {n}"),
+                }),
+                _ => Ok(()),
+            }
+        }
+
+        /// What packets see, without ids or generations: per Vip key, its flags and its
+        /// table as backend addresses; the live backends; Vip address flags; the filter.
+        fn view(&self) -> String {
+            let addr_of = |id: u32| {
+                self.backends
+                    .get(&id)
+                    .map(|b| format!("{:?}/{}", b.addr, b.flags))
+                    .unwrap_or_else(|| format!("MISSING {id}"))
+            };
+            let mut out = String::new();
+            for (id, (key, state)) in &self.vips {
+                let table: Vec<String> = self
+                    .tables
+                    .get(id)
+                    .map(|t| t.slots().iter().map(|b| addr_of(*b)).collect())
+                    .unwrap_or_default();
+                out += &format!("vip {key:?} flags {} table {table:?}\n", state.flags);
+            }
+            let mut live: Vec<String> = self
+                .backends
+                .values()
+                .filter(|b| *b != &Backend::default())
+                .map(|b| format!("{:?}/{}", b.addr, b.flags))
+                .collect();
+            live.sort();
+            out += &format!("backends {live:?}\naddrs {:?}\n", self.addrs);
+            let mut filter = self.filter.clone();
+            filter.sort();
+            out += &format!("filter {filter:?}\n");
+            out
+        }
+    }
+
+    impl DataplaneOps for Faulty {
+        fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+            self.write()
+        }
+        fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn set_vip_filter(&mut self, addrs: &[IpAddr]) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.filter = addrs.to_vec();
+            Ok(())
+        }
+        fn set_vip_addr(
+            &mut self,
+            addr: IpAddr,
+            value: Option<VipAddr>,
+        ) -> Result<(), DataplaneError> {
+            self.write()?;
+            match value {
+                Some(v) => self.addrs.insert(addr, v.flags),
+                None => self.addrs.remove(&addr),
+            };
+            Ok(())
+        }
+        fn set_vip(
+            &mut self,
+            id: u32,
+            key: &VipKey,
+            state: &VipState,
+        ) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.vips.insert(id, (*key, *state));
+            Ok(())
+        }
+        fn remove_vip(&mut self, id: u32, _: &VipKey) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.vips.remove(&id);
+            self.tables.remove(&id);
+            Ok(())
+        }
+        fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+            self.write()?;
+            self.tables.insert(id, table.clone());
+            Ok(())
+        }
+        fn reset_traffic(&mut self, _: bool, _: u32) -> Result<(), DataplaneError> {
+            self.write()
+        }
+    }
+
+    /// Two configs that differ in every way a reload can: a Vip added and one removed,
+    /// backends added, removed and reweighted, a Vip address gone.
+    fn before_and_after() -> (Config, Config) {
+        let parse = |yaml: &str| Config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let head = "interfaces:\n  - name: eth0\nvips:\n";
+        let vip = |addr: &str, port: u16, pool: &str| {
+            format!(
+                "  - address: {addr}\n    port: {port}\n    protocol: tcp\n    table_size: 251\n    pool: {pool}\n"
+            )
+        };
+        let pool = |name: &str, members: &[(&str, u32)]| {
+            let mut yaml = format!("  {name}:\n    backends:\n");
+            for (addr, weight) in members {
+                yaml += &format!("      - address: {addr}\n        weight: {weight}\n");
+            }
+            yaml
+        };
+        let before = format!(
+            "{head}{}{}pools:\n{}{}",
+            vip("10.200.0.1", 80, "web"),
+            vip("10.200.0.9", 80, "old"),
+            pool("web", &[("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)]),
+            pool("old", &[("10.0.0.9", 1)]),
+        );
+        let after = format!(
+            "{head}{}{}pools:\n{}{}",
+            vip("10.200.0.1", 80, "web"),
+            vip("10.200.0.2", 443, "new"),
+            pool("web", &[("10.0.0.2", 3), ("10.0.0.3", 1), ("10.0.0.4", 1)]),
+            pool("new", &[("10.0.0.5", 1), ("10.0.0.6", 1)]),
+        );
+        (parse(&before), parse(&after))
+    }
+
+    #[test]
+    fn a_reload_that_fails_at_any_write_leaves_the_old_config_whole_then_retries() {
+        let (before, after) = before_and_after();
+        let view_of = |config: &Config| {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(config).unwrap();
+            r.dataplane().view()
+        };
+        let (old_view, new_view) = (view_of(&before), view_of(&after));
+        let writes = {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(&before).unwrap();
+            let start = r.dataplane().writes;
+            r.apply(&after).unwrap();
+            r.dataplane().writes - start
+        };
+        assert!(writes > 10, "a reload makes many writes: {writes}");
+        for n in 0..writes {
+            let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+            r.apply(&before).unwrap();
+            r.dataplane_mut().fail_at = Some(r.dataplane().writes + n);
+            assert!(r.apply(&after).is_err(), "write {n} fails the reload");
+            assert_eq!(
+                r.dataplane().view(),
+                old_view,
+                "after a failure at write {n}: the old config whole"
+            );
+            assert_eq!(r.config(), Some(&before), "the old config stays in force");
+            // Health transitions still rebuild tables meanwhile.
+            let report = r
+                .set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), false)])
+                .unwrap();
+            assert_eq!(report.tables.len(), 1, "write {n}: {report}");
+            r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), true)])
+                .unwrap();
+            // The retry applies the new config whole.
+            r.dataplane_mut().fail_at = None;
+            r.apply(&after).unwrap();
+            assert_eq!(r.dataplane().view(), new_view, "the retry after write {n}");
+        }
+    }
+
+    #[test]
+    fn a_data_plane_that_keeps_failing_never_panics_and_recovers() {
+        let (before, after) = before_and_after();
+        let mut r = Reconciler::new(Faulty::default(), Assignments::default());
+        r.apply(&before).unwrap();
+        r.dataplane_mut().fail_at = Some(r.dataplane().writes + 3);
+        r.dataplane_mut().stuck = true;
+        for _ in 0..3 {
+            assert!(r.apply(&after).is_err());
+            assert_eq!(r.config(), Some(&before));
+        }
+        // A health transition while the kernel refuses writes is reported, not lost.
+        assert!(
+            r.set_health(&[("web".into(), "10.0.0.2".parse().unwrap(), false)])
+                .is_err()
+        );
+        r.dataplane_mut().fail_at = None;
+        r.apply(&after).unwrap();
+        let mut fresh = Reconciler::new(Faulty::default(), Assignments::default());
+        fresh.apply(&after).unwrap();
+        fresh
+            .set_health(&[("web".into(), "10.0.0.2".parse().unwrap(), false)])
+            .unwrap();
+        assert_eq!(r.dataplane().view(), fresh.dataplane().view());
+    }
+
+    #[test]
+    fn a_backend_going_down_is_flagged_after_its_tables_swap_and_one_coming_up_before() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        let id = ids(&r)["web/10.0.0.1"];
+        r.dataplane_mut().ops.clear();
+        r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), false)])
+            .unwrap();
+        assert_eq!(
+            r.dataplane().ops,
+            ["table 0".to_owned(), format!("backend {id} flags 0")],
+            "down: the table without it first"
+        );
+        r.dataplane_mut().ops.clear();
+        r.set_health(&[("web".into(), "10.0.0.1".parse().unwrap(), true)])
+            .unwrap();
+        assert_eq!(
+            r.dataplane().ops,
+            [
+                format!("backend {id} flags {}", backend_flags::UP),
+                "table 0".to_owned()
+            ],
+            "up: flagged before a table names it"
+        );
+    }
+
+    #[test]
+    fn a_reload_rebuilds_only_the_vips_whose_inputs_changed() {
+        let yaml = |web2: u32| {
+            format!(
+                "interfaces:\n  - name: eth0\nvips:\n  - address: 10.200.0.1\n    port: 80\n    \
+                 protocol: tcp\n    table_size: 251\n    pool: a\n  - address: 10.200.0.2\n    \
+                 port: 80\n    protocol: tcp\n    table_size: 251\n    pool: b\npools:\n  a:\n    \
+                 backends:\n      - address: 10.0.0.1\n  b:\n    backends:\n      - address: 10.0.0.2\n      \
+                 - address: 10.0.0.3\n        weight: {web2}\n"
+            )
+        };
+        let parse = |y: &str| Config::parse(y, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&parse(&yaml(1))).unwrap();
+        r.dataplane_mut().ops.clear();
+        let report = r.apply(&parse(&yaml(2))).unwrap();
+        let tables: Vec<&String> = r
+            .dataplane()
+            .ops
+            .iter()
+            .filter(|o| o.starts_with("table"))
+            .collect();
+        assert_eq!(tables, ["table 1"], "only pool b's vip: {report}");
+        assert_eq!(report.tables.len(), 1);
     }
 }

@@ -61,6 +61,56 @@ pub fn set_maintenance(pin_dir: &Path, on: bool) -> io::Result<()> {
     }
 }
 
+/// The lock file of the daemon whose maps are pinned under `pin_dir`.
+pub fn lock_path(pin_dir: &Path) -> PathBuf {
+    state_path(pin_dir).with_extension("lock")
+}
+
+/// The lock one daemon per pin path holds for its whole life (`flock`, released by the
+/// kernel however the process ends); it holds the daemon's pid.
+pub struct DaemonLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl DaemonLock {
+    /// Takes the lock, or says which daemon holds it.
+    pub fn take(pin_dir: &Path) -> Result<Self, String> {
+        use std::{io::Write as _, os::fd::AsRawFd as _};
+        let path = lock_path(pin_dir);
+        let fail = |e: io::Error| format!("{}: {e}", path.display());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(fail)?;
+        // SAFETY: a valid open file descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(format!(
+                "another mlb daemon (pid {}) is running on pin path {}: stop it first, or give \
+                 this one another global.pin_path",
+                holder.trim(),
+                pin_dir.display()
+            ));
+        }
+        file.set_len(0).map_err(fail)?;
+        writeln!(file, "{}", std::process::id()).map_err(fail)?;
+        Ok(Self { path, _file: file })
+    }
+}
+
+impl Drop for DaemonLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The control socket of the daemon whose maps are pinned under `pin_dir`.
 pub fn socket_path(pin_dir: &Path) -> PathBuf {
     state_path(pin_dir).with_extension("sock")
@@ -256,12 +306,20 @@ pub struct Previous {
     pub assignments: Assignments,
     /// `(pool, address)` of the Backends it had down.
     pub down: Vec<(String, IpAddr)>,
+    /// `(pool, address)` of the Backends drained at run time (`mlb drain`).
+    pub drained: Vec<(String, IpAddr)>,
 }
 
 /// The state a previous daemon left for the maps under `pin_dir`, if any.
 pub fn previous(pin_dir: &Path) -> Result<Option<Previous>, DataplaneError> {
     match Snapshot::load(&state_path(pin_dir)) {
         Ok(snapshot) => Ok(Some(Previous {
+            drained: snapshot
+                .backends
+                .iter()
+                .filter(|b| b.drained)
+                .map(|b| (b.pool.clone(), b.address))
+                .collect(),
             down: snapshot
                 .backends
                 .iter()

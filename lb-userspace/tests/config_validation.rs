@@ -99,7 +99,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "max_backends_too_small.yaml",
         &[
-            "max_backends_too_small.yaml:2:17: 2 distinct backend addresses need max_backends of at least 3 (id 0 is reserved), but it is 2",
+            "max_backends_too_small.yaml:2:17: 2 pool members need max_backends of at least 3 (id 0 is reserved), but it is 2",
         ],
     ),
     (
@@ -225,6 +225,30 @@ fn every_broken_file_reports_exactly_its_problems() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn check_counts_backends_as_the_reconciler_does() {
+    // One address in two pools is two Backends (health and drains are per pool): check
+    // refuses what the daemon could not apply, instead of retrying it forever.
+    let yaml = "global:\n  max_backends: 2\ninterfaces:\n  - name: eth0\nvips: []\npools:\n  \
+                a:\n    backends:\n      - address: 10.0.0.1\n  b:\n    backends:\n      \
+                - address: 10.0.0.1\n";
+    let problems = parse_err(yaml);
+    assert_eq!(
+        problems,
+        [
+            "test.yaml:2:17: 2 pool members need max_backends of at least 3 (id 0 is reserved), but it is 2"
+        ]
+    );
+    let config = parse_ok(&yaml.replace("max_backends: 2", "max_backends: 3"));
+    let mut reconciler = lb_userspace::reconcile::Reconciler::new(
+        lb_userspace::reconcile::DryRun,
+        Default::default(),
+    );
+    reconciler
+        .apply(&config)
+        .expect("what check accepts, the reconciler applies");
 }
 
 #[test]

@@ -377,3 +377,176 @@ fn plan_and_trace_explain_the_live_state() {
     assert!(text.contains("backends removed: web/10.100.0.13"), "{text}");
     assert!(text.contains("10.200.0.1:80/tcp"), "{text}");
 }
+
+/// The load balancer's interface deleted and recreated between two daemon runs (a driver
+/// reload, a VM or container restart): the daemon sees the pinned link is defunct,
+/// attaches a fresh one, keeps the pinned maps, and open connections continue on their
+/// backends.
+#[test]
+fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
+    use lb_common::consts::prog_names;
+    use lb_userspace::{
+        dataplane::{Capacities, Dataplane},
+        testbed::{NIC, SEGMENT_MTU},
+    };
+    let mut bed = DaemonBed::new(3);
+    bed.write_config(&bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1), (2, 1), (3, 1)], "")));
+    bed.start_daemon();
+    let mut conns = open_many(&bed, 12);
+    assert!(
+        check_alive(&bed, &mut conns, "before")
+            .iter()
+            .all(Result::is_ok)
+    );
+    let before = std::fs::read_to_string(lb_userspace::state::state_path(&bed.pin_dir)).unwrap();
+    bed.stop_daemon("-TERM");
+
+    // Delete the load balancer's veth and make it again, same name, MAC and addresses.
+    let lb = &bed.bed.lb;
+    let port = bed.bed.switch_port(lb);
+    let mac = lb.netns.mac(NIC).unwrap();
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let switch = &bed.bed.switch;
+    switch.ip(&["link", "del", &port]).unwrap();
+    switch
+        .ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NIC,
+            "netns",
+            lb.netns.name(),
+        ])
+        .unwrap();
+    switch
+        .ip(&[
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "mtu",
+            SEGMENT_MTU,
+            "up",
+        ])
+        .unwrap();
+    lb.netns.ip(&["link", "set", NIC, "address", &mac]).unwrap();
+    lb.netns
+        .ip(&["link", "set", NIC, "mtu", SEGMENT_MTU, "up"])
+        .unwrap();
+    lb.netns
+        .ip(&["addr", "add", &format!("{}/24", lb.addr4), "dev", NIC])
+        .unwrap();
+    lb.netns
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", lb.addr6),
+            "dev",
+            NIC,
+            "nodad",
+        ])
+        .unwrap();
+    // XDP_TX out of the new veth needs a program on its new peer.
+    let mut plumbing = Dataplane::load(Capacities {
+        max_vips: 1,
+        max_backends: 2,
+        conntrack_entries: 1024,
+        ..Default::default()
+    })
+    .unwrap();
+    switch
+        .enter(|| {
+            plumbing
+                .attach(prog_names::LB_PASS, &port, aya::programs::XdpMode::Driver)
+                .map(|_| ())
+        })
+        .unwrap()
+        .unwrap();
+
+    bed.start_daemon();
+    let log = bed.log_text();
+    assert!(
+        log.contains("the pinned link's interface is gone"),
+        "the defunct link is seen:\n{log}"
+    );
+    assert!(log.contains("adopted running state"), "{log}");
+    let results = check_alive(&bed, &mut conns, "after");
+    assert!(
+        results.iter().all(Result::is_ok),
+        "connections continue on their backends: {results:?}"
+    );
+    let after = std::fs::read_to_string(lb_userspace::state::state_path(&bed.pin_dir)).unwrap();
+    let ids = |text: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(text).unwrap()["assignments"].clone()
+    };
+    assert_eq!(
+        ids(&before)["backends"],
+        ids(&after)["backends"],
+        "ids kept"
+    );
+    assert_eq!(new_flows(&bed, 30).values().sum::<usize>(), 30);
+}
+
+/// A backend added by a reload gets no flow until its rise checks pass; a run-time drain
+/// lasts across a reload and a daemon restart until `undrain`.
+#[test]
+fn an_added_backend_waits_for_its_checks_and_drains_last_until_undrain() {
+    let mut bed = DaemonBed::new(3);
+    let check = support::daemon::check_yaml("tcp", 80, (100, 50), (3, 2), 0, "");
+    let yaml = |bed: &DaemonBed, members: &[(usize, u32)]| {
+        bed.config_yaml(VIPS, &bed.pool_yaml("web", members, &check))
+    };
+    bed.write_config(&yaml(&bed, &[(1, 1), (2, 1)]));
+    bed.start_daemon();
+    bed.wait_for_health("be2", "web", "up", Duration::from_secs(5));
+    bed.kill_server(3);
+    bed.write_config(&yaml(&bed, &[(1, 1), (2, 1), (3, 1)]));
+    bed.wait_for("be3 listed", Duration::from_secs(5), || {
+        bed.backend_health("be3", "web").is_some()
+    });
+    assert_eq!(
+        bed.backend_health("be3", "web").as_deref(),
+        Some("DOWN"),
+        "not vouched for yet"
+    );
+    let flows = new_flows(&bed, 60);
+    assert!(
+        !flows.contains_key("be3"),
+        "no flow to an unchecked backend: {flows:?}"
+    );
+    assert_eq!(flows.values().sum::<usize>(), 60, "{flows:?}");
+    bed.restart_server(3);
+    bed.wait_for_health("be3", "web", "up", Duration::from_secs(5));
+    let flows = new_flows(&bed, 60);
+    assert!(
+        flows.get("be3").is_some_and(|n| *n > 0),
+        "in once up: {flows:?}"
+    );
+
+    // Drain be1: it stays drained across a reload and a restart.
+    let be1 = bed.bed.backends[0].addr4.to_string();
+    assert!(bed.mlb(&["drain", &be1]).status.success());
+    bed.write_config(&yaml(&bed, &[(1, 1), (2, 2), (3, 1)]));
+    bed.wait_for("the reload", Duration::from_secs(5), || {
+        bed.log_text().contains("reloaded")
+    });
+    assert_eq!(
+        bed.backend_health("be1", "web").as_deref(),
+        Some("up, drained")
+    );
+    bed.stop_daemon("-TERM");
+    bed.start_daemon();
+    assert_eq!(
+        bed.backend_health("be1", "web").as_deref(),
+        Some("up, drained")
+    );
+    let flows = new_flows(&bed, 60);
+    assert!(!flows.contains_key("be1"), "drained: {flows:?}");
+    assert!(bed.mlb(&["undrain", &be1]).status.success());
+    assert_eq!(bed.backend_health("be1", "web").as_deref(), Some("up"));
+}

@@ -204,6 +204,30 @@ fn config_skew_breaks_only_connections_whose_slot_moved() {
 }
 
 #[test]
+fn a_second_daemon_on_the_same_pin_path_is_refused() {
+    let _serial = serial();
+    let fleet = fleet();
+    let pid = fleet.lbs[0].daemon.as_ref().unwrap().id();
+    let out = fleet.lbs[0]
+        .host
+        .netns
+        .command_net_only(env!("CARGO_BIN_EXE_mlb"))
+        .args(["run", "--config"])
+        .arg(&fleet.lbs[0].config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("another mlb daemon (pid {pid}) is running")),
+        "{stderr}"
+    );
+    // The first one is untouched: still serving its socket, still announcing.
+    assert!(fleet.status(0).unwrap().starts_with("daemon: running"));
+    assert_eq!(fleet.router_next_hops(), [0, 1, 2]);
+}
+
+#[test]
 fn detach_withdraws_and_a_crash_leaves_the_route() {
     let _serial = serial();
     let mut fleet = fleet();
@@ -317,11 +341,20 @@ fn a_stopped_bgp_daemon_stops_nothing_and_only_our_routes_are_touched() {
         .wait_for_next_hops(&[0, 1, 2], Duration::from_secs(15))
         .expect("announced again once BIRD is back");
 
-    // A reload that moves the announce table moves the route, and only ours.
-    let pools = fleet.pool_yaml(&[1, 2, 3]);
+    // A reload that moves the announce table moves the route, and only ours; an IPv6 Vip
+    // gets a /128.
+    let pools = fleet.pool_yaml(&[1, 2, 3])
+        + &format!(
+            "  web6:\n    backends:\n      - address: {}\n",
+            fleet.backends[0].addr6
+        );
     let moved = fleet
         .config_yaml(0, &pools)
-        .replace("table: 200", "table: 201");
+        .replace("table: 200", "table: 201")
+        .replace(
+            "pools:\n",
+            "  - name: web6\n    address: fd00:200::1\n    port: 80\n    protocol: tcp\n    pool: web6\npools:\n",
+        );
     std::fs::write(&fleet.lbs[0].config, moved).unwrap();
     let table = |t: &str| {
         let out = fleet.lbs[0]
@@ -333,12 +366,23 @@ fn a_stopped_bgp_daemon_stops_nothing_and_only_our_routes_are_touched() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let table6 = |t: &str| {
+        let out = fleet.lbs[0]
+            .host
+            .netns
+            .command("ip")
+            .args(["-6", "route", "show", "table", t])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     wait_until(
         "the route moves to table 201",
         Duration::from_secs(10),
         || {
             table("201").contains("10.200.0.1 dev lo proto 250")
                 && !table("200").contains("10.200.0.1 dev lo proto 250")
+                && table6("201").contains("fd00:200::1 dev lo proto 250")
         },
     );
     assert!(table("200").contains("10.200.0.99"), "{}", table("200"));

@@ -583,6 +583,27 @@ fn the_live_daemon_is_ready_and_reports_build_info_and_reloads() {
         )
         .is_some_and(|n| n >= 1.0)
     });
+    // A refusal by SIGHUP counts once, like the watcher's, however many problems it has
+    // (the watcher does not count the same content again).
+    bed.write_config("vips:\n  - adress: 10.200.0.1\n    prot: 80\n");
+    let failures = || {
+        value(
+            &parse_samples(&scrape(&bed, addr)),
+            "mlb_config_reloads_total",
+            &[("result", "failure")],
+        )
+        .unwrap_or(0.0)
+    };
+    bed.wait_for("the watcher's refusal", Duration::from_secs(10), || {
+        failures() >= 2.0
+    });
+    let before = failures();
+    bed.signal("-HUP");
+    bed.wait_for("the SIGHUP refusal", Duration::from_secs(10), || {
+        failures() == before + 1.0
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(failures(), before + 1.0, "one refusal, counted once");
     bed.write_config(&good.replace("weight: 1", "weight: 2"));
     bed.wait_for("a successful reload", Duration::from_secs(10), || {
         value(

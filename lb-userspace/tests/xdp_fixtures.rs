@@ -128,6 +128,22 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     bad_doff[14 + 20 + 12] = 0x40;
     let mut bad_udp_len = udp(mac, client, 5354, vip, 53);
     bad_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    // Data offset 15 (60 bytes) in a 34-byte segment (20-byte header + payload).
+    let mut long_doff = tcp(mac, client, 40016, vip, 80, true);
+    long_doff[14 + 20 + 12] = 0xF0;
+    let mut long_doff6 = tcp(mac, client6, 40017, vip6, 80, true);
+    long_doff6[14 + 40 + 12] = 0xF0;
+    // UDP length one past the IP payload.
+    let mut long_udp_len = udp(mac, client, 5356, vip, 53);
+    let udp_len = (8 + PAYLOAD.len() + 1) as u16;
+    long_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    let mut long_udp_len6 = udp(mac, client6, 5357, vip6, 53);
+    long_udp_len6[14 + 40 + 4..14 + 40 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    // The same UDP datagram with the IP total length cut to end inside the payload (the
+    // frame keeps its bytes: Ethernet padding).
+    let mut udp_past_tot_len = udp(mac, client, 5358, vip, 53);
+    udp_past_tot_len[16..18].copy_from_slice(&(20 + 8 + 4u16).to_be_bytes());
+    fix_ipv4_checksum(&mut udp_past_tot_len, 14);
     let mut ihl4 = syn.clone();
     ihl4[14] = 0x44;
     let mut version6_in_v4 = syn.clone();
@@ -344,6 +360,31 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
         drop(
             "UDP length < 8 to a Vip is dropped",
             bad_udp_len,
+            &["drop_malformed"],
+        ),
+        drop(
+            "TCP data offset past the segment to a Vip is dropped",
+            long_doff,
+            &["drop_malformed"],
+        ),
+        drop(
+            "TCP data offset past the segment in IPv6 to a Vip is dropped",
+            long_doff6,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond the IP payload to a Vip is dropped",
+            long_udp_len,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond the IPv6 payload to a Vip is dropped",
+            long_udp_len6,
+            &["drop_malformed"],
+        ),
+        drop(
+            "UDP length beyond an IPv4 total length shorter than the frame is dropped",
+            udp_past_tot_len,
             &["drop_malformed"],
         ),
         pass(
@@ -741,4 +782,263 @@ fn evicted_flow_keeps_its_backend_from_the_connection_table() {
         "flow A moved after losing its cache slot"
     );
     assert!(deltas(&before, &lab.counters()).contains(&("conntrack_hit", 1)));
+}
+
+/// BPF_PROG_TEST_RUN by hand on a program fd: the Dataplane is busy on another thread.
+fn raw_test_run(prog: std::os::fd::BorrowedFd<'_>, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
+    let ctx: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attr points at live buffers of the sizes it gives.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+    out.truncate(attr.data_size_out as usize);
+    (attr.retval, out)
+}
+
+/// Invariant 3 for the global config: while the daemon rewrites it, every packet sees the
+/// old one or the new one. Config A has the Vip in its filter and seed SEED; config B has an
+/// empty filter and another seed. The program reads the filter before the seed, so a packet
+/// that saw half of a write of B over A (A's filter, B's seed) is forwarded with B's hash:
+/// an outer source address neither config gives.
+#[test]
+fn a_packet_sees_the_old_global_config_or_the_new_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut lab = Lab::new();
+    let a = lab.dataplane.global().unwrap();
+    let b = lb_common::types::GlobalConfig {
+        hash_seed: SEED ^ 0x0bad_5eed,
+        vip_filter: Default::default(),
+        ..a
+    };
+    let mac = lab.lb_mac;
+    let mut rng = StdRng::seed_from_u64(15);
+    // Distinct flows, so that no packet hits the connection table or the flow cache.
+    let flows: Vec<(Flow, Vec<u8>)> = (0..200_000u32)
+        .map(|i| {
+            let src = IpAddr::V4(Ipv4Addr::new(
+                10,
+                60 + (i >> 16) as u8,
+                rng.random(),
+                rng.random(),
+            ));
+            let sport = 1024 + (i % 60_000) as u16;
+            let f = flow(&src.to_string(), sport, VIP, 80, PROTO_TCP);
+            (f, tcp(mac, src, sport, ip(VIP), 80, true))
+        })
+        .collect();
+    let expected_a: Vec<Vec<u8>> = flows
+        .iter()
+        .map(|(f, pkt)| ipip(&lab, pkt, 14, VIP_TCP, f))
+        .collect();
+    let done = AtomicBool::new(false);
+    let (outcomes, writes) = lab.with_dataplane(|dp, ifindex| {
+        let prog = dp
+            .xdp(lb_common::consts::prog_names::LB_INGRESS)
+            .unwrap()
+            .fd()
+            .unwrap()
+            .try_clone()
+            .unwrap();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let outcomes: Vec<(u32, Vec<u8>)> = flows
+                    .iter()
+                    .map(|(_, pkt)| raw_test_run(prog.as_fd(), pkt, ifindex))
+                    .collect();
+                done.store(true, Ordering::Relaxed);
+                outcomes
+            });
+            let mut writes = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let epoch = a.cache_epoch.wrapping_add(writes as u32).max(1);
+                let next = if writes.is_multiple_of(2) { &b } else { &a };
+                dp.write_global(&lb_common::types::GlobalConfig {
+                    cache_epoch: epoch,
+                    ..*next
+                })
+                .unwrap();
+                writes += 1;
+            }
+            (reader.join().unwrap(), writes)
+        })
+    });
+    use std::os::fd::AsFd as _;
+    let (mut seen_a, mut seen_b, mut mixed) = (0, 0, Vec::new());
+    for (i, ((action, packet), want_a)) in outcomes.iter().zip(&expected_a).enumerate() {
+        if *action == XDP_TX && packet == want_a {
+            seen_a += 1;
+        } else if *action == XDP_PASS && *packet == flows[i].1 {
+            seen_b += 1;
+        } else {
+            mixed.push(format!(
+                "flow {i}: {} {}",
+                action_name(*action),
+                hex(packet)
+            ));
+        }
+    }
+    eprintln!(
+        "{writes} config writes; packets saw A {seen_a}, B {seen_b}, a mix {}",
+        mixed.len()
+    );
+    assert!(writes > 100, "only {writes} config writes during the run");
+    assert!(
+        seen_a > 0 && seen_b > 0,
+        "A {seen_a}, B {seen_b}: the configs did not alternate"
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} packets saw a mixed config:\n{}",
+        mixed.len(),
+        mixed[..mixed.len().min(5)].join("\n")
+    );
+}
+
+/// A Backend marked down is never picked for a new flow, even from a table that still lists
+/// it (the window before the daemon swaps in a table without it); an established flow on it
+/// is re-steered even if its generation did not move (the UP flag alone decides).
+#[test]
+fn a_down_backend_gets_no_new_flow_before_the_table_swap() {
+    let mut lab = Lab::new();
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let down = 1;
+    // Flows the (unchanged) table sends to backend 1.
+    let ports: Vec<u16> = (45000..u16::MAX)
+        .filter(|&p| lab.predict(VIP_TCP, &flow(CLIENT, p, VIP, 80, 6)) == down)
+        .take(20)
+        .collect();
+    // One of them established first, while backend 1 is up.
+    let established = tcp(mac, client, ports[0], vip, 80, false);
+    assert_eq!(lab.run(&established).action, XDP_TX);
+
+    // Down by its flag only, same generation, table untouched.
+    let mut backend = lab.dataplane.backend(down).unwrap();
+    backend.flags &= !lb_common::consts::backend_flags::UP;
+    lab.dataplane.set_backend(down, &backend).unwrap();
+
+    let dead = lab.backend(down).addr;
+    for (i, &port) in ports.iter().enumerate().skip(1) {
+        let syn = i % 2 == 0;
+        let before = lab.counters();
+        let out = lab.run(&tcp(mac, client, port, vip, 80, syn));
+        assert_eq!(
+            out.action,
+            XDP_DROP,
+            "new flow {port} (SYN {syn}) to down backend {dead}: {}",
+            action_name(out.action)
+        );
+        assert!(deltas(&before, &lab.counters()).contains(&("drop_no_backend", 1)));
+    }
+    let before = lab.counters();
+    let out = lab.run(&established);
+    let moved = deltas(&before, &lab.counters());
+    assert!(
+        moved.contains(&("conntrack_resteer", 1)),
+        "the established flow on a down backend was not re-steered: {moved:?}"
+    );
+    assert_ne!(
+        out.action, XDP_TX,
+        "re-steered into the same stale table slot, yet sent"
+    );
+}
+
+/// A Vip removed and added again under the same id with another pool (a new generation)
+/// does not keep its old connection-table entries: their flows follow the new pool.
+#[test]
+fn a_vip_readded_with_another_pool_drops_its_old_flows_backends() {
+    let mut lab = Lab::new();
+    let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
+    let key = support::lab::vip_key(vip, 80, PROTO_TCP);
+    let backend_of = |packet: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap());
+    let flows: Vec<u16> = (46000..46050).collect();
+    let mut first = Vec::new();
+    for &port in &flows {
+        let out = lab.run(&tcp(mac, client, port, vip, 80, false));
+        assert_eq!(out.action, XDP_TX);
+        first.push(
+            lab.backend_by_addr(backend_of(&out.packet).into())
+                .unwrap()
+                .id,
+        );
+    }
+    // Backend 3 stays up, but the re-added Vip's pool is backends 1 and 2 only.
+    lab.dataplane.remove_vip(VIP_TCP, &key).unwrap();
+    lab.set_table(VIP_TCP, &[1, 2]);
+    let flags = lab.vips.iter().find(|v| v.id == VIP_TCP).unwrap().flags;
+    lab.dataplane
+        .set_vip(
+            VIP_TCP,
+            &key,
+            &lb_common::types::VipState {
+                flags,
+                generation: 2,
+            },
+        )
+        .unwrap();
+    let mut stayed_on_3 = 0;
+    for (&port, &was) in flows.iter().zip(&first) {
+        let out = lab.run(&tcp(mac, client, port, vip, 80, false));
+        assert_eq!(out.action, XDP_TX);
+        let now = lab
+            .backend_by_addr(backend_of(&out.packet).into())
+            .unwrap()
+            .id;
+        assert_eq!(
+            now,
+            lab.predict(VIP_TCP, &flow(CLIENT, port, VIP, 80, 6)),
+            "flow {port} (was on {was}) is not on the new pool's table backend"
+        );
+        stayed_on_3 += usize::from(now == 3);
+    }
+    assert!(
+        first.contains(&3),
+        "no flow was on backend 3 to begin with: {first:?}"
+    );
+    assert_eq!(stayed_on_3, 0);
 }

@@ -2,6 +2,8 @@
 
 mod bench;
 mod demo;
+mod fuzz;
+mod mutants;
 mod report;
 mod setup;
 mod status;
@@ -31,6 +33,12 @@ enum Command {
     /// Benchmarks; figures are printed and written as JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Fuzzers with a longer budget than the test suite gives them.
+    #[command(subcommand)]
+    Fuzz(fuzz::Fuzz),
+    /// cargo-mutants over the Maglev builder, the flow hash, reconcile and health (long;
+    /// not in CI).
+    Mutants(mutants::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,5 +57,7 @@ fn run() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
+        Command::Fuzz(fuzz) => fuzz::run(fuzz),
+        Command::Mutants(args) => mutants::run(args),
     }
 }

@@ -466,24 +466,23 @@ fn capacities(document: &Document, global: &Global, out: &mut Vec<Problem>) {
         ));
     }
 
-    let mut distinct: Vec<&At<IpAddr>> = Vec::new();
-    for pool in &document.pools {
-        for address in pool.backends.iter().filter_map(|b| b.address.as_ref()) {
-            if !distinct.iter().any(|d| d.value == address.value) {
-                distinct.push(address);
-            }
-        }
-    }
+    // Every pool member takes a backend id of its own (a Backend is a pool and an
+    // address: its health and drain are per pool), as the reconciler assigns them.
+    let members: Vec<&At<IpAddr>> = document
+        .pools
+        .iter()
+        .flat_map(|p| p.backends.iter().filter_map(|b| b.address.as_ref()))
+        .collect();
     let max_backends = global.max_backends as usize;
-    if distinct.len() >= max_backends {
+    if members.len() >= max_backends {
         let pos = given(&document.global.max_backends);
         out.push(Problem::new(
-            pos.or_else(|| distinct.get(max_backends.saturating_sub(1)).map(|a| a.pos))
+            pos.or_else(|| members.get(max_backends.saturating_sub(1)).map(|a| a.pos))
                 .unwrap_or_default(),
             format!(
-                "{} distinct backend addresses need max_backends of at least {} (id 0 is reserved), but it is {max_backends}{}",
-                distinct.len(),
-                distinct.len() + 1,
+                "{} pool members need max_backends of at least {} (id 0 is reserved), but it is {max_backends}{}",
+                members.len(),
+                members.len() + 1,
                 note(pos)
             ),
         ));

@@ -551,6 +551,7 @@ impl Drop for Fleet {
             let _ = std::fs::remove_file(crate::state::state_path(&lb.pin_dir));
             // A killed daemon leaves its control socket behind.
             let _ = std::fs::remove_file(crate::state::socket_path(&lb.pin_dir));
+            let _ = std::fs::remove_file(crate::state::lock_path(&lb.pin_dir));
             let _ = std::fs::remove_file(crate::state::maintenance_path(&lb.pin_dir));
         }
         let _ = std::fs::remove_dir_all(&self.dir);

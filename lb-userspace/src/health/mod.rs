@@ -4,9 +4,10 @@
 //!
 //! Checks run as tokio tasks on the daemon's runtime, never on its loop: one task per
 //! distinct probe target (address + check settings: a Backend in several pools with the
-//! same check is probed once and the result counts for every such pool), at most
-//! [`MAX_IN_FLIGHT`] probes in flight, each bounded by its own timeout, so a hanging
-//! Backend cannot stall the others. Only state changes are sent to the daemon, as
+//! same check is probed once and the result counts for every such pool), each probe
+//! bounded by its own timeout, and no limit on probes in flight but one per target (so
+//! no probe ever waits for a slot: 100 hanging Backends delay nobody; the daemon raises
+//! its open-files limit for the sockets), so a hanging Backend cannot stall the others. Only state changes are sent to the daemon, as
 //! [`HealthEvent`]s; Backends start up (or as given by [`Options::initial_down`]).
 //!
 //! Files: `plan.rs` (which probes to run), `probe.rs` (one probe), `state.rs` (rise/fall
@@ -35,8 +36,10 @@ pub use task::jittered;
 
 use crate::config::Config;
 
-/// Probes in flight at once, across every pool.
-pub const MAX_IN_FLIGHT: usize = 64;
+/// Probes in flight at once, across every pool, by default: no limit but the number of
+/// targets (each has at most one probe in flight). A lower limit makes probes wait for a
+/// slot, which would delay checks behind hanging ones.
+pub const MAX_IN_FLIGHT: usize = Semaphore::MAX_PERMITS;
 
 /// A Backend of a pool changed state.
 #[derive(Clone, Debug, PartialEq, Eq)]

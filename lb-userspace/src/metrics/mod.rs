@@ -28,7 +28,7 @@ use prometheus::{
     Encoder as _, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-pub use server::Server;
+pub use server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, Server};
 use tracing::warn;
 
 use self::{dataplane::Maps, series::Inventory};

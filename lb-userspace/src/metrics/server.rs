@@ -2,7 +2,14 @@
 //! `GET /healthz` (200 while the process runs), `GET /readyz` (200 once the program is
 //! attached and the config applied, else 503).
 
-use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,8 +24,54 @@ use tracing::debug;
 use super::{CONTENT_TYPE, Metrics};
 
 /// A slow or idle client cannot hold a connection open longer than this without sending
-/// a request head.
+/// a request head (trickled byte by byte or not).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections from one peer address at once: one client holding its share open (a
+/// slowloris) leaves the rest for the scraper.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
+
+/// Counts open connections, overall and per peer address.
+#[derive(Default)]
+struct Connections {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    connections: Arc<Mutex<Connections>>,
+    peer: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut c = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn admit(connections: &Arc<Mutex<Connections>>, peer: IpAddr) -> Option<Admitted> {
+    let mut c = connections.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = c.per_peer.get(&peer).copied().unwrap_or(0);
+    if c.total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_PEER {
+        return None;
+    }
+    c.total += 1;
+    *c.per_peer.entry(peer).or_default() += 1;
+    Some(Admitted {
+        connections: Arc::clone(connections),
+        peer,
+    })
+}
 
 /// The running server; stops when dropped.
 pub struct Server {
@@ -49,9 +102,10 @@ impl Drop for Server {
 }
 
 async fn accept(listener: TcpListener, metrics: Arc<Metrics>) {
+    let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 debug!(error = %e, "metrics: accept");
@@ -59,8 +113,14 @@ async fn accept(listener: TcpListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
+        let Some(admitted) = admit(&connections, peer.ip()) else {
+            debug!(%peer, "metrics: too many connections, closed");
+            drop(stream);
+            continue;
+        };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service = service_fn(move |request| {
                 let metrics = Arc::clone(&metrics);
                 async move { Ok::<_, Infallible>(respond(&request, &metrics)) }

@@ -236,13 +236,26 @@ pub fn expect_ip6ip6(
     dst: [u8; 16],
     hash: u32,
 ) -> Vec<u8> {
-    let inner = &input[14..];
+    expect_ip6ip6_at(input, 14, smac, dmac, src, dst, hash)
+}
+
+/// The same for an IPv6 header at `l3` (behind a VLAN tag, which stays).
+pub fn expect_ip6ip6_at(
+    input: &[u8],
+    l3: usize,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    hash: u32,
+) -> Vec<u8> {
+    let inner = &input[l3..];
     let payload = u16::from_be_bytes([inner[4], inner[5]]);
     let vtc = u32::from_be_bytes([inner[0], inner[1], inner[2], inner[3]]);
     let vtc = (vtc & 0xFFF0_0000) | (hash & 0x000F_FFFF);
     let mut out = dmac.to_vec();
     out.extend_from_slice(&smac);
-    out.extend_from_slice(&[0x86, 0xdd]);
+    out.extend_from_slice(&input[12..l3]);
     out.extend_from_slice(&vtc.to_be_bytes());
     out.extend_from_slice(&(payload + 40).to_be_bytes());
     out.extend_from_slice(&[41, 64]);

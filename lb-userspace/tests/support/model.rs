@@ -1,0 +1,338 @@
+//! A userspace model of `lb_ingress`'s decision for the fixture lab, written from the
+//! README's rules rather than from the data plane's code: what the program does with a
+//! frame (pass, drop, forward to which backend), which counter says why, and the bytes it
+//! sends. The differential fuzzer holds the real program to it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{
+    consts::vip_flags,
+    hash::{Flow, vip_filter_bit},
+    types::VipFilter,
+};
+
+use std::collections::HashMap;
+
+use lb_common::maglev::MaglevTable;
+
+use super::{
+    lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, SEED},
+    packets::{encap_src4, encap_src6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
+};
+
+/// What the program must do with a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// `XDP_PASS`, untouched, counted by this counter.
+    Pass(&'static str),
+    /// `XDP_DROP`, counted by this counter; `extra` counters bumped on the way.
+    Drop(&'static str, Vec<&'static str>),
+    /// `XDP_PASS` of a Vip with no backend (after a conntrack miss was counted).
+    PassNoBackend(Vec<&'static str>),
+    /// `XDP_TX` to `backend` with exactly these bytes.
+    Forward {
+        backend: u32,
+        output: Vec<u8>,
+        icmp_error: bool,
+    },
+}
+
+impl Decision {
+    /// A frame the README calls malformed: never forwarded.
+    pub fn malformed(&self) -> bool {
+        matches!(
+            self,
+            Decision::Pass("pass_malformed") | Decision::Drop("drop_malformed", _)
+        )
+    }
+}
+
+struct Parsed {
+    flow: Flow,
+    syn: bool,
+    icmp_error: bool,
+}
+
+fn be16(b: &[u8], at: usize) -> usize {
+    u16::from_be_bytes([b[at], b[at + 1]]) as usize
+}
+
+fn v4(b: &[u8], at: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3]))
+}
+
+fn v6(b: &[u8], at: usize) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(
+        <[u8; 16]>::try_from(&b[at..at + 16]).unwrap(),
+    ))
+}
+
+/// The lab's Vips, Backends, tables and address filter, fixed for a run (borrowed field
+/// by field, so the lab's data plane stays free to run packets).
+pub struct Model<'a> {
+    pub vips: &'a [LabVip],
+    pub backends: &'a [LabBackend],
+    pub tables: &'a HashMap<u32, MaglevTable>,
+    pub lb_mac: [u8; 6],
+    pub filter: VipFilter,
+}
+
+enum Stop {
+    Pass(&'static str),
+    Drop(&'static str),
+}
+
+impl<'a> Model<'a> {
+    fn is_vip_addr(&self, addr: IpAddr) -> bool {
+        self.vips.iter().any(|v| v.addr == addr)
+    }
+
+    /// Turns what parsing found into what a packet past the address pre-filter gets: a
+    /// drop, or a pass for another protocol, only when its address really is a Vip's.
+    fn confirm(&self, dst: IpAddr, stop: Stop) -> Stop {
+        match stop {
+            Stop::Drop(_) | Stop::Pass("pass_vip_other") if !self.is_vip_addr(dst) => {
+                Stop::Pass("pass_not_vip")
+            }
+            other => other,
+        }
+    }
+
+    pub fn decide(&self, frame: &[u8]) -> Decision {
+        match self.parse(frame) {
+            Err(Stop::Pass(c)) => Decision::Pass(c),
+            Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
+            Ok((l3, parsed)) => self.select(frame, l3, &parsed),
+        }
+    }
+
+    fn parse(&self, f: &[u8]) -> Result<(usize, Parsed), Stop> {
+        let mut proto = be16(f, 12);
+        let mut l3 = 14;
+        if proto == 0x8100 {
+            if f.len() < 18 {
+                return Err(Stop::Pass("pass_malformed"));
+            }
+            proto = be16(f, 16);
+            l3 = 18;
+        }
+        match proto {
+            0x0800 => self.parse_v4(f, l3).map(|p| (l3, p)),
+            0x86DD => self.parse_v6(f, l3).map(|p| (l3, p)),
+            _ => Err(Stop::Pass("pass_not_ip")),
+        }
+    }
+
+    fn parse_v4(&self, f: &[u8], l3: usize) -> Result<Parsed, Stop> {
+        if f.len() < l3 + 20 {
+            return Err(Stop::Pass("pass_malformed"));
+        }
+        let ihl = (f[l3] & 0x0F) as usize * 4;
+        let tot_len = be16(f, l3 + 2);
+        if f[l3] >> 4 != 4 || ihl < 20 || tot_len < ihl || l3 + tot_len > f.len() {
+            return Err(Stop::Pass("pass_malformed"));
+        }
+        let dst = v4(f, l3 + 16);
+        if !self.filter.contains(vip_filter_bit(dst)) {
+            return Err(Stop::Pass("pass_not_vip"));
+        }
+        let fragment = be16(f, l3 + 6) & 0x3FFF != 0;
+        if fragment {
+            return Err(self.confirm(dst, Stop::Drop("drop_fragment")));
+        }
+        let (l4, end, proto) = (l3 + ihl, l3 + tot_len, f[l3 + 9]);
+        let result = if proto == 1 {
+            icmp_error(f, l4, end, false)
+        } else {
+            ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
+                flow: Flow {
+                    src: v4(f, l3 + 12),
+                    dst,
+                    sport,
+                    dport,
+                    proto,
+                },
+                syn,
+                icmp_error: false,
+            })
+        };
+        result.map_err(|stop| self.confirm(dst, stop))
+    }
+
+    fn parse_v6(&self, f: &[u8], l3: usize) -> Result<Parsed, Stop> {
+        if f.len() < l3 + 40 {
+            return Err(Stop::Pass("pass_malformed"));
+        }
+        let end = l3 + 40 + be16(f, l3 + 4);
+        if f[l3] >> 4 != 6 || end > f.len() {
+            return Err(Stop::Pass("pass_malformed"));
+        }
+        let dst = v6(f, l3 + 24);
+        if !self.filter.contains(vip_filter_bit(dst)) {
+            return Err(Stop::Pass("pass_not_vip"));
+        }
+        let (l4, next) = (l3 + 40, f[l3 + 6]);
+        let result = match next {
+            44 => Err(Stop::Drop("drop_fragment")),
+            0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Stop::Drop("drop_ipv6_ext")),
+            58 => icmp_error(f, l4, end, true),
+            proto => ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
+                flow: Flow {
+                    src: v6(f, l3 + 8),
+                    dst,
+                    sport,
+                    dport,
+                    proto,
+                },
+                syn,
+                icmp_error: false,
+            }),
+        };
+        result.map_err(|stop| self.confirm(dst, stop))
+    }
+
+    /// The Vip id of a flow: exact (address, port, protocol), else the address's any-port
+    /// Vip of that protocol.
+    fn vip_of(&self, flow: &Flow) -> Result<u32, Stop> {
+        let vips = self.vips;
+        if let Some(v) = vips
+            .iter()
+            .find(|v| v.addr == flow.dst && v.port == flow.dport && v.proto == flow.proto)
+        {
+            return Ok(v.id);
+        }
+        if !self.is_vip_addr(flow.dst) {
+            return Err(Stop::Pass("pass_not_vip"));
+        }
+        vips.iter()
+            .find(|v| {
+                v.addr == flow.dst
+                    && v.port == 0
+                    && v.proto == flow.proto
+                    && matches!(flow.proto, 6 | 17)
+            })
+            .map(|v| v.id)
+            .ok_or(Stop::Pass("pass_vip_other"))
+    }
+
+    fn select(&self, frame: &[u8], l3: usize, p: &Parsed) -> Decision {
+        let vip = match self.vip_of(&p.flow) {
+            Ok(vip) => vip,
+            Err(Stop::Pass(c)) => return Decision::Pass(c),
+            Err(Stop::Drop(c)) => return Decision::Drop(c, vec![]),
+        };
+        // Counted only on a connection-table miss; a hit of a flow the fuzzer sent before
+        // counts a hit instead. The caller allows for both.
+        let mut miss = vec![];
+        if !p.icmp_error {
+            miss.push("conntrack_miss");
+            if p.flow.proto == 6 && !p.syn {
+                miss.push("conntrack_miss_non_syn");
+            }
+        }
+        let v = self.vips.iter().find(|v| v.id == vip).unwrap();
+        if v.backends.is_empty() {
+            return if v.flags & vip_flags::PASS_WHEN_EMPTY != 0 {
+                Decision::PassNoBackend(miss)
+            } else {
+                Decision::Drop("drop_no_backend", miss)
+            };
+        }
+        let hash = p.flow.hash(SEED);
+        let backend = self.tables[&vip].lookup(hash);
+        let b = self.backends.iter().find(|b| b.id == backend).unwrap();
+        let output = if v.flags & vip_flags::L2_DSR != 0 {
+            expect_l2(frame, self.lb_mac, b.mac)
+        } else {
+            match b.addr {
+                IpAddr::V4(dst) => {
+                    let src = encap_src4(ENCAP_SRC4, hash);
+                    expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, dst.octets())
+                }
+                IpAddr::V6(dst) => {
+                    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                    expect_ip6ip6_at(frame, l3, self.lb_mac, b.mac, src, dst.octets(), hash)
+                }
+            }
+        };
+        Decision::Forward {
+            backend,
+            output,
+            icmp_error: p.icmp_error,
+        }
+    }
+}
+
+/// Ports and SYN of a TCP or UDP header at `l4` that must end by `end` (the IP payload's
+/// end): a TCP header with its options, a UDP datagram of its stated length.
+fn ports(f: &[u8], proto: u8, l4: usize, end: usize) -> Result<(u16, u16, bool), Stop> {
+    let malformed = Stop::Drop("drop_malformed");
+    let hlen = match proto {
+        6 => 20,
+        17 => 8,
+        _ => return Err(Stop::Pass("pass_vip_other")),
+    };
+    if l4 + hlen > f.len() {
+        return Err(malformed);
+    }
+    let (sport, dport) = (be16(f, l4) as u16, be16(f, l4 + 2) as u16);
+    if proto == 6 {
+        let doff = (f[l4 + 12] >> 4) as usize * 4;
+        if doff < 20 || l4 + doff > end {
+            return Err(malformed);
+        }
+        Ok((sport, dport, f[l4 + 13] & 0x02 != 0))
+    } else {
+        let len = be16(f, l4 + 4);
+        if len < 8 || l4 + len > end {
+            return Err(malformed);
+        }
+        Ok((sport, dport, false))
+    }
+}
+
+/// ICMP "fragmentation needed" (v4) / ICMPv6 "packet too big": the quoted packet (the
+/// backend's reply) reversed is the client's Flow. Other ICMP goes to the local stack.
+fn icmp_error(f: &[u8], l4: usize, end: usize, v6: bool) -> Result<Parsed, Stop> {
+    let malformed = Stop::Drop("drop_malformed");
+    if l4 + 8 > f.len() {
+        return Err(malformed);
+    }
+    let wanted = if v6 {
+        f[l4] == 2
+    } else {
+        f[l4] == 3 && f[l4 + 1] == 4
+    };
+    if !wanted {
+        return Err(Stop::Pass("pass_vip_other"));
+    }
+    let inner = l4 + 8;
+    let ip_len = if v6 { 40 } else { 20 };
+    if inner + ip_len + 4 > f.len() || inner + ip_len + 4 > end {
+        return Err(malformed);
+    }
+    if !v6 && f[inner] != 0x45 {
+        return Err(malformed);
+    }
+    let (src, dst, proto) = if v6 {
+        (v6_at(f, inner + 8), v6_at(f, inner + 24), f[inner + 6])
+    } else {
+        (v4(f, inner + 12), v4(f, inner + 16), f[inner + 9])
+    };
+    let ports = inner + ip_len;
+    Ok(Parsed {
+        flow: Flow {
+            src: dst,
+            dst: src,
+            sport: be16(f, ports + 2) as u16,
+            dport: be16(f, ports) as u16,
+            proto,
+        },
+        syn: false,
+        icmp_error: true,
+    })
+}
+
+fn v6_at(f: &[u8], at: usize) -> IpAddr {
+    v6(f, at)
+}
