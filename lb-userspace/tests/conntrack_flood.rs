@@ -213,9 +213,12 @@ fn syn_flood_then_reload_breaks_no_connection() {
          and a reload: {broken:?}",
         broken.len()
     );
-    // And the reload took: new connections reach the new backend.
-    let names: Vec<String> = client
-        .enter(|| (0..60).map(|_| connect(vip).1).collect())
-        .unwrap();
-    assert!(names.iter().any(|n| n == "be3"), "{names:?}");
+    // And the reload took: new connections reach the new backend once its checks pass.
+    bed.wait_for("new flows on be3", Duration::from_secs(10), || {
+        client
+            .enter(|| (0..30).any(|_| connect(vip).1 == "be3"))
+            .unwrap()
+    });
+    let broken = client.enter(|| requests(&mut conns, "later")).unwrap();
+    assert!(broken.is_empty(), "after be3 came up: {broken:?}");
 }
