@@ -212,9 +212,9 @@ unsafe fn scan(bucket: *mut ConntrackBucket, tag: u64) -> (usize, usize) {
 }
 
 /// A first bucket whose first empty way is at most this index takes the new entry without
-/// the second bucket being read: most inserts then cost one cache line (measured: the
-/// second line cost ~40 ns of a new flow), and the choice between the two only starts
-/// once the first is three-quarters full, which is where it matters.
+/// the second bucket being read: most inserts then cost one cache line (measured in one
+/// sitting: a new flow 271 ns above empty reading both, 248 reading one), and the choice
+/// between the two only starts once the first is three-quarters full, where it matters.
 pub const ONE_LINE_FILL: usize = WAYS - 3;
 
 /// The way a new entry of `tag` goes to, across its two buckets, as an index (`0..WAYS`
