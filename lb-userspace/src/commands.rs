@@ -105,7 +105,15 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         snapshot.config.display()
     )?;
     for i in &snapshot.interfaces {
-        writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        if i.attached_mode.is_empty() || i.attached_mode == i.xdp_mode {
+            writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        } else {
+            writeln!(
+                out,
+                "interface {} (xdp {}, configured {})",
+                i.name, i.attached_mode, i.xdp_mode
+            )?;
+        }
     }
     for vip in &snapshot.vips {
         let traffic = pinned.traffic(true, vip.id).ok().unwrap_or_default();
@@ -256,8 +264,21 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
             "connection table: no entry (a new flow: the table decides)"
         )?;
     }
+    // What a packet gets when the table names no backend, in words.
+    let no_backend = || {
+        let pass = snapshot
+            .as_ref()
+            .and_then(|s| s.vips.iter().find(|v| v.id == vip_id))
+            .is_some_and(|v| v.when_no_backend == "pass");
+        if pass {
+            "no usable backend: the packet is passed to the local stack (when_no_backend: pass)"
+        } else {
+            "no usable backend: the packet is dropped (when_no_backend: drop)"
+        }
+    };
     match table {
-        Some((0, _, _)) => writeln!(out, "table: empty (no usable backend)")?,
+        Some((0, _, _)) => writeln!(out, "table: empty, {}", no_backend())?,
+        Some((size, slot, 0)) => writeln!(out, "table: slot {slot} of {size}: {}", no_backend())?,
         Some((size, slot, id)) => writeln!(out, "table: slot {slot} of {size} -> {}", name_of(id))?,
         None => writeln!(out, "table: none installed")?,
     }

@@ -75,17 +75,25 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
-    let (assignments, down, drained) =
-        previous.map_or_else(Default::default, |p| (p.assignments, p.down, p.drained));
+    let (assignments, down, drained, previous_modes) = previous
+        .map_or_else(Default::default, |p| {
+            (p.assignments, p.down, p.drained, p.attached)
+        });
     let mut reconciler = Reconciler::new(dataplane, assignments);
     // Backends the previous daemon had down stay down until their checks pass again, and
     // its drains stay; Backends a reload adds start down until their rise checks pass.
     reconciler.set_initially_down(&down);
     reconciler.set_initially_drained(&drained);
     reconciler.gate_new_backends_on_health();
+    let mut attached = BTreeMap::new();
     for interface in &config.interfaces {
-        attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
+        let mode = attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
+        attached.insert(
+            interface.name.clone(),
+            adopted_mode(interface, mode, &previous_modes),
+        );
     }
+    metrics.set_attached(&attached);
     let started = Instant::now();
     let report = reconciler.apply(&config)?;
     metrics.reconciled(&reconciler, &report, started.elapsed());
@@ -112,6 +120,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(1024);
     let mut daemon = Daemon {
+        attached,
         netlink,
         announcer,
         maintenance,
@@ -215,6 +224,8 @@ struct Daemon {
     retry: Option<(Config, String)>,
     /// Backend addresses that already have a managed neighbour entry.
     neighbours: BTreeSet<IpAddr>,
+    /// Per interface, the XDP mode the program is attached in.
+    attached: BTreeMap<String, String>,
     netlink: Netlink,
     /// Keeps the announce table in line with `decisions`.
     announcer: Announcer,
@@ -292,10 +303,13 @@ impl Daemon {
             .iter()
             .filter(|i| !running.interfaces.contains(i))
         {
-            if let Err(e) =
-                attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir)
-            {
-                return self.refused(&e);
+            match attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir) {
+                Ok(mode) => {
+                    let mode = adopted_mode(interface, mode, &[]);
+                    self.attached.insert(interface.name.clone(), mode);
+                    self.metrics.set_attached(&self.attached);
+                }
+                Err(e) => return self.refused(&e),
             }
         }
         for interface in running
@@ -321,6 +335,7 @@ impl Daemon {
                 self.retry = None;
                 self.running_text = text;
                 self.metrics.reload(true);
+                self.metrics.set_apply_failed(false);
                 self.metrics
                     .reconciled(&self.reconciler, &report, started.elapsed());
                 log_report(what, &report);
@@ -335,7 +350,8 @@ impl Daemon {
             }
             Err(e) => {
                 self.metrics.reload(false);
-                error!(error = %e, "applying the config failed in the kernel; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
+                self.metrics.set_apply_failed(true);
+                error!(error = %e, "applying the config failed in the kernel; the config in force stays; retrying every {}s", NEXT_HOP_REFRESH.as_secs());
                 self.retry = Some((config, text));
             }
         }
@@ -360,6 +376,7 @@ impl Daemon {
                 );
             }
         });
+        self.metrics.set_health_stats(stats.clone());
         let options = health::Options {
             initial_down,
             stats,
@@ -415,7 +432,8 @@ impl Daemon {
         match command {
             Command::Status => Reply::Status(Box::new(
                 Snapshot::of(&self.reconciler, &config, &self.running_text)
-                    .with_announce(self.maintenance, &self.decisions),
+                    .with_announce(self.maintenance, &self.decisions)
+                    .with_attached(&self.attached),
             )),
             Command::Maintenance { on } => {
                 if let Err(e) = state::set_maintenance(&self.pin_dir, on) {
@@ -546,11 +564,46 @@ impl Daemon {
         let path = state::state_path(&self.pin_dir);
         if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text)
             .with_announce(self.maintenance, &self.decisions)
+            .with_attached(&self.attached)
             .save(&path)
         {
             warn!(path = %path.display(), error = %e, "saving state");
         }
     }
+}
+
+/// The mode `interface` is attached in: `mode` for a fresh attach; for a re-adopted link,
+/// the mode its maker recorded. A configured mode that re-adoption cannot honour (the link
+/// keeps the mode it was made with) is logged.
+fn adopted_mode(
+    interface: &crate::config::Interface,
+    mode: Option<&'static str>,
+    previous: &[(String, String)],
+) -> String {
+    if let Some(mode) = mode {
+        return mode.to_owned();
+    }
+    let recorded = previous
+        .iter()
+        .find(|(name, _)| *name == interface.name)
+        .map(|(_, m)| m.clone());
+    let wanted = match interface.xdp_mode {
+        crate::config::XdpModeConfig::Native => Some("native"),
+        crate::config::XdpModeConfig::Generic => Some("generic"),
+        crate::config::XdpModeConfig::Auto => None,
+    };
+    if let (Some(wanted), Some(recorded)) = (wanted, &recorded) {
+        if wanted != recorded {
+            warn!(
+                interface = %interface.name,
+                configured = wanted,
+                attached = %recorded,
+                "xdp_mode changed, but the re-adopted link keeps the mode it was attached in: \
+                 `mlb detach` and start again to change it (drops the connection table)"
+            );
+        }
+    }
+    recorded.unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// What a live reload cannot change.

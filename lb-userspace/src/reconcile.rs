@@ -697,10 +697,27 @@ impl<D: DataplaneOps> Reconciler<D> {
     ) -> Result<(), ReconcileError> {
         let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &p.table)).collect();
         self.dataplane.install_tables(&batch)?;
+        // Vips sharing a pool share their diff too (256 diffs of 65537 slots cost ~20 ms).
+        let mut diffs: Vec<(Option<TableInputs>, TableInputs, maglev::TableDiff)> = Vec::new();
         for p in planned {
             let previous = self.tables.get(&p.endpoint);
-            let empty = maglev::build(&[], p.table.size(), 0);
-            let diff = maglev::diff(previous.map_or(&empty, |t| &t.table), &p.table);
+            let key = previous.map(|t| t.inputs.clone());
+            let diff = match diffs.iter().find(|(o, n, _)| *o == key && *n == p.inputs) {
+                Some((_, _, diff)) => diff.clone(),
+                None => {
+                    let empty;
+                    let old = match previous {
+                        Some(t) => &t.table,
+                        None => {
+                            empty = maglev::build(&[], p.table.size(), 0);
+                            &empty
+                        }
+                    };
+                    let diff = maglev::diff(old, &p.table);
+                    diffs.push((key, p.inputs.clone(), diff.clone()));
+                    diff
+                }
+            };
             if p.table.is_empty() {
                 report.empty_vips.push(p.endpoint.clone());
             }
