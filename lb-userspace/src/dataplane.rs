@@ -986,6 +986,20 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
 /// Refuses maps pinned under `dir` by a build that laid them out differently: the
 /// program would otherwise fail verification with no word about why.
 fn check_pinned_layouts(dir: &Path) -> Result<()> {
+    // The kernel LRU connection tables of builds before the table of our own: adopting
+    // around them would leave them pinned (54 MiB) and every flow without its entry.
+    for name in ["CONNTRACK_V4", "CONNTRACK_V6"] {
+        let path = dir.join(name);
+        if let Ok(map) = MapData::from_pin(&path) {
+            let info = map.info().map_err(map_err(name))?;
+            return Err(DataplaneError::PinnedLayout {
+                name,
+                have: (info.key_size(), info.value_size()),
+                want: (4, size_of::<ConntrackBucket>() as u32),
+                dir: dir.to_owned(),
+            });
+        }
+    }
     for (name, key, value) in map_layouts() {
         let path = dir.join(name);
         if !path.exists() {
