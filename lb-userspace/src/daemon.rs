@@ -51,6 +51,8 @@ pub fn capacities(config: &Config) -> Capacities {
         max_vips: config.global.max_vips,
         max_backends: config.global.max_backends,
         conntrack_entries: config.global.conntrack_entries,
+        conntrack_idle: config.global.conntrack_idle,
+        flow_cache_entries: config.global.flow_cache_entries,
     }
 }
 
@@ -662,6 +664,12 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     }
     if r.conntrack_entries != n.conntrack_entries {
         changed.push("conntrack_entries");
+    }
+    if r.conntrack_idle != n.conntrack_idle {
+        changed.push("conntrack_idle");
+    }
+    if r.flow_cache_entries != n.flow_cache_entries {
+        changed.push("flow_cache_entries");
     }
     if r.pin_path != n.pin_path {
         changed.push("pin_path");
