@@ -489,6 +489,7 @@ fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
         max_vips: 1,
         max_backends: 2,
         conntrack_entries: 1024,
+        ..Default::default()
     })
     .unwrap();
     switch

@@ -190,6 +190,7 @@ impl Fleet {
             max_vips: 1,
             max_backends: 2,
             conntrack_entries: 1024,
+            ..Default::default()
         })
         .map_err(io::Error::other)?;
         let attach = |dataplane: &mut Dataplane, netns: &Netns, program, dev: &str| {

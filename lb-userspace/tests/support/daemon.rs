@@ -78,6 +78,7 @@ impl DaemonBed {
             max_vips: 1,
             max_backends: 2,
             conntrack_entries: 1024,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
         bed.attach_plumbing(&mut helpers).unwrap();
