@@ -12,10 +12,23 @@ use lb_userspace::{
     pinned::Pinned,
 };
 
+/// Removes the pins on drop, when an assertion fails too.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/mlb-swap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&pin);
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/mlb-swap-{}",
+        std::process::id()
+    )));
+    let pin = &pins.0;
+    let _ = std::fs::remove_dir_all(pin);
     let mut dataplane = Dataplane::load_pinned(
         Capacities {
             max_vips: 256,
@@ -23,7 +36,7 @@ fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
             conntrack_entries: 1024,
             ..Default::default()
         },
-        &pin,
+        pin,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let backend =
@@ -45,7 +58,7 @@ fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
     let batched = started.elapsed();
     eprintln!("one swap: {single:?}; 256 swaps in one batch: {batched:?}");
 
-    let pinned = Pinned::open(&pin);
+    let pinned = Pinned::open(pin);
     for id in [0u32, 1, 2, 128, 255] {
         let expected = if id % 2 == 0 { &two } else { &other };
         for hash in [0u32, 0x1234_5678, 0xdead_beef, u32::MAX] {
@@ -60,5 +73,4 @@ fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
     }
     drop(pinned);
     drop(dataplane);
-    let _ = std::fs::remove_dir_all(&pin);
 }
