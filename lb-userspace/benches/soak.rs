@@ -137,6 +137,7 @@ struct Soak {
     added_while_dead: u64,
     backend_kills: u64,
     kills: Vec<Instant>,
+    daemon_restarts: Vec<Instant>,
     daemon_kills: u64,
     unexpected_exits: Vec<String>,
     steady: Option<Connections>,
@@ -408,6 +409,7 @@ impl Soak {
     }
 
     fn kill_daemon(&mut self) {
+        self.daemon_restarts.push(Instant::now());
         self.bed.stop_daemon("-KILL");
         self.daemon_kills += 1;
         self.start_daemon();
@@ -526,15 +528,16 @@ impl Soak {
     }
 }
 
-/// Median RSS, largest fd and task counts of an incarnation's samples whose age lies in
-/// `[from, to)`.
+/// Median RSS, fewest fds and tasks of an incarnation's samples whose age lies in
+/// `[from, to)` (fewest: the soak's own `mlb status` calls come and go as control-socket
+/// connections; a leak raises the floor).
 fn window(inc: &Incarnation, from: Duration, to: Duration) -> Option<(u64, usize, usize)> {
     let mut rss: Vec<u64> = Vec::new();
-    let (mut fds, mut tasks) = (0, 0);
+    let (mut fds, mut tasks) = (usize::MAX, usize::MAX);
     for s in inc.samples.iter().filter(|s| s.age >= from && s.age < to) {
         rss.push(s.rss_kib);
-        fds = fds.max(s.fds);
-        tasks = tasks.max(s.tasks);
+        fds = fds.min(s.fds);
+        tasks = tasks.min(s.tasks);
     }
     if rss.is_empty() {
         return None;
@@ -628,6 +631,7 @@ fn main() {
         added_while_dead: 0,
         backend_kills: 0,
         kills: Vec::new(),
+        daemon_restarts: Vec::new(),
         daemon_kills: 0,
         unexpected_exits: Vec::new(),
         steady: None,
@@ -768,10 +772,19 @@ fn main() {
         .iter()
         .filter(|(at, _)| !soak.in_fault_window(*at))
         .map(|(at, r)| {
+            let nearest = |events: &[Instant]| {
+                events
+                    .iter()
+                    .map(|e| now_s(soak.started, *at) - now_s(soak.started, *e))
+                    .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+                    .map_or("-".to_owned(), |d| format!("{d:+.2}s"))
+            };
             format!(
-                "short connection at {:.2}s: {}",
+                "short connection at {:.2}s: {} (from the nearest daemon kill -9 {}, backend kill {})",
                 now_s(soak.started, *at),
-                r.as_ref().err().map_or("", String::as_str)
+                r.as_ref().err().map_or("", String::as_str),
+                nearest(&soak.daemon_restarts),
+                nearest(&soak.kills)
             )
         })
         .chain(
