@@ -359,11 +359,11 @@ impl<D: DataplaneOps> Reconciler<D> {
                 // The data plane may hold any of the new tables: write every one back.
                 self.force_tables = true;
                 self.drained = drained;
-                if let Some(old) = &old {
-                    if let Err(again) = self.write(old, Some(config)) {
-                        tracing::error!(error = %again, "rolling back to the config in force failed too");
-                        self.force_tables = true;
-                    }
+                if let Some(old) = &old
+                    && let Err(again) = self.write(old, Some(config))
+                {
+                    tracing::error!(error = %again, "rolling back to the config in force failed too");
+                    self.force_tables = true;
                 }
                 self.config = old;
                 Err(error)
