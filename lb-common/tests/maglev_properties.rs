@@ -733,3 +733,68 @@ fn diff_from_an_empty_table_moves_every_flow() {
     assert_eq!((d.changed_slots, d.moved_fraction), (251, 1.0));
     assert_eq!(d.added().count(), 2);
 }
+
+/// The diff's accessors and its one-line summary (what reload logs and `mlb plan` show)
+/// agree with its own per-backend figures.
+#[test]
+fn diff_names_removed_added_and_changed_backends() {
+    let before = build(&pool(5), 1009, 3);
+    let mut after_pool: Vec<MaglevBackend> = pool(6).into_iter().filter(|b| b.id != 3).collect();
+    after_pool.sort_by_key(|b| b.id);
+    let after = build(&after_pool, 1009, 3);
+    let d = diff(&before, &after);
+    let ids = |it: &mut dyn Iterator<Item = &lb_common::maglev::BackendDiff>| {
+        it.map(|b| b.id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&mut d.removed()), [3]);
+    assert_eq!(ids(&mut d.added()), [6]);
+    assert!(d.backend(99).is_none());
+    let b3 = d.backend(3).expect("backend 3");
+    assert_eq!((b3.new_slots, b3.lost), (0, b3.old_slots));
+    let others = d
+        .backends
+        .iter()
+        .filter(|b| b.id != 3 && b.id != 6 && (b.lost > 0 || b.gained > 0))
+        .count();
+    assert!(others > 1, "{d:?}");
+    assert_eq!(
+        d.to_string(),
+        format!(
+            "{}/1009 slots change, {:.2}% of flows move: 1 backend loses all its slots, 1 gains \
+             its first, {others} others gain or lose some",
+            d.changed_slots,
+            d.moved_fraction * 100.0
+        )
+    );
+    // No change at all: nothing lost, gained or moved.
+    let same = diff(&after, &after);
+    assert_eq!(
+        same.to_string(),
+        "0/1009 slots change, 0.00% of flows move: 0 backends lose all their slots, 0 gain \
+         their first, 0 others gain or lose some"
+    );
+}
+
+/// A refused size keeps its cause as the error's source (for `{:#}` chains).
+#[test]
+fn a_table_size_error_is_the_build_errors_source() {
+    let e = try_build(&pool(2), 1000, 0).expect_err("1000 is not prime");
+    assert!(matches!(e, BuildError::TableSize(_)), "{e:?}");
+    let source = std::error::Error::source(&e).expect("a source");
+    assert_eq!(source.to_string(), e.to_string());
+}
+
+/// A size change counts every backend's slots as lost and gained, empty slots aside.
+#[test]
+fn diff_across_sizes_counts_each_backends_slots() {
+    let (old, new) = (build(&pool(2), 251, 0), build(&pool(3), 257, 0));
+    let d = diff(&old, &new);
+    assert!(d.size_changed());
+    let ids: Vec<u32> = d.backends.iter().map(|b| b.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    for b in &d.backends {
+        assert_eq!((b.lost, b.gained), (b.old_slots, b.new_slots), "{b:?}");
+    }
+    assert_eq!(d.backends.iter().map(|b| b.old_slots).sum::<u32>(), 251);
+    assert_eq!(d.backends.iter().map(|b| b.new_slots).sum::<u32>(), 257);
+}

@@ -216,7 +216,7 @@ fn vips_axis() -> Vec<AxisPoint> {
                 .tables()
                 .values()
                 .zip(0..)
-                .map(|(t, id)| (id, t.table.clone()))
+                .map(|(t, id)| (id, (*t.table).clone()))
                 .collect();
             let started = Instant::now();
             for (id, table) in &tables {

@@ -69,7 +69,15 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Arc::new(Metrics::new(&pin_dir));
     let metrics_server = metrics::Server::start(config.global.metrics_listen, Arc::clone(&metrics))
         .await
-        .with_context(|| format!("metrics_listen {}", config.global.metrics_listen))?;
+        .with_context(|| {
+            format!(
+                "{}: global.metrics_listen {} cannot be served (another exporter, such as \
+                 node_exporter on 9100, may hold the port): set global.metrics_listen to a free \
+                 address and port, or port 0 for any",
+                options.config.display(),
+                config.global.metrics_listen
+            )
+        })?;
     info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
@@ -94,6 +102,12 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     metrics.set_attached(&attached);
+    let program_id = reconciler
+        .dataplane_mut()
+        .xdp(lb_common::consts::prog_names::LB_INGRESS)
+        .ok()
+        .and_then(|p| p.info().ok())
+        .map(|i| i.id());
     let started = Instant::now();
     let report = reconciler.apply(&config)?;
     metrics.reconciled(&reconciler, &report, started.elapsed());
@@ -120,6 +134,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(1024);
     let mut daemon = Daemon {
+        program_id,
         attached,
         netlink,
         announcer,
@@ -226,6 +241,8 @@ struct Daemon {
     neighbours: BTreeSet<IpAddr>,
     /// Per interface, the XDP mode the program is attached in.
     attached: BTreeMap<String, String>,
+    /// The id of the loaded `lb_ingress`, to check it is still what the interfaces run.
+    program_id: Option<u32>,
     netlink: Netlink,
     /// Keeps the announce table in line with `decisions`.
     announcer: Announcer,
@@ -395,6 +412,35 @@ impl Daemon {
         if let Err(e) = self.reconciler.refresh_next_hops() {
             warn!(error = %e, "refreshing next hops");
         }
+        self.check_attached();
+    }
+
+    /// Checks, off the loop, that every configured interface still runs the program:
+    /// `/readyz` answers 503 while one does not (its interface deleted, its link removed).
+    fn check_attached(&self) {
+        let (Some(config), Some(program)) = (self.reconciler.config(), self.program_id) else {
+            return;
+        };
+        let interfaces: Vec<String> = config.interfaces.iter().map(|i| i.name.clone()).collect();
+        let (netlink, metrics) = (self.netlink.clone(), Arc::clone(&self.metrics));
+        tokio::spawn(async move {
+            let mut detached = Vec::new();
+            for name in interfaces {
+                match netlink.xdp_prog_id(&name).await {
+                    Ok(Some(id)) if id == program => {}
+                    Ok(other) => detached.push((name, other)),
+                    Err(e) => warn!(interface = %name, error = %e, "checking the attachment"),
+                }
+            }
+            for (name, other) in &detached {
+                error!(
+                    interface = %name,
+                    running = ?other,
+                    "the program is not attached to this interface (gone or replaced?): not ready; restart mlb to attach again"
+                );
+            }
+            metrics.set_detached(!detached.is_empty());
+        });
     }
 
     fn on_health(&mut self, events: &[HealthEvent]) {

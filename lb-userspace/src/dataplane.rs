@@ -591,7 +591,11 @@ impl Dataplane {
         let mut keys = Vec::with_capacity(tables.len());
         let mut fds = Vec::with_capacity(tables.len());
         for (id, table) in tables {
-            let index = match inners.iter().position(|(t, _)| *t == *table) {
+            // Same allocation first: the reconciler hands one table to every Vip it shares.
+            let index = match inners
+                .iter()
+                .position(|(t, _)| std::ptr::eq(*t, *table) || *t == *table)
+            {
                 Some(index) => index,
                 None => {
                     let entries = table_entries(table.size());

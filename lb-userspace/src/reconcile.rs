@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -158,7 +159,8 @@ pub fn backend_key(pool: &str, addr: IpAddr) -> String {
 /// One Vip's table as installed, and what it was built from.
 #[derive(Clone, Debug)]
 pub struct InstalledTable {
-    pub table: MaglevTable,
+    /// Shared by the Vips built from the same inputs (256 Vips of one pool hold one).
+    pub table: Arc<MaglevTable>,
     /// Swaps so far (1 = the first install).
     pub generation: u64,
     /// Backend ids holding slots, with their names.
@@ -174,7 +176,7 @@ type TableInputs = (Vec<MaglevBackend>, u32, u32);
 struct Planned {
     id: u32,
     endpoint: String,
-    table: MaglevTable,
+    table: Arc<MaglevTable>,
     inputs: TableInputs,
     names: Vec<(u32, String)>,
 }
@@ -640,7 +642,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         config: &Config,
         vips: impl Iterator<Item = (&'c VipConfig, u32)>,
     ) -> Vec<Planned> {
-        let mut built: Vec<(TableInputs, MaglevTable)> = Vec::new();
+        let mut built: Vec<(TableInputs, Arc<MaglevTable>)> = Vec::new();
         let mut planned = Vec::new();
         for (vip, id) in vips {
             let pool = &config.pools[&vip.pool];
@@ -668,14 +670,14 @@ impl<D: DataplaneOps> Reconciler<D> {
                 continue;
             }
             let table = match built.iter().find(|(i, _)| *i == inputs) {
-                Some((_, table)) => table.clone(),
+                Some((_, table)) => Arc::clone(table),
                 None => {
-                    let table = maglev::build(&inputs.0, inputs.1, inputs.2);
-                    built.push((inputs.clone(), table.clone()));
+                    let table = Arc::new(maglev::build(&inputs.0, inputs.1, inputs.2));
+                    built.push((inputs.clone(), Arc::clone(&table)));
                     table
                 }
             };
-            if !self.force_tables && installed.is_some_and(|t| t.table == table) {
+            if !self.force_tables && installed.is_some_and(|t| *t.table == *table) {
                 continue;
             }
             planned.push(Planned {
@@ -695,7 +697,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         planned: Vec<Planned>,
         report: &mut Report,
     ) -> Result<(), ReconcileError> {
-        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &p.table)).collect();
+        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &*p.table)).collect();
         self.dataplane.install_tables(&batch)?;
         // Vips sharing a pool share their diff too (256 diffs of 65537 slots cost ~20 ms).
         let mut diffs: Vec<(Option<TableInputs>, TableInputs, maglev::TableDiff)> = Vec::new();

@@ -499,6 +499,17 @@ fn healthz_answers_while_running_and_readyz_once_the_config_is_applied() {
     assert_eq!(http_get(addr, "/nope").0, 404);
     metrics.set_ready();
     assert_eq!(http_get(addr, "/readyz").0, 200);
+    metrics.set_apply_failed(true);
+    assert_eq!(http_get(addr, "/readyz").0, 503, "the last apply failed");
+    metrics.set_apply_failed(false);
+    metrics.set_detached(true);
+    assert_eq!(
+        http_get(addr, "/readyz").0,
+        503,
+        "the program is not attached"
+    );
+    metrics.set_detached(false);
+    assert_eq!(http_get(addr, "/readyz").0, 200);
     metrics.reload(true);
     metrics.reload(false);
     let samples = parse_samples(&http_get(addr, "/metrics").1);
@@ -1056,90 +1067,30 @@ fn a_backend_given_a_freed_id_counts_from_zero_and_kept_backends_keep_their_coun
     assert_eq!(packets("b1"), Some(expected(id1)));
 }
 
-/// Scrapes of a large inventory in a tight loop on the daemon's two-worker runtime do not
-/// push the health probes running beside them into false timeouts.
+/// The load balancer's interface deleted under a running daemon: `/readyz` turns 503.
 #[test]
-fn scrapes_in_a_tight_loop_cause_no_false_health_transition() {
+fn readyz_turns_503_when_the_program_is_no_longer_attached() {
     let _serial = serial();
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/mlb-test-metrics-busy-{}",
-        std::process::id()
-    )));
-    let config =
-        Config::parse(&scale_config(&pins.0), "scale.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let dataplane = Dataplane::load_pinned(daemon::capacities(&config), &pins.0)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut reconciler = Reconciler::new(dataplane, Assignments::default());
-    let report = reconciler.apply(&config).unwrap_or_else(|e| panic!("{e}"));
-    let metrics = Arc::new(Metrics::new(&pins.0));
-    metrics.reconciled(&reconciler, &report, Duration::ZERO);
-    metrics.set_ready();
-
-    // A healthy HTTP backend on loopback, checked every 120 ms with a 100 ms timeout (an HTTP
-    // check needs several turns of the runtime: connect, write, read).
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf);
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
-    let checked = Config::parse(
-        &format!(
-            "interfaces:\n  - name: eth0\nvips: []\npools:\n  p:\n    backends:\n      \
-             - address: 127.0.0.1\n    health_check:\n      kind: http\n      port: {port}\n      \
-             interval: 120ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n"
-        ),
-        "checked.yaml",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = runtime
-        .block_on(Server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&metrics),
-        ))
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let checker = {
-        let _guard = runtime.enter();
-        lb_userspace::health::Checker::start(&checked, tx)
+    let mut bed = start(2);
+    let addr = metrics_addr(&bed);
+    let readyz = |bed: &DaemonBed| {
+        bed.bed
+            .lb
+            .netns
+            .enter(|| http_get(addr, "/readyz").0)
+            .unwrap()
     };
-    let addr = server.addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let scrapers: Vec<_> = (0..1)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(http_get(addr, "/metrics").0, 200);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    let scrapes: usize = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
-    checker.stop();
-    let mut downs = Vec::new();
-    while let Ok(event) = rx.try_recv() {
-        if !event.up {
-            downs.push(event);
-        }
-    }
-    assert!(scrapes > 10, "the scraper ran: {scrapes}");
+    assert_eq!(readyz(&bed), 200);
+    let port = bed.bed.switch_port(&bed.bed.lb);
+    bed.bed.switch.ip(&["link", "del", &port]).unwrap();
+    bed.wait_for("/readyz 503", Duration::from_secs(10), || {
+        readyz(&bed) == 503
+    });
     assert!(
-        downs.is_empty(),
-        "false transitions during {scrapes} scrapes: {downs:?}"
+        bed.log_text()
+            .contains("the program is not attached to this interface"),
+        "{}",
+        bed.log_text()
     );
+    bed.stop_daemon("-KILL");
 }

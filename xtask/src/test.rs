@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::setup;
+use crate::{setup, soak};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +25,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !cargo.status()?.success() {
         bail!("tests failed");
+    }
+    if args.filter.is_none() {
+        let (minutes, daemon_every) = soak::SHORT;
+        println!(
+            "▶ cargo xtask soak --minutes {minutes} --daemon-every {daemon_every} (the short soak)"
+        );
+        soak::run_soak(&soak::short())?;
     }
     Ok(())
 }

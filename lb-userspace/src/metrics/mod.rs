@@ -58,6 +58,8 @@ const REBUILD_BUCKETS: &[f64] = &[
 /// registry.
 pub struct Metrics {
     ready: AtomicBool,
+    apply_failed: AtomicBool,
+    detached: AtomicBool,
     pin_dir: PathBuf,
     /// The data plane's counter maps, opened at the first scrape or reconcile after the
     /// daemon pinned them.
@@ -192,6 +194,8 @@ impl Metrics {
             no_usable_backend,
             empty_vips: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
+            apply_failed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
             pin_dir: pin_dir.into(),
             maps: Mutex::new(None),
             maps_failing: AtomicBool::new(false),
@@ -228,11 +232,19 @@ impl Metrics {
     /// The last apply failed in the kernel (retried): `/readyz` answers 503 until one
     /// succeeds.
     pub fn set_apply_failed(&self, failed: bool) {
-        self.ready.store(!failed, Ordering::Release);
+        self.apply_failed.store(failed, Ordering::Release);
+    }
+
+    /// The program is not attached to some configured interface (its interface gone, its
+    /// link removed): `/readyz` answers 503 while so.
+    pub fn set_detached(&self, detached: bool) {
+        self.detached.store(detached, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+            && !self.apply_failed.load(Ordering::Acquire)
+            && !self.detached.load(Ordering::Acquire)
     }
 
     /// One config reload, successful (`true`) or refused.
