@@ -48,6 +48,39 @@ pub const fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8,
     finish(mix(h, pair(ports, proto as u32)))
 }
 
+/// The connection table's hash of an IPv4 Flow: the same rounds as `flow_hash_v4`, keyed
+/// by the table's own secret 64-bit seed (not the fleet-wide `hash_seed`), all 64 bits
+/// kept, so that no one outside can aim flows at one bucket. Not a cryptographic MAC: the
+/// seed is random per table and never leaves the host.
+#[inline(always)]
+pub const fn conntrack_hash_v4(src: u32, dst: u32, ports: u32, proto: u8, key: u64) -> u64 {
+    let h = mix(key ^ K, pair(src, dst));
+    finish64(mix(h, pair(ports, proto as u32)) ^ key)
+}
+
+/// The connection table's hash of an IPv6 Flow.
+#[inline(always)]
+pub const fn conntrack_hash_v6(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ports: u32,
+    proto: u8,
+    key: u64,
+) -> u64 {
+    let mut h = mix(key ^ K, pair(src[0], src[1]));
+    h = mix(h, pair(src[2], src[3]));
+    h = mix(h, pair(dst[0], dst[1]));
+    h = mix(h, pair(dst[2], dst[3]));
+    finish64(mix(h, pair(ports, proto as u32)) ^ key)
+}
+
+#[inline(always)]
+const fn finish64(h: u64) -> u64 {
+    let h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let h = (h ^ (h >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 29)
+}
+
 /// The MaglevTable slot (0-based) of a flow hash in a table of `m` slots: the hash scaled
 /// onto `0..m` by a multiply and a shift (Lemire's reduction) rather than `hash % m`: as
 /// uniform for a 32-bit hash, and a 64-bit division costs the data plane ~15 ns.
@@ -108,6 +141,21 @@ mod user {
     }
 
     impl Flow {
+        /// The connection-table hash the kernel computes for this Flow under table seed `key`.
+        pub fn conntrack_hash(&self, key: u64) -> u64 {
+            let ports = ports_word(self.sport.to_be(), self.dport.to_be());
+            match (self.src, self.dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => conntrack_hash_v4(
+                    u32::from_ne_bytes(s.octets()),
+                    u32::from_ne_bytes(d.octets()),
+                    ports,
+                    self.proto,
+                    key,
+                ),
+                (s, d) => conntrack_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, key),
+            }
+        }
+
         /// The hash the kernel computes for this Flow's packets. Mixed families hash as v6.
         pub fn hash(&self, seed: u32) -> u32 {
             let ports = ports_word(self.sport.to_be(), self.dport.to_be());

@@ -12,6 +12,7 @@
 //!   Backend through the connection table.
 #![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod conntrack;
 pub mod consts;
 pub mod hash;
 #[cfg(feature = "user")]

@@ -56,8 +56,8 @@ pub struct Backend {
     pub generation: u32,
 }
 
-/// Key of `CONNTRACK_V4`: an IPv4 Flow as it arrives (client to Vip). 8-aligned so the
-/// flow cache compares it in two words.
+/// An IPv4 Flow as it arrives (client to Vip). 8-aligned so the flow cache compares it in
+/// two words.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowV4 {
@@ -70,7 +70,7 @@ pub struct FlowV4 {
     pub _pad1: u16,
 }
 
-/// Key of `CONNTRACK_V6`: an IPv6 Flow as it arrives (client to Vip).
+/// An IPv6 Flow as it arrives (client to Vip).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowV6 {
@@ -83,8 +83,9 @@ pub struct FlowV6 {
     pub _pad1: u16,
 }
 
-/// Value of the connection tables: where a Flow went, and the generations that make the
-/// entry valid.
+/// Where a Flow goes, and the generations that make it valid: what a connection-table way
+/// stands for (the way keeps the ids and a digest of the generations, see `conntrack`),
+/// and what a flow-cache Route was built from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEntry {
@@ -92,6 +93,15 @@ pub struct ConntrackEntry {
     pub backend_generation: u32,
     pub vip: u32,
     pub vip_generation: u32,
+}
+
+/// Value of `CONNTRACK`: one cache line of 8 ways (`conntrack::Way`, packed). The last
+/// element of the map is not a bucket: its word 0 holds the table's hash seed, so that
+/// the seed lives and dies with the entries it placed (restart adoption keeps both).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackBucket {
+    pub ways: [u64; crate::conntrack::WAYS],
 }
 
 /// Value of the per-CPU `NEXT_HOPS` cache, indexed by Backend id: the result of
@@ -161,7 +171,7 @@ impl VipFilter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Route {
-    /// The connection-table entry behind it (refreshed in the LRU from time to time).
+    /// The connection-table entry behind it.
     pub entry: ConntrackEntry,
     /// Next hop towards the backend, as `bpf_fib_lookup` gave it.
     pub dmac: [u8; 6],
@@ -172,8 +182,9 @@ pub struct Route {
 }
 
 /// Value of `FLOW_CACHE_V4` (per CPU): a direct-mapped cache of whole Routes in front of
-/// the LRU connection table, indexed by flow hash; one cache line. `packets` counts hits,
-/// so that every `FLOW_CACHE_REFRESH` hits the LRU entry is touched and stays recent.
+/// the connection table, indexed by flow hash; one cache line. `seen` is the age unit in
+/// which this CPU last refreshed the flow's connection-table way: a hit in a later unit
+/// refreshes it again, so a flow served from the cache never looks idle.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheV4 {
@@ -183,7 +194,7 @@ pub struct FlowCacheV4 {
     pub backend_addr: u32,
     /// `GlobalConfig::cache_epoch` when the entry was written.
     pub epoch: u32,
-    pub packets: u32,
+    pub seen: u32,
 }
 
 /// Value of `FLOW_CACHE_V6` (per CPU).
@@ -195,7 +206,7 @@ pub struct FlowCacheV6 {
     /// Network byte order.
     pub backend_addr: [u32; 4],
     pub epoch: u32,
-    pub packets: u32,
+    pub seen: u32,
 }
 
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
@@ -214,6 +225,7 @@ const _: () = {
     assert!(size_of::<FlowV4>() == 16);
     assert!(size_of::<FlowV6>() == 40);
     assert!(size_of::<ConntrackEntry>() == 16);
+    assert!(size_of::<ConntrackBucket>() == 64);
     assert!(size_of::<NextHop>() == 20);
     assert!(size_of::<GlobalConfig>() == 40 + 8 * VIP_FILTER_WORDS);
     assert!(size_of::<Route>() == 36);
@@ -237,6 +249,7 @@ mod pod {
     unsafe impl aya::Pod for FlowV6 {}
     unsafe impl aya::Pod for ConntrackEntry {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for ConntrackBucket {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for Route {}

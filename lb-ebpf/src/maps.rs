@@ -4,26 +4,27 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
+    conntrack::buckets,
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, CONFIG_SLOTS, Counter,
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, flow_cache_entries,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     },
     types::{
-        Backend, ConntrackEntry, FlowCacheV4, FlowCacheV6, FlowV4, FlowV6, GlobalConfig, NextHop,
-        TrafficCounters, VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop, TrafficCounters,
+        VipAddr, VipKey, VipState,
     },
 };
 
 const VIPS_MAX: usize = DEFAULT_MAX_VIPS as usize;
 const BACKENDS_MAX: usize = DEFAULT_MAX_BACKENDS as usize;
-const CONNTRACK_MAX: usize = DEFAULT_CONNTRACK_ENTRIES as usize;
+const CONNTRACK_MAX: usize = buckets(DEFAULT_CONNTRACK_ENTRIES) as usize + 1;
 const TABLE_FLAGS: usize = (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize;
-const NO_COMMON_LRU: usize = BPF_F_NO_COMMON_LRU as usize;
-const FLOW_CACHE_MAX: usize = flow_cache_entries(DEFAULT_CONNTRACK_ENTRIES) as usize;
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+const FLOW_CACHE_MAX: usize = DEFAULT_FLOW_CACHE_ENTRIES as usize;
 
 /// Hash seed, next-hop cache generation, encapsulation source prefixes, cache epoch and
 /// the Vip address pre-filter: a ring of slots, the live one named by `CONFIG_INDEX`, so
@@ -70,18 +71,15 @@ pub static TABLES: ArrayOfMaps<Array<[u32; 2], 1, TABLE_FLAGS>, VIPS_MAX> = Arra
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
 
-/// IPv4 connection table: Flow to Backend, per-CPU LRU lists.
+/// The connection table, both families: buckets of 8 one-word ways (`lb_common::conntrack`),
+/// shared by every CPU, then one element holding the table's hash seed. Mmap-able, so the
+/// kernel page-aligns the values and every bucket is exactly one cache line.
 #[btf_map]
-pub static CONNTRACK_V4: LruHashMap<FlowV4, ConntrackEntry, CONNTRACK_MAX, NO_COMMON_LRU> =
-    LruHashMap::new();
+pub static CONNTRACK: Array<ConntrackBucket, CONNTRACK_MAX, MMAPABLE> = Array::new();
 
-/// IPv6 connection table.
-#[btf_map]
-pub static CONNTRACK_V6: LruHashMap<FlowV6, ConntrackEntry, CONNTRACK_MAX, NO_COMMON_LRU> =
-    LruHashMap::new();
-
-/// Per-CPU direct-mapped cache of IPv4 connection-table entries, by flow hash: an
-/// established flow costs an inlined array read instead of an LRU hash lookup.
+/// Per-CPU direct-mapped cache of IPv4 Routes, by flow hash: an established flow costs one
+/// inlined array read instead of the connection table's and the Vip, Backend and next-hop
+/// reads behind it.
 #[btf_map]
 pub static FLOW_CACHE_V4: PerCpuArray<FlowCacheV4, FLOW_CACHE_MAX> = PerCpuArray::new();
 

@@ -3,11 +3,14 @@
 use aya_ebpf::programs::XdpContext;
 use core::{hint::cold_path, mem::MaybeUninit};
 use lb_common::{
+    conntrack::{Way, generation_digest},
     consts::{
-        Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
-        backend_flags, vip_flags,
+        Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
+        vip_flags,
     },
-    hash::{flow_hash_v4, flow_hash_v6, ports_word, table_slot},
+    hash::{
+        conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word, table_slot,
+    },
     types::{
         Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey,
         vip_addr_flags,
@@ -15,24 +18,41 @@ use lb_common::{
 };
 
 use crate::{
+    conntrack,
     forward::{cached_next_hop, next_hop},
     maps::{
-        BACKENDS, CONNTRACK_V4, CONNTRACK_V6, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4,
-        VIP_ADDRS_V6, VIP_STATE, VIPS,
+        BACKENDS, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE, VIPS,
     },
     parse::{Parsed, Verdict, copy, zero},
     stats::count,
 };
 
-/// What a Flow's family contributes: its connection table, flow cache, hash and Vip key.
+/// 1 when the per-CPU flow cache is in use (`flow_cache_entries` > 0), set by the loader
+/// in frozen .rodata: with 0 the verifier sees the cache's code as dead.
+#[unsafe(no_mangle)]
+static FLOW_CACHE_ON: u32 = 1;
+
+#[inline(always)]
+fn flow_cache_on() -> bool {
+    // SAFETY: a static; volatile so the compiler does not fold the placeholder in.
+    unsafe { core::ptr::read_volatile(&FLOW_CACHE_ON) != 0 }
+}
+
+/// What a Flow's family contributes: its flow cache, hashes and Vip key.
 pub trait Flow {
-    fn conntrack(&self) -> Option<ConntrackEntry>;
-    fn remember(&self, entry: &ConntrackEntry) -> bool;
-    /// This CPU's flow-cache Route at `slot`, if it holds this flow and is of `epoch`;
-    /// counts the hit and says whether the LRU entry is due a refresh.
-    fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection<'static>, bool)>;
-    fn cache(&self, slot: u32, epoch: u32, selection: &Selection);
+    /// This CPU's flow-cache Route at `slot`, if it holds this flow and is of `epoch`; and
+    /// whether its connection-table way is due a refresh (not touched in age unit `now`).
+    fn cached(
+        &self,
+        slot: u32,
+        epoch: u32,
+        hash: u32,
+        now: u32,
+    ) -> Option<(Selection<'static>, bool)>;
+    fn cache(&self, slot: u32, epoch: u32, selection: &Selection, now: u32);
     fn hash(&self, seed: u32) -> u32;
+    /// The connection table's hash of the flow, under the table's seed `key`.
+    fn conntrack_hash(&self, key: u64) -> u64;
     fn vip_key(&self, port: u16) -> VipKey;
     /// `vip_addr_flags` of the destination, if it is a Vip address at all.
     fn vip_addr_flags(&self) -> Option<u32>;
@@ -43,18 +63,18 @@ pub trait Flow {
 /// The methods both families share, over their own maps. `$addr_in`/`$addr_out` convert
 /// between the cache's backend address and the 4-word form.
 macro_rules! flow_maps {
-    ($conntrack:ident, $cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
+    ($cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
         #[inline(always)]
-        fn conntrack(&self) -> Option<ConntrackEntry> {
-            // SAFETY: copied out at once, before any other map operation.
-            unsafe { $conntrack.get(self).copied() }
-        }
-        #[inline(always)]
-        fn remember(&self, entry: &ConntrackEntry) -> bool {
-            $conntrack.insert(self, entry, 0).is_ok()
-        }
-        #[inline(always)]
-        fn cached(&self, slot: u32, epoch: u32, hash: u32) -> Option<(Selection<'static>, bool)> {
+        fn cached(
+            &self,
+            slot: u32,
+            epoch: u32,
+            hash: u32,
+            now: u32,
+        ) -> Option<(Selection<'static>, bool)> {
+            if !flow_cache_on() {
+                return None;
+            }
             let c = $cache.get_ptr_mut(slot)?;
             // SAFETY: this CPU's slot; the Route is read in place, not copied: only this CPU
             // writes the slot, never while one of its packets is in flight, and map values
@@ -63,18 +83,24 @@ macro_rules! flow_maps {
                 if (*c).epoch != epoch || !same(&(*c).flow, self) {
                     return None;
                 }
-                (*c).packets = (*c).packets.wrapping_add(1);
+                let refresh = (*c).seen != now;
+                if refresh {
+                    (*c).seen = now;
+                }
                 let $a = (*c).backend_addr;
                 let selection = Selection {
                     route: &(*c).route,
                     backend_addr: $addr_in,
                     hash,
                 };
-                Some((selection, (*c).packets % FLOW_CACHE_REFRESH == 0))
+                Some((selection, refresh))
             }
         }
         #[inline(always)]
-        fn cache(&self, slot: u32, epoch: u32, selection: &Selection) {
+        fn cache(&self, slot: u32, epoch: u32, selection: &Selection, now: u32) {
+            if !flow_cache_on() {
+                return;
+            }
             if let Some(c) = $cache.get_ptr_mut(slot) {
                 let $w = selection.backend_addr;
                 // SAFETY: this CPU's slot.
@@ -83,7 +109,7 @@ macro_rules! flow_maps {
                     copy(&mut (*c).route, selection.route);
                     (*c).backend_addr = $addr_out;
                     (*c).epoch = epoch;
-                    (*c).packets = 0;
+                    (*c).seen = now;
                 }
             }
         }
@@ -99,7 +125,18 @@ macro_rules! flow_maps {
 }
 
 impl Flow for FlowV4 {
-    flow_maps!(CONNTRACK_V4, FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
+    flow_maps!(FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
+
+    #[inline(always)]
+    fn conntrack_hash(&self, key: u64) -> u64 {
+        conntrack_hash_v4(
+            self.src,
+            self.dst,
+            ports_word(self.sport, self.dport),
+            self.proto,
+            key,
+        )
+    }
 
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -129,7 +166,18 @@ impl Flow for FlowV4 {
 }
 
 impl Flow for FlowV6 {
-    flow_maps!(CONNTRACK_V6, FLOW_CACHE_V6, |a| a, |w| w);
+    flow_maps!(FLOW_CACHE_V6, |a| a, |w| w);
+
+    #[inline(always)]
+    fn conntrack_hash(&self, key: u64) -> u64 {
+        conntrack_hash_v6(
+            &self.src,
+            &self.dst,
+            ports_word(self.sport, self.dport),
+            self.proto,
+            key,
+        )
+    }
 
     #[inline(always)]
     fn hash(&self, seed: u32) -> u32 {
@@ -172,23 +220,35 @@ fn usable(backend: &Backend) -> bool {
     backend.flags & backend_flags::UP != 0
 }
 
-/// Whether a connection-table entry still holds: its Vip and Backend ids still name what
-/// they named when it was made, and the Backend is up. `Ok` with the Vip's flags and the
-/// Backend; `Err(true)` when only the Backend failed (re-steer), `Err(false)` otherwise.
+/// Whether a connection-table way still holds: its Vip and Backend ids still name what
+/// they named when it was made (the generation digest), and the Backend is up. `Ok` with
+/// the whole entry, the Vip's flags and the Backend; `Err(Some(vip))` when the way names
+/// an active Vip but no longer holds (the Backend went down, or an id was given to
+/// something else): the caller looks the packet's Vip up and re-steers;
+/// `Err(None)` when its Vip is gone.
 #[inline(always)]
-fn established(entry: &ConntrackEntry) -> Result<(u32, Backend), bool> {
-    let Some(vip) = VIP_STATE.get(entry.vip) else {
-        return Err(false);
+fn established(way: &Way) -> Result<(ConntrackEntry, u32, Backend), Option<u32>> {
+    let Some(vip) = VIP_STATE.get(way.vip) else {
+        return Err(None);
     };
-    if vip.generation != entry.vip_generation || vip.flags & vip_flags::ACTIVE == 0 {
-        return Err(false);
+    if vip.flags & vip_flags::ACTIVE == 0 {
+        return Err(None);
     }
-    match BACKENDS.get(entry.backend) {
-        Some(backend) if backend.generation == entry.backend_generation && usable(backend) => {
-            Ok((vip.flags, *backend))
+    match BACKENDS.get(way.backend) {
+        Some(backend)
+            if usable(backend)
+                && generation_digest(backend.generation, vip.generation) == way.generation =>
+        {
+            let entry = ConntrackEntry {
+                backend: way.backend,
+                backend_generation: backend.generation,
+                vip: way.vip,
+                vip_generation: vip.generation,
+            };
+            Ok((entry, vip.flags, *backend))
         }
-        // The Vip holds but its Backend went down or away: re-steer (invariant 2).
-        _ => Err(true),
+        // Its Backend went down or away: re-steer (invariant 2).
+        _ => Err(Some(way.vip)),
     }
 }
 
@@ -252,27 +312,28 @@ fn same<T>(a: &T, b: &T) -> bool {
     true
 }
 
-/// What the LRU connection table knows of a flow.
+/// What the connection table knows of a flow.
 enum Known {
     /// Its entry holds: the Vip's flags and the Backend.
     Holds(ConntrackEntry, u32, Backend),
-    /// Its Vip holds but its Backend went down or away: re-steer by the Vip's table.
+    /// It named this Vip, but no longer holds: re-steer by the Vip's table.
     Resteer(u32),
 }
 
-/// The LRU connection table's word on a flow; `None` for a flow it does not know.
+/// The connection table's word on a flow; `None` for a flow it does not know. A hit that
+/// holds marks the way active (an ICMP error is not the flow's own traffic).
 #[inline(always)]
-fn known<F: Flow>(pkt: &Parsed<F>) -> Option<Known> {
-    let entry = pkt.flow.conntrack()?;
-    match established(&entry) {
-        Ok((vip_flags, backend)) => Some(Known::Holds(entry, vip_flags, backend)),
-        Err(true) => {
+fn known<F: Flow>(pkt: &Parsed<F>, ct_hash: u64, now: u64) -> Option<Known> {
+    let found = conntrack::lookup(ct_hash)?;
+    match established(&found.way()) {
+        Ok((entry, vip_flags, backend)) => {
             if !pkt.icmp_error {
-                count(Counter::ConntrackResteer);
+                conntrack::touch(&found, now);
             }
-            Some(Known::Resteer(entry.vip))
+            Some(Known::Holds(entry, vip_flags, backend))
         }
-        Err(false) => None,
+        Err(Some(vip)) => Some(Known::Resteer(vip)),
+        Err(None) => None,
     }
 }
 
@@ -283,12 +344,20 @@ pub fn cache_hit<F: Flow>(
     hash: u32,
     config: &GlobalConfig,
 ) -> Option<Selection<'static>> {
-    let (selection, refresh) =
-        flow.cached(hash & config.flow_cache_mask, config.cache_epoch, hash)?;
+    let now = conntrack::now();
+    let (selection, refresh) = flow.cached(
+        hash & config.flow_cache_mask,
+        config.cache_epoch,
+        hash,
+        now as u32,
+    )?;
     count(Counter::ConntrackHit);
-    // Keep the LRU entry recent (and back, if it was evicted) for long-lived flows.
-    if refresh && flow.conntrack().is_none() {
-        flow.remember(&selection.route.entry);
+    // Once per age unit: keep the flow's way active (and back, if it was lost to a race).
+    if refresh {
+        cold_path();
+        if let Some(key) = conntrack::seed() {
+            conntrack::refresh(flow.conntrack_hash(key), &selection.route.entry, now);
+        }
     }
     Some(selection)
 }
@@ -304,25 +373,29 @@ pub fn table_hit<'a, F: Flow>(
     config: &GlobalConfig,
     scratch: &'a mut MaybeUninit<Route>,
 ) -> Option<Selection<'a>> {
-    let entry = flow.conntrack()?;
-    let (vip_flags, backend) = established(&entry).ok()?;
+    let found = conntrack::lookup(flow.conntrack_hash(conntrack::seed()?))?;
+    let (entry, vip_flags, backend) = established(&found.way()).ok()?;
     if (vip_flags & vip_flags::IPV6 != 0) != (backend.flags & backend_flags::IPV6 != 0) {
         return None;
     }
     let hop = cached_next_hop(entry.backend, config.fib_generation)?;
+    let now = conntrack::now();
+    conntrack::touch(&found, now);
     let selection = selection(entry, vip_flags, &backend, hop, hash, scratch);
     count(Counter::ConntrackHit);
     flow.cache(
         hash & config.flow_cache_mask,
         config.cache_epoch,
         &selection,
+        now as u32,
     );
     Some(selection)
 }
 
-/// Picks the backend for a parsed packet: this CPU's flow cache, then the LRU connection
+/// Picks the backend for a parsed packet: this CPU's flow cache, then the connection
 /// table, then the Vip's MaglevTable. A TCP SYN starts a new connection, so it goes
-/// straight to the table (as in Katran): the lookups it skips would miss on cold memory.
+/// straight to the table (as in Katran); its insert takes over the flow's own way if one
+/// is left (a retransmitted SYN).
 #[inline(always)]
 pub fn select<'a, F: Flow>(
     ctx: &XdpContext,
@@ -341,18 +414,37 @@ pub fn select<'a, F: Flow>(
     }
     // Established packets rarely get here: the flow cache holds them.
     cold_path();
-    let lru = if pkt.syn { None } else { known(pkt) };
-    let vip = match lru {
+    let key = conntrack::seed().unwrap_or(0);
+    let ct_hash = flow.conntrack_hash(key);
+    let now = conntrack::now();
+    let known = if pkt.syn {
+        None
+    } else {
+        known(pkt, ct_hash, now)
+    };
+    let vip = match known {
         Some(Known::Holds(entry, vip_flags, backend)) => {
             let fib = config.fib_generation;
             let selection = route(ctx, entry, vip_flags, &backend, hash, fib, scratch)?;
             if !pkt.icmp_error {
                 count(Counter::ConntrackHit);
-                flow.cache(slot, config.cache_epoch, &selection);
+                flow.cache(slot, config.cache_epoch, &selection, now as u32);
             }
             return Ok(selection);
         }
-        Some(Known::Resteer(vip)) => vip,
+        Some(Known::Resteer(named)) => {
+            // The way names a Vip id; the packet's own Vip decides (the id may have been
+            // given to another Vip since).
+            let vip = lookup_vip(pkt)?;
+            if !pkt.icmp_error {
+                count(if vip == named {
+                    Counter::ConntrackResteer
+                } else {
+                    Counter::ConntrackMiss
+                });
+            }
+            vip
+        }
         None => {
             let vip = lookup_vip(pkt)?;
             if !pkt.icmp_error {
@@ -364,7 +456,7 @@ pub fn select<'a, F: Flow>(
             vip
         }
     };
-    from_table(ctx, pkt, vip, hash, slot, config, scratch)
+    from_table(ctx, pkt, vip, hash, slot, ct_hash, now, config, scratch)
 }
 
 /// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
@@ -394,6 +486,10 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
 
 /// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
 /// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; all computed once by select"
+)]
 #[inline(always)]
 fn from_table<'a, F: Flow>(
     ctx: &XdpContext,
@@ -401,6 +497,8 @@ fn from_table<'a, F: Flow>(
     vip_id: u32,
     hash: u32,
     cache_slot: u32,
+    ct_hash: u64,
+    now: u64,
     config: &GlobalConfig,
     scratch: &'a mut MaybeUninit<Route>,
 ) -> Result<Selection<'a>, Verdict> {
@@ -445,13 +543,14 @@ fn from_table<'a, F: Flow>(
         scratch,
     )?;
     if !pkt.icmp_error {
-        if !pkt.flow.remember(&entry) {
+        if !conntrack::insert(ct_hash, &entry, now) {
             count(Counter::ConntrackInsertFail);
         }
         // A SYN is cached by its flow's next packet, from the connection table: SYN floods
         // and scans that never complete do not evict established flows from the cache.
         if !pkt.syn {
-            pkt.flow.cache(cache_slot, config.cache_epoch, &selection);
+            pkt.flow
+                .cache(cache_slot, config.cache_epoch, &selection, now as u32);
         }
     }
     Ok(selection)

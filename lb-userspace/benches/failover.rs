@@ -158,7 +158,82 @@ fn main() {
             })
         })
         .collect();
-    report(&figures, &attempts, &swap_down, &swap_up, json.as_deref());
+    let axis = vips_axis();
+    report(
+        &figures,
+        &attempts,
+        &swap_down,
+        &swap_up,
+        &axis,
+        json.as_deref(),
+    );
+}
+
+/// One point of the Vips axis: N Vips sharing the failing backend's pool.
+struct AxisPoint {
+    vips: u32,
+    /// `set_health` (a backend down) returning: every affected table live, in one batch.
+    batched_us: f64,
+    /// The same tables swapped one Vip at a time, as before the batch (one RCU grace
+    /// period each).
+    one_by_one_us: f64,
+}
+
+/// In-process on a kernel data plane: 1, 16 and 256 Vips sharing one pool of 3 backends.
+fn vips_axis() -> Vec<AxisPoint> {
+    let mut points = Vec::new();
+    for vips in [1u32, 16, 256] {
+        let mut yaml = format!(
+            "global:\n  max_vips: {vips}\n  max_backends: 16\n  conntrack_entries: 65536\n\
+             interfaces:\n  - name: eth0\nvips:\n"
+        );
+        for v in 0..vips {
+            yaml += &format!(
+                "  - name: v{v}\n    address: 10.200.{}.{}\n    port: 80\n    protocol: tcp\n    pool: web\n",
+                v / 250,
+                1 + v % 250
+            );
+        }
+        yaml += "pools:\n  web:\n    backends:\n      - address: 10.100.0.11\n      \
+                 - address: 10.100.0.12\n      - address: 10.100.0.13\n";
+        let config = Config::parse(&yaml, "axis").unwrap_or_else(|e| panic!("{e}"));
+        let dataplane = Dataplane::load(capacities(&config)).unwrap_or_else(|e| panic!("{e}"));
+        let mut reconciler = Reconciler::new(dataplane, Assignments::default());
+        reconciler.apply(&config).unwrap_or_else(|e| panic!("{e}"));
+        let address: IpAddr = "10.100.0.11".parse().expect("address");
+        let samples = if vips > 16 { 3 } else { 10 };
+        let (mut batched, mut one_by_one) = (Vec::new(), Vec::new());
+        for _ in 0..samples {
+            let started = Instant::now();
+            reconciler
+                .set_health(&[("web".into(), address, false)])
+                .unwrap_or_else(|e| panic!("{e}"));
+            batched.push(started.elapsed().as_secs_f64() * 1e6);
+            reconciler
+                .set_health(&[("web".into(), address, true)])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let tables: Vec<(u32, lb_common::maglev::MaglevTable)> = reconciler
+                .tables()
+                .values()
+                .zip(0..)
+                .map(|(t, id)| (id, (*t.table).clone()))
+                .collect();
+            let started = Instant::now();
+            for (id, table) in &tables {
+                reconciler
+                    .dataplane_mut()
+                    .install_table(*id, table)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            one_by_one.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        points.push(AxisPoint {
+            vips,
+            batched_us: median(&batched),
+            one_by_one_us: median(&one_by_one),
+        });
+    }
+    points
 }
 
 /// One round's figures from the attempts, the daemon log and the table swaps seen.
@@ -215,6 +290,7 @@ fn report(
     attempts: &[Attempt],
     swap_down: &[f64],
     swap_up: &[f64],
+    axis: &[AxisPoint],
     json: Option<&str>,
 ) {
     let rate = attempts.len() as f64 / attempts.last().map_or(1.0, |a| a.at.as_secs_f64());
@@ -275,7 +351,27 @@ fn report(
         max(&failed),
         median(&figures.iter().map(|f| f.detect_ms).collect::<Vec<_>>())
     );
+    println!("Vips sharing the failing backend's pool (in-process, kernel data plane):");
+    println!(
+        "{:>6} {:>22} {:>26}",
+        "vips", "all tables swapped µs", "one swap per vip µs (old)"
+    );
+    for p in axis {
+        println!(
+            "{:>6} {:>22.0} {:>26.0}",
+            p.vips, p.batched_us, p.one_by_one_us
+        );
+    }
     let Some(path) = json else { return };
+    let axis_rows: Vec<String> = axis
+        .iter()
+        .map(|p| {
+            format!(
+                "    {{\"vips\": {}, \"set_health_batched_us\": {:.0}, \"one_swap_per_vip_us\": {:.0}}}",
+                p.vips, p.batched_us, p.one_by_one_us
+            )
+        })
+        .collect();
     let rows: Vec<String> = figures
         .iter()
         .map(|f| {
@@ -302,13 +398,15 @@ fn report(
          \"backends\": {BACKENDS},\n  \"load_connections_per_s\": {rate:.0},\n  \"rounds\": [\n{}\n  ],\n  \
          \"detect_to_live_us\": {{\"median\": {:.0}, \"max\": {:.0}, \"target\": {TARGET_LIVE_US:.0}}},\n  \
          \"set_health_return_us\": {{\"down_median\": {:.0}, \"up_median\": {:.0}}},\n  \
-         \"failed_per_failure\": {{\"mean\": {failed_mean:.2}, \"max\": {:.0}}}\n}}\n",
+         \"failed_per_failure\": {{\"mean\": {failed_mean:.2}, \"max\": {:.0}}},\n  \
+         \"vips_axis\": [\n{}\n  ]\n}}\n",
         rows.join(",\n"),
         json_number(median(&live)),
         json_number(max(&live)),
         json_number(median(swap_down)),
         json_number(median(swap_up)),
         max(&failed),
+        axis_rows.join(",\n"),
     );
     std::fs::write(path, body).expect("write JSON");
     println!("JSON written to {path}");

@@ -394,6 +394,7 @@ fn vip_series(rig: &Rig, opts: &Options) -> (Series, Series) {
                 max_vips: 1024,
                 max_backends: 16,
                 conntrack_entries: 1 << 16,
+                ..Default::default()
             },
             FEW_BACKENDS,
         );
@@ -456,6 +457,7 @@ fn backend_series(rig: &Rig, opts: &Options) -> Series {
                 max_vips: 4,
                 max_backends: MAX_BACKENDS as u32 + 1,
                 conntrack_entries: 1 << 16,
+                ..Default::default()
             },
             backends,
         );
@@ -491,6 +493,7 @@ fn flow_series(rig: &Rig, opts: &Options, max_flows: usize) -> Series {
                 max_vips: 4,
                 max_backends: 16,
                 conntrack_entries: entries,
+                ..Default::default()
             },
             FEW_BACKENDS,
         );

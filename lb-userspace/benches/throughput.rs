@@ -98,6 +98,8 @@ const SATURATED: f64 = 0.9;
 /// The generator's CPU (with everything else of this benchmark) and the load balancer's.
 const GEN_CPU: usize = 0;
 const LB_CPU: usize = 1;
+/// The load balancer's connection table.
+const CONNTRACK_ENTRIES: u32 = 1 << 16;
 
 /// Set by Ctrl-C: every loop stops, the namespaces are removed.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -133,6 +135,9 @@ impl Method {
 enum Proto {
     Udp,
     Tcp,
+    /// TCP SYNs from a random source address and port every frame: a SYN flood, every
+    /// packet a new flow (mlb's XDP only).
+    Syn,
 }
 
 impl Proto {
@@ -140,6 +145,7 @@ impl Proto {
         match self {
             Proto::Udp => "udp",
             Proto::Tcp => "tcp",
+            Proto::Syn => "syn",
         }
     }
 }
@@ -157,7 +163,7 @@ fn options() -> Options {
         seconds: 3.0,
         rounds: 2,
         flows: 4096,
-        protos: vec![Proto::Udp, Proto::Tcp],
+        protos: vec![Proto::Udp, Proto::Tcp, Proto::Syn],
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -174,8 +180,10 @@ fn options() -> Options {
                 opts.protos = match value("--proto").as_str() {
                     "udp" => vec![Proto::Udp],
                     "tcp" => vec![Proto::Tcp],
+                    "syn" => vec![Proto::Syn],
                     "both" => vec![Proto::Udp, Proto::Tcp],
-                    other => panic!("--proto udp|tcp|both, not {other}"),
+                    "all" => vec![Proto::Udp, Proto::Tcp, Proto::Syn],
+                    other => panic!("--proto udp|tcp|syn|both|all, not {other}"),
                 }
             }
             "--json" => opts.json = Some(value("--json")),
@@ -214,11 +222,22 @@ fn main() {
 
     let started = Instant::now();
     let mut bench = Bench::new(opts.flows);
-    let total = opts.rounds * opts.protos.len() * Method::ALL.len();
+    // The SYN flood measures mlb's new-flow rate, not a comparison.
+    let methods = |proto: Proto| {
+        Method::ALL
+            .into_iter()
+            .filter(move |&m| proto != Proto::Syn || m == Method::Xdp)
+    };
+    let total = opts.rounds
+        * opts
+            .protos
+            .iter()
+            .map(|&p| methods(p).count())
+            .sum::<usize>();
     let mut runs = Vec::new();
     'rounds: for round in 1..=opts.rounds {
         for &proto in &opts.protos {
-            for method in Method::ALL {
+            for method in methods(proto) {
                 if STOP.load(Ordering::SeqCst) {
                     break 'rounds;
                 }
@@ -488,8 +507,16 @@ mod bpf {
     /// generator's pool after the load balancer rewrote them), a random source port out of
     /// `flows` (a power of two) from 1024 up at `sport_at`, the L4 checksum at `csum_at`
     /// updated for it (the template has source port 0), and returns XDP_TX. A shorter
-    /// frame: XDP_DROP.
-    pub fn port_spreader(template: &[u8], flows: u32, sport_at: i16, csum_at: i16) -> Vec<u64> {
+    /// frame: XDP_DROP. With `src_at`, also a random IPv4 source address there (a new flow
+    /// every frame; the checksums then do not cover it, which the load balancer does not
+    /// check and the sink does not care about).
+    pub fn port_spreader(
+        template: &[u8],
+        flows: u32,
+        sport_at: i16,
+        csum_at: i16,
+        src_at: Option<i16>,
+    ) -> Vec<u64> {
         assert!(flows.is_power_of_two());
         assert!(template.len().is_multiple_of(4));
         let csum_at_u = csum_at as usize;
@@ -510,6 +537,12 @@ mod bpf {
         for (i, word) in template.chunks(4).enumerate() {
             let imm = i32::from_le_bytes(word.try_into().expect("4 bytes"));
             p.push(insn(0x62, 6, 0, (4 * i) as i16, imm));
+        }
+        if let Some(src_at) = src_at {
+            p.extend([
+                insn(0x85, 0, 0, 0, HELPER_GET_PRANDOM_U32),
+                insn(0x63, 6, 0, src_at, 0), // *(u32 *)(r6 + src_at) = r0
+            ]);
         }
         p.extend([
             insn(0x85, 0, 0, 0, HELPER_GET_PRANDOM_U32),
@@ -682,7 +715,8 @@ impl Bench {
         let dataplane = Dataplane::load(Capacities {
             max_vips: 8,
             max_backends: 16,
-            conntrack_entries: 1 << 16,
+            conntrack_entries: CONNTRACK_ENTRIES,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -923,9 +957,18 @@ impl Bench {
                     .expect("TCP frame");
                 34 + 16
             }
+            Proto::Syn => {
+                ip.tcp(0, TCP_PORT, 1000, 64240)
+                    .syn()
+                    .write(&mut frame, &[0u8; 6])
+                    .expect("TCP frame");
+                34 + 16
+            }
         };
         assert_eq!(frame.len(), FRAME_BYTES as usize);
-        let program = bpf::port_spreader(&frame, self.flows, 34, csum_at as i16);
+        // A SYN flood: the source address too, at 14 + 12.
+        let src_at = (proto == Proto::Syn).then_some(26);
+        let program = bpf::port_spreader(&frame, self.flows, 34, csum_at as i16, src_at);
         (frame, program)
     }
 
@@ -1278,6 +1321,21 @@ fn report(summary: &[Summary], opts: &Options, elapsed: Duration) {
                 }
             );
         }
+    }
+    if let Some(s) = find(summary, Method::Xdp, Proto::Syn) {
+        println!(
+            "SYN flood (a fresh source address and port every packet): {:.3} M new flows per \
+             second per core{} (the {}-entry connection table fills within the first \
+             second; from then on every SYN reads both candidate buckets, finds them full of \
+             active flows and is forwarded by its table without an entry)",
+            s.mpps_per_core(),
+            if s.saturated() {
+                ""
+            } else {
+                " (lower bound: not saturated)"
+            },
+            CONNTRACK_ENTRIES
+        );
     }
     for s in summary {
         if s.forwarded == 0 {

@@ -5,6 +5,10 @@
 //! figure is the median over rounds of (path mean - baseline mean), since interference
 //! from other tenants only ever adds time. The thread is pinned to one CPU.
 //!
+//! A baseline path from the separate `lb-bench` object, "kernel LRU hash insert alone", is
+//! measured in the same rounds: one LRU hash insert of a fresh key per call, what Katran
+//! and Cilium pay per new flow; the new-flow figure is also given as a ratio to it.
+//!
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one.
 
@@ -17,8 +21,12 @@ use std::{
     time::Instant,
 };
 
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
 use lb_common::consts::prog_names;
-use lb_userspace::dataplane::{Capacities, Dataplane};
+use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
 use support::{
     lab::Lab,
     packets::{tcp, udp},
@@ -27,10 +35,14 @@ use support::{
 const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
 const MANY_FLOWS: usize = 100_000;
+const LRU_BASELINE: &str = "kernel LRU hash insert alone";
+const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 
 struct Path {
     name: &'static str,
     program: &'static str,
+    /// Run on the second lab, which has no flow cache (the A/B of the flow cache).
+    no_cache: bool,
     /// One packet per call; more than one means "a new flow on every call".
     packets: Vec<Vec<u8>>,
     /// DESIGN.md's target, ns above empty.
@@ -66,8 +78,24 @@ fn main() {
         max_backends: 64,
         // Room for every new flow of the run: inserts, not LRU evictions, are measured.
         conntrack_entries: (calls as u32 * 2).max(1 << 16),
+        ..Default::default()
+    });
+    // The same, but without the flow cache: every established packet reads the
+    // connection table. Its packets run in the first lab's namespace, whose veth0 has the
+    // same addresses and neighbours.
+    let mut uncached = Lab::with_capacities(Capacities {
+        max_vips: 16,
+        max_backends: 64,
+        conntrack_entries: (calls as u32 * 2).max(1 << 16),
+        // `MLB_BENCH_FLOW_CACHE=N`: give the second lab N slots instead (other sizes' A/B).
+        flow_cache_entries: std::env::var("MLB_BENCH_FLOW_CACHE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        ..Default::default()
     });
     let mut paths = paths(&mut lab, calls);
+    paths.extend(uncached_paths(&mut uncached, &paths));
     if let Some(only) = &only {
         let mut i = 0;
         paths.retain(|p| {
@@ -76,9 +104,12 @@ fn main() {
         });
     }
     let per_round = calls / ROUNDS;
+    let mut bench = load_bench_object(calls as u32 * 2);
     pin_to_last_cpu();
     let started = Instant::now();
-    let figures = lab.with_dataplane(|dp, ifindex| measure(dp, ifindex, &paths, per_round));
+    let dp2 = &mut uncached.dataplane;
+    let figures = lab
+        .with_dataplane(|dp, ifindex| measure([dp, dp2], &mut bench, ifindex, &paths, per_round));
     eprintln!("\r{:60}", "");
     report(&figures, calls, started.elapsed().as_secs_f64());
     if let Some(path) = json {
@@ -133,6 +164,7 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
         name,
         program,
+        no_cache: false,
         packets,
         target,
         repeat_valid,
@@ -181,10 +213,17 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             false,
         ),
         path(
-            "new TCP flow (SYN, conntrack insert)",
+            NEW_FLOW,
             prog_names::LB_INGRESS,
             new_flows,
-            Some(200.0),
+            Some(180.0),
+            false,
+        ),
+        path(
+            LRU_BASELINE,
+            prog_names::LRU_INSERT,
+            vec![not_vip.clone()],
+            None,
             false,
         ),
         path(
@@ -197,7 +236,82 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     ]
 }
 
-fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -> Vec<Figure> {
+/// The established paths again on `lab` (no flow cache), primed there.
+fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
+    let pick = |name: &str, label: &'static str| {
+        let p = paths.iter().find(|p| p.name == name).expect("a path");
+        Path {
+            name: label,
+            program: p.program,
+            no_cache: true,
+            packets: p.packets.clone(),
+            target: p.target,
+            repeat_valid: false,
+        }
+    };
+    let out = vec![
+        pick(
+            "established TCP flow, IPIP",
+            "established TCP flow, IPIP, no flow cache",
+        ),
+        pick(
+            "established IPv6 TCP flow, IP6IP6",
+            "established IPv6 TCP, IP6IP6, no flow cache",
+        ),
+        pick(
+            "established, 100,000 flows (cache misses)",
+            "established, 100,000 flows, no flow cache",
+        ),
+    ];
+    for p in &out {
+        for pkt in &p.packets {
+            assert_eq!(lab.run(pkt).action, 3, "priming must forward");
+        }
+    }
+    out
+}
+
+/// The `lb-bench` object with its LRU hash sized `entries` (room for every insert of the
+/// run, as the connection table has: inserts, not evictions, are measured; the LRU has
+/// per-CPU lists, as mlb's connection table had).
+fn load_bench_object(entries: u32) -> Ebpf {
+    let mut bench = EbpfLoader::new()
+        .map_max_entries("LRU", entries)
+        .load(BENCH_OBJECT)
+        .expect("loading lb-bench");
+    let program: &mut Xdp = bench
+        .program_mut(prog_names::LRU_INSERT)
+        .expect("lru_insert")
+        .try_into()
+        .expect("an XDP program");
+    program.load().expect("verifying lru_insert");
+    bench
+}
+
+/// One call of `lru_insert` on `packet`: the kernel's time for it.
+fn run_bench(bench: &mut Ebpf, packet: &[u8]) -> std::time::Duration {
+    let program: &mut Xdp = bench
+        .program_mut(prog_names::LRU_INSERT)
+        .expect("lru_insert")
+        .try_into()
+        .expect("an XDP program");
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.repeat = 1;
+    let result = program.test_run(opts).expect("test run");
+    assert_eq!(result.return_value, 2, "the insert failed");
+    result.duration
+}
+
+fn measure(
+    mut dps: [&mut Dataplane; 2],
+    bench: &mut Ebpf,
+    ifindex: u32,
+    paths: &[Path],
+    per_round: usize,
+) -> Vec<Figure> {
     let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut cursor = vec![0usize; paths.len()];
     for round in 0..ROUNDS {
@@ -208,10 +322,15 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
             for _ in 0..per_round {
                 let packet = &path.packets[cursor[i] % path.packets.len()];
                 cursor[i] += 1;
-                let out = dp
-                    .test_run(path.program, packet, ifindex, 1)
-                    .expect("test run");
-                total_ns += out.duration.as_nanos();
+                let duration = if path.program == prog_names::LRU_INSERT {
+                    run_bench(bench, packet)
+                } else {
+                    dps[path.no_cache as usize]
+                        .test_run(path.program, packet, ifindex, 1)
+                        .expect("test run")
+                        .duration
+                };
+                total_ns += duration.as_nanos();
             }
             rounds[i].push(total_ns as f64 / per_round as f64);
         }
@@ -220,7 +339,7 @@ fn measure(dp: &mut Dataplane, ifindex: u32, paths: &[Path], per_round: usize) -
         .iter()
         .map(|p| {
             p.repeat_valid.then(|| {
-                let out = dp
+                let out = dps[0]
                     .test_run(p.program, &p.packets[0], ifindex, REPEAT)
                     .expect("test run");
                 out.duration.as_nanos() as f64
@@ -305,6 +424,15 @@ fn report(figures: &[Figure], calls: usize, seconds: f64) {
         "repeat > empty: one call with repeat={REPEAT}, only for paths that leave the packet \
          unchanged (the kernel does not restore it between repetitions)."
     );
+    if let Some(ratio) = new_flow_ratio(figures) {
+        println!("new TCP flow / {LRU_BASELINE}: {ratio:.2}× (same run, ns above empty)");
+    }
+}
+
+/// The new-flow figure as a ratio to the kernel LRU hash insert alone.
+fn new_flow_ratio(figures: &[Figure]) -> Option<f64> {
+    let find = |name: &str| figures.iter().find(|f| f.name == name);
+    Some(find(NEW_FLOW)?.above_empty_ns / find(LRU_BASELINE)?.above_empty_ns)
 }
 
 fn write_json(path: &str, figures: &[Figure], calls: usize) {
@@ -330,9 +458,10 @@ fn write_json(path: &str, figures: &[Figure], calls: usize) {
     let body = format!(
         "{{\n  \"benchmark\": \"xdp\",\n  \"method\": \"BPF_PROG_TEST_RUN, one packet per call, \
          mean over calls per round, minus the empty XDP program in the same round, median over rounds\",\n  \"calls\": {calls},\n  \
-         \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
+         \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"new_flow_over_lru_insert\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
         kernel.trim(),
         online_cpus(),
+        new_flow_ratio(figures).map_or("null".into(), |r| format!("{r:.3}")),
         rows.join(",\n")
     );
     std::fs::write(path, body).expect("write JSON");

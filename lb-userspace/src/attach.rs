@@ -44,13 +44,14 @@ pub fn link_pin(pin_dir: &Path, interface: &str) -> PathBuf {
     pin_dir.join(format!("link_{interface}"))
 }
 
-/// Attaches (or re-adopts) `lb_ingress` on `interface`; returns whether an existing
-/// attachment was adopted.
+/// Attaches (or re-adopts) `lb_ingress` on `interface`; returns the XDP mode it attached
+/// in (`native` or `generic`), or `None` when it re-adopted an existing attachment (which
+/// keeps the mode it was made with).
 pub fn attach(
     dataplane: &mut Dataplane,
     interface: &Interface,
     pin_dir: &Path,
-) -> Result<bool, AttachError> {
+) -> Result<Option<&'static str>, AttachError> {
     let name = &interface.name;
     enable_forwarding(name).map_err(|e| AttachError::Interface {
         interface: name.clone(),
@@ -75,7 +76,7 @@ pub fn attach(
         match program.attach_to_link(link) {
             Ok(_) => {
                 info!(interface = %name, "re-adopted the attached program (atomic replace)");
-                return Ok(true);
+                return Ok(None);
             }
             // The interface the link was made on is gone (deleted and recreated: a driver
             // reload, a VM or container restart): the kernel keeps the link but it is
@@ -109,20 +110,27 @@ pub fn attach(
         mode: interface.xdp_mode,
         error: e.to_string(),
     };
-    let link_id = match interface.xdp_mode {
-        XdpModeConfig::Native => program
-            .attach(name, XdpMode::Driver)
-            .map_err(|e| attach_error(&e))?,
-        XdpModeConfig::Generic => program
-            .attach(name, XdpMode::Skb)
-            .map_err(|e| attach_error(&e))?,
+    let (link_id, mode) = match interface.xdp_mode {
+        XdpModeConfig::Native => (
+            program
+                .attach(name, XdpMode::Driver)
+                .map_err(|e| attach_error(&e))?,
+            "native",
+        ),
+        XdpModeConfig::Generic => (
+            program
+                .attach(name, XdpMode::Skb)
+                .map_err(|e| attach_error(&e))?,
+            "generic",
+        ),
         XdpModeConfig::Auto => match program.attach(name, XdpMode::Driver) {
-            Ok(id) => id,
+            Ok(id) => (id, "native"),
             Err(native) => {
                 info!(interface = %name, error = %native, "native XDP unavailable, using generic");
-                program
+                let id = program
                     .attach(name, XdpMode::Skb)
-                    .map_err(|e| attach_error(&e))?
+                    .map_err(|e| attach_error(&e))?;
+                (id, "generic")
             }
         },
     };
@@ -138,8 +146,8 @@ pub fn attach(
         path: pin.clone(),
         error: e.to_string(),
     })?;
-    info!(interface = %name, mode = %interface.xdp_mode, "attached");
-    Ok(false)
+    info!(interface = %name, configured = %interface.xdp_mode, mode, "attached");
+    Ok(Some(mode))
 }
 
 /// Detaches from `interface` by removing its link pin (the kernel detaches when the last

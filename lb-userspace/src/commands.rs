@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use lb_common::{
     consts::{FAMILY_V4, FAMILY_V6},
     hash::{Flow, addr_words},
-    types::{FlowV4, FlowV6, VipKey},
+    types::VipKey,
 };
 
 use crate::{
@@ -105,7 +105,15 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         snapshot.config.display()
     )?;
     for i in &snapshot.interfaces {
-        writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        if i.attached_mode.is_empty() || i.attached_mode == i.xdp_mode {
+            writeln!(out, "interface {} (xdp {})", i.name, i.xdp_mode)?;
+        } else {
+            writeln!(
+                out,
+                "interface {} (xdp {}, configured {})",
+                i.name, i.attached_mode, i.xdp_mode
+            )?;
+        }
     }
     for vip in &snapshot.vips {
         let traffic = pinned.traffic(true, vip.id).ok().unwrap_or_default();
@@ -232,30 +240,13 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
                 |b| format!("{} {} (id {id})", b.name, b.address),
             )
     };
-    let entry = match (flow.src, flow.dst) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => pinned.conntrack_v4(&FlowV4 {
-            src: addr_words(flow.src)[0],
-            dst: addr_words(flow.dst)[0],
-            sport: flow.sport.to_be(),
-            dport: flow.dport.to_be(),
-            proto: flow.proto,
-            _pad0: 0,
-            _pad1: 0,
-        })?,
-        _ => pinned.conntrack_v6(&FlowV6 {
-            src: addr_words(flow.src),
-            dst: addr_words(flow.dst),
-            sport: flow.sport.to_be(),
-            dport: flow.dport.to_be(),
-            proto: flow.proto,
-            _pad0: 0,
-            _pad1: 0,
-        })?,
-    };
+    let entry = pinned.conntrack(flow)?;
     let table = pinned.table_slot(vip_id, hash)?;
     if let Some(e) = entry {
         let backend = pinned.backend(e.backend)?;
-        let valid = backend.generation == e.backend_generation
+        let vip = pinned.vip_state(e.vip)?;
+        let valid = lb_common::conntrack::generation_digest(backend.generation, vip.generation)
+            == e.generation
             && backend.flags & lb_common::consts::backend_flags::UP != 0;
         writeln!(
             out,

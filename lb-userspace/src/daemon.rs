@@ -51,6 +51,8 @@ pub fn capacities(config: &Config) -> Capacities {
         max_vips: config.global.max_vips,
         max_backends: config.global.max_backends,
         conntrack_entries: config.global.conntrack_entries,
+        conntrack_idle: config.global.conntrack_idle,
+        flow_cache_entries: config.global.flow_cache_entries,
     }
 }
 
@@ -67,23 +69,45 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Arc::new(Metrics::new(&pin_dir));
     let metrics_server = metrics::Server::start(config.global.metrics_listen, Arc::clone(&metrics))
         .await
-        .with_context(|| format!("metrics_listen {}", config.global.metrics_listen))?;
+        .with_context(|| {
+            format!(
+                "{}: global.metrics_listen {} cannot be served (another exporter, such as \
+                 node_exporter on 9100, may hold the port): set global.metrics_listen to a free \
+                 address and port, or port 0 for any",
+                options.config.display(),
+                config.global.metrics_listen
+            )
+        })?;
     info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
     let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
-    let (assignments, down, drained) =
-        previous.map_or_else(Default::default, |p| (p.assignments, p.down, p.drained));
+    let (assignments, down, drained, previous_modes) = previous
+        .map_or_else(Default::default, |p| {
+            (p.assignments, p.down, p.drained, p.attached)
+        });
     let mut reconciler = Reconciler::new(dataplane, assignments);
     // Backends the previous daemon had down stay down until their checks pass again, and
     // its drains stay; Backends a reload adds start down until their rise checks pass.
     reconciler.set_initially_down(&down);
     reconciler.set_initially_drained(&drained);
     reconciler.gate_new_backends_on_health();
+    let mut attached = BTreeMap::new();
     for interface in &config.interfaces {
-        attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
+        let mode = attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
+        attached.insert(
+            interface.name.clone(),
+            adopted_mode(interface, mode, &previous_modes),
+        );
     }
+    metrics.set_attached(&attached);
+    let program_id = reconciler
+        .dataplane_mut()
+        .xdp(lb_common::consts::prog_names::LB_INGRESS)
+        .ok()
+        .and_then(|p| p.info().ok())
+        .map(|i| i.id());
     let started = Instant::now();
     let report = reconciler.apply(&config)?;
     metrics.reconciled(&reconciler, &report, started.elapsed());
@@ -110,6 +134,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(1024);
     let mut daemon = Daemon {
+        program_id,
+        attached,
         netlink,
         announcer,
         maintenance,
@@ -213,6 +239,10 @@ struct Daemon {
     retry: Option<(Config, String)>,
     /// Backend addresses that already have a managed neighbour entry.
     neighbours: BTreeSet<IpAddr>,
+    /// Per interface, the XDP mode the program is attached in.
+    attached: BTreeMap<String, String>,
+    /// The id of the loaded `lb_ingress`, to check it is still what the interfaces run.
+    program_id: Option<u32>,
     netlink: Netlink,
     /// Keeps the announce table in line with `decisions`.
     announcer: Announcer,
@@ -290,10 +320,13 @@ impl Daemon {
             .iter()
             .filter(|i| !running.interfaces.contains(i))
         {
-            if let Err(e) =
-                attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir)
-            {
-                return self.refused(&e);
+            match attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir) {
+                Ok(mode) => {
+                    let mode = adopted_mode(interface, mode, &[]);
+                    self.attached.insert(interface.name.clone(), mode);
+                    self.metrics.set_attached(&self.attached);
+                }
+                Err(e) => return self.refused(&e),
             }
         }
         for interface in running
@@ -360,6 +393,7 @@ impl Daemon {
                 );
             }
         });
+        self.metrics.set_health_stats(stats.clone());
         let options = health::Options {
             initial_down,
             stats,
@@ -378,6 +412,35 @@ impl Daemon {
         if let Err(e) = self.reconciler.refresh_next_hops() {
             warn!(error = %e, "refreshing next hops");
         }
+        self.check_attached();
+    }
+
+    /// Checks, off the loop, that every configured interface still runs the program:
+    /// `/readyz` answers 503 while one does not (its interface deleted, its link removed).
+    fn check_attached(&self) {
+        let (Some(config), Some(program)) = (self.reconciler.config(), self.program_id) else {
+            return;
+        };
+        let interfaces: Vec<String> = config.interfaces.iter().map(|i| i.name.clone()).collect();
+        let (netlink, metrics) = (self.netlink.clone(), Arc::clone(&self.metrics));
+        tokio::spawn(async move {
+            let mut detached = Vec::new();
+            for name in interfaces {
+                match netlink.xdp_prog_id(&name).await {
+                    Ok(Some(id)) if id == program => {}
+                    Ok(other) => detached.push((name, other)),
+                    Err(e) => warn!(interface = %name, error = %e, "checking the attachment"),
+                }
+            }
+            for (name, other) in &detached {
+                error!(
+                    interface = %name,
+                    running = ?other,
+                    "the program is not attached to this interface (gone or replaced?): not ready; restart mlb to attach again"
+                );
+            }
+            metrics.set_detached(!detached.is_empty());
+        });
     }
 
     fn on_health(&mut self, events: &[HealthEvent]) {
@@ -415,7 +478,8 @@ impl Daemon {
         match command {
             Command::Status => Reply::Status(Box::new(
                 Snapshot::of(&self.reconciler, &config, &self.running_text)
-                    .with_announce(self.maintenance, &self.decisions),
+                    .with_announce(self.maintenance, &self.decisions)
+                    .with_attached(&self.attached),
             )),
             Command::Maintenance { on } => {
                 if let Err(e) = state::set_maintenance(&self.pin_dir, on) {
@@ -546,11 +610,46 @@ impl Daemon {
         let path = state::state_path(&self.pin_dir);
         if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text)
             .with_announce(self.maintenance, &self.decisions)
+            .with_attached(&self.attached)
             .save(&path)
         {
             warn!(path = %path.display(), error = %e, "saving state");
         }
     }
+}
+
+/// The mode `interface` is attached in: `mode` for a fresh attach; for a re-adopted link,
+/// the mode its maker recorded. A configured mode that re-adoption cannot honour (the link
+/// keeps the mode it was made with) is logged.
+fn adopted_mode(
+    interface: &crate::config::Interface,
+    mode: Option<&'static str>,
+    previous: &[(String, String)],
+) -> String {
+    if let Some(mode) = mode {
+        return mode.to_owned();
+    }
+    let recorded = previous
+        .iter()
+        .find(|(name, _)| *name == interface.name)
+        .map(|(_, m)| m.clone());
+    let wanted = match interface.xdp_mode {
+        crate::config::XdpModeConfig::Native => Some("native"),
+        crate::config::XdpModeConfig::Generic => Some("generic"),
+        crate::config::XdpModeConfig::Auto => None,
+    };
+    if let (Some(wanted), Some(recorded)) = (wanted, &recorded)
+        && wanted != recorded
+    {
+        warn!(
+            interface = %interface.name,
+            configured = wanted,
+            attached = %recorded,
+            "xdp_mode changed, but the re-adopted link keeps the mode it was attached in: \
+             `mlb detach` and start again to change it (drops the connection table)"
+        );
+    }
+    recorded.unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// What a live reload cannot change.
@@ -565,6 +664,12 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     }
     if r.conntrack_entries != n.conntrack_entries {
         changed.push("conntrack_entries");
+    }
+    if r.conntrack_idle != n.conntrack_idle {
+        changed.push("conntrack_idle");
+    }
+    if r.flow_cache_entries != n.flow_cache_entries {
+        changed.push("flow_cache_entries");
     }
     if r.pin_path != n.pin_path {
         changed.push("pin_path");

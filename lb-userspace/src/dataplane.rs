@@ -14,21 +14,22 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
+    conntrack::{self, Way},
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, flow_cache_entries, map_names as names, prog_names,
-        table_entries,
+        DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        flow_cache_slots, map_names as names, prog_names, table_entries,
     },
-    hash::{addr_words, vip_filter_bit},
+    hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipAddr, VipFilter,
-        VipKey, VipState,
+        Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipAddr, VipFilter, VipKey,
+        VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 15] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -37,8 +38,7 @@ const ALL_MAPS: [&str; 16] = [
     names::VIP_STATE,
     names::TABLES,
     names::BACKENDS,
-    names::CONNTRACK_V4,
-    names::CONNTRACK_V6,
+    names::CONNTRACK,
     names::FLOW_CACHE_V4,
     names::FLOW_CACHE_V6,
     names::NEXT_HOPS,
@@ -61,15 +61,15 @@ fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
         (names::BACKENDS, caps.max_backends),
         (names::NEXT_HOPS, caps.max_backends),
         (names::BACKEND_STATS, caps.max_backends),
-        (names::CONNTRACK_V4, caps.conntrack_entries),
-        (names::CONNTRACK_V6, caps.conntrack_entries),
+        // The buckets, then the element holding the table's seed.
+        (names::CONNTRACK, caps.conntrack_buckets() + 1),
         (
             names::FLOW_CACHE_V4,
-            flow_cache_entries(caps.conntrack_entries),
+            flow_cache_slots(caps.flow_cache_entries),
         ),
         (
             names::FLOW_CACHE_V6,
-            flow_cache_entries(caps.conntrack_entries),
+            flow_cache_slots(caps.flow_cache_entries),
         ),
     ]
 }
@@ -95,12 +95,21 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 /// The compiled XDP object, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Map sizes, fixed when the program is loaded.
+/// Benchmark baselines (`lru_insert`), never loaded by the daemon.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+
+/// Map sizes and connection-table settings, fixed when the program is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Connection-table ways, both families (rounded up to a power of two of buckets).
     pub conntrack_entries: u32,
+    /// Seconds without a packet before a connection-table entry may be reused.
+    pub conntrack_idle: u32,
+    /// Per-CPU flow-cache slots per family (rounded up to a power of two); 0 = no flow
+    /// cache (a one-slot map the program never uses).
+    pub flow_cache_entries: u32,
 }
 
 impl Default for Capacities {
@@ -109,8 +118,33 @@ impl Default for Capacities {
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_idle: DEFAULT_CONNTRACK_IDLE,
+            flow_cache_entries: DEFAULT_FLOW_CACHE_ENTRIES,
         }
     }
+}
+
+impl Capacities {
+    /// Buckets of the connection table.
+    pub fn conntrack_buckets(&self) -> u32 {
+        conntrack::buckets(self.conntrack_entries)
+    }
+}
+
+/// The kernel's tick rate (`CONFIG_HZ`, what `jiffies` counts), from /proc/config.gz; 1000
+/// when unknown, the highest common value: a lower real rate only makes entries idle later.
+pub fn kernel_hz() -> u32 {
+    let config = std::process::Command::new("zcat")
+        .arg("/proc/config.gz")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1000)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +258,14 @@ impl Dataplane {
         raise_memlock_limit();
         let sizes = map_sizes(caps);
         let mut loader = EbpfLoader::new();
+        let (shift, idle) = conntrack::age_units(kernel_hz(), caps.conntrack_idle);
+        let mask = caps.conntrack_buckets() - 1;
+        let flow_cache_on = u32::from(caps.flow_cache_entries > 0);
+        loader
+            .override_global("CT_BUCKET_MASK", &mask, true)
+            .override_global("CT_AGE_SHIFT", &shift, true)
+            .override_global("CT_IDLE", &idle, true)
+            .override_global("FLOW_CACHE_ON", &flow_cache_on, true);
         let paths: Vec<(&'static str, std::path::PathBuf)> = ALL_MAPS
             .iter()
             .filter_map(|name| pin_dir.map(|dir| (*name, dir.join(name))))
@@ -241,6 +283,10 @@ impl Dataplane {
             // Pinned maps: another daemon may have just moved the index.
             config_retired: u64::MAX,
         };
+        // A fresh table gets a random seed; an adopted one keeps its own.
+        if dataplane.conntrack_seed()? == 0 {
+            dataplane.set_conntrack_seed(random_seed())?;
+        }
         for name in [
             prog_names::LB_INGRESS,
             prog_names::LB_DECAP,
@@ -303,12 +349,77 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The connection table's hash seed (0 before one is set).
+    pub fn conntrack_seed(&self) -> Result<u64> {
+        Ok(self.conntrack_bucket(self.caps.conntrack_buckets())?.ways[0])
+    }
+
+    /// Empties the connection table and gives it hash seed `seed` (non-zero). For tests
+    /// that need a known placement; a running data plane loses every flow's entry.
+    pub fn set_conntrack_seed(&mut self, seed: u64) -> Result<()> {
+        let name = names::CONNTRACK;
+        let buckets = self.caps.conntrack_buckets();
+        let mut map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for index in 0..buckets {
+            map.set(index, ConntrackBucket::default(), 0)
+                .map_err(map_err(name))?;
+        }
+        let mut cell = ConntrackBucket::default();
+        cell.ways[0] = seed;
+        map.set(buckets, cell, 0).map_err(map_err(name))
+    }
+
+    /// Bucket `index` of the connection table.
+    pub fn conntrack_bucket(&self, index: u32) -> Result<ConntrackBucket> {
+        let name = names::CONNTRACK;
+        let map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.get(&index, 0).map_err(map_err(name))
+    }
+
+    /// Writes bucket `index` of the connection table (tests that stage a bucket).
+    pub fn set_conntrack_bucket(&mut self, index: u32, bucket: &ConntrackBucket) -> Result<()> {
+        let name = names::CONNTRACK;
+        let mut map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        map.set(index, bucket, 0).map_err(map_err(name))
+    }
+
+    /// The connection-table way of `flow`, if any, as the kernel would find it.
+    pub fn conntrack(&self, flow: &Flow) -> Result<Option<Way>> {
+        let seed = self.conntrack_seed()?;
+        let place = conntrack::place(flow.conntrack_hash(seed), self.caps.conntrack_buckets() - 1);
+        for index in [place.first, place.second] {
+            let mut bucket = self.conntrack_bucket(index)?;
+            // SAFETY: a bucket we own.
+            if let Some((_, word)) = unsafe { conntrack::find(&mut bucket, place.tag) } {
+                return Ok(Some(Way::unpack(word)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The kernel's clock in age units, as the program reads it: jiffies (from
+    /// /proc/timer_list) shifted by the age unit. `None` when it cannot be read.
+    pub fn conntrack_now(&self) -> Option<u64> {
+        let (shift, _) = conntrack::age_units(kernel_hz(), self.caps.conntrack_idle);
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let jiffies: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((jiffies >> shift) & conntrack::AGE_MASK)
+    }
+
     /// Writes the global entry; the flow-cache mask comes from the capacities, the cache
     /// epoch moves on (next hops may have changed) and the Vip filter stays as it is.
     pub fn set_global(&mut self, config: &GlobalConfig) -> Result<()> {
         let current = self.global()?;
         self.write_global(&GlobalConfig {
-            flow_cache_mask: flow_cache_entries(self.caps.conntrack_entries) - 1,
+            flow_cache_mask: flow_cache_slots(self.caps.flow_cache_entries) - 1,
             cache_epoch: next_epoch(current.cache_epoch),
             vip_filter: current.vip_filter,
             ..*config
@@ -450,17 +561,7 @@ impl Dataplane {
     /// update: a packet sees the old table or the new one, never a mix (invariant 3).
     pub fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<()> {
         self.check("max_vips", id, self.caps.max_vips)?;
-        let entries = table_entries(table.size());
-        let definition = aya_obj::Map::new_from_params(
-            BPF_MAP_TYPE_ARRAY,
-            size_of::<u32>() as u32,
-            size_of::<[u32; 2]>() as u32,
-            entries,
-            BPF_F_INNER_MAP | BPF_F_MMAPABLE,
-        );
-        let inner =
-            MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
-        write_table(inner.fd().as_fd(), entries, table)?;
+        let inner = inner_table(table)?;
         let mut outer: ArrayOfMaps<_, MapData> =
             ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
         outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
@@ -480,21 +581,14 @@ impl Dataplane {
         let mut keys = Vec::with_capacity(tables.len());
         let mut fds = Vec::with_capacity(tables.len());
         for (id, table) in tables {
-            let index = match inners.iter().position(|(t, _)| *t == *table) {
+            // Same allocation first: the reconciler hands one table to every Vip it shares.
+            let index = match inners
+                .iter()
+                .position(|(t, _)| std::ptr::eq(*t, *table) || *t == *table)
+            {
                 Some(index) => index,
                 None => {
-                    let entries = table_entries(table.size());
-                    let definition = aya_obj::Map::new_from_params(
-                        BPF_MAP_TYPE_ARRAY,
-                        size_of::<u32>() as u32,
-                        size_of::<[u32; 2]>() as u32,
-                        entries,
-                        BPF_F_INNER_MAP | BPF_F_MMAPABLE,
-                    );
-                    let inner = MapData::create(definition, "mlb_table", None)
-                        .map_err(map_err("MaglevTable"))?;
-                    write_table(inner.fd().as_fd(), entries, table)?;
-                    inners.push((table, inner));
+                    inners.push((table, inner_table(table)?));
                     inners.len() - 1
                 }
             };
@@ -611,22 +705,6 @@ impl Dataplane {
             }))
     }
 
-    /// The connection-table entry of an IPv4 Flow, if any.
-    pub fn conntrack_v4(&self, flow: &FlowV4) -> Result<Option<ConntrackEntry>> {
-        let name = names::CONNTRACK_V4;
-        let map: HashMap<_, FlowV4, ConntrackEntry> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(map.get(flow, 0)).map_err(map_err(name))
-    }
-
-    /// The connection-table entry of an IPv6 Flow, if any.
-    pub fn conntrack_v6(&self, flow: &FlowV6) -> Result<Option<ConntrackEntry>> {
-        let name = names::CONNTRACK_V6;
-        let map: HashMap<_, FlowV6, ConntrackEntry> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(map.get(flow, 0)).map_err(map_err(name))
-    }
-
     /// Runs program `name` once on `packet` with BPF_PROG_TEST_RUN. `ingress_ifindex`
     /// (0 = loopback) is the device the packet pretends to arrive on, which is where
     /// `bpf_fib_lookup` starts. Returns the action and the packet as the program left it.
@@ -659,6 +737,81 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// A file descriptor of program `name` of its own, for callers that run it from
+    /// several threads at once ([`test_run_fd`]).
+    pub fn program_fd(&mut self, name: &'static str) -> Result<std::os::fd::OwnedFd> {
+        let fd = self
+            .xdp(name)?
+            .fd()
+            .map_err(|source| DataplaneError::Program { name, source })?
+            .try_clone()
+            .map_err(DataplaneError::Os)?;
+        fd.as_fd().try_clone_to_owned().map_err(DataplaneError::Os)
+    }
+}
+
+/// BPF_PROG_TEST_RUN of the program behind `fd`, once, on the calling thread's CPU (and
+/// in its network namespace): the action and the packet as the program left it. For
+/// tests that race two CPUs; [`Dataplane::test_run`] otherwise.
+pub fn test_run_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> std::io::Result<(u32, Vec<u8>)> {
+    /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; packet.len() + 256];
+    let ctx = xdp_md(ingress_ifindex, packet.len() as u32);
+    let mut attr = TestAttr {
+        prog_fd: fd.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    if ingress_ifindex != 0 {
+        attr.ctx_size_in = ctx.len() as u32;
+        attr.ctx_in = ctx.as_ptr() as u64;
+    }
+    // SAFETY: a valid attr of its size; the buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            size_of::<TestAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
+}
+
 /// What one BPF_PROG_TEST_RUN call returned.
 #[derive(Debug)]
 pub struct TestRunOutcome {
@@ -678,6 +831,22 @@ fn xdp_md(ingress_ifindex: u32, len: u32) -> [u8; 24] {
 }
 
 /// Writes `table` into an mmap-able inner array of `entries` 8-byte entries.
+/// A new inner array (the outer map's template: mmapable, slot 0 the size) holding
+/// `table`.
+fn inner_table(table: &MaglevTable) -> Result<MapData> {
+    let entries = table_entries(table.size());
+    let definition = aya_obj::Map::new_from_params(
+        BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>() as u32,
+        size_of::<[u32; 2]>() as u32,
+        entries,
+        BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+    );
+    let inner = MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
+    write_table(inner.fd().as_fd(), entries, table)?;
+    Ok(inner)
+}
+
 /// The kernel's internal "not supported" errno, which bpf(2) can return.
 const ENOTSUPP: i32 = 524;
 
@@ -756,16 +925,6 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-fn optional<T>(
-    result: std::result::Result<T, MapError>,
-) -> std::result::Result<Option<T>, MapError> {
-    match result {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
 /// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
 /// devices that forward.
@@ -813,16 +972,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::VIP_STATE, 4, size_of::<VipState>()),
         (names::TABLES, 4, 4),
         (names::BACKENDS, 4, size_of::<Backend>()),
-        (
-            names::CONNTRACK_V4,
-            size_of::<FlowV4>(),
-            size_of::<ConntrackEntry>(),
-        ),
-        (
-            names::CONNTRACK_V6,
-            size_of::<FlowV6>(),
-            size_of::<ConntrackEntry>(),
-        ),
+        (names::CONNTRACK, 4, size_of::<ConntrackBucket>()),
         (names::FLOW_CACHE_V4, 4, size_of::<FlowCacheV4>()),
         (names::FLOW_CACHE_V6, 4, size_of::<FlowCacheV6>()),
         (names::NEXT_HOPS, 4, size_of::<NextHop>()),
@@ -835,6 +985,20 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
 /// Refuses maps pinned under `dir` by a build that laid them out differently: the
 /// program would otherwise fail verification with no word about why.
 fn check_pinned_layouts(dir: &Path) -> Result<()> {
+    // The kernel LRU connection tables of builds before the table of our own: adopting
+    // around them would leave them pinned (54 MiB) and every flow without its entry.
+    for name in ["CONNTRACK_V4", "CONNTRACK_V6"] {
+        let path = dir.join(name);
+        if let Ok(map) = MapData::from_pin(&path) {
+            let info = map.info().map_err(map_err(name))?;
+            return Err(DataplaneError::PinnedLayout {
+                name,
+                have: (info.key_size(), info.value_size()),
+                want: (4, size_of::<ConntrackBucket>() as u32),
+                dir: dir.to_owned(),
+            });
+        }
+    }
     for (name, key, value) in map_layouts() {
         let path = dir.join(name);
         if !path.exists() {
@@ -854,6 +1018,19 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A random non-zero 64-bit seed, from the kernel's generator.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    loop {
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        let seed = u64::from_ne_bytes(bytes);
+        if n == 8 && seed != 0 {
+            return seed;
+        }
+    }
 }
 
 /// Returns once every XDP program run that started before the call has ended:

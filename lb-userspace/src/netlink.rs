@@ -13,6 +13,7 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
+        link::{LinkAttribute, LinkXdp},
         neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
     },
@@ -123,6 +124,38 @@ impl Netlink {
         add.execute().await.map_err(request(format!(
             "managed neighbour {hop} for backend {backend}"
         )))
+    }
+
+    /// The id of the XDP program attached to the interface `name` (`None`: none, or no
+    /// such interface).
+    pub async fn xdp_prog_id(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => return Ok(None),
+            // No such device.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None);
+            }
+            Err(error) => {
+                return Err(NetlinkError::Request {
+                    what: format!("reading interface {name}"),
+                    error,
+                });
+            }
+        };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        }))
     }
 
     /// `ip route get ADDR`: the output device and the next hop.

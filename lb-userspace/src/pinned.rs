@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
+    conntrack::{self, Way},
     consts::{CONFIG_SLOTS, Counter, map_names as names},
-    types::{Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, TrafficCounters, VipKey},
+    hash::Flow,
+    types::{Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipKey, VipState},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,24 +65,35 @@ impl Pinned {
         Ok(map.get(key, 0).ok())
     }
 
+    pub fn vip_state(&self, id: u32) -> Result<VipState, PinnedError> {
+        let map: Array<_, VipState> = Array::try_from(self.map(names::VIP_STATE)?)
+            .map_err(|e| self.fail(names::VIP_STATE, e))?;
+        map.get(&id, 0).map_err(|e| self.fail(names::VIP_STATE, e))
+    }
+
     pub fn backend(&self, id: u32) -> Result<Backend, PinnedError> {
         let map: Array<_, Backend> = Array::try_from(self.map(names::BACKENDS)?)
             .map_err(|e| self.fail(names::BACKENDS, e))?;
         map.get(&id, 0).map_err(|e| self.fail(names::BACKENDS, e))
     }
 
-    pub fn conntrack_v4(&self, flow: &FlowV4) -> Result<Option<ConntrackEntry>, PinnedError> {
-        let map: HashMap<_, FlowV4, ConntrackEntry> =
-            HashMap::try_from(self.map(names::CONNTRACK_V4)?)
-                .map_err(|e| self.fail(names::CONNTRACK_V4, e))?;
-        Ok(map.get(flow, 0).ok())
-    }
-
-    pub fn conntrack_v6(&self, flow: &FlowV6) -> Result<Option<ConntrackEntry>, PinnedError> {
-        let map: HashMap<_, FlowV6, ConntrackEntry> =
-            HashMap::try_from(self.map(names::CONNTRACK_V6)?)
-                .map_err(|e| self.fail(names::CONNTRACK_V6, e))?;
-        Ok(map.get(flow, 0).ok())
+    /// The connection-table way of `flow`, if any, found as the kernel finds it (the
+    /// table's own seed, its two candidate buckets).
+    pub fn conntrack(&self, flow: &Flow) -> Result<Option<Way>, PinnedError> {
+        let name = names::CONNTRACK;
+        let map: Array<_, ConntrackBucket> =
+            Array::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
+        let buckets = map.len() - 1;
+        let seed = map.get(&buckets, 0).map_err(|e| self.fail(name, e))?.ways[0];
+        let place = conntrack::place(flow.conntrack_hash(seed), buckets - 1);
+        for index in [place.first, place.second] {
+            let mut bucket = map.get(&index, 0).map_err(|e| self.fail(name, e))?;
+            // SAFETY: a bucket we own.
+            if let Some((_, word)) = unsafe { conntrack::find(&mut bucket, place.tag) } {
+                return Ok(Some(Way::unpack(word)));
+            }
+        }
+        Ok(None)
     }
 
     /// The installed MaglevTable of Vip `id`: its size and the Backend id of `slot`.

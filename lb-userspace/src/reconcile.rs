@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -158,7 +159,8 @@ pub fn backend_key(pool: &str, addr: IpAddr) -> String {
 /// One Vip's table as installed, and what it was built from.
 #[derive(Clone, Debug)]
 pub struct InstalledTable {
-    pub table: MaglevTable,
+    /// Shared by the Vips built from the same inputs (256 Vips of one pool hold one).
+    pub table: Arc<MaglevTable>,
     /// Swaps so far (1 = the first install).
     pub generation: u64,
     /// Backend ids holding slots, with their names.
@@ -174,7 +176,7 @@ type TableInputs = (Vec<MaglevBackend>, u32, u32);
 struct Planned {
     id: u32,
     endpoint: String,
-    table: MaglevTable,
+    table: Arc<MaglevTable>,
     inputs: TableInputs,
     names: Vec<(u32, String)>,
 }
@@ -357,11 +359,11 @@ impl<D: DataplaneOps> Reconciler<D> {
                 // The data plane may hold any of the new tables: write every one back.
                 self.force_tables = true;
                 self.drained = drained;
-                if let Some(old) = &old {
-                    if let Err(again) = self.write(old, Some(config)) {
-                        tracing::error!(error = %again, "rolling back to the config in force failed too");
-                        self.force_tables = true;
-                    }
+                if let Some(old) = &old
+                    && let Err(again) = self.write(old, Some(config))
+                {
+                    tracing::error!(error = %again, "rolling back to the config in force failed too");
+                    self.force_tables = true;
                 }
                 self.config = old;
                 Err(error)
@@ -640,7 +642,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         config: &Config,
         vips: impl Iterator<Item = (&'c VipConfig, u32)>,
     ) -> Vec<Planned> {
-        let mut built: Vec<(TableInputs, MaglevTable)> = Vec::new();
+        let mut built: Vec<(TableInputs, Arc<MaglevTable>)> = Vec::new();
         let mut planned = Vec::new();
         for (vip, id) in vips {
             let pool = &config.pools[&vip.pool];
@@ -668,14 +670,14 @@ impl<D: DataplaneOps> Reconciler<D> {
                 continue;
             }
             let table = match built.iter().find(|(i, _)| *i == inputs) {
-                Some((_, table)) => table.clone(),
+                Some((_, table)) => Arc::clone(table),
                 None => {
-                    let table = maglev::build(&inputs.0, inputs.1, inputs.2);
-                    built.push((inputs.clone(), table.clone()));
+                    let table = Arc::new(maglev::build(&inputs.0, inputs.1, inputs.2));
+                    built.push((inputs.clone(), Arc::clone(&table)));
                     table
                 }
             };
-            if !self.force_tables && installed.is_some_and(|t| t.table == table) {
+            if !self.force_tables && installed.is_some_and(|t| *t.table == *table) {
                 continue;
             }
             planned.push(Planned {
@@ -695,12 +697,29 @@ impl<D: DataplaneOps> Reconciler<D> {
         planned: Vec<Planned>,
         report: &mut Report,
     ) -> Result<(), ReconcileError> {
-        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &p.table)).collect();
+        let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &*p.table)).collect();
         self.dataplane.install_tables(&batch)?;
+        // Vips sharing a pool share their diff too (256 diffs of 65537 slots cost ~20 ms).
+        let mut diffs: Vec<(Option<TableInputs>, TableInputs, maglev::TableDiff)> = Vec::new();
         for p in planned {
             let previous = self.tables.get(&p.endpoint);
-            let empty = maglev::build(&[], p.table.size(), 0);
-            let diff = maglev::diff(previous.map_or(&empty, |t| &t.table), &p.table);
+            let key = previous.map(|t| t.inputs.clone());
+            let diff = match diffs.iter().find(|(o, n, _)| *o == key && *n == p.inputs) {
+                Some((_, _, diff)) => diff.clone(),
+                None => {
+                    let empty;
+                    let old = match previous {
+                        Some(t) => &t.table,
+                        None => {
+                            empty = maglev::build(&[], p.table.size(), 0);
+                            &empty
+                        }
+                    };
+                    let diff = maglev::diff(old, &p.table);
+                    diffs.push((key, p.inputs.clone(), diff.clone()));
+                    diff
+                }
+            };
             if p.table.is_empty() {
                 report.empty_vips.push(p.endpoint.clone());
             }

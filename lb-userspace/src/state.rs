@@ -150,7 +150,12 @@ pub struct AnnounceStatus {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// As configured (`auto` included).
     pub xdp_mode: String,
+    /// The mode the program is attached in (`native`, `generic`; `unknown` for a link
+    /// re-adopted from a daemon that did not record it).
+    #[serde(default)]
+    pub attached_mode: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -249,6 +254,7 @@ impl Snapshot {
                 .map(|i| InterfaceStatus {
                     name: i.name.clone(),
                     xdp_mode: i.xdp_mode.to_string(),
+                    attached_mode: String::new(),
                 })
                 .collect(),
             vips,
@@ -258,6 +264,16 @@ impl Snapshot {
             maintenance: false,
             announce: Vec::new(),
         }
+    }
+
+    /// With the XDP mode each interface is attached in.
+    pub fn with_attached(mut self, modes: &std::collections::BTreeMap<String, String>) -> Self {
+        for i in &mut self.interfaces {
+            if let Some(mode) = modes.get(&i.name) {
+                i.attached_mode = mode.clone();
+            }
+        }
+        self
     }
 
     /// With the announce decisions (and maintenance) of the daemon.
@@ -312,12 +328,20 @@ pub struct Previous {
     pub down: Vec<(String, IpAddr)>,
     /// `(pool, address)` of the Backends drained at run time (`mlb drain`).
     pub drained: Vec<(String, IpAddr)>,
+    /// (interface, the XDP mode it was attached in).
+    pub attached: Vec<(String, String)>,
 }
 
 /// The state a previous daemon left for the maps under `pin_dir`, if any.
 pub fn previous(pin_dir: &Path) -> Result<Option<Previous>, DataplaneError> {
     match Snapshot::load(&state_path(pin_dir)) {
         Ok(snapshot) => Ok(Some(Previous {
+            attached: snapshot
+                .interfaces
+                .iter()
+                .filter(|i| !i.attached_mode.is_empty())
+                .map(|i| (i.name.clone(), i.attached_mode.clone()))
+                .collect(),
             drained: snapshot
                 .backends
                 .iter()

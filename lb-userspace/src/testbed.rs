@@ -9,12 +9,12 @@
 //! One L2 segment, 10.100.0.0/24 and fd00:100::/64; the client routes the Vip prefixes
 //! via the load balancer; backends answer the client directly (direct server return).
 
-use std::{io, net::IpAddr};
+use std::{io, net::IpAddr, path::Path};
 
 use aya::programs::XdpMode;
 use lb_common::consts::prog_names;
 
-use crate::{dataplane::Dataplane, netns::Netns};
+use crate::{dataplane::Dataplane, netns::Netns, state};
 
 pub const SUBNET4: &str = "10.100.0";
 pub const SUBNET6: &str = "fd00:100:";
@@ -170,4 +170,29 @@ pub fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host>
         addr4,
         addr6,
     })
+}
+
+/// Removes everything a daemon pinned under `pin_dir` leaves on the host, also when it was
+/// killed: the pins, and its files under [`state::RUN_DIR`] and [`state::LIB_DIR`] (state,
+/// control socket, maintenance flag, lock: every `<pin dir name>.*`).
+pub fn remove_daemon_files(pin_dir: &Path) {
+    let _ = std::fs::remove_dir_all(pin_dir);
+    let Some(name) = pin_dir.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!("{name}.");
+    for dir in [state::RUN_DIR, state::LIB_DIR] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }

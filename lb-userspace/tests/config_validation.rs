@@ -313,6 +313,8 @@ fn minimal_config_gets_every_default() {
         Global {
             hash_seed: 0,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_idle: lb_common::consts::DEFAULT_CONNTRACK_IDLE,
+            flow_cache_entries: lb_common::consts::DEFAULT_FLOW_CACHE_ENTRIES,
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
             metrics_listen: "127.0.0.1:9100".parse::<SocketAddr>().expect("address"),

@@ -378,6 +378,39 @@ fn plan_and_trace_explain_the_live_state() {
     assert!(text.contains("10.200.0.1:80/tcp"), "{text}");
 }
 
+/// A test leaves nothing behind: a `kill -9`ed daemon leaves its control socket, lock,
+/// state and pins, and dropping the bed removes them all.
+#[test]
+fn a_killed_daemon_leaves_nothing_once_its_bed_is_dropped() {
+    let mut bed = DaemonBed::new(1);
+    bed.write_config(&bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1)], "")));
+    bed.start_daemon();
+    bed.stop_daemon("-KILL");
+    let pin_dir = bed.pin_dir.clone();
+    let left = [
+        lb_userspace::state::socket_path(&pin_dir),
+        lb_userspace::state::state_path(&pin_dir),
+        lb_userspace::state::lock_path(&pin_dir),
+        pin_dir.clone(),
+    ];
+    for path in &left {
+        assert!(path.exists(), "a killed daemon left no {}", path.display());
+    }
+    drop(bed);
+    for path in &left {
+        assert!(!path.exists(), "{} is left behind", path.display());
+    }
+    let name = pin_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    let stray: Vec<String> = [lb_userspace::state::RUN_DIR, lb_userspace::state::LIB_DIR]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{name}.")))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+}
+
 /// The load balancer's interface deleted and recreated between two daemon runs (a driver
 /// reload, a VM or container restart): the daemon sees the pinned link is defunct,
 /// attaches a fresh one, keeps the pinned maps, and open connections continue on their
@@ -456,6 +489,7 @@ fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
         max_vips: 1,
         max_backends: 2,
         conntrack_entries: 1024,
+        ..Default::default()
     })
     .unwrap();
     switch

@@ -499,6 +499,17 @@ fn healthz_answers_while_running_and_readyz_once_the_config_is_applied() {
     assert_eq!(http_get(addr, "/nope").0, 404);
     metrics.set_ready();
     assert_eq!(http_get(addr, "/readyz").0, 200);
+    metrics.set_apply_failed(true);
+    assert_eq!(http_get(addr, "/readyz").0, 503, "the last apply failed");
+    metrics.set_apply_failed(false);
+    metrics.set_detached(true);
+    assert_eq!(
+        http_get(addr, "/readyz").0,
+        503,
+        "the program is not attached"
+    );
+    metrics.set_detached(false);
+    assert_eq!(http_get(addr, "/readyz").0, 200);
     metrics.reload(true);
     metrics.reload(false);
     let samples = parse_samples(&http_get(addr, "/metrics").1);
@@ -1054,4 +1065,32 @@ fn a_backend_given_a_freed_id_counts_from_zero_and_kept_backends_keep_their_coun
     );
     assert_eq!(packets("b3"), Some(0.0), "b3 inherits none of b2's packets");
     assert_eq!(packets("b1"), Some(expected(id1)));
+}
+
+/// The load balancer's interface deleted under a running daemon: `/readyz` turns 503.
+#[test]
+fn readyz_turns_503_when_the_program_is_no_longer_attached() {
+    let _serial = serial();
+    let mut bed = start(2);
+    let addr = metrics_addr(&bed);
+    let readyz = |bed: &DaemonBed| {
+        bed.bed
+            .lb
+            .netns
+            .enter(|| http_get(addr, "/readyz").0)
+            .unwrap()
+    };
+    assert_eq!(readyz(&bed), 200);
+    let port = bed.bed.switch_port(&bed.bed.lb);
+    bed.bed.switch.ip(&["link", "del", &port]).unwrap();
+    bed.wait_for("/readyz 503", Duration::from_secs(10), || {
+        readyz(&bed) == 503
+    });
+    assert!(
+        bed.log_text()
+            .contains("the program is not attached to this interface"),
+        "{}",
+        bed.log_text()
+    );
+    bed.stop_daemon("-KILL");
 }

@@ -78,6 +78,7 @@ impl Bed {
             max_vips: 8,
             max_backends: 16,
             conntrack_entries: 65_536,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
         bed.lb

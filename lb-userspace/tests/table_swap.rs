@@ -21,6 +21,7 @@ fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
             max_vips: 256,
             max_backends: 16,
             conntrack_entries: 1024,
+            ..Default::default()
         },
         &pin,
     )

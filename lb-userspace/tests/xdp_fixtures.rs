@@ -746,7 +746,7 @@ fn cached_flow_variants_take_the_full_path() {
 fn evicted_flow_keeps_its_backend_from_the_connection_table() {
     let mut lab = Lab::new();
     let mask =
-        lb_common::consts::flow_cache_entries(lab.dataplane.capacities().conntrack_entries) - 1;
+        lb_common::consts::flow_cache_slots(lab.dataplane.capacities().flow_cache_entries) - 1;
     let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
     let a = flow(CLIENT, 44000, VIP, 80, 6);
     let slot = a.hash(SEED) & mask;

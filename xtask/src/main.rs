@@ -6,6 +6,7 @@ mod fuzz;
 mod mutants;
 mod report;
 mod setup;
+mod soak;
 mod status;
 mod test;
 
@@ -33,6 +34,10 @@ enum Command {
     /// Benchmarks; figures are printed and written as JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// The soak test: the real daemon in network namespaces under continuous traffic, a
+    /// reload every second, backends and the daemon killed; asserts zero broken
+    /// connections to healthy backends and flat memory, fds and tasks. Root.
+    Soak(soak::Args),
     /// Fuzzers with a longer budget than the test suite gives them.
     #[command(subcommand)]
     Fuzz(fuzz::Fuzz),
@@ -57,6 +62,7 @@ fn run() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(bench) => bench::run(bench),
+        Command::Soak(args) => soak::run(args),
         Command::Fuzz(fuzz) => fuzz::run(fuzz),
         Command::Mutants(args) => mutants::run(args),
     }

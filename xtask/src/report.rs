@@ -1037,6 +1037,16 @@ impl Report<'_> {
                 r["total_mib"].as_f64().unwrap_or(f64::NAN)
             );
         }
+        if let (Some(table), Some(lru)) = (
+            v["conntrack_bytes_per_flow"].as_f64(),
+            v["lru_hash_bytes_per_flow"].as_f64(),
+        ) {
+            let _ = writeln!(
+                md,
+                "\nConnection table: {table:.1} bytes per tracked flow (a kernel LRU hash of as \
+                 many entries: {lru:.1})."
+            );
+        }
         md.push('\n');
     }
 

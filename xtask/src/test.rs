@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::setup;
+use crate::{setup, soak};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,6 +17,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the tests load XDP programs and create network namespaces: run them as root");
     }
+    // The benchmark programs make the README's figures: build them all, so none can rot.
+    println!("▶ cargo test --workspace --benches --no-run (every benchmark program builds)");
+    if !Command::new("cargo")
+        .args(["test", "--workspace", "--benches", "--no-run"])
+        .status()?
+        .success()
+    {
+        bail!("a benchmark program does not build");
+    }
     println!("▶ cargo test --workspace (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
     let mut cargo = Command::new("cargo");
     cargo.args(["test", "--workspace", "--no-fail-fast"]);
@@ -25,6 +34,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !cargo.status()?.success() {
         bail!("tests failed");
+    }
+    if args.filter.is_none() {
+        let (minutes, daemon_every) = soak::SHORT;
+        println!(
+            "▶ cargo xtask soak --minutes {minutes} --daemon-every {daemon_every} (the short soak)"
+        );
+        soak::run_soak(&soak::short())?;
     }
     Ok(())
 }

@@ -142,6 +142,7 @@ impl Demo {
             max_vips: 1,
             max_backends: 2,
             conntrack_entries: 1024,
+            ..Default::default()
         })?;
         bed.attach_plumbing(&mut helpers)?;
 

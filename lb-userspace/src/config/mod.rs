@@ -49,6 +49,12 @@ pub const DEFAULT_ENCAP_SOURCE_V6: (Ipv6Addr, u8) =
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mlb";
 /// Smallest `global.conntrack_entries`.
 pub const MIN_CONNTRACK_ENTRIES: u32 = 1024;
+/// Largest `global.conntrack_entries` (2^21 buckets of 8 ways).
+pub const MAX_CONNTRACK_ENTRIES: u32 = lb_common::conntrack::MAX_BUCKETS * 8;
+/// Largest `global.conntrack_idle`, in seconds.
+pub const MAX_CONNTRACK_IDLE: u32 = 86_400;
+/// Largest `global.flow_cache_entries`.
+pub const MAX_FLOW_CACHE_ENTRIES: u32 = 1 << 20;
 /// Shortest health-check interval.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// Largest health-check jitter (a fraction of the interval).
@@ -75,8 +81,12 @@ pub struct Config {
 pub struct Global {
     /// Flow hash seed; must be the same on every load balancer of a fleet.
     pub hash_seed: u32,
-    /// Connection-table capacity (entries per address family).
+    /// Connection-table capacity (entries, both address families together).
     pub conntrack_entries: u32,
+    /// Seconds without a packet after which a flow's connection-table entry may be reused.
+    pub conntrack_idle: u32,
+    /// Per-CPU flow-cache slots per address family.
+    pub flow_cache_entries: u32,
     /// Vip map capacity (at least the number of configured Vips).
     pub max_vips: u32,
     /// Backend map capacity (more than the number of distinct Backend addresses: id 0 is
@@ -98,6 +108,8 @@ impl Default for Global {
         Self {
             hash_seed: 0,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_idle: lb_common::consts::DEFAULT_CONNTRACK_IDLE,
+            flow_cache_entries: lb_common::consts::DEFAULT_FLOW_CACHE_ENTRIES,
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
             metrics_listen: DEFAULT_METRICS_LISTEN,

@@ -25,6 +25,8 @@ const ANNOUNCE_KEYS: &[&str] = &["table"];
 const GLOBAL_KEYS: &[&str] = &[
     "hash_seed",
     "conntrack_entries",
+    "conntrack_idle",
+    "flow_cache_entries",
     "max_vips",
     "max_backends",
     "metrics_listen",
@@ -118,6 +120,8 @@ pub(crate) struct Document {
 pub(crate) struct Global {
     pub hash_seed: Field<u32>,
     pub conntrack_entries: Field<u32>,
+    pub conntrack_idle: Field<u32>,
+    pub flow_cache_entries: Field<u32>,
     pub max_vips: Field<u32>,
     pub max_backends: Field<u32>,
     pub metrics_listen: Field<SocketAddr>,
@@ -259,10 +263,21 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
     Global {
         hash_seed: s.optional("hash_seed", out, values::hash_seed),
         conntrack_entries: s.optional("conntrack_entries", out, |t| {
-            values::uint(t, MIN_CONNTRACK_ENTRIES..=u32::MAX)
+            values::uint(t, MIN_CONNTRACK_ENTRIES..=super::MAX_CONNTRACK_ENTRIES)
         }),
-        max_vips: s.optional("max_vips", out, |t| values::uint(t, 1..=u32::MAX)),
-        max_backends: s.optional("max_backends", out, |t| values::uint(t, 2..=u32::MAX)),
+        conntrack_idle: s.optional("conntrack_idle", out, |t| {
+            values::uint(t, 1..=super::MAX_CONNTRACK_IDLE)
+        }),
+        flow_cache_entries: s.optional("flow_cache_entries", out, |t| {
+            values::uint(t, 0..=super::MAX_FLOW_CACHE_ENTRIES)
+        }),
+        // The connection table's ways hold 10-bit Vip and 13-bit Backend ids.
+        max_vips: s.optional("max_vips", out, |t| {
+            values::uint(t, 1..=lb_common::conntrack::MAX_VIPS)
+        }),
+        max_backends: s.optional("max_backends", out, |t| {
+            values::uint(t, 2..=lb_common::conntrack::MAX_BACKENDS)
+        }),
         metrics_listen: s.optional("metrics_listen", out, values::socket_address),
         encap_source_v4: s.optional("encap_source_v4", out, values::prefix_v4),
         encap_source_v6: s.optional("encap_source_v6", out, values::prefix_v6),

@@ -51,6 +51,8 @@ fn global(g: &schema::Global) -> Global {
     Global {
         hash_seed: or(&g.hash_seed, d.hash_seed),
         conntrack_entries: or(&g.conntrack_entries, d.conntrack_entries),
+        conntrack_idle: or(&g.conntrack_idle, d.conntrack_idle),
+        flow_cache_entries: or(&g.flow_cache_entries, d.flow_cache_entries),
         max_vips: or(&g.max_vips, d.max_vips),
         max_backends: or(&g.max_backends, d.max_backends),
         metrics_listen: or(&g.metrics_listen, d.metrics_listen),

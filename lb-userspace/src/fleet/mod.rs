@@ -190,6 +190,7 @@ impl Fleet {
             max_vips: 1,
             max_backends: 2,
             conntrack_entries: 1024,
+            ..Default::default()
         })
         .map_err(io::Error::other)?;
         let attach = |dataplane: &mut Dataplane, netns: &Netns, program, dev: &str| {
@@ -546,12 +547,8 @@ impl Drop for Fleet {
             let _ = server.wait();
         }
         for lb in &self.lbs {
-            let _ = std::fs::remove_dir_all(&lb.pin_dir);
-            let _ = std::fs::remove_file(crate::state::state_path(&lb.pin_dir));
             // A killed daemon leaves its control socket behind.
-            let _ = std::fs::remove_file(crate::state::socket_path(&lb.pin_dir));
-            let _ = std::fs::remove_file(crate::state::lock_path(&lb.pin_dir));
-            let _ = std::fs::remove_file(crate::state::maintenance_path(&lb.pin_dir));
+            testbed::remove_daemon_files(&lb.pin_dir);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -610,6 +607,9 @@ pub struct ConnectionReport {
     pub exchanges: u64,
     /// What broke it, if anything did (reset, a timeout, another backend answering).
     pub broken: Option<String>,
+    /// When it was greeted, and when it broke.
+    pub opened: Instant,
+    pub broken_at: Option<Instant>,
 }
 
 /// Long-lived connections, exercised round-robin by one thread in the client's namespace.
@@ -625,6 +625,17 @@ const BROKEN_AFTER: Duration = Duration::from_secs(15);
 
 impl Connections {
     fn open(client: &Netns, count: usize, every: Duration) -> io::Result<Self> {
+        Self::open_to(client, vip_addr(), count, every)
+    }
+
+    /// Opens `count` long-lived connections from `client` (a namespace with a route to
+    /// it) to `addr`, a backend test server's TCP port behind a Vip.
+    pub fn open_to(
+        client: &Netns,
+        addr: SocketAddr,
+        count: usize,
+        every: Duration,
+    ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let reports = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -632,7 +643,7 @@ impl Connections {
         let thread = spawn_in(client, move || {
             let mut conns = Vec::new();
             for _ in 0..count {
-                match hello(vip_addr()) {
+                match hello(addr) {
                     Ok((stream, reader, backend)) => {
                         let local_port = stream.local_addr().map_or(0, |a| a.port());
                         shared.lock().expect("reports").push(ConnectionReport {
@@ -640,6 +651,8 @@ impl Connections {
                             backend,
                             exchanges: 0,
                             broken: None,
+                            opened: Instant::now(),
+                            broken_at: None,
                         });
                         conns.push(Some((stream, reader)));
                     }
@@ -663,6 +676,7 @@ impl Connections {
                         Ok(()) => reports[i].exchanges += 1,
                         Err(e) => {
                             reports[i].broken = Some(e);
+                            reports[i].broken_at = Some(Instant::now());
                             *slot = None;
                         }
                     }
@@ -757,24 +771,39 @@ fn exchange(
     }
 }
 
+/// A short connection's start and outcome: the backend that answered, or the error.
+pub type TimedResult = (Instant, Result<String, String>);
+
 /// Short connections: connect, read the greeting, close.
 pub struct ShortLoad {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<Result<String, String>>>>,
+    results: Arc<Mutex<Vec<TimedResult>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ShortLoad {
     fn start(client: &Netns, every: Duration, timeout: Duration) -> io::Result<Self> {
+        // Bounded: at most 10 minutes of load.
+        Self::start_to(client, vip_addr(), every, timeout, Duration::from_secs(600))
+    }
+
+    /// Short connections from `client` to `addr` (a backend test server's TCP port behind
+    /// a Vip), one every `every`, for at most `limit`.
+    pub fn start_to(
+        client: &Netns,
+        addr: SocketAddr,
+        every: Duration,
+        timeout: Duration,
+        limit: Duration,
+    ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let results = Arc::new(Mutex::new(Vec::new()));
         let (flag, shared) = (Arc::clone(&stop), Arc::clone(&results));
         let thread = spawn_in(client, move || {
-            // Bounded: at most 10 minutes of load.
             let started = Instant::now();
-            while !flag.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(600) {
+            while !flag.load(Ordering::SeqCst) && started.elapsed() < limit {
                 let at = Instant::now();
-                let result = TcpStream::connect_timeout(&vip_addr(), timeout)
+                let result = TcpStream::connect_timeout(&addr, timeout)
                     .map_err(|e| e.to_string())
                     .and_then(|s| {
                         s.set_read_timeout(Some(timeout))
@@ -788,7 +817,7 @@ impl ShortLoad {
                             name => Ok(name.to_owned()),
                         }
                     });
-                shared.lock().expect("results").push(result);
+                shared.lock().expect("results").push((at, result));
                 if let Some(wait) = every.checked_sub(at.elapsed()) {
                     std::thread::sleep(wait);
                 }
@@ -803,16 +832,29 @@ impl ShortLoad {
 
     /// Every attempt so far: the backend that answered, or the error.
     pub fn results(&self) -> Vec<Result<String, String>> {
-        self.results.lock().expect("results").clone()
+        let results = self.results.lock().expect("results");
+        results.iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// Attempts so far and how many of them failed, without copying them.
+    pub fn counts(&self) -> (usize, usize) {
+        let results = self.results.lock().expect("results");
+        let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+        (results.len(), failed)
     }
 
     /// Stops; every attempt's result.
-    pub fn stop(mut self) -> Vec<Result<String, String>> {
+    pub fn stop(self) -> Vec<Result<String, String>> {
+        self.stop_timed().into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Stops; every attempt with when it started.
+    pub fn stop_timed(mut self) -> Vec<TimedResult> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.results()
+        std::mem::take(&mut *self.results.lock().expect("results"))
     }
 }
 

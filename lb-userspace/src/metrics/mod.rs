@@ -58,6 +58,8 @@ const REBUILD_BUCKETS: &[f64] = &[
 /// registry.
 pub struct Metrics {
     ready: AtomicBool,
+    apply_failed: AtomicBool,
+    detached: AtomicBool,
     pin_dir: PathBuf,
     /// The data plane's counter maps, opened at the first scrape or reconcile after the
     /// daemon pinned them.
@@ -77,6 +79,12 @@ pub struct Metrics {
     no_usable_backend: IntGaugeVec,
     /// Vip names with a `no_usable_backend` series now.
     empty_vips: Mutex<Vec<String>>,
+    /// The health checker's counters (flap damping), read at scrape time.
+    health: Mutex<Option<crate::health::HealthStats>>,
+    /// Interface → the XDP mode attached.
+    attached: Mutex<std::collections::BTreeMap<String, String>>,
+    damping_holds: prometheus::IntCounter,
+    backends_held: prometheus::IntGauge,
 }
 
 /// Label values of `build_info` and `xdp_attached` now set.
@@ -165,11 +173,29 @@ impl Metrics {
         )
         .expect("valid");
         register(Box::new(no_usable_backend.clone()));
+        let damping_holds = prometheus::IntCounter::new(
+            "mlb_health_damping_holds_total",
+            "Flap-damping holds started (a backend held down while its checks pass).",
+        )
+        .expect("valid");
+        register(Box::new(damping_holds.clone()));
+        let backends_held = prometheus::IntGauge::new(
+            "mlb_health_backends_held",
+            "Backends held down by flap damping right now.",
+        )
+        .expect("valid");
+        register(Box::new(backends_held.clone()));
         Self {
+            health: Mutex::new(None),
+            attached: Mutex::new(Default::default()),
+            damping_holds,
+            backends_held,
             announce,
             no_usable_backend,
             empty_vips: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
+            apply_failed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
             pin_dir: pin_dir.into(),
             maps: Mutex::new(None),
             maps_failing: AtomicBool::new(false),
@@ -191,14 +217,34 @@ impl Metrics {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// The XDP mode each interface is attached in, for `mlb_xdp_attached` and
+    /// `mlb_build_info` (instead of the configured one, which may be `auto`).
+    pub fn set_attached(&self, modes: &std::collections::BTreeMap<String, String>) {
+        *lock(&self.attached) = modes.clone();
+    }
+
+    /// The health checker's counters to export (flap damping); the same handle across
+    /// reloads.
+    pub fn set_health_stats(&self, stats: crate::health::HealthStats) {
+        *lock(&self.health) = Some(stats);
+    }
+
     /// The last apply failed in the kernel (retried): `/readyz` answers 503 until one
     /// succeeds.
     pub fn set_apply_failed(&self, failed: bool) {
-        self.ready.store(!failed, Ordering::Release);
+        self.apply_failed.store(failed, Ordering::Release);
+    }
+
+    /// The program is not attached to some configured interface (its interface gone, its
+    /// link removed): `/readyz` answers 503 while so.
+    pub fn set_detached(&self, detached: bool) {
+        self.detached.store(detached, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+            && !self.apply_failed.load(Ordering::Acquire)
+            && !self.detached.load(Ordering::Acquire)
     }
 
     /// One config reload, successful (`true`) or refused.
@@ -298,13 +344,16 @@ impl Metrics {
     }
 
     fn update_info(&self, config: &Config) {
+        let attached = lock(&self.attached).clone();
+        let mode_of = |i: &crate::config::Interface| {
+            attached
+                .get(&i.name)
+                .cloned()
+                .unwrap_or_else(|| i.xdp_mode.to_string())
+        };
         let mut info = lock(&self.info);
         let Info { build, interfaces } = &mut *info;
-        let mut modes: Vec<String> = config
-            .interfaces
-            .iter()
-            .map(|i| i.xdp_mode.to_string())
-            .collect();
+        let mut modes: Vec<String> = config.interfaces.iter().map(mode_of).collect();
         modes.sort();
         modes.dedup();
         let values = vec![
@@ -325,7 +374,7 @@ impl Metrics {
         let now: Vec<(String, String)> = config
             .interfaces
             .iter()
-            .map(|i| (i.name.clone(), i.xdp_mode.to_string()))
+            .map(|i| (i.name.clone(), mode_of(i)))
             .collect();
         for (name, mode) in interfaces.iter().filter(|i| !now.contains(i)) {
             let _ = self.xdp_attached.remove_label_values(&[name, mode]);
@@ -377,6 +426,14 @@ impl Metrics {
             if maps.is_some() {
                 self.failing(result);
             }
+        }
+        if let Some(stats) = lock(&self.health).as_ref() {
+            let backends = stats.backends();
+            let holds: u64 = backends.values().map(|b| b.damped).sum();
+            let seen = self.damping_holds.get();
+            self.damping_holds.inc_by(holds.saturating_sub(seen));
+            self.backends_held
+                .set(backends.values().filter(|b| b.held).count() as i64);
         }
         let mut buffer = out.into_bytes();
         TextEncoder::new()

@@ -12,7 +12,7 @@ use std::{
 use lb_userspace::{
     dataplane::{Capacities, Dataplane},
     netns::Netns,
-    testbed::Testbed,
+    testbed::{self, Testbed},
 };
 
 pub const VIP: &str = "10.200.0.1";
@@ -78,6 +78,7 @@ impl DaemonBed {
             max_vips: 1,
             max_backends: 2,
             conntrack_entries: 1024,
+            ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{e}"));
         bed.attach_plumbing(&mut helpers).unwrap();
@@ -234,9 +235,9 @@ impl Drop for DaemonBed {
         for server in self.servers.iter_mut().flatten() {
             let _ = server.kill();
         }
-        // Pins live in the (global) bpffs: remove them, and the state the daemon left.
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_file(lb_userspace::state::state_path(&self.pin_dir));
+        // Pins live in the (global) bpffs: remove them, and what the daemon left in the
+        // run directory (a killed daemon leaves its control socket).
+        testbed::remove_daemon_files(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -15,6 +15,7 @@ use lb_userspace::{
 };
 
 pub const SEED: u32 = 0x5eed_1234;
+pub const CONNTRACK_SEED: u64 = 0x5eed_c0ff_ee00_1234;
 pub const TABLE_SIZE: u32 = 65_537;
 pub const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 pub const ENCAP_SRC6: &str = "fd00:ffff::";
@@ -109,6 +110,8 @@ impl Lab {
             max_vips: 16,
             max_backends: 64,
             conntrack_entries: 65_536,
+            flow_cache_entries: 8192,
+            ..Default::default()
         })
     }
 
@@ -167,6 +170,8 @@ impl Lab {
     }
 
     fn configure(&mut self) {
+        // A known connection-table placement, so that tests can reason about buckets.
+        self.dataplane.set_conntrack_seed(CONNTRACK_SEED).unwrap();
         let encap6: std::net::Ipv6Addr = ENCAP_SRC6.parse().unwrap();
         self.dataplane
             .set_global(&GlobalConfig {

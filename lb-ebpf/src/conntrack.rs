@@ -1,0 +1,131 @@
+//! The connection table: lookups and inserts over `CONNTRACK`'s one-cache-line buckets.
+//! The layout and the rules (which way an insert takes, what counts as idle) are
+//! `lb_common::conntrack`'s, shared with `mlb trace` and the tests' reference model.
+
+use aya_ebpf::helpers::generated::bpf_jiffies64;
+use lb_common::{
+    conntrack::{
+        AGE_MASK, Way, age_of, choose, find, generation_digest, place, store, way_at, with_age,
+    },
+    types::{ConntrackBucket, ConntrackEntry},
+};
+
+use crate::maps::CONNTRACK;
+
+// Set by the loader from the capacities and the config (`EbpfLoader::override_global`). They
+// live in .rodata, which the loader freezes, so the verifier treats them as constants.
+/// Buckets - 1 (a power of two minus one); the seed element follows the last bucket.
+#[unsafe(no_mangle)]
+static CT_BUCKET_MASK: u32 = 1;
+/// log2 of the age unit in jiffies.
+#[unsafe(no_mangle)]
+static CT_AGE_SHIFT: u32 = 8;
+/// Age units without a packet after which a way may be reused (`conntrack_idle`).
+#[unsafe(no_mangle)]
+static CT_IDLE: u32 = 60;
+
+#[inline(always)]
+fn constant(v: &'static u32) -> u32 {
+    // SAFETY: a static; volatile so the compiler does not fold the placeholder in.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// The coarse clock in age units. `bpf_jiffies64` costs no call: the verifier inlines it
+/// into one load of `jiffies` (kernel/bpf/verifier.c, do_misc_fixups, since 5.5).
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_jiffies64() } >> constant(&CT_AGE_SHIFT)) & AGE_MASK
+}
+
+/// The table's hash seed.
+#[inline(always)]
+pub fn seed() -> Option<u64> {
+    let c = CONNTRACK.get_ptr(constant(&CT_BUCKET_MASK) + 1)?;
+    // SAFETY: a map value; written once by the daemon before the program is attached.
+    Some(unsafe { (*c).ways[0] })
+}
+
+#[inline(always)]
+fn bucket(index: u32) -> Option<*mut ConntrackBucket> {
+    CONNTRACK.get_ptr_mut(index & constant(&CT_BUCKET_MASK))
+}
+
+/// A flow's way: where it is and what it held when read.
+pub struct Found {
+    way: *mut u64,
+    pub word: u64,
+}
+
+impl Found {
+    pub fn way(&self) -> Way {
+        Way::unpack(self.word)
+    }
+}
+
+/// The way of the flow of conntrack hash `h`: its first bucket, then its second.
+#[inline(always)]
+pub fn lookup(h: u64) -> Option<Found> {
+    let p = place(h, constant(&CT_BUCKET_MASK));
+    // SAFETY: map values, live while the program runs.
+    let found = unsafe { find(bucket(p.first)?, p.tag) };
+    let (way, word) = match found {
+        Some(f) => f,
+        None => unsafe { find(bucket(p.second)?, p.tag) }?,
+    };
+    Some(Found { way, word })
+}
+
+/// Marks a found flow as active now. Stores only when the age unit changed, so the
+/// bucket's cache line is written about once per unit per flow, not per packet.
+#[inline(always)]
+pub fn touch(found: &Found, now: u64) {
+    if age_of(found.word) != now {
+        // SAFETY: a way returned by `find`.
+        unsafe { store(found.way, with_age(found.word, now)) };
+    }
+}
+
+/// Keeps the way of the flow of conntrack hash `h` active at `now`; puts it back where
+/// `entry` says if it was lost (a race between two inserts, or a full table since freed).
+/// A subprogram of its own: it runs about once per age unit per flow, and inlined it
+/// would push the fast path past the verifier's 512 bytes of stack.
+#[inline(never)]
+pub fn refresh(h: u64, entry: &ConntrackEntry, now: u64) {
+    match lookup(h) {
+        Some(found) => touch(&found, now),
+        None => {
+            insert(h, entry, now);
+        }
+    }
+}
+
+/// Records that the flow of conntrack hash `h` goes where `entry` says; `false` when both
+/// of its buckets are full of active flows (none is evicted). A subprogram: its three
+/// passes over two buckets are verified once, not at every call site, and kept off the
+/// callers' stack.
+#[inline(never)]
+pub fn insert(h: u64, entry: &ConntrackEntry, now: u64) -> bool {
+    let p = place(h, constant(&CT_BUCKET_MASK));
+    let (Some(first), Some(second)) = (bucket(p.first), bucket(p.second)) else {
+        return false;
+    };
+    let word = Way {
+        tag: p.tag,
+        backend: entry.backend,
+        vip: entry.vip,
+        generation: generation_digest(entry.backend_generation, entry.vip_generation),
+        age: now,
+    }
+    .pack();
+    // SAFETY: map values, live while the program runs.
+    // SAFETY: map values, live while the program runs.
+    match unsafe { choose(first, second, p.tag, now, constant(&CT_IDLE) as u64) } {
+        Some(index) => {
+            // SAFETY: the way `choose` named.
+            unsafe { store(way_at(first, second, index), word) };
+            true
+        }
+        None => false,
+    }
+}
