@@ -12,7 +12,7 @@ use lb_common::{
 
 use crate::maps::CONNTRACK;
 
-// Set by the loader from the capacities and the config (`EbpfLoader::set_global`). They
+// Set by the loader from the capacities and the config (`EbpfLoader::override_global`). They
 // live in .rodata, which the loader freezes, so the verifier treats them as constants.
 /// Buckets - 1 (a power of two minus one); the seed element follows the last bucket.
 #[unsafe(no_mangle)]

@@ -638,16 +638,16 @@ fn adopted_mode(
         crate::config::XdpModeConfig::Generic => Some("generic"),
         crate::config::XdpModeConfig::Auto => None,
     };
-    if let (Some(wanted), Some(recorded)) = (wanted, &recorded) {
-        if wanted != recorded {
-            warn!(
-                interface = %interface.name,
-                configured = wanted,
-                attached = %recorded,
-                "xdp_mode changed, but the re-adopted link keeps the mode it was attached in: \
-                 `mlb detach` and start again to change it (drops the connection table)"
-            );
-        }
+    if let (Some(wanted), Some(recorded)) = (wanted, &recorded)
+        && wanted != recorded
+    {
+        warn!(
+            interface = %interface.name,
+            configured = wanted,
+            attached = %recorded,
+            "xdp_mode changed, but the re-adopted link keeps the mode it was attached in: \
+             `mlb detach` and start again to change it (drops the connection table)"
+        );
     }
     recorded.unwrap_or_else(|| "unknown".to_owned())
 }

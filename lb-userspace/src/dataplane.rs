@@ -561,17 +561,7 @@ impl Dataplane {
     /// update: a packet sees the old table or the new one, never a mix (invariant 3).
     pub fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<()> {
         self.check("max_vips", id, self.caps.max_vips)?;
-        let entries = table_entries(table.size());
-        let definition = aya_obj::Map::new_from_params(
-            BPF_MAP_TYPE_ARRAY,
-            size_of::<u32>() as u32,
-            size_of::<[u32; 2]>() as u32,
-            entries,
-            BPF_F_INNER_MAP | BPF_F_MMAPABLE,
-        );
-        let inner =
-            MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
-        write_table(inner.fd().as_fd(), entries, table)?;
+        let inner = inner_table(table)?;
         let mut outer: ArrayOfMaps<_, MapData> =
             ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
         outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
@@ -598,18 +588,7 @@ impl Dataplane {
             {
                 Some(index) => index,
                 None => {
-                    let entries = table_entries(table.size());
-                    let definition = aya_obj::Map::new_from_params(
-                        BPF_MAP_TYPE_ARRAY,
-                        size_of::<u32>() as u32,
-                        size_of::<[u32; 2]>() as u32,
-                        entries,
-                        BPF_F_INNER_MAP | BPF_F_MMAPABLE,
-                    );
-                    let inner = MapData::create(definition, "mlb_table", None)
-                        .map_err(map_err("MaglevTable"))?;
-                    write_table(inner.fd().as_fd(), entries, table)?;
-                    inners.push((table, inner));
+                    inners.push((table, inner_table(table)?));
                     inners.len() - 1
                 }
             };
@@ -852,6 +831,22 @@ fn xdp_md(ingress_ifindex: u32, len: u32) -> [u8; 24] {
 }
 
 /// Writes `table` into an mmap-able inner array of `entries` 8-byte entries.
+/// A new inner array (the outer map's template: mmapable, slot 0 the size) holding
+/// `table`.
+fn inner_table(table: &MaglevTable) -> Result<MapData> {
+    let entries = table_entries(table.size());
+    let definition = aya_obj::Map::new_from_params(
+        BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>() as u32,
+        size_of::<[u32; 2]>() as u32,
+        entries,
+        BPF_F_INNER_MAP | BPF_F_MMAPABLE,
+    );
+    let inner = MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
+    write_table(inner.fd().as_fd(), entries, table)?;
+    Ok(inner)
+}
+
 /// The kernel's internal "not supported" errno, which bpf(2) can return.
 const ENOTSUPP: i32 = 524;
 

@@ -359,11 +359,11 @@ impl<D: DataplaneOps> Reconciler<D> {
                 // The data plane may hold any of the new tables: write every one back.
                 self.force_tables = true;
                 self.drained = drained;
-                if let Some(old) = &old {
-                    if let Err(again) = self.write(old, Some(config)) {
-                        tracing::error!(error = %again, "rolling back to the config in force failed too");
-                        self.force_tables = true;
-                    }
+                if let Some(old) = &old
+                    && let Err(again) = self.write(old, Some(config))
+                {
+                    tracing::error!(error = %again, "rolling back to the config in force failed too");
+                    self.force_tables = true;
                 }
                 self.config = old;
                 Err(error)
@@ -1273,5 +1273,67 @@ mod tests {
             .collect();
         assert_eq!(tables, ["table 1"], "only pool b's vip: {report}");
         assert_eq!(report.tables.len(), 1);
+    }
+}
+
+/// The pure pieces of what reconcile writes (mutants of each survived the other tests).
+#[cfg(test)]
+mod written_values {
+    use super::*;
+
+    fn parse(extra_global: &str, vips: &str) -> Config {
+        let yaml = format!(
+            "global:\n  hash_seed: 77\n{extra_global}interfaces:\n  - name: eth0\nvips:\n{vips}\
+             pools:\n  web:\n    backends: []\n"
+        );
+        Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const ONE_VIP: &str =
+        "  - address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
+
+    #[test]
+    fn global_config_takes_seed_and_encapsulation_prefixes() {
+        let c = parse(
+            "  encap_source_v4: 172.16.0.0/12\n  encap_source_v6: fd00:ffff::/96\n",
+            ONE_VIP,
+        );
+        let g = global_config(&c, 9);
+        assert_eq!((g.hash_seed, g.fib_generation), (77, 9));
+        assert_eq!(g.encap_src4_hostmask, 0x000F_FFFF);
+        assert_eq!(g.encap_src4_base, 0xAC10_0000);
+        let v6: IpAddr = "fd00:ffff::".parse().unwrap();
+        assert_eq!(g.encap_src6_base, addr_words(v6));
+        let host = parse("  encap_source_v4: 172.16.0.9/32\n", ONE_VIP);
+        let g = global_config(&host, 1);
+        assert_eq!((g.encap_src4_base, g.encap_src4_hostmask), (0xAC10_0009, 0));
+    }
+
+    #[test]
+    fn vip_keys_and_wildcard_flags() {
+        let key = vip_key("10.200.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        assert_eq!(
+            (key.port, key.proto, key.family),
+            (80u16.to_be(), 6, FAMILY_V4)
+        );
+        assert_eq!(key.addr, addr_words("10.200.0.1".parse().unwrap()));
+        let key6 = vip_key("fd00::1".parse().unwrap(), 53, Protocol::Udp);
+        assert_eq!((key6.proto, key6.family), (17, FAMILY_V6));
+
+        let c = parse(
+            "",
+            "  - address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n\
+             \x20 - address: 10.200.0.2\n    port: 0\n    protocol: tcp\n    pool: web\n\
+             \x20 - address: 10.200.0.2\n    port: 0\n    protocol: udp\n    pool: web\n",
+        );
+        let flags = vip_addr_flags_of(&c);
+        let a1: IpAddr = "10.200.0.1".parse().unwrap();
+        let a2: IpAddr = "10.200.0.2".parse().unwrap();
+        assert_eq!(flags.len(), 2);
+        assert_eq!(flags[&a1], 0);
+        assert_eq!(
+            flags[&a2],
+            vip_addr_flags::ANY_PORT_TCP | vip_addr_flags::ANY_PORT_UDP
+        );
     }
 }

@@ -58,3 +58,27 @@ fn maps_pinned_by_another_build_are_refused_by_name() {
     std::fs::remove_file(pins.0.join("CONFIG")).unwrap();
     Dataplane::load_pinned(Capacities::default(), &pins.0).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// The kernel LRU connection tables of a build before mlb's own table are refused by name,
+/// not left pinned beside the new one with every flow's entry lost.
+#[test]
+fn lru_connection_tables_of_an_older_build_are_refused() {
+    ensure_bpffs();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/mlb-test-legacy-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pins.0).unwrap();
+    /// `BPF_MAP_TYPE_LRU_HASH`, FlowV4 (16 bytes) to a 16-byte entry, as they were.
+    const LRU_HASH: u32 = 9;
+    let definition = aya_obj::Map::new_from_params(LRU_HASH, 16, 16, 1024, 0);
+    let map = MapData::create(definition, "CONNTRACK_V4", None).unwrap_or_else(|e| panic!("{e}"));
+    map.pin(pins.0.join("CONNTRACK_V4"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let error = match Dataplane::load_pinned(Capacities::default(), &pins.0) {
+        Ok(_) => panic!("adopted around the old LRU connection table"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("map CONNTRACK_V4"), "{error}");
+    assert!(error.contains("mlb detach"), "{error}");
+}

@@ -17,6 +17,9 @@ pub enum Bench {
         /// Calls per path for the one-packet-per-call method.
         #[arg(long, default_value_t = 200_000)]
         calls: u32,
+        /// Only the paths whose name contains this (and the baselines).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Kernel memory locked by the maps for 1, 16 and 256 Vips. Root.
     Memory {
@@ -96,7 +99,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 cargo.arg("--json").arg(json);
             }
         }
-        Bench::Xdp { json, calls } => {
+        Bench::Xdp { json, calls, only } => {
             if !setup::is_root() {
                 bail!("the XDP benchmark loads the program into the kernel: run it as root");
             }
@@ -110,6 +113,9 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
                 "--calls",
             ]);
             cargo.arg(calls.to_string());
+            if let Some(only) = only {
+                cargo.arg("--only").arg(only);
+            }
             if let Some(json) = json {
                 cargo.arg("--json").arg(json);
             }

@@ -17,6 +17,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the tests load XDP programs and create network namespaces: run them as root");
     }
+    // The benchmark programs make the README's figures: build them all, so none can rot.
+    println!("▶ cargo test --workspace --benches --no-run (every benchmark program builds)");
+    if !Command::new("cargo")
+        .args(["test", "--workspace", "--benches", "--no-run"])
+        .status()?
+        .success()
+    {
+        bail!("a benchmark program does not build");
+    }
     println!("▶ cargo test --workspace (unit, BPF_PROG_TEST_RUN fixtures, network namespaces)");
     let mut cargo = Command::new("cargo");
     cargo.args(["test", "--workspace", "--no-fail-fast"]);
