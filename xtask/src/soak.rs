@@ -18,6 +18,10 @@ pub struct Args {
     /// Write the summary here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Build with the dev profile instead of release: CI's short run reuses what `cargo
+    /// test` built (a release build of everything would add ~6 minutes on 2 cores).
+    #[arg(long)]
+    dev: bool,
 }
 
 /// CI's short run: 90 s, the daemon killed every 20 s (four daemons, three full ones).
@@ -34,7 +38,11 @@ pub fn run_soak(args: &Args) -> anyhow::Result<()> {
         bail!("the soak test builds network namespaces and runs the daemon: run it as root");
     }
     let mut cargo = Command::new("cargo");
-    cargo.args(["bench", "-p", "lb-userspace", "--bench", "soak", "--"]);
+    cargo.args(["bench", "-p", "lb-userspace", "--bench", "soak"]);
+    if args.dev {
+        cargo.args(["--profile", "dev"]);
+    }
+    cargo.arg("--");
     cargo.args([
         "--minutes",
         &args.minutes.to_string(),
@@ -56,5 +64,6 @@ pub fn short() -> Args {
         minutes: SHORT.0,
         daemon_every: SHORT.1,
         json: None,
+        dev: true,
     }
 }
