@@ -50,13 +50,45 @@ fn a_batch_swaps_every_vips_table_and_each_sees_its_own() {
         dataplane.install_table(id, &three).unwrap();
     }
     let single = started.elapsed() / 16;
+    let all_three: Vec<(u32, &maglev::MaglevTable)> = (0..256).map(|id| (id, &three)).collect();
+    dataplane.install_tables(&all_three).unwrap();
     let batch: Vec<(u32, &maglev::MaglevTable)> = (0..256)
         .map(|id| (id, if id % 2 == 0 { &two } else { &other }))
         .collect();
+    // The last Vip of the batch, watched from another thread: when do packets see its new
+    // table, against when the syscall returns (after the kernel's RCU grace period)?
+    let hash = (0..u32::MAX)
+        .step_by(7919)
+        .find(|h| {
+            let slot = lb_common::hash::table_slot(*h, 65_537) as usize;
+            three.slots()[slot] != other.slots()[slot]
+        })
+        .expect("a slot where the tables differ");
+    let watched = other.slots()[lb_common::hash::table_slot(hash, 65_537) as usize];
+    let watcher = {
+        let pin = pin.clone();
+        std::thread::spawn(move || {
+            let pinned = Pinned::open(&pin);
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some((_, _, backend))) = pinned.table_slot(255, hash)
+                    && backend == watched
+                {
+                    return Some(Instant::now());
+                }
+            }
+            None
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let started = Instant::now();
     dataplane.install_tables(&batch).unwrap();
     let batched = started.elapsed();
-    eprintln!("one swap: {single:?}; 256 swaps in one batch: {batched:?}");
+    let live = watcher.join().unwrap().expect("vip 255 got its new table") - started;
+    eprintln!(
+        "one swap: {single:?}; 256 swaps in one batch: syscall returned after {batched:?}, the last vip's table live after {live:?}"
+    );
+    assert!(live <= batched, "live before the syscall returns");
 
     let pinned = Pinned::open(pin);
     for id in [0u32, 1, 2, 128, 255] {
