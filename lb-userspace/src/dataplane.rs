@@ -8,6 +8,7 @@ use std::{
     path::Path,
 };
 
+use crate::bpf_sys::{BPF_MAP_UPDATE_BATCH, BatchAttr, ENOTSUPP, bpf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
@@ -847,49 +848,17 @@ fn inner_table(table: &MaglevTable) -> Result<MapData> {
     Ok(inner)
 }
 
-/// The kernel's internal "not supported" errno, which bpf(2) can return.
-const ENOTSUPP: i32 = 524;
-
-/// `BPF_MAP_UPDATE_BATCH` (`union bpf_attr`'s `batch` member, linux/bpf.h): `keys[i]` gets
-/// `values[i]`, in one syscall. aya 0.14 has no batch operations.
+/// `BPF_MAP_UPDATE_BATCH`: `keys[i]` gets `values[i]`, in one syscall.
 fn update_batch(map_fd: u32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
         count: keys.len() as u32,
         map_fd,
-        elem_flags: 0,
-        flags: 0,
+        ..BatchAttr::default()
     };
-    // SAFETY: the layout the command expects; keys and values hold `count` u32 each and
-    // outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // keys and values hold `count` u32 each and outlive the call.
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
 }
 
 fn write_table(fd: std::os::fd::BorrowedFd<'_>, entries: u32, table: &MaglevTable) -> Result<()> {

@@ -16,6 +16,9 @@ use lb_common::{
 };
 
 use super::text::{Family, labels};
+use crate::bpf_sys::{
+    BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_ELEM, BatchAttr, ENOTSUPP, LookupAttr, bpf,
+};
 
 /// The families of the global counters.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -158,36 +161,6 @@ impl Maps {
     }
 }
 
-/// `bpf(2)` commands and attribute layouts (`union bpf_attr` in linux/bpf.h).
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-#[repr(C)]
-#[derive(Default)]
-struct LookupAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// The kernel's internal "not supported" errno, which bpf(2) can return.
-const ENOTSUPP: i32 = 524;
-
 /// Slots read per `BPF_MAP_LOOKUP_BATCH` call.
 const BATCH: usize = 1024;
 
@@ -196,17 +169,6 @@ struct TrafficMap {
     data: MapData,
     max_entries: u32,
     cpus: usize,
-}
-
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: `attr` is the #[repr(C)] layout the command expects, and every pointer in it
-    // points at a live buffer of the size the kernel will write.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, size_of::<T>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 impl TrafficMap {
