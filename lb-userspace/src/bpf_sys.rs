@@ -1,10 +1,11 @@
 //! The few `bpf(2)` commands aya 0.14 does not wrap (batch operations, a per-CPU lookup
-//! into a caller's buffer): command numbers and attribute layouts from `union bpf_attr`
+//! into a caller's buffer, a test run on a bare program fd): command numbers and attribute layouts from `union bpf_attr`
 //! in linux/bpf.h.
 
 use std::io;
 
 pub const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -34,6 +35,28 @@ pub struct BatchAttr {
     pub map_fd: u32,
     pub elem_flags: u64,
     pub flags: u64,
+}
+
+/// `BPF_PROG_TEST_RUN` (the `test` member).
+#[repr(C)]
+#[derive(Default)]
+pub struct TestAttr {
+    pub prog_fd: u32,
+    pub retval: u32,
+    pub data_size_in: u32,
+    pub data_size_out: u32,
+    pub data_in: u64,
+    pub data_out: u64,
+    pub repeat: u32,
+    pub duration: u32,
+    pub ctx_size_in: u32,
+    pub ctx_size_out: u32,
+    pub ctx_in: u64,
+    pub ctx_out: u64,
+    pub flags: u32,
+    pub cpu: u32,
+    pub batch_size: u32,
+    pub _pad: u32,
 }
 
 /// Runs `command` with `attr`. The caller makes every pointer in `attr` point at a live

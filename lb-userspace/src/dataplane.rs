@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use crate::bpf_sys::{BPF_MAP_UPDATE_BATCH, BatchAttr, ENOTSUPP, bpf};
+use crate::bpf_sys::{BPF_MAP_UPDATE_BATCH, BPF_PROG_TEST_RUN, BatchAttr, ENOTSUPP, TestAttr, bpf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
@@ -760,28 +760,6 @@ pub fn test_run_fd(
     packet: &[u8],
     ingress_ifindex: u32,
 ) -> std::io::Result<(u32, Vec<u8>)> {
-    /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
     let mut out = vec![0u8; packet.len() + 256];
     let ctx = xdp_md(ingress_ifindex, packet.len() as u32);
     let mut attr = TestAttr {
@@ -797,18 +775,8 @@ pub fn test_run_fd(
         attr.ctx_size_in = ctx.len() as u32;
         attr.ctx_in = ctx.as_ptr() as u64;
     }
-    // SAFETY: a valid attr of its size; the buffers outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
-            size_of::<TestAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // The buffers outlive the call.
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     out.truncate(attr.data_size_out as usize);
     Ok((attr.retval, out))
 }

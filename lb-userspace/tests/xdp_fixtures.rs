@@ -784,61 +784,10 @@ fn evicted_flow_keeps_its_backend_from_the_connection_table() {
     assert!(deltas(&before, &lab.counters()).contains(&("conntrack_hit", 1)));
 }
 
-/// BPF_PROG_TEST_RUN by hand on a program fd: the Dataplane is busy on another thread.
+/// BPF_PROG_TEST_RUN on a program fd: the Dataplane is busy on another thread.
 fn raw_test_run(prog: std::os::fd::BorrowedFd<'_>, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-    use std::os::fd::AsRawFd as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
-    let ctx: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
-    let mut out = vec![0u8; packet.len() + 256];
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: packet.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: packet.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ctx_size_in: size_of_val(&ctx) as u32,
-        ctx_in: ctx.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: the attr points at live buffers of the sizes it gives.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>(),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "BPF_PROG_TEST_RUN: {}",
-        std::io::Error::last_os_error()
-    );
-    out.truncate(attr.data_size_out as usize);
-    (attr.retval, out)
+    lb_userspace::dataplane::test_run_fd(prog, packet, ifindex)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"))
 }
 
 /// Invariant 3 for the global config: while the daemon rewrites it, every packet sees the
