@@ -145,7 +145,21 @@ impl Testbed {
 /// Creates a host namespace with its NIC on the switch's bridge at `SUBNET.last`.
 pub fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host> {
     let netns = Netns::new(&format!("mlb-{name}"))?;
-    let port = format!("p-{name}");
+    let host = Host {
+        netns,
+        name: name.to_owned(),
+        addr4: format!("{SUBNET4}.{last}").parse().expect("valid"),
+        addr6: format!("{SUBNET6}:{last:x}").parse().expect("valid"),
+    };
+    plug(switch, &host, mtu)?;
+    Ok(host)
+}
+
+/// (Re)creates `host`'s NIC: a veth whose peer `p-<name>` is a port of the switch's
+/// bridge, up with `host`'s addresses.
+pub fn plug(switch: &Netns, host: &Host, mtu: &str) -> io::Result<()> {
+    let port = format!("p-{}", host.name);
+    let netns = &host.netns;
     switch.ip(&[
         "link",
         "add",
@@ -159,17 +173,16 @@ pub fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host>
         netns.name(),
     ])?;
     switch.ip(&["link", "set", &port, "master", "br0", "mtu", mtu, "up"])?;
-    let addr4: IpAddr = format!("{SUBNET4}.{last}").parse().expect("valid");
-    let addr6: IpAddr = format!("{SUBNET6}:{last:x}").parse().expect("valid");
     netns.ip(&["link", "set", NIC, "mtu", mtu, "up"])?;
-    netns.ip(&["addr", "add", &format!("{addr4}/24"), "dev", NIC])?;
-    netns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", NIC, "nodad"])?;
-    Ok(Host {
-        netns,
-        name: name.to_owned(),
-        addr4,
-        addr6,
-    })
+    netns.ip(&["addr", "add", &format!("{}/24", host.addr4), "dev", NIC])?;
+    netns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", host.addr6),
+        "dev",
+        NIC,
+        "nodad",
+    ])
 }
 
 /// Removes everything a daemon pinned under `pin_dir` leaves on the host, also when it was

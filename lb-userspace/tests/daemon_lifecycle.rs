@@ -441,49 +441,10 @@ fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
     let mac = mac.map(|b| format!("{b:02x}")).join(":");
     let switch = &bed.bed.switch;
     switch.ip(&["link", "del", &port]).unwrap();
-    switch
-        .ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            NIC,
-            "netns",
-            lb.netns.name(),
-        ])
-        .unwrap();
-    switch
-        .ip(&[
-            "link",
-            "set",
-            &port,
-            "master",
-            "br0",
-            "mtu",
-            SEGMENT_MTU,
-            "up",
-        ])
-        .unwrap();
+    lb_userspace::testbed::plug(switch, lb, SEGMENT_MTU).unwrap();
+    lb.netns.ip(&["link", "set", NIC, "down"]).unwrap();
     lb.netns.ip(&["link", "set", NIC, "address", &mac]).unwrap();
-    lb.netns
-        .ip(&["link", "set", NIC, "mtu", SEGMENT_MTU, "up"])
-        .unwrap();
-    lb.netns
-        .ip(&["addr", "add", &format!("{}/24", lb.addr4), "dev", NIC])
-        .unwrap();
-    lb.netns
-        .ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", lb.addr6),
-            "dev",
-            NIC,
-            "nodad",
-        ])
-        .unwrap();
+    lb.netns.ip(&["link", "set", NIC, "up"]).unwrap();
     // XDP_TX out of the new veth needs a program on its new peer.
     let mut plumbing = Dataplane::load(Capacities {
         max_vips: 1,
