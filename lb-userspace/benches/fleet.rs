@@ -71,65 +71,69 @@ fn main() {
 
     println!();
     println!("{:<46} {:>10}", "event", "figure");
-    let row = |what: &str, value: String| println!("{what:<46} {value:>10}");
-    row(
-        "spread: packets per box",
-        format!("{:?}", spread.packets_per_lb),
-    );
-    row(
-        "spread: flows off the table's backend",
-        spread.mispredicted.to_string(),
-    );
-    row(
-        "lb lost: broken connections",
-        loss.broken_connections.to_string(),
-    );
-    row(
-        "lb lost: failed short connections",
-        format!(
-            "{}/{}",
-            loss.failed_short_connections, loss.short_connections
+    let rows = [
+        (
+            "spread: packets per box",
+            format!("{:?}", spread.packets_per_lb),
         ),
-    );
-    row(
-        "lb lost: cut to router updated (ms)",
-        loss.converge_ms.to_string(),
-    );
-    row(
-        "lb back: broken connections",
-        loss.broken_on_return.to_string(),
-    );
-    row(
-        "no backend: all down to route gone (ms)",
-        no_backend.withdraw_no_backend_ms.to_string(),
-    );
-    row(
-        "no backend: failed after convergence",
-        format!(
-            "{}/{}",
-            no_backend.failed_after_convergence, no_backend.short_after_convergence
+        (
+            "spread: flows off the table's backend",
+            spread.mispredicted.to_string(),
         ),
-    );
-    row(
-        "no backend: broken connections",
-        no_backend.broken_connections.to_string(),
-    );
-    row(
-        "maintenance: broken connections",
-        maintenance.broken_connections.to_string(),
-    );
-    row(
-        "rolling restart: broken connections",
-        rolling.broken_connections.to_string(),
-    );
-    row(
-        "rolling restart: fewest next hops",
-        rolling.min_next_hops.to_string(),
-    );
-    row(
-        "config skew: broken connections",
-        format!("{}/{}", skew.broken_connections, skew.connections_total),
-    );
+        (
+            "lb lost: broken connections",
+            loss.broken_connections.to_string(),
+        ),
+        (
+            "lb lost: failed short connections",
+            format!(
+                "{}/{}",
+                loss.failed_short_connections, loss.short_connections
+            ),
+        ),
+        (
+            "lb lost: cut to router updated (ms)",
+            loss.converge_ms.to_string(),
+        ),
+        (
+            "lb back: broken connections",
+            loss.broken_on_return.to_string(),
+        ),
+        (
+            "no backend: all down to route gone (ms)",
+            no_backend.withdraw_no_backend_ms.to_string(),
+        ),
+        (
+            "no backend: failed after convergence",
+            format!(
+                "{}/{}",
+                no_backend.failed_after_convergence, no_backend.short_after_convergence
+            ),
+        ),
+        (
+            "no backend: broken connections",
+            no_backend.broken_connections.to_string(),
+        ),
+        (
+            "maintenance: broken connections",
+            maintenance.broken_connections.to_string(),
+        ),
+        (
+            "rolling restart: broken connections",
+            rolling.broken_connections.to_string(),
+        ),
+        (
+            "rolling restart: fewest next hops",
+            rolling.min_next_hops.to_string(),
+        ),
+        (
+            "config skew: broken connections",
+            format!("{}/{}", skew.broken_connections, skew.connections_total),
+        ),
+    ];
+    for (what, value) in rows {
+        println!("{what:<46} {value:>10}");
+    }
 
     if let Some(path) = args.json {
         let body = json!({

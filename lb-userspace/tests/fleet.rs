@@ -69,7 +69,6 @@ fn the_router_learns_the_vip_from_every_load_balancer() {
             "{status}"
         );
     }
-    let _ = HOLD_TIME;
 }
 
 #[test]

@@ -447,24 +447,7 @@ impl Fleet {
 
     /// The load balancers (by index) the router's route to the Vip names as next hops.
     pub fn router_next_hops(&self) -> Vec<usize> {
-        let out = self
-            .router
-            .netns
-            .command("ip")
-            .args(["-j", "route", "show", &format!("{VIP}/32")])
-            .output();
-        let Ok(out) = out else { return Vec::new() };
-        let routes: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-        let mut gateways = Vec::new();
-        for route in routes.as_array().into_iter().flatten() {
-            if let Some(hops) = route["nexthops"].as_array() {
-                gateways.extend(hops.iter().filter_map(|h| h["gateway"].as_str()));
-            } else if let Some(g) = route["gateway"].as_str() {
-                gateways.push(g);
-            }
-        }
-        let mut lbs: Vec<usize> = gateways
+        let mut lbs: Vec<usize> = vip_gateways(self.router.netns.name())
             .iter()
             .filter_map(|g| {
                 self.lbs
@@ -552,6 +535,28 @@ impl Drop for Fleet {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The next-hop addresses of the route to the Vip in the namespace named `netns` (a
+/// name, not a [`Netns`], so that a watcher thread can hold it).
+pub fn vip_gateways(netns: &str) -> Vec<String> {
+    let Ok(out) = Command::new("ip")
+        .args(["-n", netns, "-j", "route", "show", &format!("{VIP}/32")])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let routes: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let mut gateways = Vec::new();
+    for route in routes.as_array().into_iter().flatten() {
+        if let Some(hops) = route["nexthops"].as_array() {
+            gateways.extend(hops.iter().filter_map(|h| h["gateway"].as_str()));
+        } else if let Some(g) = route["gateway"].as_str() {
+            gateways.push(g);
+        }
+    }
+    gateways.into_iter().map(str::to_owned).collect()
 }
 
 fn bird(netns: &Netns, conf: &Path, ctl: &Path) -> io::Result<Child> {

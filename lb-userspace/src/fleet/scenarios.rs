@@ -273,7 +273,7 @@ pub fn rolling_restart(fleet: &mut Fleet) -> io::Result<RollingRestart> {
         let (min, done) = (Arc::clone(&min), Arc::clone(&watch_done));
         std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
-                min.fetch_min(next_hops_in(&router), Ordering::SeqCst);
+                min.fetch_min(super::vip_gateways(&router).len(), Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
@@ -300,24 +300,6 @@ pub fn rolling_restart(fleet: &mut Fleet) -> io::Result<RollingRestart> {
         failed_short_connections: shorts.iter().filter(|r| r.is_err()).count(),
         min_next_hops: min.load(Ordering::SeqCst),
     })
-}
-
-/// How many next hops the route to the Vip has in the namespace `netns`.
-fn next_hops_in(netns: &str) -> usize {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-n", netns, "-j", "route", "show", &format!("{VIP}/32")])
-        .output()
-    else {
-        return 0;
-    };
-    let routes: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    routes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| r["nexthops"].as_array().map_or(1, Vec::len))
-        .sum()
 }
 
 /// Config skew: box `skewed` gets a new backend before the others, then it is lost.
