@@ -138,10 +138,14 @@ pub enum Counter {
     Tx,
     /// Forwarded with XDP_REDIRECT (backend behind another interface).
     Redirect,
+    /// Second chance: a non-SYN TCP packet that missed the connection table, whose slot
+    /// names another Backend in the Vip's previous MaglevTable, sent to the current
+    /// Backend with the previous one attached (a second IPIP header).
+    SecondChance,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::Redirect as u32 + 1;
+    pub const COUNT: u32 = Counter::SecondChance as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -164,6 +168,7 @@ impl Counter {
         Counter::IcmpToBackend,
         Counter::Tx,
         Counter::Redirect,
+        Counter::SecondChance,
     ];
 
     /// Stable snake_case name, used in metrics labels and test output.
@@ -188,9 +193,57 @@ impl Counter {
             Counter::IcmpToBackend => "icmp_to_backend",
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
+            Counter::SecondChance => "second_chance",
         }
     }
 }
+
+/// Index of each counter of `lb_decap` (on backends) in its `DECAP_STATS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Encapsulated by a load balancer, decapsulated and delivered.
+    Delivered = 0,
+    /// Chained (second chance) and delivered here: a SYN, or a local socket has the flow.
+    ChainedLocal,
+    /// Chained, and no local socket has the flow: sent on to the previous Backend.
+    ChainedForwarded,
+    /// Chained, to be sent on, but the kernel had no neighbour entry for the previous
+    /// Backend yet: handed to the kernel's forwarding (which resolves it).
+    ChainedForwardedByKernel,
+    /// Encapsulated, from a source outside the load balancers' prefixes: dropped.
+    DropSource,
+    /// Chained, but the packet inside is not the TCP segment a load balancer chains
+    /// (truncated, options, another protocol): dropped.
+    DropMalformed,
+}
+
+impl DecapCounter {
+    pub const COUNT: u32 = DecapCounter::DropMalformed as u32 + 1;
+    pub const ALL: [DecapCounter; DecapCounter::COUNT as usize] = [
+        DecapCounter::Delivered,
+        DecapCounter::ChainedLocal,
+        DecapCounter::ChainedForwarded,
+        DecapCounter::ChainedForwardedByKernel,
+        DecapCounter::DropSource,
+        DecapCounter::DropMalformed,
+    ];
+
+    /// Stable snake_case name, used in metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::Delivered => "delivered",
+            DecapCounter::ChainedLocal => "chained_local",
+            DecapCounter::ChainedForwarded => "chained_forwarded",
+            DecapCounter::ChainedForwardedByKernel => "chained_forwarded_by_kernel",
+            DecapCounter::DropSource => "drop_source",
+            DecapCounter::DropMalformed => "drop_malformed",
+        }
+    }
+}
+
+/// Prefixes of each family `lb_decap` accepts encapsulated packets from.
+pub const DECAP_PREFIXES: usize = 8;
 
 /// Map names, shared by `#[btf_map]` statics (via the static's identifier) and the loader.
 pub mod map_names {
@@ -209,6 +262,11 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const PREV_TABLES: &str = "PREV_TABLES";
+    pub const VIP_CHAINED: &str = "VIP_CHAINED";
+    pub const BACKEND_CHAINED: &str = "BACKEND_CHAINED";
+    pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
 }
 
 /// Program names in the eBPF object.

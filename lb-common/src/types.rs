@@ -209,6 +209,34 @@ pub struct FlowCacheV6 {
     pub seen: u32,
 }
 
+/// An IPv4 prefix as `lb_decap` matches it: `src & mask == addr`. Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prefix4 {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+/// An IPv6 prefix: `src[i] & mask[i] == addr[i]` for every word. Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prefix6 {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// Value of `DECAP_CONFIG` (one entry), on backends: the outer sources `lb_decap` accepts
+/// encapsulated packets from (the load balancers). With none, it accepts none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapConfig {
+    pub v4: [Prefix4; crate::consts::DECAP_PREFIXES],
+    pub v6: [Prefix6; crate::consts::DECAP_PREFIXES],
+    /// Prefixes in use at the front of `v4` / `v6`.
+    pub v4_count: u32,
+    pub v6_count: u32,
+}
+
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -235,6 +263,7 @@ const _: () = {
     assert!(size_of::<FlowCacheV4>() == 64);
     assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);
+    assert!(size_of::<DecapConfig>() == 8 + 8 * 8 + 32 * 8);
 };
 
 #[cfg(feature = "user")]
@@ -255,4 +284,5 @@ mod pod {
     unsafe impl aya::Pod for Route {}
     unsafe impl aya::Pod for FlowCacheV4 {}
     unsafe impl aya::Pod for FlowCacheV6 {}
+    unsafe impl aya::Pod for DecapConfig {}
 }

@@ -9,11 +9,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    consts::{Counter, PROTO_IPIP, PROTO_IPV6, vip_flags},
+    consts::{Counter, EMPTY_BACKEND, PROTO_IPIP, PROTO_IPV6, vip_flags},
     types::{Backend, GlobalConfig, NextHop, Route},
 };
 
 use crate::{
+    chain,
     maps::{FIB_SCRATCH, NEXT_HOPS},
     parse::{
         ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
@@ -25,7 +26,7 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const OUTER_TTL: u8 = 64;
+pub const OUTER_TTL: u8 = 64;
 
 /// Forwards the packet along `sel`'s Route; `bytes` is what the client sent.
 #[inline(always)]
@@ -39,6 +40,9 @@ pub fn forward(
     let route = sel.route;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
+    } else if sel.previous != EMPTY_BACKEND {
+        cold_path();
+        chain::encap_chained(ctx, l2, sel, config)?;
     } else if route.vip_flags & vip_flags::IPV6 != 0 {
         encap_ipv6(ctx, l2, sel, config)?;
     } else {
@@ -109,16 +113,27 @@ pub fn next_hop(
 
 #[inline(always)]
 fn lookup_route(ctx: &XdpContext, params: *mut bpf_fib_lookup, backend: &Backend, v6: bool) -> i64 {
+    fib_lookup_to(ctx, params, &backend.addr, v6)
+}
+
+/// `bpf_fib_lookup` towards `addr` (network order; IPv4 in word 0) into `params`.
+#[inline(always)]
+pub fn fib_lookup_to(
+    ctx: &XdpContext,
+    params: *mut bpf_fib_lookup,
+    addr: &[u32; 4],
+    v6: bool,
+) -> i64 {
     zero(params);
     // SAFETY: zeroed just above, a valid bpf_fib_lookup.
     let params = unsafe { &mut *params };
     params.ifindex = ctx.ingress_ifindex() as u32;
     if v6 {
         params.family = AF_INET6;
-        params.__bindgen_anon_4.ipv6_dst = backend.addr;
+        params.__bindgen_anon_4.ipv6_dst = *addr;
     } else {
         params.family = AF_INET;
-        params.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+        params.__bindgen_anon_4.ipv4_dst = addr[0];
     }
     // SAFETY: params is a valid, sized struct in this CPU's scratch entry.
     unsafe {
@@ -158,7 +173,7 @@ pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
 /// Grows the packet by `outer_len` in front and writes a fresh L2 header (same VLAN tag
 /// as the packet arrived with) for the outer packet of EtherType `proto`.
 #[inline(always)]
-fn push_l2(
+pub fn push_l2(
     ctx: &XdpContext,
     l2: &L2,
     hop: &Route,
@@ -261,7 +276,7 @@ pub fn encap_ipv6(
 /// stores of other widths stalls store forwarding. Fields are as stored (network order);
 /// the one's-complement sum of 16-bit words is the same in either byte order.
 #[inline(always)]
-fn ipv4_checksum(tos: u8, tot_len_be: u16, src_be: u32, dst_be: u32) -> u16 {
+pub fn ipv4_checksum(tos: u8, tot_len_be: u16, src_be: u32, dst_be: u32) -> u16 {
     let first = u16::from_ne_bytes([0x45, tos]) as u32;
     let ttl_proto = u16::from_ne_bytes([OUTER_TTL, PROTO_IPIP]) as u32;
     let mut sum = first

@@ -11,11 +11,11 @@ use lb_common::{
     conntrack::buckets,
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter,
     },
     types::{
-        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop, TrafficCounters,
-        VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop,
+        TrafficCounters, VipAddr, VipKey, VipState,
     },
 };
 
@@ -67,6 +67,11 @@ pub static VIP_STATE: Array<VipState, VIPS_MAX> = Array::new();
 #[btf_map]
 pub static TABLES: ArrayOfMaps<Array<[u32; 2], 1, TABLE_FLAGS>, VIPS_MAX> = ArrayOfMaps::new();
 
+/// Each Vip id's previous MaglevTable (second chance), as the daemon swapped it out, kept
+/// for `second_chance` after the change, then deleted. Same layout as `TABLES`.
+#[btf_map]
+pub static PREV_TABLES: ArrayOfMaps<Array<[u32; 2], 1, TABLE_FLAGS>, VIPS_MAX> = ArrayOfMaps::new();
+
 /// Backend id to address, flags and generation (id 0 unused).
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
@@ -107,3 +112,20 @@ pub static VIP_STATS: PerCpuArray<TrafficCounters, VIPS_MAX> = PerCpuArray::new(
 /// Packets and bytes forwarded per Backend id.
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Packets sent with a previous Backend attached (second chance), per Vip id.
+#[btf_map]
+pub static VIP_CHAINED: PerCpuArray<u64, VIPS_MAX> = PerCpuArray::new();
+
+/// Packets sent with a previous Backend attached, per previous Backend id (the Backend
+/// whose connections they keep).
+#[btf_map]
+pub static BACKEND_CHAINED: PerCpuArray<u64, BACKENDS_MAX> = PerCpuArray::new();
+
+/// On backends: the load balancers' source prefixes `lb_decap` accepts (one entry).
+#[btf_map]
+pub static DECAP_CONFIG: Array<DecapConfig, 1> = Array::new();
+
+/// On backends: `lb_decap`'s counters, indexed by `DecapCounter`.
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<u64, { DecapCounter::COUNT as usize }> = PerCpuArray::new();

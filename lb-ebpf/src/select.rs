@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    chain, conntrack,
     forward::{cached_next_hop, next_hop},
     maps::{
         BACKENDS, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE, VIPS,
@@ -92,6 +92,7 @@ macro_rules! flow_maps {
                     route: &(*c).route,
                     backend_addr: $addr_in,
                     hash,
+                    previous: EMPTY_BACKEND,
                 };
                 Some((selection, refresh))
             }
@@ -213,6 +214,9 @@ pub struct Selection<'a> {
     pub backend_addr: [u32; 4],
     /// The flow hash, reused for the encapsulation source.
     pub hash: u32,
+    /// Second chance: the Backend id the Vip's previous table named, attached to the
+    /// packet (`EMPTY_BACKEND`: none).
+    pub previous: u32,
 }
 
 #[inline(always)]
@@ -293,6 +297,7 @@ fn selection<'a>(
         }),
         backend_addr: backend.addr,
         hash,
+        previous: EMPTY_BACKEND,
     }
 }
 
@@ -533,7 +538,18 @@ fn from_table<'a, F: Flow>(
         vip: vip_id,
         vip_generation: vip.generation,
     };
-    let selection = route(
+    // Second chance: only a TCP packet that is not a SYN can belong to a connection that
+    // started under the previous table; L2 DSR has no header to carry the previous hop.
+    let previous = if pkt.syn
+        || pkt.icmp_error
+        || pkt.flow.proto() != PROTO_TCP
+        || vip.flags & vip_flags::L2_DSR != 0
+    {
+        EMPTY_BACKEND
+    } else {
+        chain::previous_backend(vip_id, hash, backend_id, vip.flags)
+    };
+    let mut selection = route(
         ctx,
         entry,
         vip.flags,
@@ -542,6 +558,13 @@ fn from_table<'a, F: Flow>(
         config.fib_generation,
         scratch,
     )?;
+    if previous != EMPTY_BACKEND {
+        // No entry and no cache: each packet is judged again, and stops being chained when
+        // the previous table expires. An entry would send it to the current Backend alone.
+        cold_path();
+        selection.previous = previous;
+        return Ok(selection);
+    }
     if !pkt.icmp_error {
         if !conntrack::insert(ct_hash, &entry, now) {
             count(Counter::ConntrackInsertFail);

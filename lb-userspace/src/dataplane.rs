@@ -24,13 +24,13 @@ use lb_common::{
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipAddr, VipFilter, VipKey,
-        VipState,
+        Backend, ConntrackBucket, DecapConfig, GlobalConfig, TrafficCounters, VipAddr, VipFilter,
+        VipKey, VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 20] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -46,6 +46,11 @@ const ALL_MAPS: [&str; 15] = [
     names::STATS,
     names::VIP_STATS,
     names::BACKEND_STATS,
+    names::PREV_TABLES,
+    names::VIP_CHAINED,
+    names::BACKEND_CHAINED,
+    names::DECAP_CONFIG,
+    names::DECAP_STATS,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -58,7 +63,10 @@ fn map_sizes(caps: Capacities) -> Vec<(&'static str, u32)> {
         (names::VIPS, caps.max_vips),
         (names::VIP_STATE, caps.max_vips),
         (names::TABLES, caps.max_vips),
+        (names::PREV_TABLES, caps.max_vips),
         (names::VIP_STATS, caps.max_vips),
+        (names::VIP_CHAINED, caps.max_vips),
+        (names::BACKEND_CHAINED, caps.max_backends),
         (names::BACKENDS, caps.max_backends),
         (names::NEXT_HOPS, caps.max_backends),
         (names::BACKEND_STATS, caps.max_backends),
@@ -916,6 +924,11 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::STATS, 4, 8),
         (names::VIP_STATS, 4, size_of::<TrafficCounters>()),
         (names::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
+        (names::PREV_TABLES, 4, 4),
+        (names::VIP_CHAINED, 4, 8),
+        (names::BACKEND_CHAINED, 4, 8),
+        (names::DECAP_CONFIG, 4, size_of::<DecapConfig>()),
+        (names::DECAP_STATS, 4, 8),
     ]
 }
 

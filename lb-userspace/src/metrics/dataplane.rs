@@ -30,10 +30,11 @@ enum Kind {
     InsertFailures,
     IcmpToBackend,
     Forwarded,
+    SecondChance,
 }
 
 /// Every family of the global counters: kind, name, help, label name (if any).
-const FAMILIES: [(Kind, &str, &str, Option<&str>); 7] = [
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
     (
         Kind::Passed,
         "mlb_packets_passed_total",
@@ -77,6 +78,12 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 7] = [
         "Packets forwarded to a backend, by XDP action (tx or redirect).",
         Some("action"),
     ),
+    (
+        Kind::SecondChance,
+        "mlb_second_chance_packets_total",
+        "TCP packets sent to their backend with the previous table's backend attached (second chance).",
+        None,
+    ),
 ];
 
 /// Which family a counter feeds, and its label value there.
@@ -102,6 +109,7 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         Counter::ConntrackInsertFail => (Kind::InsertFailures, ""),
         Counter::IcmpToBackend => (Kind::IcmpToBackend, ""),
         Counter::Tx | Counter::Redirect => (Kind::Forwarded, name),
+        Counter::SecondChance => (Kind::SecondChance, ""),
     }
 }
 
