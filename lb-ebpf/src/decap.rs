@@ -28,8 +28,8 @@ use crate::{
     forward::fib_lookup_to,
     maps::{DECAP_CONFIG, DECAP_STATS, FIB_SCRATCH},
     parse::{
-        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_FLAG_SYN,
-        TcpHdr, VlanHdr, parse_l2, ptr_at, read_addr6,
+        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_FLAG_SYN, TcpHdr,
+        VlanHdr, parse_l2, ptr_at, read_addr6,
     },
 };
 

@@ -5,6 +5,7 @@
 use std::io;
 
 pub const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;

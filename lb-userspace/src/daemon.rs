@@ -27,6 +27,7 @@ use crate::{
     metrics::{self, Metrics},
     netlink::Netlink,
     reconcile::{Reconciler, Report},
+    second_chance,
     state::{self, Snapshot},
 };
 
@@ -93,6 +94,16 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     reconciler.set_initially_down(&down);
     reconciler.set_initially_drained(&drained);
     reconciler.gate_new_backends_on_health();
+    let saved = second_chance::path(&pin_dir);
+    match second_chance::load(&saved, second_chance::now()) {
+        Ok(tables) => {
+            if !tables.is_empty() {
+                info!(path = %saved.display(), vips = tables.len(), "second chance: previous tables restored");
+            }
+            reconciler.restore_previous(tables);
+        }
+        Err(e) => warn!(path = %saved.display(), error = %e, "second chance: saved previous tables not read"),
+    }
     let mut attached = BTreeMap::new();
     for interface in &config.interfaces {
         let mode = attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
@@ -412,6 +423,14 @@ impl Daemon {
         if let Err(e) = self.reconciler.refresh_next_hops() {
             warn!(error = %e, "refreshing next hops");
         }
+        match self.reconciler.expire_second_chance() {
+            Ok(true) => {
+                info!("second chance: expired previous tables and retired backends dropped");
+                self.save_snapshot();
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "second chance: dropping expired previous tables"),
+        }
         self.check_attached();
     }
 
@@ -607,6 +626,10 @@ impl Daemon {
         let Some(config) = self.reconciler.config() else {
             return;
         };
+        let saved = second_chance::path(&self.pin_dir);
+        if let Err(e) = second_chance::save(&saved, &self.reconciler.saved_previous()) {
+            warn!(path = %saved.display(), error = %e, "second chance: saving previous tables");
+        }
         let path = state::state_path(&self.pin_dir);
         if let Err(e) = Snapshot::of(&self.reconciler, config, &self.running_text)
             .with_announce(self.maintenance, &self.decisions)

@@ -8,7 +8,10 @@ use std::{
     path::Path,
 };
 
-use crate::bpf_sys::{BPF_MAP_UPDATE_BATCH, BPF_PROG_TEST_RUN, BatchAttr, ENOTSUPP, TestAttr, bpf};
+use crate::bpf_sys::{
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_BATCH, BPF_PROG_TEST_RUN, BatchAttr, ENOTSUPP, LookupAttr,
+    TestAttr, bpf,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
@@ -17,15 +20,16 @@ use aya::{
 use lb_common::{
     conntrack::{self, Way},
     consts::{
-        BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        flow_cache_slots, map_names as names, prog_names, table_entries,
+        BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DECAP_PREFIXES,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter, flow_cache_slots, map_names as names,
+        prog_names, table_entries,
     },
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackBucket, DecapConfig, GlobalConfig, TrafficCounters, VipAddr, VipFilter,
-        VipKey, VipState,
+        Backend, ConntrackBucket, DecapConfig, GlobalConfig, Prefix4, Prefix6, TrafficCounters,
+        VipAddr, VipFilter, VipKey, VipState,
     },
 };
 
@@ -569,11 +573,15 @@ impl Dataplane {
     /// Builds a new inner array holding `table` and swaps it in for Vip `id` in one map
     /// update: a packet sees the old table or the new one, never a mix (invariant 3).
     pub fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<()> {
+        self.install_one(names::TABLES, id, table)
+    }
+
+    fn install_one(&mut self, name: &'static str, id: u32, table: &MaglevTable) -> Result<()> {
         self.check("max_vips", id, self.caps.max_vips)?;
         let inner = inner_table(table)?;
         let mut outer: ArrayOfMaps<_, MapData> =
-            ArrayOfMaps::try_from(self.map_mut(names::TABLES)?).map_err(map_err(names::TABLES))?;
-        outer.set(id, &inner, 0).map_err(map_err(names::TABLES))
+            ArrayOfMaps::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        outer.set(id, &inner, 0).map_err(map_err(name))
     }
 
     /// Swaps several Vips' tables in with one `BPF_MAP_UPDATE_BATCH` on the outer map: the
@@ -583,6 +591,46 @@ impl Dataplane {
     /// data plane never writes a table, and a change always installs a new map). Falls
     /// back to one swap per table where the kernel has no batch update for the map type.
     pub fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<()> {
+        self.install_batch(names::TABLES, tables)
+    }
+
+    /// Like [`Dataplane::install_tables`], for the Vips' previous tables (second chance).
+    pub fn install_prev_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<()> {
+        self.install_batch(names::PREV_TABLES, tables)
+    }
+
+    /// Vip `id` has no previous table any more: nothing of it is chained.
+    pub fn remove_prev_table(&mut self, id: u32) -> Result<()> {
+        let fd = self.outer_fd(names::PREV_TABLES)?;
+        let mut attr = LookupAttr {
+            map_fd: fd,
+            key: &id as *const u32 as u64,
+            ..LookupAttr::default()
+        };
+        // `key` points at a live u32 for the call.
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(DataplaneError::Pin {
+                path: names::PREV_TABLES.into(),
+                error: format!("delete {id}: {e}"),
+            }),
+        }
+    }
+
+    /// Vip `id`'s previous table as the data plane holds it: `(size, slots)`.
+    pub fn prev_table(&self, id: u32) -> Result<Option<(u32, Vec<u32>)>> {
+        read_table(self.map(names::PREV_TABLES)?, names::PREV_TABLES, id)
+    }
+
+    fn outer_fd(&self, name: &'static str) -> Result<u32> {
+        match self.map(name)? {
+            aya::maps::Map::ArrayOfMaps(data) => Ok(data.fd().as_fd().as_raw_fd() as u32),
+            _ => Err(DataplaneError::MissingMap(name)),
+        }
+    }
+
+    fn install_batch(&mut self, name: &'static str, tables: &[(u32, &MaglevTable)]) -> Result<()> {
         for (id, _) in tables {
             self.check("max_vips", *id, self.caps.max_vips)?;
         }
@@ -607,24 +655,53 @@ impl Dataplane {
         if keys.is_empty() {
             return Ok(());
         }
-        let outer = self.map(names::TABLES)?;
-        let outer_fd = match outer {
-            aya::maps::Map::ArrayOfMaps(data) => data.fd().as_fd().as_raw_fd() as u32,
-            _ => return Err(DataplaneError::MissingMap(names::TABLES)),
-        };
+        let outer_fd = self.outer_fd(name)?;
         match update_batch(outer_fd, &keys, &fds) {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP)) => {
                 for (id, table) in tables {
-                    self.install_table(*id, table)?;
+                    self.install_one(name, *id, table)?;
                 }
                 Ok(())
             }
             Err(e) => Err(DataplaneError::Pin {
-                path: names::TABLES.into(),
+                path: name.into(),
                 error: format!("batch table swap: {e}"),
             }),
         }
+    }
+
+    /// The load balancers' source prefixes `lb_decap` accepts encapsulated packets from
+    /// (on a backend); at most `DECAP_PREFIXES` of each family.
+    pub fn set_decap_sources(&mut self, prefixes: &[(IpAddr, u8)]) -> Result<()> {
+        let config = decap_config(prefixes).ok_or(DataplaneError::Capacity {
+            what: "decap source prefixes per family",
+            id: prefixes.len() as u32,
+            capacity: DECAP_PREFIXES as u32,
+        })?;
+        let mut map: Array<_, DecapConfig> = Array::try_from(self.map_mut(names::DECAP_CONFIG)?)
+            .map_err(map_err(names::DECAP_CONFIG))?;
+        map.set(0, config, 0).map_err(map_err(names::DECAP_CONFIG))
+    }
+
+    /// `lb_decap`'s counters, summed over CPUs, indexed by `DecapCounter`.
+    pub fn decap_counters(&self) -> Result<Vec<u64>> {
+        per_cpu_sums(
+            self.map(names::DECAP_STATS)?,
+            names::DECAP_STATS,
+            0..DecapCounter::COUNT,
+        )
+    }
+
+    /// Packets sent with a previous Backend attached, per Vip id (`vip`) or per previous
+    /// Backend id, for ids `0..count`.
+    pub fn chained(&self, vip: bool, count: u32) -> Result<Vec<u64>> {
+        let name = if vip {
+            names::VIP_CHAINED
+        } else {
+            names::BACKEND_CHAINED
+        };
+        per_cpu_sums(self.map(name)?, name, 0..count)
     }
 
     /// Kernel memory charged to the data plane's maps, per map name, inner MaglevTables
@@ -822,6 +899,78 @@ fn inner_table(table: &MaglevTable) -> Result<MapData> {
     let inner = MapData::create(definition, "mlb_table", None).map_err(map_err("MaglevTable"))?;
     write_table(inner.fd().as_fd(), entries, table)?;
     Ok(inner)
+}
+
+/// The `DECAP_CONFIG` entry for `prefixes`; `None` if a family has too many.
+pub fn decap_config(prefixes: &[(IpAddr, u8)]) -> Option<DecapConfig> {
+    let mut config = DecapConfig::default();
+    for (addr, len) in prefixes {
+        match addr {
+            IpAddr::V4(a) => {
+                let i = config.v4_count as usize;
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(*len).min(32))
+                    .unwrap_or(0);
+                *config.v4.get_mut(i)? = Prefix4 {
+                    addr: (u32::from(*a) & mask).to_be(),
+                    mask: mask.to_be(),
+                };
+                config.v4_count += 1;
+            }
+            IpAddr::V6(a) => {
+                let i = config.v6_count as usize;
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(*len).min(128))
+                    .unwrap_or(0);
+                let words = |v: u128| addr_words(IpAddr::V6(v.into()));
+                *config.v6.get_mut(i)? = Prefix6 {
+                    addr: words(u128::from(*a) & mask),
+                    mask: words(mask),
+                };
+                config.v6_count += 1;
+            }
+        }
+    }
+    Some(config)
+}
+
+/// Slots `ids` of a per-CPU `u64` array, each summed over CPUs.
+fn per_cpu_sums(
+    map: &aya::maps::Map,
+    name: &'static str,
+    ids: std::ops::Range<u32>,
+) -> Result<Vec<u64>> {
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    ids.map(|id| Ok(map.get(&id, 0).map_err(map_err(name))?.iter().sum()))
+        .collect()
+}
+
+/// Vip `id`'s table in the outer map `map`: `(size, slots)`, or `None` if it has none.
+fn read_table(
+    map: &aya::maps::Map,
+    name: &'static str,
+    id: u32,
+) -> Result<Option<(u32, Vec<u32>)>> {
+    let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(map).map_err(map_err(name))?;
+    let inner = match outer.get(&id, 0) {
+        Ok(inner) => inner,
+        Err(MapError::KeyNotFound) => return Ok(None),
+        Err(e) => return Err(map_err(name)(e)),
+    };
+    let inner: Array<_, [u32; 2]> =
+        Array::try_from(aya::maps::Map::Array(inner)).map_err(map_err(name))?;
+    let entries: Vec<[u32; 2]> = inner
+        .iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(map_err(name))?;
+    let words: Vec<u32> = entries.iter().flatten().copied().collect();
+    let Some((&size, rest)) = words.split_first() else {
+        return Ok(None);
+    };
+    Ok(Some((
+        size,
+        rest[..(size as usize).min(rest.len())].to_vec(),
+    )))
 }
 
 /// `BPF_MAP_UPDATE_BATCH`: `keys[i]` gets `values[i]`, in one syscall.

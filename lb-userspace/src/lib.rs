@@ -17,5 +17,6 @@ pub mod netlink;
 pub mod netns;
 pub mod pinned;
 pub mod reconcile;
+pub mod second_chance;
 pub mod state;
 pub mod testbed;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{CheckKind, Config, Protocol, VipConfig},
     dataplane::{Dataplane, DataplaneError},
+    second_chance::{self, PreviousTable, Retired, SavedMember, SavedTable},
 };
 
 /// The writes the reconciler makes; the real [`Dataplane`] or a recorder for dry runs.
@@ -36,6 +37,14 @@ pub trait DataplaneOps {
     fn set_vip(&mut self, id: u32, key: &VipKey, state: &VipState) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
+    /// Several Vips' previous tables (second chance), in one batch like `install_tables`.
+    fn install_prev_tables(&mut self, _tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Vip `id` keeps no previous table.
+    fn remove_prev_table(&mut self, _id: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     /// Several Vips' tables at once (each swap atomic; the real data plane makes it one
     /// syscall, one RCU grace period).
     fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
@@ -72,6 +81,12 @@ impl DataplaneOps for Dataplane {
     }
     fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
         Dataplane::install_tables(self, tables)
+    }
+    fn install_prev_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+        Dataplane::install_prev_tables(self, tables)
+    }
+    fn remove_prev_table(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Dataplane::remove_prev_table(self, id)
     }
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError> {
         Dataplane::reset_traffic(self, vip, id)
@@ -127,6 +142,10 @@ pub struct Assignments {
     pub generation: u32,
     /// Last next-hop cache generation written to the data plane.
     pub fib_generation: u32,
+    /// Backends removed from the config whose connections second chance still serves, by
+    /// `pool/address`. Their ids are not given to anything else meanwhile.
+    #[serde(default)]
+    pub retired: BTreeMap<String, Retired>,
 }
 
 impl Assignments {
@@ -134,12 +153,14 @@ impl Assignments {
         slots: &mut BTreeMap<String, Assigned>,
         key: &str,
         first_id: u32,
+        reserved: &BTreeSet<u32>,
         generation: &mut dyn FnMut() -> u32,
     ) -> (Assigned, bool) {
         if let Some(a) = slots.get(key) {
             return (*a, false);
         }
-        let used: BTreeSet<u32> = slots.values().map(|a| a.id).collect();
+        let mut used: BTreeSet<u32> = slots.values().map(|a| a.id).collect();
+        used.extend(reserved);
         let id = (first_id..)
             .find(|id| !used.contains(id))
             .expect("ids left");
@@ -156,6 +177,11 @@ pub fn backend_key(pool: &str, addr: IpAddr) -> String {
     format!("{pool}/{addr}")
 }
 
+/// The address of a `pool/address` key.
+fn address_of(key: &str) -> Option<IpAddr> {
+    key.rsplit_once('/')?.1.parse().ok()
+}
+
 /// One Vip's table as installed, and what it was built from.
 #[derive(Clone, Debug)]
 pub struct InstalledTable {
@@ -168,6 +194,8 @@ pub struct InstalledTable {
     /// What it was built from (Backends with their effective weights, size, seed): a Vip
     /// whose inputs did not change is not rebuilt.
     inputs: TableInputs,
+    /// The table before the last change, while second chance keeps it.
+    pub previous: Option<PreviousTable>,
 }
 
 type TableInputs = (Vec<MaglevBackend>, u32, u32);
@@ -253,6 +281,13 @@ pub struct Reconciler<D: DataplaneOps> {
     force_tables: bool,
     /// See [`Reconciler::gate_new_backends_on_health`].
     health_gated: bool,
+    /// `global.second_chance` of the config being written, in seconds (0: off).
+    second_chance: u64,
+    /// Previous tables a former daemon saved, by Vip endpoint: rebuilt at each Vip's
+    /// first install (see [`Reconciler::restore_previous`]).
+    restore: BTreeMap<String, SavedTable>,
+    /// Unix seconds (a field so that tests can move time).
+    clock: fn() -> u64,
 }
 
 impl<D: DataplaneOps> Reconciler<D> {
@@ -267,7 +302,68 @@ impl<D: DataplaneOps> Reconciler<D> {
             tables: BTreeMap::new(),
             force_tables: false,
             health_gated: false,
+            second_chance: 0,
+            restore: BTreeMap::new(),
+            clock: second_chance::now,
         }
+    }
+
+    /// Previous tables saved by a former daemon (`second_chance::load`): each Vip's is
+    /// installed again at its first install if it has not expired, with Backends that are
+    /// no longer configured brought back as retired.
+    pub fn restore_previous(&mut self, saved: BTreeMap<String, SavedTable>) {
+        self.restore = saved;
+    }
+
+    /// The previous tables as they are to be saved, by Vip endpoint.
+    pub fn saved_previous(&self) -> BTreeMap<String, SavedTable> {
+        self.tables
+            .iter()
+            .filter_map(|(e, t)| Some((e.clone(), t.previous.as_ref()?.saved.clone())))
+            .collect()
+    }
+
+    /// For tests: the clock second chance reads.
+    pub fn set_clock(&mut self, clock: fn() -> u64) {
+        self.clock = clock;
+    }
+
+    /// Drops the previous tables and retired Backends whose time is up (all of them when
+    /// second chance is off). Returns whether anything was dropped.
+    pub fn expire_second_chance(&mut self) -> Result<bool, ReconcileError> {
+        let now = (self.clock)();
+        let off = self.second_chance == 0;
+        let mut dropped = false;
+        let endpoints: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.previous.as_ref().is_some_and(|p| off || p.until <= now))
+            .map(|(e, _)| e.clone())
+            .collect();
+        for endpoint in endpoints {
+            if let Some(vip) = self.assignments.vips.get(&endpoint) {
+                self.dataplane.remove_prev_table(vip.id)?;
+            }
+            if let Some(t) = self.tables.get_mut(&endpoint) {
+                t.previous = None;
+            }
+            dropped = true;
+        }
+        let retired: Vec<String> = self
+            .assignments
+            .retired
+            .iter()
+            .filter(|(_, r)| off || r.until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in retired {
+            if let Some(r) = self.assignments.retired.get(&key) {
+                self.dataplane.set_backend(r.id, &Backend::default())?;
+            }
+            self.assignments.retired.remove(&key);
+            dropped = true;
+        }
+        Ok(dropped)
     }
 
     pub fn dataplane(&self) -> &D {
@@ -374,6 +470,7 @@ impl<D: DataplaneOps> Reconciler<D> {
     /// Writes `config` over the data plane state of `old` (`None`: an empty data plane).
     fn write(&mut self, config: &Config, old: Option<&Config>) -> Result<Report, ReconcileError> {
         let mut report = Report::default();
+        self.second_chance = config.global.second_chance.as_secs();
 
         // 1. Global settings; bump the next-hop generation so routes are looked up afresh.
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
@@ -385,11 +482,15 @@ impl<D: DataplaneOps> Reconciler<D> {
         for (pool_name, pool) in &config.pools {
             for b in &pool.backends {
                 let key = backend_key(pool_name, b.address);
-                let (assigned, new) = {
-                    let assignments = &mut self.assignments;
-                    let mut next = Assignments::next_generation_fn(&mut assignments.generation);
-                    Assignments::assign(&mut assignments.backends, &key, 1, &mut next)
-                };
+                // A retired Backend configured again takes its id back.
+                if let Some(r) = self.assignments.retired.remove(&key) {
+                    let assigned = Assigned {
+                        id: r.id,
+                        generation: r.generation,
+                    };
+                    self.assignments.backends.insert(key.clone(), assigned);
+                }
+                let (assigned, new) = self.assign_backend(&key);
                 if new {
                     self.dataplane.reset_traffic(false, assigned.id)?;
                     report.backends_added.push(format!("{} ({key})", b.name));
@@ -442,7 +543,8 @@ impl<D: DataplaneOps> Reconciler<D> {
             let (assigned, new) = {
                 let assignments = &mut self.assignments;
                 let mut next = Assignments::next_generation_fn(&mut assignments.generation);
-                Assignments::assign(&mut assignments.vips, &endpoint, 0, &mut next)
+                let none = BTreeSet::new();
+                Assignments::assign(&mut assignments.vips, &endpoint, 0, &none, &mut next)
             };
             let old_vip = old.and_then(|c| c.vips.iter().find(|v| v.endpoint() == endpoint));
             if new {
@@ -482,6 +584,7 @@ impl<D: DataplaneOps> Reconciler<D> {
                 if let Some(assigned) = self.assignments.vips.remove(&endpoint) {
                     self.dataplane
                         .remove_vip(assigned.id, &vip_key(vip.address, vip.port, vip.protocol))?;
+                    self.dataplane.remove_prev_table(assigned.id)?;
                 }
                 self.tables.remove(&endpoint);
                 report.vips_removed.push(endpoint);
@@ -496,8 +599,22 @@ impl<D: DataplaneOps> Reconciler<D> {
             .collect();
         for key in gone {
             if let Some(assigned) = self.assignments.backends.remove(&key) {
-                self.dataplane
-                    .set_backend(assigned.id, &Backend::default())?;
+                // With second chance, a removed Backend keeps its entry (and so its open
+                // connections) until the previous tables that name it expire.
+                match address_of(&key) {
+                    Some(address) if self.second_chance > 0 => {
+                        let retired = Retired {
+                            id: assigned.id,
+                            generation: assigned.generation,
+                            address,
+                            until: (self.clock)() + self.second_chance,
+                        };
+                        self.assignments.retired.insert(key.clone(), retired);
+                    }
+                    _ => self
+                        .dataplane
+                        .set_backend(assigned.id, &Backend::default())?,
+                }
                 self.down.remove(&key);
                 self.drained.remove(&key);
                 report.backends_removed.push(key);
@@ -508,6 +625,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
         let exact: Vec<IpAddr> = new_addrs.keys().copied().collect();
         self.dataplane.set_vip_filter(&exact)?;
+        self.expire_second_chance()?;
         self.force_tables = false;
         Ok(report)
     }
@@ -691,12 +809,37 @@ impl<D: DataplaneOps> Reconciler<D> {
         planned
     }
 
-    /// Swaps the planned tables in, in one batch, and records them.
+    /// Swaps the planned tables in, in one batch, and records them. With second chance, each
+    /// Vip's table before the change goes into `PREV_TABLES` first, so that no packet meets
+    /// the new table without the previous one behind it.
     fn install_planned(
         &mut self,
         planned: Vec<Planned>,
         report: &mut Report,
     ) -> Result<(), ReconcileError> {
+        let mut previous = BTreeMap::new();
+        if self.second_chance > 0 {
+            let until = (self.clock)() + self.second_chance;
+            for p in &planned {
+                let kept = match self.tables.get(&p.endpoint) {
+                    Some(t) if !t.table.is_empty() && *t.table != *p.table => {
+                        Some(self.previous_of(t, until))
+                    }
+                    // Unchanged (a forced rewrite) or from no backend: keep what it had.
+                    Some(t) => t.previous.clone(),
+                    None => self.restored(&p.endpoint, &p.table)?,
+                };
+                if let Some(kept) = kept {
+                    previous.insert(p.endpoint.clone(), kept);
+                }
+            }
+            let batch: Vec<(u32, &MaglevTable)> = planned
+                .iter()
+                .filter_map(|p| Some((p.id, &*previous.get(&p.endpoint)?.table)))
+                .collect();
+            self.dataplane.install_prev_tables(&batch)?;
+        }
+        let mut previous_tables = previous;
         let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &*p.table)).collect();
         self.dataplane.install_tables(&batch)?;
         // Vips sharing a pool share their diff too (256 diffs of 65537 slots cost ~20 ms).
@@ -725,6 +868,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             }
             let generation = previous.map_or(1, |t| t.generation + 1);
             report.tables.push((p.endpoint.clone(), diff));
+            let kept = previous_tables.remove(&p.endpoint);
             self.tables.insert(
                 p.endpoint,
                 InstalledTable {
@@ -732,10 +876,126 @@ impl<D: DataplaneOps> Reconciler<D> {
                     generation,
                     members: p.names,
                     inputs: p.inputs,
+                    previous: kept,
                 },
             );
         }
         Ok(())
+    }
+
+    /// `t` as a previous table kept until `until`.
+    fn previous_of(&self, t: &InstalledTable, until: u64) -> PreviousTable {
+        let (members, size, seed) = &t.inputs;
+        let names: BTreeMap<u32, &String> = t.members.iter().map(|(id, n)| (*id, n)).collect();
+        let saved = members
+            .iter()
+            .filter(|m| m.weight > 0)
+            .filter_map(|m| {
+                let key = self.backend_key_of(m.id)?;
+                Some(SavedMember {
+                    address: address_of(&key)?,
+                    name: names.get(&m.id).map_or_else(String::new, |n| (*n).clone()),
+                    key,
+                    weight: m.weight,
+                })
+            })
+            .collect();
+        PreviousTable {
+            table: Arc::clone(&t.table),
+            members: t.members.clone(),
+            until,
+            saved: SavedTable {
+                size: *size,
+                seed: *seed,
+                members: saved,
+                until,
+            },
+        }
+    }
+
+    /// The `pool/address` Backend id `id` stands for (configured or retired).
+    fn backend_key_of(&self, id: u32) -> Option<String> {
+        let assignments = &self.assignments;
+        let configured = assignments.backends.iter().find(|(_, a)| a.id == id);
+        let retired = || assignments.retired.iter().find(|(_, r)| r.id == id);
+        configured
+            .map(|(k, _)| k.clone())
+            .or_else(|| retired().map(|(k, _)| k.clone()))
+    }
+
+    /// The previous table a former daemon saved for `endpoint`, built again with this
+    /// daemon's ids (Backends no longer configured come back retired), unless it expired or
+    /// equals `current`.
+    fn restored(
+        &mut self,
+        endpoint: &str,
+        current: &MaglevTable,
+    ) -> Result<Option<PreviousTable>, ReconcileError> {
+        let now = (self.clock)();
+        let Some(saved) = self.restore.remove(endpoint).filter(|s| s.until > now) else {
+            return Ok(None);
+        };
+        let mut members = Vec::new();
+        let mut names = Vec::new();
+        for m in &saved.members {
+            let id = match (
+                self.assignments.backends.get(&m.key),
+                self.assignments.retired.get(&m.key),
+            ) {
+                (Some(a), _) => a.id,
+                (None, Some(r)) => r.id,
+                (None, None) => self.retire_saved(m, saved.until)?,
+            };
+            members.push(MaglevBackend::new(id, m.address, m.weight));
+            names.push((id, m.name.clone()));
+        }
+        let table = maglev::build(&members, saved.size, saved.seed);
+        if table == *current {
+            return Ok(None);
+        }
+        Ok(Some(PreviousTable {
+            table: Arc::new(table),
+            members: names,
+            until: saved.until,
+            saved,
+        }))
+    }
+
+    /// A Backend of a saved previous table that this daemon does not have: a fresh id,
+    /// retired until `until`, up in the data plane.
+    fn retire_saved(&mut self, m: &SavedMember, until: u64) -> Result<u32, ReconcileError> {
+        let mut reserved: BTreeSet<u32> = self.assignments.retired.values().map(|r| r.id).collect();
+        reserved.extend(self.assignments.backends.values().map(|a| a.id));
+        let id = (1..).find(|id| !reserved.contains(id)).expect("ids left");
+        let generation = Assignments::next_generation_fn(&mut self.assignments.generation)();
+        let mut flags = backend_flags::UP;
+        if m.address.is_ipv6() {
+            flags |= backend_flags::IPV6;
+        }
+        let backend = Backend {
+            addr: addr_words(m.address),
+            flags,
+            generation,
+        };
+        self.dataplane.reset_traffic(false, id)?;
+        self.dataplane.set_backend(id, &backend)?;
+        let retired = Retired {
+            id,
+            generation,
+            address: m.address,
+            until,
+        };
+        self.assignments.retired.insert(m.key.clone(), retired);
+        Ok(id)
+    }
+
+    /// A Backend id for `key` (`pool/address`), not one a retired Backend still holds;
+    /// `true` if it is new.
+    fn assign_backend(&mut self, key: &str) -> (Assigned, bool) {
+        let reserved: BTreeSet<u32> = self.assignments.retired.values().map(|r| r.id).collect();
+        let assignments = &mut self.assignments;
+        let mut next = Assignments::next_generation_fn(&mut assignments.generation);
+        Assignments::assign(&mut assignments.backends, key, 1, &reserved, &mut next)
     }
 
     fn check_capacity(&self, config: &Config) -> Result<(), ReconcileError> {

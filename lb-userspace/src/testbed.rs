@@ -123,7 +123,7 @@ impl Testbed {
             &self.switch_port(&self.lb),
         )?;
         for b in &self.backends {
-            attach(dataplane, &b.netns, prog_names::LB_DECAP, NIC)?;
+            backend_decap(dataplane, &self.switch, b)?;
         }
         Ok(())
     }
@@ -153,6 +153,34 @@ pub fn host(switch: &Netns, name: &str, last: u8, mtu: &str) -> io::Result<Host>
     };
     plug(switch, &host, mtu)?;
     Ok(host)
+}
+
+/// What a backend runs, from `dataplane`'s object: `lb_decap` on its NIC, accepting
+/// encapsulated packets from the load balancers' default source prefixes only; `lb_pass` on
+/// its switch port (second chance sends chained packets on with XDP_TX, which out of a veth
+/// needs a program on the peer); forwarding on its NIC (`bpf_fib_lookup` answers only
+/// there, and the kernel forwards what it cannot).
+pub fn backend_decap(dataplane: &mut Dataplane, switch: &Netns, backend: &Host) -> io::Result<()> {
+    let attach = |dataplane: &mut Dataplane, netns: &Netns, program, dev: &str| {
+        netns
+            .enter(|| dataplane.attach(program, dev, XdpMode::Driver).map(|_| ()))?
+            .map_err(io::Error::other)
+    };
+    attach(dataplane, &backend.netns, prog_names::LB_DECAP, NIC)?;
+    attach(
+        dataplane,
+        switch,
+        prog_names::LB_PASS,
+        &format!("p-{}", backend.name),
+    )?;
+    backend
+        .netns
+        .enter(|| crate::dataplane::enable_forwarding(NIC))??;
+    let (v4, len4) = crate::config::DEFAULT_ENCAP_SOURCE_V4;
+    let (v6, len6) = crate::config::DEFAULT_ENCAP_SOURCE_V6;
+    dataplane
+        .set_decap_sources(&[(v4.into(), len4), (v6.into(), len6)])
+        .map_err(io::Error::other)
 }
 
 /// (Re)creates `host`'s NIC: a veth whose peer `p-<name>` is a port of the switch's

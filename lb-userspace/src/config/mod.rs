@@ -40,6 +40,13 @@ pub use error::{ConfigError, Pos, Problem};
 /// Default `global.metrics_listen`.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9100));
+/// Default `global.second_chance`: long enough for a rolling config change across a
+/// fleet and a box's restart, short enough that a chain rarely outlives its connections'
+/// idle gaps.
+pub const DEFAULT_SECOND_CHANCE: Duration = Duration::from_secs(300);
+/// Largest `global.second_chance`.
+pub const MAX_SECOND_CHANCE: Duration = Duration::from_secs(86_400);
+
 /// Default `global.encap_source_v4`.
 pub const DEFAULT_ENCAP_SOURCE_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 16, 0, 0), 16);
 /// Default `global.encap_source_v6`.
@@ -101,6 +108,9 @@ pub struct Global {
     pub encap_source_v6: (Ipv6Addr, u8),
     /// bpffs directory the maps are pinned under.
     pub pin_path: PathBuf,
+    /// How long each Vip keeps its previous MaglevTable after a change (second chance);
+    /// zero turns it off.
+    pub second_chance: Duration,
 }
 
 impl Default for Global {
@@ -116,6 +126,7 @@ impl Default for Global {
             encap_source_v4: DEFAULT_ENCAP_SOURCE_V4,
             encap_source_v6: DEFAULT_ENCAP_SOURCE_V6,
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            second_chance: DEFAULT_SECOND_CHANCE,
         }
     }
 }

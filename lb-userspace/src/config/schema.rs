@@ -33,6 +33,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "encap_source_v4",
     "encap_source_v6",
     "pin_path",
+    "second_chance",
 ];
 const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode"];
 const VIP_KEYS: &[&str] = &[
@@ -128,6 +129,7 @@ pub(crate) struct Global {
     pub encap_source_v4: Field<(Ipv4Addr, u8)>,
     pub encap_source_v6: Field<(Ipv6Addr, u8)>,
     pub pin_path: Field<PathBuf>,
+    pub second_chance: Field<Duration>,
 }
 
 pub(crate) struct InterfaceEntry {
@@ -282,6 +284,7 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
         encap_source_v4: s.optional("encap_source_v4", out, values::prefix_v4),
         encap_source_v6: s.optional("encap_source_v6", out, values::prefix_v6),
         pin_path: s.optional("pin_path", out, values::absolute_path),
+        second_chance: s.optional("second_chance", out, values::second_chance),
     }
 }
 

@@ -59,6 +59,7 @@ fn global(g: &schema::Global) -> Global {
         encap_source_v4: or(&g.encap_source_v4, d.encap_source_v4),
         encap_source_v6: or(&g.encap_source_v6, d.encap_source_v6),
         pin_path: or(&g.pin_path, d.pin_path),
+        second_chance: or(&g.second_chance, d.second_chance),
     }
 }
 

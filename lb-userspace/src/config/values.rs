@@ -71,6 +71,21 @@ pub(crate) fn duration(text: &str, min: Duration) -> Parsed<Duration> {
     Ok(value)
 }
 
+/// `global.second_chance`: a duration up to a day, or 0 (off).
+pub(crate) fn second_chance(text: &str) -> Parsed<Duration> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let value = duration(text, Duration::ZERO)?;
+    if value > super::MAX_SECOND_CHANCE {
+        return Err(format!(
+            "must be at most {} (0 turns it off)",
+            humantime::format_duration(super::MAX_SECOND_CHANCE)
+        ));
+    }
+    Ok(value)
+}
+
 /// A percentage from 0% to `max_percent`%, as a fraction.
 pub(crate) fn percent(text: &str, max_percent: u32) -> Parsed<f64> {
     let refuse = || format!("expected a percentage from 0% to {max_percent}%, such as 10%");

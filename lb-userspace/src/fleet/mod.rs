@@ -207,7 +207,7 @@ impl Fleet {
             )?;
         }
         for b in &backends {
-            attach(&mut plumbing, &b.netns, prog_names::LB_DECAP, NIC)?;
+            testbed::backend_decap(&mut plumbing, &switch, b)?;
         }
 
         let mut fleet = Self {
