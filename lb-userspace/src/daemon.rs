@@ -102,7 +102,9 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
             }
             reconciler.restore_previous(tables);
         }
-        Err(e) => warn!(path = %saved.display(), error = %e, "second chance: saved previous tables not read"),
+        Err(e) => {
+            warn!(path = %saved.display(), error = %e, "second chance: saved previous tables not read")
+        }
     }
     let mut attached = BTreeMap::new();
     for interface in &config.interfaces {

@@ -38,7 +38,10 @@ pub trait DataplaneOps {
     fn remove_vip(&mut self, id: u32, key: &VipKey) -> Result<(), DataplaneError>;
     fn install_table(&mut self, id: u32, table: &MaglevTable) -> Result<(), DataplaneError>;
     /// Several Vips' previous tables (second chance), in one batch like `install_tables`.
-    fn install_prev_tables(&mut self, _tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+    fn install_prev_tables(
+        &mut self,
+        _tables: &[(u32, &MaglevTable)],
+    ) -> Result<(), DataplaneError> {
         Ok(())
     }
     /// Vip `id` keeps no previous table.
@@ -82,7 +85,10 @@ impl DataplaneOps for Dataplane {
     fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
         Dataplane::install_tables(self, tables)
     }
-    fn install_prev_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
+    fn install_prev_tables(
+        &mut self,
+        tables: &[(u32, &MaglevTable)],
+    ) -> Result<(), DataplaneError> {
         Dataplane::install_prev_tables(self, tables)
     }
     fn remove_prev_table(&mut self, id: u32) -> Result<(), DataplaneError> {
@@ -869,6 +875,9 @@ impl<D: DataplaneOps> Reconciler<D> {
             let generation = previous.map_or(1, |t| t.generation + 1);
             report.tables.push((p.endpoint.clone(), diff));
             let kept = previous_tables.remove(&p.endpoint);
+            if kept.is_none() && previous.is_some_and(|t| t.previous.is_some()) {
+                self.dataplane.remove_prev_table(p.id)?;
+            }
             self.tables.insert(
                 p.endpoint,
                 InstalledTable {
@@ -1078,6 +1087,7 @@ mod tests {
         ops: Vec<String>,
         backends: BTreeMap<u32, Backend>,
         tables: BTreeMap<u32, MaglevTable>,
+        prev: BTreeMap<u32, MaglevTable>,
     }
 
     impl DataplaneOps for Recorder {
@@ -1112,6 +1122,196 @@ mod tests {
         fn reset_traffic(&mut self, _: bool, _: u32) -> Result<(), DataplaneError> {
             Ok(())
         }
+        fn install_prev_tables(
+            &mut self,
+            tables: &[(u32, &MaglevTable)],
+        ) -> Result<(), DataplaneError> {
+            for (id, table) in tables {
+                self.ops.push(format!("prev {id}"));
+                self.prev.insert(*id, (*table).clone());
+            }
+            Ok(())
+        }
+        fn remove_prev_table(&mut self, id: u32) -> Result<(), DataplaneError> {
+            if self.prev.remove(&id).is_some() {
+                self.ops.push(format!("remove prev {id}"));
+            }
+            Ok(())
+        }
+    }
+
+    thread_local! {
+        static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(1_000) };
+    }
+
+    fn test_clock() -> u64 {
+        NOW.with(|n| n.get())
+    }
+
+    fn advance(seconds: u64) {
+        NOW.with(|n| n.set(n.get() + seconds));
+    }
+
+    /// Which address each slot of `table` names, by the ids `r` assigned (configured or
+    /// retired): tables of two daemons compare by address, not id.
+    fn by_address(r: &Reconciler<Recorder>, table: &MaglevTable) -> Vec<Option<IpAddr>> {
+        let a = r.assignments();
+        let address = |id: u32| {
+            a.backends
+                .iter()
+                .find(|(_, x)| x.id == id)
+                .and_then(|(k, _)| address_of(k))
+                .or_else(|| a.retired.values().find(|x| x.id == id).map(|x| x.address))
+        };
+        table.slots().iter().map(|id| address(*id)).collect()
+    }
+
+    #[test]
+    fn a_table_change_installs_the_previous_table_before_the_new_one() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_clock(test_clock);
+        r.apply(&config_sc(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        assert!(
+            r.dataplane().prev.is_empty(),
+            "a first table has no previous one"
+        );
+        let first = r.dataplane().tables[&0].clone();
+        r.dataplane_mut().ops.clear();
+        r.apply(&config_sc(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+            ("10.0.0.4", 1),
+        ]))
+        .unwrap();
+        assert_eq!(r.dataplane().prev[&0], first);
+        let ops = &r.dataplane().ops;
+        let at = |op: &str| {
+            ops.iter()
+                .position(|o| o == op)
+                .unwrap_or_else(|| panic!("{op} in {ops:?}"))
+        };
+        assert!(at("prev 0") < at("table 0"), "{ops:?}");
+        let kept = r.tables()["10.200.0.1:80/tcp"].previous.as_ref().unwrap();
+        assert_eq!(kept.until, test_clock() + 300);
+        assert_eq!(kept.saved.members.len(), 3);
+    }
+
+    #[test]
+    fn a_removed_backend_stays_retired_until_second_chance_ends() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_clock(test_clock);
+        r.apply(&config_sc(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        let removed = ids(&r)["web/10.0.0.3"];
+        r.apply(&config_sc(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        // Still up in the data plane, named by the previous table, its id held.
+        assert_eq!(
+            r.dataplane().backends[&removed].flags & backend_flags::UP,
+            backend_flags::UP
+        );
+        assert!(r.dataplane().prev[&0].slots().contains(&removed));
+        assert!(!r.dataplane().tables[&0].slots().contains(&removed));
+        r.apply(&config_sc(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.5", 1),
+        ]))
+        .unwrap();
+        assert_ne!(
+            ids(&r)["web/10.0.0.5"],
+            removed,
+            "a retired id is not given away"
+        );
+        advance(299);
+        assert!(!r.expire_second_chance().unwrap());
+        advance(2);
+        assert!(r.expire_second_chance().unwrap());
+        assert_eq!(r.dataplane().backends[&removed], Backend::default());
+        assert!(r.dataplane().prev.is_empty());
+        assert!(r.assignments().retired.is_empty());
+        assert!(r.tables()["10.200.0.1:80/tcp"].previous.is_none());
+    }
+
+    #[test]
+    fn a_retired_backend_configured_again_takes_its_id_back() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_clock(test_clock);
+        r.apply(&config_sc(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        let id = ids(&r)["web/10.0.0.2"];
+        r.apply(&config_sc(&[("10.0.0.1", 1)])).unwrap();
+        r.apply(&config_sc(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        assert_eq!(ids(&r)["web/10.0.0.2"], id);
+        assert!(r.assignments().retired.is_empty());
+    }
+
+    #[test]
+    fn second_chance_off_keeps_no_previous_table_and_no_retired_backend() {
+        let off = |backends: &[(&str, u32)]| {
+            let mut c = config_sc(backends);
+            c.global.second_chance = std::time::Duration::ZERO;
+            c
+        };
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_clock(test_clock);
+        r.apply(&config_sc(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+            .unwrap();
+        r.apply(&config_sc(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        assert!(!r.dataplane().prev.is_empty());
+        // Turned off by a reload: what second chance held goes at once.
+        r.apply(&off(&[("10.0.0.1", 1), ("10.0.0.3", 1)])).unwrap();
+        assert!(r.dataplane().prev.is_empty());
+        assert!(r.assignments().retired.is_empty());
+        assert!(r.tables().values().all(|t| t.previous.is_none()));
+    }
+
+    #[test]
+    fn a_daemon_with_fresh_maps_rebuilds_the_saved_previous_table() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.4", 1)];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        first.apply(&config_sc(&new)).unwrap();
+        let saved = first.saved_previous();
+        let want = by_address(&first, &first.dataplane().prev[&0]);
+        // Fresh maps, fresh ids: only the new config and the saved file.
+        let mut second = Reconciler::new(Recorder::default(), Assignments::default());
+        second.set_clock(test_clock);
+        second.restore_previous(saved.clone());
+        second.apply(&config_sc(&new)).unwrap();
+        assert_eq!(by_address(&second, &second.dataplane().prev[&0]), want);
+        // 10.0.0.3 is in no pool any more: back as retired, up, until the saved time.
+        let retired = &second.assignments().retired["web/10.0.0.3"];
+        assert_eq!(retired.until, saved["10.200.0.1:80/tcp"].until);
+        assert_eq!(
+            second.dataplane().backends[&retired.id].flags & backend_flags::UP,
+            1
+        );
+        // An expired save is not restored.
+        let mut third = Reconciler::new(Recorder::default(), Assignments::default());
+        third.set_clock(test_clock);
+        advance(301);
+        third.restore_previous(saved);
+        third.apply(&config_sc(&new)).unwrap();
+        assert!(third.dataplane().prev.is_empty());
     }
 
     fn config(backends: &[(&str, u32)]) -> Config {
@@ -1122,7 +1322,17 @@ mod tests {
         for (addr, weight) in backends {
             yaml += &format!("      - address: {addr}\n        weight: {weight}\n");
         }
-        Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+        let mut config = Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        // The tests of second chance turn it on; the others test what happens without.
+        config.global.second_chance = std::time::Duration::ZERO;
+        config
+    }
+
+    /// `config` with second chance on, as by default (5 minutes).
+    fn config_sc(backends: &[(&str, u32)]) -> Config {
+        let mut config = config(backends);
+        config.global.second_chance = crate::config::DEFAULT_SECOND_CHANCE;
+        config
     }
 
     fn ids(r: &Reconciler<Recorder>) -> BTreeMap<String, u32> {
@@ -1411,7 +1621,12 @@ mod tests {
             pool("web", &[("10.0.0.2", 3), ("10.0.0.3", 1), ("10.0.0.4", 1)]),
             pool("new", &[("10.0.0.5", 1), ("10.0.0.6", 1)]),
         );
-        (parse(&before), parse(&after))
+        // Without second chance: with it, a Backend the failed config added stays retired
+        // (it may have had flows), so the data plane is not the old config's alone.
+        let (mut before, mut after) = (parse(&before), parse(&after));
+        before.global.second_chance = std::time::Duration::ZERO;
+        after.global.second_chance = std::time::Duration::ZERO;
+        (before, after)
     }
 
     #[test]

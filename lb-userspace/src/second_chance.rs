@@ -89,7 +89,10 @@ pub fn save(path: &Path, tables: &BTreeMap<String, SavedTable>) -> io::Result<()
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(tables).map_err(io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(tables).map_err(io::Error::other)?,
+    )?;
     std::fs::rename(&tmp, path)
 }
 
