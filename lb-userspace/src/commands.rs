@@ -135,6 +135,21 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         if vip.slots.is_empty() {
             writeln!(out, "    NO USABLE BACKEND")?;
         }
+        let chained = pinned.chained(true, vip.id).unwrap_or(0);
+        if let Some(p) = &vip.previous {
+            let left = p.until.saturating_sub(crate::second_chance::now());
+            let slots: Vec<String> = p.slots.iter().map(|(n, s)| format!("{n} {s}")).collect();
+            writeln!(
+                out,
+                "    second chance: previous table ({}) for {left} s more, {chained} packets chained",
+                slots.join(", ")
+            )?;
+        } else if chained > 0 {
+            writeln!(
+                out,
+                "    second chance: no previous table, {chained} packets chained"
+            )?;
+        }
     }
     match snapshot.announce_table {
         Some(table) => {
@@ -168,10 +183,22 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
             (true, true) => "up, drained",
             (true, false) => "up",
         };
+        let chained = match pinned.chained(false, b.id).unwrap_or(0) {
+            0 => String::new(),
+            n => format!(", {n} chained to it"),
+        };
         writeln!(
             out,
-            "backend {} {} pool {} weight {}: {health}, {} packets",
+            "backend {} {} pool {} weight {}: {health}, {} packets{chained}",
             b.name, b.address, b.pool, b.weight, traffic.packets
+        )?;
+    }
+    for (key, r) in &snapshot.assignments.retired {
+        let left = r.until.saturating_sub(crate::second_chance::now());
+        let chained = pinned.chained(false, r.id).unwrap_or(0);
+        writeln!(
+            out,
+            "backend {key} RETIRED (removed from the config; its connections are served for {left} s more), {chained} chained to it"
         )?;
     }
     if let Ok(counters) = pinned.counters() {
@@ -281,6 +308,42 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
         Some((size, slot, 0)) => writeln!(out, "table: slot {slot} of {size}: {}", no_backend())?,
         Some((size, slot, id)) => writeln!(out, "table: slot {slot} of {size} -> {}", name_of(id))?,
         None => writeln!(out, "table: none installed")?,
+    }
+    // Old pins (before second chance) have no PREV_TABLES: nothing to say then.
+    if let (Some((_, _, now)), Ok(Some((_, slot, before)))) =
+        (table, pinned.prev_table_slot(vip_id, hash))
+    {
+        let state = pinned.vip_state(vip_id)?;
+        let up = |id: u32| {
+            pinned
+                .backend(id)
+                .is_ok_and(|b| b.flags & lb_common::consts::backend_flags::UP != 0)
+        };
+        let why_not = if before == now || before == 0 {
+            Some("the previous table names the same backend")
+        } else if flow.proto != lb_common::consts::PROTO_TCP {
+            Some("only TCP is chained")
+        } else if state.flags & lb_common::consts::vip_flags::L2_DSR != 0 {
+            Some("l2_dsr has no header to carry it")
+        } else if !up(before) {
+            Some("that backend is down")
+        } else if entry.is_some() {
+            Some("the connection-table entry decides")
+        } else {
+            None
+        };
+        match why_not {
+            None => writeln!(
+                out,
+                "second chance: previous backend {} (slot {slot} of the previous table): a non-SYN packet goes to the table's backend with it attached",
+                name_of(before)
+            )?,
+            Some(reason) => writeln!(
+                out,
+                "second chance: previous table slot {slot} -> {}; not chained: {reason}",
+                name_of(before)
+            )?,
+        }
     }
     Ok(out)
 }

@@ -96,28 +96,61 @@ impl Pinned {
         Ok(None)
     }
 
-    /// The installed MaglevTable of Vip `id`: its size and the Backend id of `slot`.
+    /// The installed MaglevTable of Vip `id`: its size, the flow's slot and its Backend id.
     pub fn table_slot(
         &self,
         id: u32,
         flow_hash: u32,
     ) -> Result<Option<(u32, u32, u32)>, PinnedError> {
-        let outer: ArrayOfMaps<_, MapData> = ArrayOfMaps::try_from(self.map(names::TABLES)?)
-            .map_err(|e| self.fail(names::TABLES, e))?;
+        self.slot_in(names::TABLES, id, flow_hash)
+    }
+
+    /// The same in Vip `id`'s previous table (second chance), if it has one.
+    pub fn prev_table_slot(
+        &self,
+        id: u32,
+        flow_hash: u32,
+    ) -> Result<Option<(u32, u32, u32)>, PinnedError> {
+        self.slot_in(names::PREV_TABLES, id, flow_hash)
+    }
+
+    /// Packets sent with a previous Backend attached, for Vip (`vips`) or previous
+    /// Backend `id`, summed over CPUs.
+    pub fn chained(&self, vips: bool, id: u32) -> Result<u64, PinnedError> {
+        let name = if vips {
+            names::VIP_CHAINED
+        } else {
+            names::BACKEND_CHAINED
+        };
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
+        Ok(map
+            .get(&id, 0)
+            .map_err(|e| self.fail(name, e))?
+            .iter()
+            .sum())
+    }
+
+    fn slot_in(
+        &self,
+        name: &'static str,
+        id: u32,
+        flow_hash: u32,
+    ) -> Result<Option<(u32, u32, u32)>, PinnedError> {
+        let outer: ArrayOfMaps<_, MapData> =
+            ArrayOfMaps::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
         let Ok(inner) = outer.get(&id, 0) else {
             return Ok(None);
         };
         let inner: Array<_, [u32; 2]> =
-            Array::try_from(Map::from_map_data(inner).map_err(|e| self.fail(names::TABLES, e))?)
-                .map_err(|e| self.fail(names::TABLES, e))?;
-        let size = inner.get(&0, 0).map_err(|e| self.fail(names::TABLES, e))?[0];
+            Array::try_from(Map::from_map_data(inner).map_err(|e| self.fail(name, e))?)
+                .map_err(|e| self.fail(name, e))?;
+        let size = inner.get(&0, 0).map_err(|e| self.fail(name, e))?[0];
         if size == 0 {
             return Ok(Some((0, 0, 0)));
         }
         let slot = 1 + lb_common::hash::table_slot(flow_hash, size);
-        let entry = inner
-            .get(&(slot / 2), 0)
-            .map_err(|e| self.fail(names::TABLES, e))?;
+        let entry = inner.get(&(slot / 2), 0).map_err(|e| self.fail(name, e))?;
         Ok(Some((size, slot - 1, entry[(slot & 1) as usize])))
     }
 

@@ -173,6 +173,17 @@ pub struct VipStatus {
     /// `drop` or `pass`: what a packet gets when no backend is usable.
     #[serde(default)]
     pub when_no_backend: String,
+    /// The table before the last change, while second chance keeps it.
+    #[serde(default)]
+    pub previous: Option<PreviousStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PreviousStatus {
+    /// Unix time (seconds) when it is dropped.
+    pub until: u64,
+    /// Backends holding slots in it: (name, slots).
+    pub slots: Vec<(String, u32)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -211,7 +222,22 @@ impl Snapshot {
                         })
                         .collect()
                 });
+                let previous = installed.and_then(|t| t.previous.as_ref()).map(|p| {
+                    let counts = p.table.slot_counts();
+                    PreviousStatus {
+                        until: p.until,
+                        slots: p
+                            .members
+                            .iter()
+                            .map(|(id, name)| {
+                                let n = counts.iter().find(|(i, _)| i == id).map_or(0, |c| c.1);
+                                (name.clone(), n)
+                            })
+                            .collect(),
+                    }
+                });
                 VipStatus {
+                    previous,
                     name: vip.name.clone(),
                     id: assignments.vips.get(&endpoint).map_or(0, |a| a.id),
                     endpoint,

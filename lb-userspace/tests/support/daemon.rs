@@ -214,6 +214,12 @@ impl DaemonBed {
         SocketAddr::new(VIP.parse::<IpAddr>().unwrap(), port)
     }
 
+    /// `lb_decap`'s counters on the backends (one map for all of them), by
+    /// `DecapCounter`.
+    pub fn decap_counters(&self) -> Vec<u64> {
+        self._helpers.decap_counters().unwrap()
+    }
+
     /// Kills backend `i` (1-based)'s server.
     pub fn kill_server(&mut self, i: usize) {
         if let Some(mut child) = self.servers[i - 1].take() {
