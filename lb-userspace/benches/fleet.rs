@@ -65,9 +65,12 @@ fn main() {
         scenarios::rolling_restart(&mut fleet()).expect("rolling restart")
     });
     let skew = step(
-        "config skew: box 1 gets a backend first, then is lost",
-        || scenarios::config_skew(&fleet(), 0, 4).expect("config skew"),
+        "config skew: box 1 gets a backend first, then the others, then box 1 is lost",
+        || scenarios::config_skew(&fleet(), 0, 4, true).expect("config skew"),
     );
+    let skew_without = step("the same without second chance", || {
+        scenarios::config_skew(&fleet(), 0, 4, false).expect("config skew")
+    });
 
     println!();
     println!("{:<46} {:>10}", "event", "figure");
@@ -130,6 +133,17 @@ fn main() {
             "config skew: broken connections",
             format!("{}/{}", skew.broken_connections, skew.connections_total),
         ),
+        (
+            "config skew: broken without second chance",
+            format!(
+                "{}/{}",
+                skew_without.broken_connections, skew_without.connections_total
+            ),
+        ),
+        (
+            "config skew: packets chained",
+            skew.chained_packets.to_string(),
+        ),
     ];
     for (what, value) in rows {
         println!("{what:<46} {value:>10}");
@@ -145,7 +159,12 @@ fn main() {
             "no_backend": no_backend,
             "maintenance": maintenance,
             "rolling_restart": rolling,
-            "config_skew": skew,
+            "config_skew": {
+                "broken_connections": skew.broken_connections,
+                "broken_without_second_chance": skew_without.broken_connections,
+                "with_second_chance": skew,
+                "without_second_chance": skew_without,
+            },
         });
         std::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json")).expect("write JSON");
         println!("JSON written to {}", path.display());

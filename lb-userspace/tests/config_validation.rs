@@ -121,6 +121,12 @@ const BROKEN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "second_chance_too_long.yaml",
+        &[
+            "second_chance_too_long.yaml:2:18: invalid second_chance \"2d\" in global: must be at most 1day (0 turns it off)",
+        ],
+    ),
+    (
         "several_problems.yaml",
         &[
             "several_problems.yaml:2:14: invalid hash_seed \"0x1_0000_0000\" in global: expected an integer from 0 to 0xffffffff",
@@ -321,6 +327,7 @@ fn minimal_config_gets_every_default() {
             encap_source_v4: (Ipv4Addr::new(172, 16, 0, 0), 16),
             encap_source_v6: ("fd00:ffff::".parse::<Ipv6Addr>().expect("address"), 96),
             pin_path: PathBuf::from("/sys/fs/bpf/mlb"),
+            second_chance: std::time::Duration::from_secs(300),
         }
     );
     assert_eq!(config.interfaces.len(), 1);

@@ -332,6 +332,15 @@ impl Fleet {
         std::fs::write(&self.lbs[i].config, self.config_yaml(i, pools))
     }
 
+    /// Like [`Fleet::write_config`], with `global` (one `key: value` line) added to the
+    /// global section.
+    pub fn write_config_with(&self, i: usize, pools: &str, global: &str) -> io::Result<()> {
+        let yaml =
+            self.config_yaml(i, pools)
+                .replacen("global:\n", &format!("global:\n  {global}\n"), 1);
+        std::fs::write(&self.lbs[i].config, yaml)
+    }
+
     /// Starts `mlb run` on load balancer `i` and waits until it serves its status.
     pub fn start_daemon(&mut self, i: usize) -> io::Result<()> {
         let lb = &self.lbs[i];
@@ -411,6 +420,20 @@ impl Fleet {
                 let line = s.lines().find(|l| l.starts_with("vip web "))?;
                 let (_, rest) = line.rsplit_once(", ")?;
                 rest.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Packets load balancer `i` sent with a previous backend attached (second chance).
+    pub fn second_chance_packets(&self, i: usize) -> u64 {
+        self.status(i)
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("counters:"))?;
+                line.split_whitespace()
+                    .find_map(|c| c.strip_prefix("second_chance="))?
+                    .parse()
+                    .ok()
             })
             .unwrap_or(0)
     }

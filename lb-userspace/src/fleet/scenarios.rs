@@ -302,34 +302,64 @@ pub fn rolling_restart(fleet: &mut Fleet) -> io::Result<RollingRestart> {
     })
 }
 
-/// Config skew: box `skewed` gets a new backend before the others, then it is lost.
+/// Config skew during a rollout: box `skewed` gets a new backend before the others, then
+/// the others get it too, then box `skewed` is lost and its flows move to boxes that never
+/// saw them. Connections that started under the old table and crossed `skewed` have no
+/// entry on the others, whose table now sends some of them elsewhere: without second
+/// chance those break; with it, the others chain them to their previous backend.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ConfigSkew {
+    pub second_chance: bool,
     pub connections_total: usize,
     pub broken_connections: usize,
-    /// Broken connections whose backend the other boxes' table does not name (the ones
-    /// a table change on a box that never saw them breaks): should be all of them.
+    /// Broken connections whose backend the others' old table named but their new one does
+    /// not (the ones a table change on a box that never saw them breaks).
     pub broken_explained: usize,
-    /// Connections whose backend the other boxes' table does not name.
+    /// Connections whose backend the others' new table does not name.
     pub moved: usize,
+    /// Packets the others sent with a previous backend attached.
+    pub chained_packets: u64,
 }
 
-pub fn config_skew(fleet: &Fleet, skewed: usize, new_backend: usize) -> io::Result<ConfigSkew> {
-    let before = fleet.open_connections(CONNECTIONS, EVERY)?;
-    let members: Vec<usize> = (1..=3).chain([new_backend]).collect();
-    fleet.write_config(skewed, &fleet.pool_yaml(&members))?;
-    let name = format!("be{new_backend}");
-    let started = Instant::now();
-    while !fleet
-        .status(skewed)?
-        .lines()
-        .any(|l| l.trim_start().starts_with(&format!("{name}: ")) && l.contains("slots"))
-    {
-        if started.elapsed() > CONVERGE_TIMEOUT {
-            return Err(other(format!("lb{} never took {name}", skewed + 1)));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+pub fn config_skew(
+    fleet: &Fleet,
+    skewed: usize,
+    new_backend: usize,
+    second_chance: bool,
+) -> io::Result<ConfigSkew> {
+    let setting = if second_chance { "5m" } else { "0" };
+    let write = |i: usize, members: &[usize]| {
+        fleet.write_config_with(
+            i,
+            &fleet.pool_yaml(members),
+            &format!("second_chance: {setting}"),
+        )
+    };
+    let old: Vec<usize> = (1..=3).collect();
+    for i in all(fleet) {
+        write(i, &old)?;
     }
+    // The watcher applies a settled file within two of its 250 ms ticks.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = fleet.open_connections(CONNECTIONS, EVERY)?;
+    let members: Vec<usize> = old.iter().copied().chain([new_backend]).collect();
+    let name = format!("be{new_backend}");
+    let took = |i: usize| -> io::Result<()> {
+        let started = Instant::now();
+        while !fleet
+            .status(i)?
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{name}: ")) && l.contains("slots"))
+        {
+            if started.elapsed() > CONVERGE_TIMEOUT {
+                return Err(other(format!("lb{} never took {name}", i + 1)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    write(skewed, &members)?;
+    took(skewed)?;
     let after = fleet.open_connections(CONNECTIONS, EVERY)?;
     before.settle(2, SETTLE_TIMEOUT);
     after.settle(2, SETTLE_TIMEOUT);
@@ -338,6 +368,18 @@ pub fn config_skew(fleet: &Fleet, skewed: usize, new_backend: usize) -> io::Resu
     for r in before.reports().iter().chain(&after.reports()) {
         old_table.push(trace(fleet, witness, r.local_port)?.0);
     }
+    for i in others(fleet, skewed) {
+        write(i, &members)?;
+        took(i)?;
+    }
+    let mut new_table = Vec::new();
+    for r in before.reports().iter().chain(&after.reports()) {
+        new_table.push(trace(fleet, witness, r.local_port)?.0);
+    }
+    let chained_before: u64 = others(fleet, skewed)
+        .iter()
+        .map(|i| fleet.second_chance_packets(*i))
+        .sum();
     fleet.set_link(skewed, false)?;
     fleet
         .wait_for_next_hops(&others(fleet, skewed), CONVERGE_TIMEOUT)
@@ -346,15 +388,21 @@ pub fn config_skew(fleet: &Fleet, skewed: usize, new_backend: usize) -> io::Resu
     after.settle(SETTLE_EXCHANGES, SETTLE_TIMEOUT);
     let reports: Vec<ConnectionReport> = before.stop().into_iter().chain(after.stop()).collect();
     let mut result = ConfigSkew {
+        second_chance,
         connections_total: reports.len(),
+        chained_packets: others(fleet, skewed)
+            .iter()
+            .map(|i| fleet.second_chance_packets(*i))
+            .sum::<u64>()
+            - chained_before,
         ..ConfigSkew::default()
     };
-    for (r, old) in reports.iter().zip(&old_table) {
-        let moved = r.backend != *old;
+    for ((r, old), new) in reports.iter().zip(&old_table).zip(&new_table) {
+        let moved = r.backend != *new;
         result.moved += usize::from(moved);
         if r.broken.is_some() {
             result.broken_connections += 1;
-            result.broken_explained += usize::from(moved);
+            result.broken_explained += usize::from(moved && r.backend == *old);
         }
     }
     fleet.set_link(skewed, true)?;
