@@ -161,6 +161,7 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
         assert_eq!(lab.run(pkt).action, 3, "priming must forward");
     }
     let not_vip = tcp(mac, client, 40002, "10.111.0.1".parse().unwrap(), 22, false);
+    let (chained, decap) = second_chance_packets(lab, client, vip);
     let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
         name,
         program,
@@ -233,7 +234,110 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             Some(15.0),
             true,
         ),
+        path(
+            "second chance: chained TCP packet (LB side)",
+            prog_names::LB_INGRESS,
+            vec![chained],
+            None,
+            false,
+        ),
+        path(
+            "lb_decap: deliver (IPIP)",
+            prog_names::LB_DECAP,
+            vec![decap.deliver],
+            None,
+            false,
+        ),
+        path(
+            "lb_decap: chained, local socket (deliver)",
+            prog_names::LB_DECAP,
+            vec![decap.local],
+            None,
+            false,
+        ),
+        path(
+            "lb_decap: chained, no socket (send on)",
+            prog_names::LB_DECAP,
+            vec![decap.forward],
+            None,
+            false,
+        ),
     ]
+}
+
+/// The packets of `lb_decap`'s paths.
+struct DecapPackets {
+    deliver: Vec<u8>,
+    local: Vec<u8>,
+    forward: Vec<u8>,
+}
+
+/// Second chance in `lab`: Vip 0's previous table (backends 1 and 2; 3 was added since)
+/// and `lb_decap`'s load-balancer prefix. Returns a packet of a moved flow that
+/// `lb_ingress` chains, and packets for `lb_decap`'s paths; the lab's namespace keeps an
+/// established connection (10.111.0.1:8080) for the chained packet a local socket has.
+fn second_chance_packets(lab: &mut Lab, client: IpAddr, vip: IpAddr) -> (Vec<u8>, DecapPackets) {
+    use lb_common::{hash::Flow, maglev};
+    let mac = lab.lb_mac;
+    let members: Vec<maglev::MaglevBackend> = [1, 2]
+        .iter()
+        .map(|id| maglev::MaglevBackend::new(*id, lab.backend(*id).addr, 1))
+        .collect();
+    let previous = maglev::build(&members, support::lab::TABLE_SIZE, support::lab::SEED);
+    lab.dataplane
+        .install_prev_tables(&[(support::lab::VIP_TCP, &previous)])
+        .expect("previous table");
+    let sport = (1024..u16::MAX)
+        .find(|sport| {
+            let flow = Flow {
+                src: client,
+                dst: vip,
+                sport: *sport,
+                dport: 80,
+                proto: lb_common::consts::PROTO_TCP,
+            };
+            let hash = flow.hash(support::lab::SEED);
+            lab.tables[&support::lab::VIP_TCP].lookup(hash) != previous.lookup(hash)
+        })
+        .expect("a moved flow");
+    let chained = tcp(mac, client, sport, vip, 80, false);
+    let before = lab.counters()[lb_common::consts::Counter::SecondChance as usize];
+    assert_eq!(lab.run(&chained).action, 3, "chaining must forward");
+    assert_eq!(
+        lab.counters()[lb_common::consts::Counter::SecondChance as usize],
+        before + 1,
+        "the packet must be chained"
+    );
+
+    lab.dataplane
+        .set_decap_sources(&[("172.16.0.0".parse().unwrap(), 16)])
+        .expect("decap sources");
+    let (lb, me, prev) = ([172, 16, 0, 9], [10, 111, 0, 1], [10, 111, 0, 12]);
+    let wrap =
+        |inner: &[u8], dst| support::packets::expect_ipip(inner, [2, 0, 0, 0, 0, 1], mac, lb, dst);
+    // A connection this "backend" has, so that the socket lookup finds it.
+    let listener = lab
+        .netns
+        .enter(|| std::net::TcpListener::bind("10.111.0.1:8080"))
+        .unwrap()
+        .expect("listen");
+    let client_side = lab
+        .netns
+        .enter(|| std::net::TcpStream::connect("10.111.0.1:8080"))
+        .unwrap()
+        .expect("connect");
+    let (server_side, peer) = listener.accept().expect("accept");
+    let here: IpAddr = "10.111.0.1".parse().unwrap();
+    let established = tcp(mac, peer.ip(), peer.port(), here, 8080, false);
+    let stray = tcp(mac, client, 40_003, here, 9090, false);
+    // Keep the connection for the whole run.
+    std::mem::forget((listener, client_side, server_side));
+    let packets = DecapPackets {
+        deliver: wrap(&established, me),
+        local: wrap(&wrap(&established, prev), me),
+        forward: wrap(&wrap(&stray, prev), me),
+    };
+    (chained, packets)
 }
 
 /// The established paths again on `lab` (no flow cache), primed there.
