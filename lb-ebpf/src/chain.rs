@@ -65,6 +65,7 @@ pub fn encap_chained(
     ctx: &XdpContext,
     l2: &L2,
     sel: &Selection,
+    bytes: u64,
     config: &GlobalConfig,
 ) -> Result<(), Verdict> {
     let failed = Verdict::Drop(Counter::DropEncap);
@@ -77,10 +78,16 @@ pub fn encap_chained(
     count(Counter::SecondChance);
     // SAFETY: per-CPU slots, only this CPU writes them while the program runs.
     if let Some(c) = VIP_CHAINED.get_ptr_mut(sel.route.entry.vip) {
-        unsafe { *c += 1 };
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
     }
     if let Some(c) = BACKEND_CHAINED.get_ptr_mut(sel.previous) {
-        unsafe { *c += 1 };
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ pub fn forward(
         set_macs(ctx, route)?;
     } else if sel.previous != EMPTY_BACKEND {
         cold_path();
-        chain::encap_chained(ctx, l2, sel, config)?;
+        chain::encap_chained(ctx, l2, sel, bytes, config)?;
     } else if route.vip_flags & vip_flags::IPV6 != 0 {
         encap_ipv6(ctx, l2, sel, config)?;
     } else {

@@ -113,14 +113,14 @@ pub static VIP_STATS: PerCpuArray<TrafficCounters, VIPS_MAX> = PerCpuArray::new(
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();
 
-/// Packets sent with a previous Backend attached (second chance), per Vip id.
+/// Packets and bytes sent with a previous Backend attached (second chance), per Vip id.
 #[btf_map]
-pub static VIP_CHAINED: PerCpuArray<u64, VIPS_MAX> = PerCpuArray::new();
+pub static VIP_CHAINED: PerCpuArray<TrafficCounters, VIPS_MAX> = PerCpuArray::new();
 
 /// Packets sent with a previous Backend attached, per previous Backend id (the Backend
 /// whose connections they keep).
 #[btf_map]
-pub static BACKEND_CHAINED: PerCpuArray<u64, BACKENDS_MAX> = PerCpuArray::new();
+pub static BACKEND_CHAINED: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();
 
 /// On backends: the load balancers' source prefixes `lb_decap` accepts (one entry).
 #[btf_map]

@@ -701,7 +701,9 @@ impl Dataplane {
         } else {
             names::BACKEND_CHAINED
         };
-        per_cpu_sums(self.map(name)?, name, 0..count)
+        (0..count)
+            .map(|id| Ok(self.traffic(name, id)?.packets))
+            .collect()
     }
 
     /// Kernel memory charged to the data plane's maps, per map name, inner MaglevTables
@@ -1074,8 +1076,8 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::VIP_STATS, 4, size_of::<TrafficCounters>()),
         (names::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
         (names::PREV_TABLES, 4, 4),
-        (names::VIP_CHAINED, 4, 8),
-        (names::BACKEND_CHAINED, 4, 8),
+        (names::VIP_CHAINED, 4, size_of::<TrafficCounters>()),
+        (names::BACKEND_CHAINED, 4, size_of::<TrafficCounters>()),
         (names::DECAP_CONFIG, 4, size_of::<DecapConfig>()),
         (names::DECAP_STATS, 4, 8),
     ]

@@ -122,13 +122,10 @@ impl Pinned {
         } else {
             names::BACKEND_CHAINED
         };
-        let map: PerCpuArray<_, u64> =
+        let map: PerCpuArray<_, TrafficCounters> =
             PerCpuArray::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
-        Ok(map
-            .get(&id, 0)
-            .map_err(|e| self.fail(name, e))?
-            .iter()
-            .sum())
+        let v = map.get(&id, 0).map_err(|e| self.fail(name, e))?;
+        Ok(v.iter().map(|c| c.packets).sum())
     }
 
     fn slot_in(

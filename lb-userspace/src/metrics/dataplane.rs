@@ -118,6 +118,9 @@ pub(super) struct Maps {
     stats: PerCpuArray<MapData, u64>,
     vips: TrafficMap,
     backends: TrafficMap,
+    /// Second chance: packets sent with a previous Backend attached, per Vip and per
+    /// previous Backend (`None` under pins of a build without them).
+    chained: Option<(TrafficMap, TrafficMap)>,
 }
 
 impl Maps {
@@ -132,7 +135,19 @@ impl Maps {
             stats: PerCpuArray::try_from(stats).map_err(|e| format!("{}: {e}", names::STATS))?,
             vips: TrafficMap::new(data(names::VIP_STATS)?)?,
             backends: TrafficMap::new(data(names::BACKEND_STATS)?)?,
+            chained: match (data(names::VIP_CHAINED), data(names::BACKEND_CHAINED)) {
+                (Ok(v), Ok(b)) => Some((TrafficMap::new(v)?, TrafficMap::new(b)?)),
+                _ => None,
+            },
         })
+    }
+
+    /// Slots `0..=last` of the second-chance map of Vips (`vip`) or previous Backends.
+    pub(super) fn chained_upto(&self, vip: bool, last: u32) -> io::Result<Vec<TrafficCounters>> {
+        match &self.chained {
+            Some((vips, backends)) => if vip { vips } else { backends }.read_upto(last),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// What slot `id` of the Vip (`vip`) or Backend traffic map holds, summed over CPUs.

@@ -392,6 +392,20 @@ impl Inventory {
         };
         let vip_traffic = read(true, &mut self.vips.iter().map(|v| &v.slot))?;
         let backend_traffic = read(false, &mut self.backends.iter().map(|b| &b.slot))?;
+        // Second chance, by the same ids (no baseline: an id given to something new starts
+        // from what its slot held; chaining is rare and short-lived).
+        let chained = |vip: bool, ids: Vec<u32>| -> Result<Vec<u64>, String> {
+            let last = ids.iter().copied().max().unwrap_or(0);
+            let now = maps
+                .chained_upto(vip, last)
+                .map_err(|e| format!("second-chance map: {e}"))?;
+            Ok(ids
+                .iter()
+                .map(|id| now.get(*id as usize).map_or(0, |t| t.packets))
+                .collect())
+        };
+        let vip_chained = chained(true, self.vips.iter().map(|v| v.slot.id).collect())?;
+        let backend_chained = chained(false, self.backends.iter().map(|b| b.slot.id).collect())?;
         let vips: Vec<_> = self
             .vips
             .iter()
@@ -419,6 +433,25 @@ impl Inventory {
             let mut f = Family::new(out, name, "counter", help);
             for (set, t) in series {
                 f.int(set, t.packets);
+            }
+        }
+        for (labels, values, name, help) in [
+            (
+                self.vips.iter().map(|v| &v.labels).collect::<Vec<_>>(),
+                vip_chained,
+                "mlb_vip_second_chance_packets_total",
+                "TCP packets of a Vip sent to their backend with the previous table's backend attached (second chance).",
+            ),
+            (
+                self.backends.iter().map(|b| &b.labels).collect(),
+                backend_chained,
+                "mlb_backend_second_chance_packets_total",
+                "TCP packets sent with this Backend attached as the previous one (second chance keeps its connections).",
+            ),
+        ] {
+            let mut f = Family::new(out, name, "counter", help);
+            for (set, n) in labels.into_iter().zip(values) {
+                f.int(set, n);
             }
         }
         for (series, name, help) in [
