@@ -52,6 +52,16 @@ pub fn attach(
     interface: &Interface,
     pin_dir: &Path,
 ) -> Result<Option<&'static str>, AttachError> {
+    attach_program(dataplane, prog_names::LB_INGRESS, interface, pin_dir)
+}
+
+/// [`attach`] for any of the object's programs (`lb_decap` on a backend).
+pub fn attach_program(
+    dataplane: &mut Dataplane,
+    program_name: &'static str,
+    interface: &Interface,
+    pin_dir: &Path,
+) -> Result<Option<&'static str>, AttachError> {
     let name = &interface.name;
     enable_forwarding(name).map_err(|e| AttachError::Interface {
         interface: name.clone(),
@@ -59,7 +69,7 @@ pub fn attach(
     })?;
     let pin = link_pin(pin_dir, name);
     let program = dataplane
-        .xdp(prog_names::LB_INGRESS)
+        .xdp(program_name)
         .map_err(|e| AttachError::Interface {
             interface: name.clone(),
             error: e.to_string(),

@@ -102,8 +102,71 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// On a backend host: `lb_decap`, which takes off the load balancers' encapsulation
+    /// (and decides second chance's chained packets).
+    #[command(subcommand)]
+    Backend(BackendCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum BackendCommand {
+    /// Attach `lb_decap` to an interface (or update its source prefixes): encapsulated
+    /// packets are accepted from the load balancers' source prefixes only. Stays attached
+    /// after the command (pinned).
+    Attach {
+        #[arg(long)]
+        interface: String,
+        /// A load balancers' source prefix (their `encap_source_v4` / `encap_source_v6`),
+        /// e.g. 172.16.0.0/16; repeat for more (at most 8 per family).
+        #[arg(long = "lb-source", required = true, value_parser = parse_prefix)]
+        lb_sources: Vec<(IpAddr, u8)>,
+        /// native, generic or auto.
+        #[arg(long, default_value = "auto", value_parser = parse_xdp_mode)]
+        xdp_mode: crate::config::XdpModeConfig,
+        #[arg(long, default_value = crate::backend::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// `lb_decap`'s counters: delivered, chained and kept, chained and sent on, dropped.
+    Status {
+        /// In the Prometheus text format (for node_exporter's textfile collector).
+        #[arg(long)]
+        prometheus: bool,
+        #[arg(long, default_value = crate::backend::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Detach `lb_decap` and remove its pins.
+    Detach {
+        #[arg(long)]
+        interface: String,
+        #[arg(long, default_value = crate::backend::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+fn parse_prefix(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text}: expected ADDRESS/LENGTH, e.g. 172.16.0.0/16"))?;
+    let addr: IpAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("{len}: a prefix length from 0 to {max}"))?;
+    Ok((addr, len))
+}
+
+fn parse_xdp_mode(text: &str) -> Result<crate::config::XdpModeConfig, String> {
+    use crate::config::XdpModeConfig;
+    match text {
+        "native" => Ok(XdpModeConfig::Native),
+        "generic" => Ok(XdpModeConfig::Generic),
+        "auto" => Ok(XdpModeConfig::Auto),
+        _ => Err(format!("{text}: native, generic or auto")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -740,7 +740,7 @@ pub fn detach_all<'a>(
 }
 
 /// Mounts bpffs on /sys/fs/bpf if nothing is mounted there (pinning needs it).
-fn ensure_bpffs() -> anyhow::Result<()> {
+pub(crate) fn ensure_bpffs() -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
     // SAFETY: valid path, zeroed out-struct.

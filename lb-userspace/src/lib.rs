@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod attach;
+pub mod backend;
 pub mod bpf_sys;
 pub mod cli;
 pub mod commands;

@@ -3,7 +3,8 @@
 use clap::{CommandFactory as _, Parser as _};
 use lb_common::hash::Flow;
 use lb_userspace::{
-    cli::{Cli, Command, OnOff},
+    backend,
+    cli::{BackendCommand, Cli, Command, OnOff},
     commands, daemon,
 };
 
@@ -38,6 +39,29 @@ fn run() -> anyhow::Result<()> {
             ))
         }
         Command::Check { files } => commands::check(&files),
+        Command::Backend(command) => {
+            let text = match command {
+                BackendCommand::Attach {
+                    interface,
+                    lb_sources,
+                    xdp_mode,
+                    pin_path,
+                } => backend::attach(&interface, &lb_sources, xdp_mode, &pin_path)?,
+                BackendCommand::Status {
+                    prometheus,
+                    pin_path,
+                } => backend::status(&pin_path, prometheus)?,
+                BackendCommand::Detach {
+                    interface,
+                    pin_path,
+                } => backend::detach(&interface, &pin_path)?,
+            };
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
         Command::Plan {
             file,
             against,

@@ -151,6 +151,19 @@ impl Pinned {
         Ok(Some((size, slot - 1, entry[(slot & 1) as usize])))
     }
 
+    /// `lb_decap`'s counters (on a backend) summed over CPUs, by `DecapCounter`.
+    pub fn decap_counters(&self) -> Result<Vec<u64>, PinnedError> {
+        let name = names::DECAP_STATS;
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(|e| self.fail(name, e))?;
+        (0..lb_common::consts::DecapCounter::COUNT)
+            .map(|i| {
+                let v = map.get(&i, 0).map_err(|e| self.fail(name, e))?;
+                Ok(v.iter().sum())
+            })
+            .collect()
+    }
+
     /// Global counters summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, PinnedError> {
         let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(names::STATS)?)

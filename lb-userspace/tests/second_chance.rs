@@ -268,3 +268,79 @@ fn encapsulated_packets_from_outside_the_load_balancers_never_reach_a_socket() {
     );
     assert_eq!(drops(&bed), before + 1);
 }
+
+#[test]
+fn mlb_backend_attaches_lb_decap_with_its_sources_and_detaches() {
+    let netns = lb_userspace::netns::Netns::new("mlb-be").unwrap();
+    netns
+        .ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ])
+        .unwrap();
+    netns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    netns.ip(&["link", "set", "eth1", "up"]).unwrap();
+    let pin = format!("/sys/fs/bpf/mlb-test-backend-{}", std::process::id());
+    let mlb = |args: &[&str]| {
+        let out = netns
+            .command_net_only(env!("CARGO_BIN_EXE_mlb"))
+            .arg("backend")
+            .args(args)
+            .args(["--pin-path", &pin])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let xdp_on = || {
+        let out = netns
+            .command_net_only("ip")
+            .args(["link", "show", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let (ok, text) = mlb(&["attach", "--interface", "eth0", "--lb-source", "172.16/16"]);
+    assert!(
+        !ok && text.contains("172.16"),
+        "a bad prefix is refused: {text}"
+    );
+    let (ok, text) = mlb(&[
+        "attach",
+        "--interface",
+        "eth0",
+        "--lb-source",
+        "172.16.0.0/16",
+        "--xdp-mode",
+        "native",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("accepting encapsulated packets from 172.16.0.0/16"),
+        "{text}"
+    );
+    assert!(xdp_on());
+    // Again, with another prefix: the program is swapped in place, the link stays.
+    let (ok, text) = mlb(&[
+        "attach",
+        "--interface",
+        "eth0",
+        "--lb-source",
+        "172.16.0.0/16",
+        "--lb-source",
+        "fd00:ffff::/96",
+    ]);
+    assert!(ok && text.contains("swapped in place"), "{text}");
+    let (ok, text) = mlb(&["status", "--prometheus"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("mlb_decap_packets_total{result=\"drop_source\"} 0"),
+        "{text}"
+    );
+    let (ok, text) = mlb(&["detach", "--interface", "eth0"]);
+    assert!(ok, "{text}");
+    assert!(!xdp_on(), "still attached after detach");
+    assert!(!std::path::Path::new(&pin).exists());
+}
