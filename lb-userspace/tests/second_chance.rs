@@ -66,6 +66,22 @@ fn with_second_chance(yaml: String, setting: &str) -> String {
 /// then detaches the daemon (every map lost) and starts it again: the number of
 /// connections that break.
 fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed) {
+    maps_lost_after(
+        second_chance,
+        &[(1, 1), (2, 1), (3, 1)],
+        &[(1, 1), (2, 1), (3, 1), (4, 1)],
+    )
+    .0
+}
+
+/// Opens long-lived connections over `before`, changes the pool to `after`, then
+/// detaches the daemon (every map lost) and starts it again: the connections that broke,
+/// and the backend of each connection.
+fn maps_lost_after(
+    second_chance: &str,
+    before: &[(usize, u32)],
+    after: &[(usize, u32)],
+) -> ((usize, DaemonBed), Vec<String>) {
     let mut bed = DaemonBed::new(4);
     let config = |bed: &DaemonBed, members: &[(usize, u32)]| {
         with_second_chance(
@@ -73,7 +89,7 @@ fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed) {
             second_chance,
         )
     };
-    bed.write_config(&config(&bed, &[(1, 1), (2, 1), (3, 1)]));
+    bed.write_config(&config(&bed, before));
     bed.start_daemon();
     let mut conns: Vec<(TcpStream, String)> = bed
         .bed
@@ -81,9 +97,14 @@ fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed) {
         .netns
         .enter(|| (0..CONNECTIONS).map(|_| connect(bed.vip(80))).collect())
         .unwrap();
-    bed.write_config(&config(&bed, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+    bed.write_config(&config(&bed, after));
     bed.signal("-HUP");
-    bed.wait_for_health("be4", "web", "up", Duration::from_secs(20));
+    for (i, _) in after {
+        bed.wait_for_health(&format!("be{i}"), "web", "up", Duration::from_secs(20));
+    }
+    bed.wait_for("the new table", Duration::from_secs(20), || {
+        bed.status_text().contains("second chance") || second_chance == "0"
+    });
     assert_eq!(
         broken(&bed, &mut conns, "added"),
         Vec::<String>::new(),
@@ -103,7 +124,8 @@ fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed) {
         "second_chance {second_chance}: {} of {CONNECTIONS} broken: {broken:?}",
         broken.len()
     );
-    (broken.len(), bed)
+    let backends = conns.iter().map(|(_, name)| name.clone()).collect();
+    ((broken.len(), bed), backends)
 }
 
 #[test]
@@ -130,6 +152,20 @@ fn a_load_balancer_that_lost_its_maps_breaks_no_connection_with_second_chance() 
         "{counters:?}"
     );
     assert!(status.contains("second_chance="), "{status}");
+}
+
+#[test]
+fn a_removed_backend_keeps_its_connections_through_a_load_balancer_that_lost_its_maps() {
+    let ((broken, bed), backends) = maps_lost_after(
+        "5m",
+        &[(1, 1), (2, 1), (3, 1), (4, 1)],
+        &[(1, 1), (2, 1), (3, 1)],
+    );
+    let on_removed = backends.iter().filter(|b| *b == "be4").count();
+    assert!(on_removed > 0, "some connection was on be4: {backends:?}");
+    assert_eq!(broken, 0, "{on_removed} connections on the removed be4");
+    let status = bed.status_text();
+    assert!(status.contains("RETIRED"), "{status}");
 }
 
 #[test]
