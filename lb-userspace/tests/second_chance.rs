@@ -65,13 +65,13 @@ fn with_second_chance(yaml: String, setting: &str) -> String {
 /// Opens long-lived connections over backends 1-3, adds backend 4 (the table changes),
 /// then detaches the daemon (every map lost) and starts it again: the number of
 /// connections that break.
-fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed) {
-    maps_lost_after(
+fn maps_lost_after_a_table_change(second_chance: &str) -> (usize, DaemonBed, Vec<(u16, String)>) {
+    let ((broken, bed), backends) = maps_lost_after(
         second_chance,
         &[(1, 1), (2, 1), (3, 1)],
         &[(1, 1), (2, 1), (3, 1), (4, 1)],
-    )
-    .0
+    );
+    (broken, bed, backends)
 }
 
 /// Opens long-lived connections over `before`, changes the pool to `after`, then
@@ -81,7 +81,7 @@ fn maps_lost_after(
     second_chance: &str,
     before: &[(usize, u32)],
     after: &[(usize, u32)],
-) -> ((usize, DaemonBed), Vec<String>) {
+) -> ((usize, DaemonBed), Vec<(u16, String)>) {
     let mut bed = DaemonBed::new(4);
     let config = |bed: &DaemonBed, members: &[(usize, u32)]| {
         with_second_chance(
@@ -124,22 +124,54 @@ fn maps_lost_after(
         "second_chance {second_chance}: {} of {CONNECTIONS} broken: {broken:?}",
         broken.len()
     );
-    let backends = conns.iter().map(|(_, name)| name.clone()).collect();
+    let backends = conns
+        .iter()
+        .map(|(stream, name)| (stream.local_addr().unwrap().port(), name.clone()))
+        .collect();
     ((broken.len(), bed), backends)
 }
 
 #[test]
 fn a_load_balancer_that_lost_its_maps_breaks_no_connection_with_second_chance() {
-    let (without, _) = maps_lost_after_a_table_change("0");
+    let (without, _, _) = maps_lost_after_a_table_change("0");
     assert!(
         without > 0,
         "without second chance the moved connections must break, or this test proves nothing"
     );
-    let (with, bed) = maps_lost_after_a_table_change("5m");
+    let (with, bed, connections) = maps_lost_after_a_table_change("5m");
     assert_eq!(
         with, 0,
         "with second chance none breaks ({without} without)"
     );
+    // `mlb trace` names the previous backend of the connections it chains, and only
+    // theirs.
+    let mut traced = 0;
+    for (port, backend) in &connections {
+        let port = port.to_string();
+        let out = bed.mlb(&[
+            "trace",
+            "--src",
+            "10.100.0.2",
+            "--sport",
+            &port,
+            "--dst",
+            "10.200.0.1",
+            "--dport",
+            "80",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("second chance: previous backend"))
+        {
+            assert!(
+                line.contains(&format!("{backend} ")),
+                "{port} on {backend}: {text}"
+            );
+            traced += 1;
+        }
+    }
+    assert!(traced > 0, "no connection chained by trace's account");
     // They were chained: the load balancer attached the previous backend, the new
     // backend sent them on.
     let status = bed.status_text();
@@ -161,7 +193,7 @@ fn a_removed_backend_keeps_its_connections_through_a_load_balancer_that_lost_its
         &[(1, 1), (2, 1), (3, 1), (4, 1)],
         &[(1, 1), (2, 1), (3, 1)],
     );
-    let on_removed = backends.iter().filter(|b| *b == "be4").count();
+    let on_removed = backends.iter().filter(|(_, b)| b == "be4").count();
     assert!(on_removed > 0, "some connection was on be4: {backends:?}");
     assert_eq!(broken, 0, "{on_removed} connections on the removed be4");
     let status = bed.status_text();
