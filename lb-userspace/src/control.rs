@@ -52,6 +52,8 @@ pub struct Limits {
     pub timeout: Duration,
     /// Connections served at once; more are answered "busy" and closed.
     pub max_connections: usize,
+    /// `global.control_group`: members of this group may use the socket too (mode 0660).
+    pub group: Option<u32>,
 }
 
 impl Default for Limits {
@@ -60,6 +62,7 @@ impl Default for Limits {
             max_request: 64 * 1024,
             timeout: Duration::from_secs(5),
             max_connections: 32,
+            group: None,
         }
     }
 }
@@ -79,13 +82,22 @@ impl Drop for Server {
 
 type Commands = mpsc::Sender<(Command, oneshot::Sender<Reply>)>;
 
-/// Serves the socket at `path`, passing each command to the daemon loop.
-pub fn serve(path: &Path, commands: Commands) -> std::io::Result<Server> {
-    serve_with(path, commands, Limits::default())
+/// Serves the socket at `path`, passing each command to the daemon loop; members of
+/// `group` may use it as well as root and the daemon's user.
+pub fn serve(path: &Path, commands: Commands, group: Option<u32>) -> std::io::Result<Server> {
+    serve_with(
+        path,
+        commands,
+        Limits {
+            group,
+            ..Limits::default()
+        },
+    )
 }
 
 /// [`serve`] with explicit limits. The socket is made mode 0600 (owner: the daemon's
-/// user) and every peer's credentials are checked: root or the daemon's own user.
+/// user), or 0660 with `limits.group` as its group, and every peer's credentials are
+/// checked: root, the daemon's own user, or a member of that group.
 pub fn serve_with(path: &Path, commands: Commands, limits: Limits) -> std::io::Result<Server> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
@@ -96,6 +108,10 @@ pub fn serve_with(path: &Path, commands: Commands, limits: Limits) -> std::io::R
     // Before the first accept; the peer check below covers a client that connected in
     // between.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = limits.group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let task = tokio::spawn(async move {
         let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -118,7 +134,7 @@ pub fn serve_with(path: &Path, commands: Commands, limits: Limits) -> std::io::R
             tokio::spawn(async move {
                 let mut stream = stream;
                 // Peers are checked first: a refused one never takes a slot.
-                let reply = match authorize(&stream) {
+                let reply = match authorize(&stream, limits.group) {
                     Err(reply) => reply,
                     Ok(()) => match slots.try_acquire_owned() {
                         Ok(_slot) => Some(handle(&mut stream, commands, limits).await),
@@ -146,12 +162,14 @@ pub fn serve_with(path: &Path, commands: Commands, limits: Limits) -> std::io::R
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Root and the daemon's own user may command it; anyone else is answered and closed.
-fn authorize(stream: &UnixStream) -> Result<(), Option<Reply>> {
+/// Root, the daemon's own user and members of `group` may command it; anyone else is
+/// answered and closed.
+fn authorize(stream: &UnixStream, group: Option<u32>) -> Result<(), Option<Reply>> {
     // SAFETY: plain syscall, no pointers.
     let me = unsafe { libc::geteuid() };
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == 0 || cred.uid() == me => Ok(()),
+        Ok(cred) if group.is_some_and(|g| in_group(cred.uid(), cred.gid(), g)) => Ok(()),
         Ok(cred) => {
             warn!(uid = cred.uid(), pid = ?cred.pid(), "control socket: peer refused");
             Err(Some(Reply::Error(format!(
@@ -164,6 +182,22 @@ fn authorize(stream: &UnixStream) -> Result<(), Option<Reply>> {
             Err(None)
         }
     }
+}
+
+/// Whether the user `uid` (primary group `gid`) is a member of group `group`.
+fn in_group(uid: u32, gid: u32, group: u32) -> bool {
+    use nix::unistd::{Gid, Uid, User, getgrouplist};
+    if gid == group {
+        return true;
+    }
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    getgrouplist(&name, Gid::from_raw(gid))
+        .is_ok_and(|groups| groups.contains(&Gid::from_raw(group)))
 }
 
 /// One request: one bounded line read in bounded time, and the command run.

@@ -171,7 +171,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (control_tx, mut control_rx) =
         mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Reply>)>(16);
-    let _control = control::serve(&state::socket_path(&pin_dir), control_tx)?;
+    let group = config.global.control_group.as_ref().map(|(_, gid)| *gid);
+    let _control = control::serve(&state::socket_path(&pin_dir), control_tx, group)?;
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -701,6 +702,9 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     }
     if r.metrics_listen != n.metrics_listen {
         changed.push("metrics_listen");
+    }
+    if r.control_group != n.control_group {
+        changed.push("control_group");
     }
     (!changed.is_empty()).then(|| {
         format!(

@@ -59,6 +59,12 @@ const BROKEN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "control_group_unknown.yaml",
+        &[
+            "control_group_unknown.yaml:2:18: invalid control_group \"no-such-group-here\" in global: no such group on this host",
+        ],
+    ),
+    (
         "duplicate_backend_in_pool.yaml",
         &[
             "duplicate_backend_in_pool.yaml:13:18: duplicate backend 10.100.0.11 in pool \"web\" (first defined at line 11)",
@@ -328,6 +334,7 @@ fn minimal_config_gets_every_default() {
             encap_source_v6: ("fd00:ffff::".parse::<Ipv6Addr>().expect("address"), 96),
             pin_path: PathBuf::from("/sys/fs/bpf/mlb"),
             second_chance: std::time::Duration::from_secs(300),
+            control_group: None,
         }
     );
     assert_eq!(config.interfaces.len(), 1);

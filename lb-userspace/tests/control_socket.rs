@@ -164,6 +164,25 @@ fn control_socket_withstands_hostile_clients_while_the_daemon_serves() {
         "uid {NOBODY} past the mode: {reply}"
     );
 
+    // A group the config names (nogroup, nobody's): its members get in through a socket
+    // of mode 0660 (takes a restart: the socket is made at start).
+    let yaml = bed.config_yaml(vips, &pools).replacen(
+        "global:\n",
+        "global:\n  control_group: nogroup\n",
+        1,
+    );
+    bed.write_config(&yaml);
+    bed.stop_daemon("-TERM");
+    bed.start_daemon();
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), NOBODY);
+    let reply = as_user(NOBODY, &sock);
+    assert!(
+        reply.contains("\"reply\":\"status\""),
+        "a member of control_group: {reply}"
+    );
+
     // Still serving, still checking: the backend comes back.
     bed.restart_server(2);
     bed.wait_for_health("be2", "web", "up", Duration::from_secs(10));

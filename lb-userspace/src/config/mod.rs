@@ -111,6 +111,9 @@ pub struct Global {
     /// How long each Vip keeps its previous MaglevTable after a change (second chance);
     /// zero turns it off.
     pub second_chance: Duration,
+    /// A group whose members may use the control socket (name, gid); `None`: root and
+    /// the daemon's user only.
+    pub control_group: Option<(String, u32)>,
 }
 
 impl Default for Global {
@@ -127,6 +130,7 @@ impl Default for Global {
             encap_source_v6: DEFAULT_ENCAP_SOURCE_V6,
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
             second_chance: DEFAULT_SECOND_CHANCE,
+            control_group: None,
         }
     }
 }

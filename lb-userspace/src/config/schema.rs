@@ -34,6 +34,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "encap_source_v6",
     "pin_path",
     "second_chance",
+    "control_group",
 ];
 const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode"];
 const VIP_KEYS: &[&str] = &[
@@ -130,6 +131,7 @@ pub(crate) struct Global {
     pub encap_source_v6: Field<(Ipv6Addr, u8)>,
     pub pin_path: Field<PathBuf>,
     pub second_chance: Field<Duration>,
+    pub control_group: Field<(String, u32)>,
 }
 
 pub(crate) struct InterfaceEntry {
@@ -285,6 +287,7 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
         encap_source_v6: s.optional("encap_source_v6", out, values::prefix_v6),
         pin_path: s.optional("pin_path", out, values::absolute_path),
         second_chance: s.optional("second_chance", out, values::second_chance),
+        control_group: s.optional("control_group", out, values::group),
     }
 }
 

@@ -60,6 +60,7 @@ fn global(g: &schema::Global) -> Global {
         encap_source_v6: or(&g.encap_source_v6, d.encap_source_v6),
         pin_path: or(&g.pin_path, d.pin_path),
         second_chance: or(&g.second_chance, d.second_chance),
+        control_group: g.control_group.given().map(|at| at.value.clone()),
     }
 }
 

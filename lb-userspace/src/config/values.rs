@@ -71,6 +71,16 @@ pub(crate) fn duration(text: &str, min: Duration) -> Parsed<Duration> {
     Ok(value)
 }
 
+/// A group of this host, by name: `(name, gid)`.
+pub(crate) fn group(text: &str) -> Parsed<(String, u32)> {
+    let name = text.trim();
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok((name.to_owned(), g.gid.as_raw())),
+        Ok(None) => Err("no such group on this host".to_owned()),
+        Err(e) => Err(format!("looking the group up: {e}")),
+    }
+}
+
 /// `global.second_chance`: a duration up to a day, or 0 (off).
 pub(crate) fn second_chance(text: &str) -> Parsed<Duration> {
     if text.trim() == "0" {
