@@ -1002,9 +1002,11 @@ fn a_scrape_of_64_vips_with_100_backends_each_takes_under_50ms() {
 }
 
 /// A config with one Vip whose pool holds the backends at `10.1.0.<n>` for `members`.
+/// Without second chance: a removed backend's id is freed at once (with it, the backend
+/// stays retired, and its id taken, until the previous tables expire).
 fn small_config(pin_dir: &Path, members: &[u8]) -> Config {
     let mut yaml = format!(
-        "global:\n  pin_path: {}\n  conntrack_entries: 65536\ninterfaces:\n  - name: eth0\nvips:\n  - name: web\n    \
+        "global:\n  pin_path: {}\n  conntrack_entries: 65536\n  second_chance: 0\ninterfaces:\n  - name: eth0\nvips:\n  - name: web\n    \
          address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: p\npools:\n  p:\n    backends:\n",
         pin_dir.display()
     );
