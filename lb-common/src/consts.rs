@@ -74,6 +74,18 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 
+/// Default `global.icmp_rate`: ICMP messages each CPU may send per second, per kind.
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
+
+/// Slots of the per-CPU `ICMP_RATE` map: one reply budget per kind of ICMP message the
+/// data plane sends.
+pub mod icmp_rate_slots {
+    /// Echo replies for Vip addresses.
+    pub const ECHO: u32 = 0;
+    /// Number of slots.
+    pub const COUNT: u32 = 1;
+}
+
 /// `VipState::flags` bits.
 pub mod vip_flags {
     /// The Vip exists (a zeroed array slot does not).
@@ -138,10 +150,14 @@ pub enum Counter {
     Tx,
     /// Forwarded with XDP_REDIRECT (backend behind another interface).
     Redirect,
+    /// ICMP / ICMPv6 echo request to a Vip address answered from XDP (XDP_TX).
+    IcmpEchoReply,
+    /// Echo request to a Vip address over this CPU's reply budget: dropped.
+    IcmpEchoLimited,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::Redirect as u32 + 1;
+    pub const COUNT: u32 = Counter::IcmpEchoLimited as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -164,6 +180,8 @@ impl Counter {
         Counter::IcmpToBackend,
         Counter::Tx,
         Counter::Redirect,
+        Counter::IcmpEchoReply,
+        Counter::IcmpEchoLimited,
     ];
 
     /// Stable snake_case name, used in metrics labels and test output.
@@ -188,6 +206,8 @@ impl Counter {
             Counter::IcmpToBackend => "icmp_to_backend",
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
+            Counter::IcmpEchoReply => "icmp_echo_reply",
+            Counter::IcmpEchoLimited => "icmp_echo_limited",
         }
     }
 }
@@ -209,6 +229,7 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const ICMP_RATE: &str = "ICMP_RATE";
 }
 
 /// Program names in the eBPF object.

@@ -31,6 +31,8 @@ pub mod vip_addr_flags {
     pub const ANY_PORT_TCP: u32 = 1 << 0;
     /// A port-0 UDP Vip exists on this address.
     pub const ANY_PORT_UDP: u32 = 1 << 1;
+    /// Answer ICMP / ICMPv6 echo requests to this address from XDP.
+    pub const ICMP_ECHO: u32 = 1 << 2;
 }
 
 /// Value of `VIP_STATE`, indexed by Vip id.
@@ -209,6 +211,19 @@ pub struct FlowCacheV6 {
     pub seen: u32,
 }
 
+/// Value of the per-CPU `ICMP_RATE` map: one CPU's budget of one kind of ICMP message.
+/// The daemon writes `limit` (and zeroes the rest); the program keeps the window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpRate {
+    /// Messages per second this CPU may send; 0 = none.
+    pub limit: u32,
+    /// Messages sent in the current window.
+    pub sent: u32,
+    /// Start of the current one-second window (`bpf_ktime_get_coarse_ns`).
+    pub window_start: u64,
+}
+
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -235,6 +250,7 @@ const _: () = {
     assert!(size_of::<FlowCacheV4>() == 64);
     assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);
+    assert!(size_of::<IcmpRate>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -255,4 +271,5 @@ mod pod {
     unsafe impl aya::Pod for Route {}
     unsafe impl aya::Pod for FlowCacheV4 {}
     unsafe impl aya::Pod for FlowCacheV6 {}
+    unsafe impl aya::Pod for IcmpRate {}
 }

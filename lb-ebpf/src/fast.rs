@@ -7,7 +7,7 @@
 //! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
 //! decides exactly as if this path did not exist.
 
-use core::mem::MaybeUninit;
+use core::{hint::cold_path, mem::MaybeUninit};
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
@@ -172,6 +172,11 @@ pub fn verdict(result: Result<u32, Verdict>) -> u32 {
         Err(Verdict::Drop(counter)) => {
             crate::stats::count(counter);
             xdp_action::XDP_DROP
+        }
+        Err(Verdict::Tx(counter)) => {
+            cold_path();
+            crate::stats::count(counter);
+            xdp_action::XDP_TX
         }
     }
 }

@@ -7,6 +7,8 @@ mod conntrack;
 mod decap;
 mod fast;
 mod forward;
+mod icmp;
+mod icmp_echo;
 mod maps;
 mod parse;
 mod select;

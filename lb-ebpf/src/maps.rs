@@ -11,11 +11,11 @@ use lb_common::{
     conntrack::buckets,
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, icmp_rate_slots,
     },
     types::{
-        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop, TrafficCounters,
-        VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, IcmpRate, NextHop,
+        TrafficCounters, VipAddr, VipKey, VipState,
     },
 };
 
@@ -107,3 +107,9 @@ pub static VIP_STATS: PerCpuArray<TrafficCounters, VIPS_MAX> = PerCpuArray::new(
 /// Packets and bytes forwarded per Backend id.
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Per-CPU budgets of the ICMP messages the program sends itself (`icmp_rate_slots`): a
+/// map of its own, so that no other map's layout changes with it.
+#[btf_map]
+pub static ICMP_RATE: PerCpuArray<IcmpRate, { icmp_rate_slots::COUNT as usize }> =
+    PerCpuArray::new();

@@ -14,7 +14,10 @@ use lb_common::{
     types::{FlowV4, FlowV6, VipFilter},
 };
 
-use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6};
+use crate::{
+    icmp_echo,
+    maps::{VIP_ADDRS_V4, VIP_ADDRS_V6},
+};
 
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
@@ -189,6 +192,8 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
 pub enum Verdict {
     Pass(Counter),
     Drop(Counter),
+    /// The program rewrote the packet into its own answer (an ICMP echo reply): XDP_TX.
+    Tx(Counter),
 }
 
 /// A packet for a Vip address, parsed down to its Flow.
@@ -295,7 +300,7 @@ pub fn parse_ipv4(
     let l3_end = l3 + tot_len;
     if proto == PROTO_ICMP {
         cold_path();
-        return parse_icmpv4_error(ctx, l4, l3_end).map_err(confirm);
+        return parse_icmpv4_error(ctx, l3, l4, l3_end, dst).map_err(confirm);
     }
     let (ports, syn) = parse_l4(ctx, proto, l4, l3_end).map_err(confirm)?;
     let flow = FlowV4 {
@@ -319,13 +324,18 @@ pub fn parse_ipv4(
 #[inline(always)]
 fn parse_icmpv4_error(
     ctx: &XdpContext,
+    l3: usize,
     l4: usize,
     l3_end: usize,
+    dst: u32,
 ) -> Result<Parsed<FlowV4>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (kind, code) = unsafe { ((*icmp).kind, (*icmp).code) };
+    if kind == icmp_echo::ICMP_ECHO_REQUEST {
+        return Err(icmp_echo::reply_v4(ctx, l3, l4, l3_end, dst));
+    }
     if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
         return Err(Verdict::Pass(Counter::PassVipOther));
     }
@@ -397,7 +407,7 @@ pub fn parse_ipv6(
         NEXTHDR_FRAGMENT => return Err(confirm(Verdict::Drop(Counter::DropFragment))),
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_MOBILITY
         | NEXTHDR_HIP | NEXTHDR_SHIM6 => return Err(confirm(Verdict::Drop(Counter::DropIpv6Ext))),
-        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l4, l3_end).map_err(confirm),
+        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l3, l4, l3_end, dst).map_err(confirm),
         _ => {}
     }
     let (ports, syn) = parse_l4(ctx, nexthdr, l4, l3_end).map_err(confirm)?;
@@ -423,13 +433,19 @@ pub fn parse_ipv6(
 #[inline(always)]
 fn parse_icmpv6_error(
     ctx: &XdpContext,
+    l3: usize,
     l4: usize,
     l3_end: usize,
+    dst: [u32; 4],
 ) -> Result<Parsed<FlowV6>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*icmp).kind } != ICMPV6_PKT_TOOBIG {
+    let kind = unsafe { (*icmp).kind };
+    if kind == icmp_echo::ICMPV6_ECHO_REQUEST {
+        return Err(icmp_echo::reply_v6(ctx, l3, l4, l3_end, dst));
+    }
+    if kind != ICMPV6_PKT_TOOBIG {
         return Err(Verdict::Pass(Counter::PassVipOther));
     }
     let inner_l3 = l4 + ICMP_HLEN;

@@ -24,13 +24,13 @@ use lb_common::{
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackBucket, GlobalConfig, TrafficCounters, VipAddr, VipFilter, VipKey,
-        VipState,
+        Backend, ConntrackBucket, GlobalConfig, IcmpRate, TrafficCounters, VipAddr, VipFilter,
+        VipKey, VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 15] = [
+const ALL_MAPS: [&str; 16] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -46,6 +46,7 @@ const ALL_MAPS: [&str; 15] = [
     names::STATS,
     names::VIP_STATS,
     names::BACKEND_STATS,
+    names::ICMP_RATE,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -686,6 +687,22 @@ impl Dataplane {
         map.set(id, zeros, 0).map_err(map_err(name))
     }
 
+    /// Sets every CPU's budget of ICMP messages of kind `slot` (`icmp_rate_slots`) to
+    /// `per_second`, starting a fresh window.
+    pub fn set_icmp_rate(&mut self, slot: u32, per_second: u32) -> Result<()> {
+        let name = names::ICMP_RATE;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Os(e))?;
+        let mut map: PerCpuArray<_, IcmpRate> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let rate = IcmpRate {
+            limit: per_second,
+            ..IcmpRate::default()
+        };
+        let values = aya::maps::PerCpuValues::try_from(vec![rate; cpus])
+            .map_err(|e| DataplaneError::Os(std::io::Error::other(e)))?;
+        map.set(slot, values, 0).map_err(map_err(name))
+    }
+
     pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounters> {
         self.traffic(names::VIP_STATS, id)
     }
@@ -916,6 +933,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::STATS, 4, 8),
         (names::VIP_STATS, 4, size_of::<TrafficCounters>()),
         (names::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
+        (names::ICMP_RATE, 4, size_of::<IcmpRate>()),
     ]
 }
 

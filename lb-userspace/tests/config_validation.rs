@@ -97,6 +97,14 @@ const BROKEN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "icmp_options.yaml",
+        &[
+            "icmp_options.yaml:2:14: invalid icmp_rate \"0\" in global: expected an integer from 1 to 1000000",
+            "icmp_options.yaml:3:14: invalid icmp_echo \"on\" in global: expected true or false",
+            "icmp_options.yaml:11:16: invalid icmp_echo \"ture\" in vip: expected true or false; did you mean \"true\"?",
+        ],
+    ),
+    (
         "max_backends_too_small.yaml",
         &[
             "max_backends_too_small.yaml:2:17: 2 pool members need max_backends of at least 3 (id 0 is reserved), but it is 2",
@@ -156,7 +164,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "unknown_key_no_suggestion.yaml",
         &[
-            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend",
+            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo",
         ],
     ),
     (
@@ -321,6 +329,8 @@ fn minimal_config_gets_every_default() {
             encap_source_v4: (Ipv4Addr::new(172, 16, 0, 0), 16),
             encap_source_v6: ("fd00:ffff::".parse::<Ipv6Addr>().expect("address"), 96),
             pin_path: PathBuf::from("/sys/fs/bpf/mlb"),
+            icmp_echo: true,
+            icmp_rate: 1000,
         }
     );
     assert_eq!(config.interfaces.len(), 1);
@@ -333,6 +343,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(vip.name, "10.200.0.1:80/tcp");
     assert_eq!(vip.forwarding, Forwarding::Ipip);
     assert_eq!(vip.when_no_backend, WhenNoBackend::Drop);
+    assert!(vip.icmp_echo);
     assert_eq!((vip.table_size, vip.table_size_auto), (65_537, true));
     assert_eq!(vip.protocol.number(), 6);
 

@@ -8,7 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::{consts::PROTO_TCP, hash::Flow};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
-    lab::{ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, VIP_ANY_PORT_DSR, VIP_TCP, VIP_UDP, VIP_V6, deltas},
+    lab::{
+        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR, VIP_TCP,
+        VIP_UDP, VIP_V6, deltas,
+    },
     packets::*,
 };
 
@@ -159,6 +162,10 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     let mut truncated_tcp6 = tcp(mac, client6, 40009, vip6, 80, true);
     truncated_tcp6.truncate(14 + 40 + 10);
     truncated_tcp6[18..20].copy_from_slice(&10u16.to_be_bytes());
+    // Total length 20 + 4: the ICMP header ends past the IP packet (the frame goes on).
+    let mut short_echo = icmp_echo((CLIENT_MAC, mac), client, vip, 9, false);
+    short_echo[16..18].copy_from_slice(&24u16.to_be_bytes());
+    fix_ipv4_checksum(&mut short_echo, 14);
     let mut short_quote = icmp.clone();
     short_quote.truncate(14 + 20 + 8 + 20 + 2);
     short_quote[16..18].copy_from_slice(&50u16.to_be_bytes());
@@ -238,14 +245,43 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
             udp(mac, client, 5355, vip, 80),
             "pass_vip_other",
         ),
+        tx(
+            "ICMP echo to a Vip address is answered from XDP (MACs, addresses swapped, TTL 64)",
+            icmp_echo((CLIENT_MAC, mac), client, vip, 9, false),
+            icmp_echo((mac, CLIENT_MAC), vip, client, 64, true),
+            &["icmp_echo_reply"],
+        ),
+        tx(
+            "ICMPv6 echo to a Vip address is answered from XDP (hop limit 64)",
+            icmp_echo((CLIENT_MAC, mac), client6, vip6, 9, false),
+            icmp_echo((mac, CLIENT_MAC), vip6, client6, 64, true),
+            &["icmp_echo_reply"],
+        ),
+        tx(
+            "an 802.1Q-tagged echo is answered with its tag",
+            with_vlan(&icmp_echo((CLIENT_MAC, mac), client, vip, 9, false), 42),
+            with_vlan(&icmp_echo((mac, CLIENT_MAC), vip, client, 64, true), 42),
+            &["icmp_echo_reply"],
+        ),
         pass(
-            "ICMP echo to a Vip goes to the local stack",
-            icmp4_echo(
-                mac,
-                Ipv4Addr::new(10, 50, 0, 7),
-                Ipv4Addr::new(10, 200, 0, 1),
-            ),
+            "ICMP echo to a Vip address whose Vips have icmp_echo off goes to the local stack",
+            icmp_echo((CLIENT_MAC, mac), client, ip(NO_ECHO_ADDR), 9, false),
             "pass_vip_other",
+        ),
+        pass(
+            "ICMP echo to a non-Vip is passed",
+            icmp_echo((CLIENT_MAC, mac), client, ip("10.111.0.1"), 9, false),
+            "pass_not_vip",
+        ),
+        pass(
+            "an ICMP echo reply to a Vip address goes to the local stack",
+            icmp_echo((CLIENT_MAC, mac), client, vip, 9, true),
+            "pass_vip_other",
+        ),
+        drop(
+            "an echo request cut short by its IP total length is dropped",
+            short_echo,
+            &["drop_malformed"],
         ),
         tx(
             "ICMP fragmentation-needed goes to the quoted flow's backend",
@@ -990,4 +1026,49 @@ fn a_vip_readded_with_another_pool_drops_its_old_flows_backends() {
         "no flow was on backend 3 to begin with: {first:?}"
     );
     assert_eq!(stayed_on_3, 0);
+}
+
+/// Pins the calling thread to CPU 0: the echo budget is per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; the call changes only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn echo_replies_stop_at_the_rate_and_resume_with_a_new_budget() {
+    let mut lab = Lab::new();
+    let mac = lab.lb_mac;
+    let ping = icmp_echo((CLIENT_MAC, mac), ip(CLIENT), ip(VIP), 9, false);
+    let before = lab.counters();
+    let actions = lab.with_dataplane(|dp, ifindex| {
+        pin_to_cpu0();
+        dp.set_icmp_rate(lb_common::consts::icmp_rate_slots::ECHO, 3)
+            .unwrap();
+        let mut actions: Vec<u32> = (0..5)
+            .map(|_| dp.test_run("lb_ingress", &ping, ifindex, 1).unwrap().action)
+            .collect();
+        // A new budget (a reload) starts a fresh window.
+        dp.set_icmp_rate(lb_common::consts::icmp_rate_slots::ECHO, 1)
+            .unwrap();
+        actions
+            .extend((0..2).map(|_| dp.test_run("lb_ingress", &ping, ifindex, 1).unwrap().action));
+        actions
+    });
+    assert_eq!(
+        actions,
+        [XDP_TX, XDP_TX, XDP_TX, XDP_DROP, XDP_DROP, XDP_TX, XDP_DROP],
+        "3 per second, then 1"
+    );
+    let mut got = deltas(&before, &lab.counters());
+    got.sort();
+    assert_eq!(got, [("icmp_echo_limited", 3), ("icmp_echo_reply", 4)]);
 }

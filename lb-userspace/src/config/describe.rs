@@ -69,7 +69,7 @@ pub fn describe(config: &Config) -> String {
         };
         let _ = writeln!(
             s,
-            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}",
+            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}{}",
             vip.forwarding,
             vip.table_size,
             if vip.table_size_auto {
@@ -79,6 +79,11 @@ pub fn describe(config: &Config) -> String {
             },
             vip.pool,
             vip.when_no_backend,
+            if vip.icmp_echo {
+                ""
+            } else {
+                ", pings to the local stack"
+            },
         );
     }
 

@@ -55,6 +55,8 @@ pub const MAX_CONNTRACK_ENTRIES: u32 = lb_common::conntrack::MAX_BUCKETS * 8;
 pub const MAX_CONNTRACK_IDLE: u32 = 86_400;
 /// Largest `global.flow_cache_entries`.
 pub const MAX_FLOW_CACHE_ENTRIES: u32 = 1 << 20;
+/// Largest `global.icmp_rate`.
+pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Shortest health-check interval.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// Largest health-check jitter (a fraction of the interval).
@@ -101,6 +103,10 @@ pub struct Global {
     pub encap_source_v6: (Ipv6Addr, u8),
     /// bpffs directory the maps are pinned under.
     pub pin_path: PathBuf,
+    /// Default of `vips[].icmp_echo`: answer pings to Vip addresses from XDP.
+    pub icmp_echo: bool,
+    /// ICMP messages each CPU may send per second, per kind (echo replies).
+    pub icmp_rate: u32,
 }
 
 impl Default for Global {
@@ -116,6 +122,8 @@ impl Default for Global {
             encap_source_v4: DEFAULT_ENCAP_SOURCE_V4,
             encap_source_v6: DEFAULT_ENCAP_SOURCE_V6,
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            icmp_echo: true,
+            icmp_rate: lb_common::consts::DEFAULT_ICMP_RATE,
         }
     }
 }
@@ -164,6 +172,9 @@ pub struct VipConfig {
     /// Name of its pool (a key of [`Config::pools`]).
     pub pool: String,
     pub when_no_backend: WhenNoBackend,
+    /// Pings to its address are answered from XDP (for an address shared by several
+    /// Vips: when any of them says so).
+    pub icmp_echo: bool,
 }
 
 impl VipConfig {

@@ -33,6 +33,8 @@ const GLOBAL_KEYS: &[&str] = &[
     "encap_source_v4",
     "encap_source_v6",
     "pin_path",
+    "icmp_echo",
+    "icmp_rate",
 ];
 const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode"];
 const VIP_KEYS: &[&str] = &[
@@ -44,6 +46,7 @@ const VIP_KEYS: &[&str] = &[
     "table_size",
     "pool",
     "when_no_backend",
+    "icmp_echo",
 ];
 const POOL_KEYS: &[&str] = &["backends", "health_check"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "name"];
@@ -61,6 +64,7 @@ const XDP_MODES: &[(&str, XdpModeConfig)] = &[
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: &[(&str, Forwarding)] =
     &[("ipip", Forwarding::Ipip), ("l2_dsr", Forwarding::L2Dsr)];
+const BOOLEANS: &[(&str, bool)] = &[("true", true), ("false", false)];
 const WHEN_NO_BACKEND: &[(&str, WhenNoBackend)] =
     &[("drop", WhenNoBackend::Drop), ("pass", WhenNoBackend::Pass)];
 const CHECK_KINDS: &[(&str, Kind)] = &[
@@ -128,6 +132,8 @@ pub(crate) struct Global {
     pub encap_source_v4: Field<(Ipv4Addr, u8)>,
     pub encap_source_v6: Field<(Ipv6Addr, u8)>,
     pub pin_path: Field<PathBuf>,
+    pub icmp_echo: Field<bool>,
+    pub icmp_rate: Field<u32>,
 }
 
 pub(crate) struct InterfaceEntry {
@@ -146,6 +152,7 @@ pub(crate) struct VipEntry {
     pub table_size: Field<Option<u32>>,
     pub pool: Option<At<String>>,
     pub when_no_backend: Field<WhenNoBackend>,
+    pub icmp_echo: Field<bool>,
 }
 
 pub(crate) struct PoolEntry {
@@ -282,6 +289,10 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
         encap_source_v4: s.optional("encap_source_v4", out, values::prefix_v4),
         encap_source_v6: s.optional("encap_source_v6", out, values::prefix_v6),
         pin_path: s.optional("pin_path", out, values::absolute_path),
+        icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
+        icmp_rate: s.optional("icmp_rate", out, |t| {
+            values::uint(t, 1..=super::MAX_ICMP_RATE)
+        }),
     }
 }
 
@@ -305,6 +316,7 @@ fn read_vip(pos: Pos, s: &Section<'_>, out: &mut Vec<Problem>) -> VipEntry {
         when_no_backend: s.optional("when_no_backend", out, |t| {
             values::keyword(t, WHEN_NO_BACKEND)
         }),
+        icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
     }
 }
 

@@ -26,7 +26,7 @@ pub(crate) fn validate(document: &Document, out: &mut Vec<Problem>) -> Config {
     let global = global(&document.global);
     let interfaces = interfaces(document, out);
     let pools = pools(&document.pools, out);
-    let vips = vips(document, out);
+    let vips = vips(document, global.icmp_echo, out);
     capacities(document, &global, out);
     Config {
         global,
@@ -59,6 +59,8 @@ fn global(g: &schema::Global) -> Global {
         encap_source_v4: or(&g.encap_source_v4, d.encap_source_v4),
         encap_source_v6: or(&g.encap_source_v6, d.encap_source_v6),
         pin_path: or(&g.pin_path, d.pin_path),
+        icmp_echo: or(&g.icmp_echo, d.icmp_echo),
+        icmp_rate: or(&g.icmp_rate, d.icmp_rate),
     }
 }
 
@@ -321,7 +323,8 @@ fn timeout_problem(check: &CheckEntry, interval: Duration, timeout: Duration) ->
     }
 }
 
-fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
+/// `icmp_echo`: `global.icmp_echo`, the default of each Vip's.
+fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<VipConfig> {
     let mut endpoints: HashMap<(IpAddr, u16, Protocol), u32> = HashMap::new();
     let mut names: HashMap<String, u32> = HashMap::new();
     let mut vips = Vec::new();
@@ -405,6 +408,7 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
                 .map(|p| p.value.clone())
                 .unwrap_or_default(),
             when_no_backend: or(&entry.when_no_backend, Default::default()),
+            icmp_echo: or(&entry.icmp_echo, icmp_echo),
         });
     }
     vips

@@ -29,11 +29,12 @@ enum Kind {
     MissNonSyn,
     InsertFailures,
     IcmpToBackend,
+    IcmpSent,
     Forwarded,
 }
 
 /// Every family of the global counters: kind, name, help, label name (if any).
-const FAMILIES: [(Kind, &str, &str, Option<&str>); 7] = [
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
     (
         Kind::Passed,
         "mlb_packets_passed_total",
@@ -72,6 +73,12 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 7] = [
         None,
     ),
     (
+        Kind::IcmpSent,
+        "mlb_icmp_sent_total",
+        "ICMP messages the XDP program answered with itself, by type (echo_reply).",
+        Some("type"),
+    ),
+    (
         Kind::Forwarded,
         "mlb_packets_forwarded_total",
         "Packets forwarded to a backend, by XDP action (tx or redirect).",
@@ -95,6 +102,8 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         | Counter::DropNoBackend
         | Counter::DropFib
         | Counter::DropEncap => (Kind::Dropped, strip("drop_")),
+        Counter::IcmpEchoLimited => (Kind::Dropped, name),
+        Counter::IcmpEchoReply => (Kind::IcmpSent, strip("icmp_")),
         Counter::ConntrackHit | Counter::ConntrackMiss | Counter::ConntrackResteer => {
             (Kind::Lookups, strip("conntrack_"))
         }

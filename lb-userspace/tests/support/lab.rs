@@ -4,7 +4,9 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use lb_common::{
-    consts::{Counter, FAMILY_V4, FAMILY_V6, backend_flags, prog_names, vip_flags},
+    consts::{
+        Counter, FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots, prog_names, vip_flags,
+    },
     hash::{Flow, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
@@ -20,6 +22,11 @@ pub const TABLE_SIZE: u32 = 65_537;
 pub const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 pub const ENCAP_SRC6: &str = "fd00:ffff::";
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+/// Echo replies per second per CPU in the lab: more than any test sends, but for the one
+/// that sets its own.
+pub const ICMP_RATE: u32 = 1_000_000;
+/// The Vip address whose Vips leave pings to the local stack (`icmp_echo: false`).
+pub const NO_ECHO_ADDR: &str = "10.200.0.2";
 
 pub struct LabBackend {
     pub id: u32,
@@ -201,9 +208,16 @@ impl Lab {
                 )
                 .unwrap();
         }
+        self.dataplane
+            .set_icmp_rate(icmp_rate_slots::ECHO, ICMP_RATE)
+            .unwrap();
         let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
+        let no_echo: IpAddr = NO_ECHO_ADDR.parse().unwrap();
         for v in &self.vips {
             let flags = addr_flags.entry(v.addr).or_default();
+            if v.addr != no_echo {
+                *flags |= vip_addr_flags::ICMP_ECHO;
+            }
             if v.port == 0 {
                 *flags |= if v.proto == 6 {
                     vip_addr_flags::ANY_PORT_TCP

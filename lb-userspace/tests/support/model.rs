@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use lb_common::maglev::MaglevTable;
 
 use super::{
-    lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, SEED},
+    lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, NO_ECHO_ADDR, SEED},
     packets::{encap_src4, encap_src6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
 };
 
@@ -29,6 +29,8 @@ pub enum Decision {
     Drop(&'static str, Vec<&'static str>),
     /// `XDP_PASS` of a Vip with no backend (after a conntrack miss was counted).
     PassNoBackend(Vec<&'static str>),
+    /// `XDP_TX` of the program's own answer (an echo reply), exactly these bytes.
+    Reply(Vec<u8>),
     /// `XDP_TX` to `backend` with exactly these bytes.
     Forward {
         backend: u32,
@@ -80,6 +82,7 @@ pub struct Model<'a> {
 enum Stop {
     Pass(&'static str),
     Drop(&'static str),
+    Reply(Vec<u8>),
 }
 
 impl<'a> Model<'a> {
@@ -102,6 +105,7 @@ impl<'a> Model<'a> {
         match self.parse(frame) {
             Err(Stop::Pass(c)) => Decision::Pass(c),
             Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
+            Err(Stop::Reply(bytes)) => Decision::Reply(bytes),
             Ok((l3, parsed)) => self.select(frame, l3, &parsed),
         }
     }
@@ -141,7 +145,9 @@ impl<'a> Model<'a> {
             return Err(self.confirm(dst, Stop::Drop("drop_fragment")));
         }
         let (l4, end, proto) = (l3 + ihl, l3 + tot_len, f[l3 + 9]);
-        let result = if proto == 1 {
+        let result = if proto == 1 && f.len() >= l4 + 8 && f[l4] == 8 {
+            self.echo(f, l3, l4, end, dst)
+        } else if proto == 1 {
             icmp_error(f, l4, end, false)
         } else {
             ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
@@ -175,6 +181,7 @@ impl<'a> Model<'a> {
         let result = match next {
             44 => Err(Stop::Drop("drop_fragment")),
             0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Stop::Drop("drop_ipv6_ext")),
+            58 if f.len() >= l4 + 8 && f[l4] == 128 => self.echo(f, l3, l4, end, dst),
             58 => icmp_error(f, l4, end, true),
             proto => ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
                 flow: Flow {
@@ -189,6 +196,28 @@ impl<'a> Model<'a> {
             }),
         };
         result.map_err(|stop| self.confirm(dst, stop))
+    }
+
+    /// An echo request (IP header at `l3`, ICMP at `l4`, IP packet ending at `end`) to
+    /// `dst`: answered unless `dst` is the lab's address without `icmp_echo`.
+    fn echo(
+        &self,
+        f: &[u8],
+        l3: usize,
+        l4: usize,
+        end: usize,
+        dst: IpAddr,
+    ) -> Result<Parsed, Stop> {
+        if !self.is_vip_addr(dst) {
+            return Err(Stop::Pass("pass_not_vip"));
+        }
+        if dst == NO_ECHO_ADDR.parse::<IpAddr>().unwrap() {
+            return Err(Stop::Pass("pass_vip_other"));
+        }
+        if l4 + 8 > end {
+            return Err(Stop::Drop("drop_malformed"));
+        }
+        Err(Stop::Reply(echo_reply(f, l3, l4)))
     }
 
     /// The Vip id of a flow: exact (address, port, protocol), else the address's any-port
@@ -220,6 +249,7 @@ impl<'a> Model<'a> {
             Ok(vip) => vip,
             Err(Stop::Pass(c)) => return Decision::Pass(c),
             Err(Stop::Drop(c)) => return Decision::Drop(c, vec![]),
+            Err(Stop::Reply(bytes)) => return Decision::Reply(bytes),
         };
         // Counted only on a connection-table miss; a hit of a flow the fuzzer sent before
         // counts a hit instead. The caller allows for both.
@@ -331,6 +361,44 @@ fn icmp_error(f: &[u8], l4: usize, end: usize, v6: bool) -> Result<Parsed, Stop>
         syn: false,
         icmp_error: true,
     })
+}
+
+/// One's-complement checksum `check` after the 16-bit word `old` became `new` (RFC 1624).
+fn csum_update(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The echo reply to the request in `f`: MACs and addresses swapped, TTL / hop limit 64,
+/// type 0 / 129, both checksums updated for what changed.
+fn echo_reply(f: &[u8], l3: usize, l4: usize) -> Vec<u8> {
+    let mut r = f.to_vec();
+    r[0..6].copy_from_slice(&f[6..12]);
+    r[6..12].copy_from_slice(&f[0..6]);
+    let word = |r: &[u8], at: usize| u16::from_be_bytes([r[at], r[at + 1]]);
+    let put = |r: &mut Vec<u8>, at: usize, v: u16| r[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    let reply_type = if f[l3] >> 4 == 4 {
+        r[l3 + 12..l3 + 16].copy_from_slice(&f[l3 + 16..l3 + 20]);
+        r[l3 + 16..l3 + 20].copy_from_slice(&f[l3 + 12..l3 + 16]);
+        let old = word(f, l3 + 8);
+        r[l3 + 8] = 64;
+        let check = csum_update(word(f, l3 + 10), old, word(&r, l3 + 8));
+        put(&mut r, l3 + 10, check);
+        0
+    } else {
+        r[l3 + 8..l3 + 24].copy_from_slice(&f[l3 + 24..l3 + 40]);
+        r[l3 + 24..l3 + 40].copy_from_slice(&f[l3 + 8..l3 + 24]);
+        r[l3 + 7] = 64;
+        129
+    };
+    let old = word(f, l4);
+    r[l4] = reply_type;
+    let check = csum_update(word(f, l4 + 2), old, word(&r, l4));
+    put(&mut r, l4 + 2, check);
+    r
 }
 
 fn v6_at(f: &[u8], at: usize) -> IpAddr {

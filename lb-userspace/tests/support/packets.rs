@@ -57,13 +57,36 @@ pub fn udp(lb_mac: [u8; 6], src: IpAddr, sport: u16, dst: IpAddr, dport: u16) ->
     out
 }
 
-pub fn icmp4_echo(lb_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+/// An ICMP or ICMPv6 echo request (`reply`: its reply) from `src` to `dst` with `ttl`,
+/// between the given MACs.
+pub fn icmp_echo(
+    macs: ([u8; 6], [u8; 6]),
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    reply: bool,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, lb_mac)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .icmpv4_echo_request(1, 1)
-        .write(&mut out, PAYLOAD)
-        .unwrap();
+    match (src.is_ipv4(), reply) {
+        (true, false) => eth
+            .ipv4(v4(src), v4(dst), ttl)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut out, PAYLOAD),
+        (true, true) => eth
+            .ipv4(v4(src), v4(dst), ttl)
+            .icmpv4_echo_reply(7, 1)
+            .write(&mut out, PAYLOAD),
+        (false, false) => eth
+            .ipv6(v6(src), v6(dst), ttl)
+            .icmpv6_echo_request(7, 1)
+            .write(&mut out, PAYLOAD),
+        (false, true) => eth
+            .ipv6(v6(src), v6(dst), ttl)
+            .icmpv6_echo_reply(7, 1)
+            .write(&mut out, PAYLOAD),
+    }
+    .unwrap();
     out
 }
 
