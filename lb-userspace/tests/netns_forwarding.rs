@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::XdpMode;
 use lb_common::{
-    consts::{backend_flags, prog_names, vip_flags},
+    consts::{Counter, backend_flags, icmp_rate_slots, prog_names, vip_flags},
     hash::{Flow, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
@@ -136,11 +136,19 @@ impl Bed {
         self.dataplane
             .set_vip_filter([ip(VIP4), ip(VIP_DSR), ip(VIP6)])
             .unwrap();
-        for addr in [ip(VIP4), ip(VIP_DSR), ip(VIP6)] {
+        // Pings to VIP4 and VIP6 are answered from XDP, to VIP_DSR left to the stack.
+        for (addr, flags) in [
+            (VIP4, vip_addr_flags::ICMP_ECHO),
+            (VIP_DSR, 0),
+            (VIP6, vip_addr_flags::ICMP_ECHO),
+        ] {
             self.dataplane
-                .set_vip_addr(addr, Some(VipAddr { flags: 0 }))
+                .set_vip_addr(ip(addr), Some(VipAddr { flags }))
                 .unwrap();
         }
+        self.dataplane
+            .set_icmp_rate(icmp_rate_slots::ECHO, 100)
+            .unwrap();
         let _ = vip_addr_flags::ANY_PORT_TCP;
         let vips = [
             (VIP_TCP, VIP4, 80, 6, 0),
@@ -420,4 +428,34 @@ fn traffic_not_for_a_vip_still_works() {
         passed > 0,
         "the XDP program saw the non-Vip traffic and passed it"
     );
+}
+
+#[test]
+fn pings_to_a_vip_are_answered_by_the_load_balancer_from_xdp() {
+    let bed = Bed::new();
+    let client = &bed.bed.client.netns;
+    let replies = || bed.dataplane.counter(Counter::IcmpEchoReply).unwrap();
+    let before = replies();
+    for vip in [VIP4, VIP6] {
+        let out = client
+            .command("ping")
+            .args(["-c3", "-i0.2", "-W2", vip])
+            .output()
+            .unwrap_or_else(|e| panic!("ping {vip}: {e}"));
+        let out = String::from_utf8_lossy(&out.stdout);
+        // From the Vip, with the load balancer's TTL: no backend saw the request.
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.contains(&format!("from {vip}")) && l.contains("ttl=64"))
+                .count(),
+            3,
+            "{out}"
+        );
+    }
+    assert_eq!(replies() - before, 6, "every reply came from XDP");
+    // The address whose Vips leave pings to the stack: not answered by XDP.
+    let passed = bed.dataplane.counter(Counter::PassVipOther).unwrap();
+    let _ = client.exec("ping", &["-c1", "-W1", VIP_DSR]);
+    assert_eq!(replies() - before, 6);
+    assert!(bed.dataplane.counter(Counter::PassVipOther).unwrap() > passed);
 }
