@@ -96,6 +96,12 @@ pub mod vip_flags {
     pub const L2_DSR: u32 = 1 << 2;
     /// With no usable backend, pass packets to the local stack instead of dropping them.
     pub const PASS_WHEN_EMPTY: u32 = 1 << 3;
+    /// A new flow's MaglevTable slot comes from its source address alone
+    /// (`hash::HashMode::SourceAddress`): a client sticks to one backend across ports.
+    pub const HASH_SOURCE: u32 = 1 << 4;
+    /// A new flow's slot comes from its destination port alone (Katran's
+    /// `F_HASH_DPORT_ONLY`; `hash::HashMode::DestinationPort`).
+    pub const HASH_DPORT: u32 = 1 << 5;
 }
 
 /// `Backend::flags` bits.

@@ -9,7 +9,8 @@ use lb_common::{
         vip_flags,
     },
     hash::{
-        conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word, table_slot,
+        HashMode, conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word,
+        table_slot,
     },
     types::{
         Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey,
@@ -51,6 +52,9 @@ pub trait Flow {
     ) -> Option<(Selection<'static>, bool)>;
     fn cache(&self, slot: u32, epoch: u32, selection: &Selection, now: u32);
     fn hash(&self, seed: u32) -> u32;
+    /// The hash that picks a new flow's MaglevTable slot under `mode` (`five_tuple`: its
+    /// `hash`), lb-common's function as `mlb trace` and the tests use it.
+    fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32;
     /// The connection table's hash of the flow, under the table's seed `key`.
     fn conntrack_hash(&self, key: u64) -> u64;
     fn vip_key(&self, port: u16) -> VipKey;
@@ -63,7 +67,7 @@ pub trait Flow {
 /// The methods both families share, over their own maps. `$addr_in`/`$addr_out` convert
 /// between the cache's backend address and the 4-word form.
 macro_rules! flow_maps {
-    ($cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
+    ($flow:ty, $cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
         #[inline(always)]
         fn cached(
             &self,
@@ -114,6 +118,10 @@ macro_rules! flow_maps {
             }
         }
         #[inline(always)]
+        fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32 {
+            <$flow>::table_hash(self, mode, seed, five_tuple)
+        }
+        #[inline(always)]
         fn proto(&self) -> u8 {
             self.proto
         }
@@ -125,7 +133,7 @@ macro_rules! flow_maps {
 }
 
 impl Flow for FlowV4 {
-    flow_maps!(FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
+    flow_maps!(FlowV4, FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
 
     #[inline(always)]
     fn conntrack_hash(&self, key: u64) -> u64 {
@@ -166,7 +174,7 @@ impl Flow for FlowV4 {
 }
 
 impl Flow for FlowV6 {
-    flow_maps!(FLOW_CACHE_V6, |a| a, |w| w);
+    flow_maps!(FlowV6, FLOW_CACHE_V6, |a| a, |w| w);
 
     #[inline(always)]
     fn conntrack_hash(&self, key: u64) -> u64 {
@@ -484,8 +492,9 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
     Err(Verdict::Pass(Counter::PassVipOther))
 }
 
-/// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
-/// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
+/// Slot `1 + table_slot(h, M)` of the Vip's MaglevTable (slot 0 holds M), `h` the hash
+/// of the Vip's `HashMode`, remembered in the connection table (and the flow cache, but
+/// for a SYN) unless the packet is an ICMP error.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined; all computed once by select"
@@ -518,7 +527,12 @@ fn from_table<'a, F: Flow>(
     if size == 0 {
         return Err(no_backend);
     }
-    let slot = 1 + table_slot(hash, size);
+    // The Vip's hash mode picks the slot; the flow keeps its 5-tuple hash for everything
+    // else (connection table, flow cache, outer source).
+    let slot_hash = pkt
+        .flow
+        .table_hash(HashMode::of(vip.flags), config.hash_seed, hash);
+    let slot = 1 + table_slot(slot_hash, size);
     let backend_id = table.get(slot / 2).ok_or(no_backend)?[(slot & 1) as usize];
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);

@@ -91,6 +91,13 @@ const BROKEN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "hash_modes.yaml",
+        &[
+            "hash_modes.yaml:8:11: vip \"10.200.0.1:80/tcp\" has port 80: hash dport would send every flow to one backend; it is for any-port vips (port 0)",
+            "hash_modes.yaml:13:11: invalid hash \"dports\" in vip: expected 5-tuple, source or dport; did you mean \"dport\"?",
+        ],
+    ),
+    (
         "http_section_with_tcp_check.yaml",
         &[
             "http_section_with_tcp_check.yaml:11:7: http section in health_check is only valid with kind http (kind is tcp)",
@@ -164,7 +171,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "unknown_key_no_suggestion.yaml",
         &[
-            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo",
+            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo, hash",
         ],
     ),
     (

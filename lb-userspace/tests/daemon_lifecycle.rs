@@ -378,6 +378,46 @@ fn plan_and_trace_explain_the_live_state() {
     assert!(text.contains("10.200.0.1:80/tcp"), "{text}");
 }
 
+/// `hash: source` on the real daemon: every connection of the client goes to one backend
+/// (40 connections under the 5-tuple hash would all land on one of three by chance with
+/// probability 3^-39), the one `mlb trace` names for any other port of the client, and
+/// `trace` says which mode applied.
+#[test]
+fn source_hash_keeps_a_client_on_one_backend_and_trace_names_it() {
+    let mut bed = DaemonBed::new(3);
+    let vips = format!("{VIPS}    hash: source\n");
+    bed.write_config(&bed.config_yaml(&vips, &bed.pool_yaml("web", &[(1, 1), (2, 1), (3, 1)], "")));
+    bed.start_daemon();
+    let conns = open_many(&bed, 40);
+    let names: std::collections::BTreeSet<&str> = conns.iter().map(|(_, n)| n.as_str()).collect();
+    let [name] = names.into_iter().collect::<Vec<_>>()[..] else {
+        panic!(
+            "one client, several backends: {:?}",
+            conns.iter().map(|c| &c.1).collect::<Vec<_>>()
+        )
+    };
+    let client = conns[0].0.local_addr().unwrap().ip().to_string();
+    let out = bed.mlb(&[
+        "trace",
+        "--src",
+        &client,
+        "--sport",
+        "1",
+        "--dst",
+        "10.200.0.1",
+        "--dport",
+        "80",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("hash mode: source"), "{text}");
+    assert!(text.contains(&format!("-> {name} ")), "{text}");
+}
+
 /// A test leaves nothing behind: a `kill -9`ed daemon leaves its control socket, lock,
 /// state and pins, and dropping the bed removes them all.
 #[test]

@@ -9,8 +9,8 @@ use lb_common::{consts::PROTO_TCP, hash::Flow};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
     lab::{
-        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR, VIP_TCP,
-        VIP_UDP, VIP_V6, deltas,
+        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR,
+        VIP_DPORT_HASH, VIP_SOURCE_HASH, VIP_SOURCE_HASH6, VIP_TCP, VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
 };
@@ -1071,4 +1071,121 @@ fn echo_replies_stop_at_the_rate_and_resume_with_a_new_budget() {
     let mut got = deltas(&before, &lab.counters());
     got.sort();
     assert_eq!(got, [("icmp_echo_limited", 3), ("icmp_echo_reply", 4)]);
+}
+
+/// The backend the kernel sent each packet to (by the outer destination), and the
+/// backend userspace predicts for its flow to `vip`.
+fn kernel_and_predicted(lab: &mut Lab, vip: u32, flows: &[(Flow, Vec<u8>)]) -> Vec<(u32, u32)> {
+    let outs: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
+        flows
+            .iter()
+            .map(|(_, pkt)| {
+                let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
+                (out.action, out.packet)
+            })
+            .collect()
+    });
+    flows
+        .iter()
+        .zip(outs)
+        .map(|((f, _), (action, packet))| {
+            assert_eq!(action, XDP_TX, "{f:?}");
+            let outer_dst: IpAddr = if f.src.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::from(
+                    <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
+                ))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
+                ))
+            };
+            let chosen = lab.backend_by_addr(outer_dst).expect("a known backend").id;
+            (chosen, lab.predict(vip, f))
+        })
+        .collect()
+}
+
+#[test]
+fn hash_modes_keep_a_client_or_a_port_on_one_backend_and_spread_the_rest() {
+    let mut lab = Lab::new();
+    let mac = lab.lb_mac;
+    let mut rng = StdRng::seed_from_u64(16);
+    // Source mode: 200 IPv4 and 60 IPv6 clients, 5 connections each from random ports.
+    for (vip, dst, v6, clients, backends) in [
+        (VIP_SOURCE_HASH, "10.200.0.5", false, 200, 3),
+        (VIP_SOURCE_HASH6, "fd00:200::2", true, 60, 2),
+    ] {
+        let mut flows = Vec::new();
+        for _ in 0..clients {
+            let src = if v6 {
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0x50,
+                    0,
+                    0,
+                    0,
+                    0,
+                    rng.random(),
+                    rng.random(),
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, 50, rng.random(), rng.random()))
+            };
+            for _ in 0..5 {
+                let sport = rng.random_range(1024..65535);
+                let f = flow(&src.to_string(), sport, dst, 80, PROTO_TCP);
+                flows.push((f, tcp(mac, src, sport, ip(dst), 80, true)));
+            }
+        }
+        let got = kernel_and_predicted(&mut lab, vip, &flows);
+        let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
+        for (client, chunk) in got.chunks(5).enumerate() {
+            assert!(
+                chunk.iter().all(|&(k, p)| k == p && k == chunk[0].0),
+                "client {client}: kernel / predicted {chunk:?}: not one backend"
+            );
+            *per_backend.entry(chunk[0].0).or_default() += 1;
+        }
+        // Stickiness must not cost the spread: every backend gets clients.
+        assert_eq!(per_backend.len(), backends, "{per_backend:?}");
+        let least = *per_backend.values().min().unwrap() as f64;
+        assert!(
+            least > 0.6 * clients as f64 / backends as f64,
+            "{per_backend:?}"
+        );
+    }
+    // Destination-port mode: 150 ports of the any-port UDP Vip, 4 clients each.
+    let mut flows = Vec::new();
+    for _ in 0..150 {
+        let dport: u16 = rng.random_range(1..65535);
+        for _ in 0..4 {
+            let src = IpAddr::V4(Ipv4Addr::new(10, 51, rng.random(), rng.random()));
+            let sport = rng.random_range(1024..65535);
+            let f = flow(&src.to_string(), sport, "10.200.0.6", dport, 17);
+            flows.push((f, udp(mac, src, sport, ip("10.200.0.6"), dport)));
+        }
+    }
+    let got = kernel_and_predicted(&mut lab, VIP_DPORT_HASH, &flows);
+    let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
+    for (port, chunk) in got.chunks(4).enumerate() {
+        assert!(
+            chunk.iter().all(|&(k, p)| k == p && k == chunk[0].0),
+            "port {port}: kernel / predicted {chunk:?}: not one backend"
+        );
+        *per_backend.entry(chunk[0].0).or_default() += 1;
+    }
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    // And a 5-tuple Vip does spread one client's connections (the modes are per Vip).
+    let src = ip(CLIENT);
+    let flows: Vec<(Flow, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let sport = 20_000 + i;
+            let f = flow(CLIENT, sport, VIP, 80, PROTO_TCP);
+            (f, tcp(mac, src, sport, ip(VIP), 80, true))
+        })
+        .collect();
+    let got = kernel_and_predicted(&mut lab, VIP_TCP, &flows);
+    assert!(got.iter().all(|&(k, p)| k == p));
+    let distinct: std::collections::BTreeSet<u32> = got.iter().map(|&(k, _)| k).collect();
+    assert_eq!(distinct.len(), 3, "{got:?}");
 }

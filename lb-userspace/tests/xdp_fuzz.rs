@@ -49,6 +49,10 @@ fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
         out.push(tcp(mac, client, port, ip("10.111.0.1"), 22, syn));
     }
     out.push(udp(mac, client, port, vip, 53));
+    // The hash-mode Vips: source (v4, v6) and destination port.
+    out.push(tcp(mac, client, port, ip("10.200.0.5"), 80, true));
+    out.push(tcp(mac, client6, port, ip("fd00:200::2"), 80, true));
+    out.push(udp(mac, client, port, ip("10.200.0.6"), rng.random()));
     out.push(udp(mac, client6, port, vip6, 53));
     for dst in [vip, ip("10.200.0.2"), vip6] {
         let src = if dst.is_ipv4() { client } else { client6 };

@@ -33,6 +33,7 @@ use lb_common::consts::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, PROTO_TCP, PROTO_UDP,
     vip_flags,
 };
+pub use lb_common::hash::HashMode;
 
 pub use describe::describe;
 pub use error::{ConfigError, Pos, Problem};
@@ -172,6 +173,9 @@ pub struct VipConfig {
     /// Name of its pool (a key of [`Config::pools`]).
     pub pool: String,
     pub when_no_backend: WhenNoBackend,
+    /// What picks a new flow's table slot: the 5-tuple, the source address or the
+    /// destination port.
+    pub hash: HashMode,
     /// Pings to its address are answered from XDP (for an address shared by several
     /// Vips: when any of them says so).
     pub icmp_echo: bool,
@@ -196,7 +200,7 @@ impl VipConfig {
         if self.when_no_backend == WhenNoBackend::Pass {
             flags |= vip_flags::PASS_WHEN_EMPTY;
         }
-        flags
+        flags | self.hash.flag()
     }
 }
 

@@ -14,7 +14,8 @@ use std::{
 };
 
 use super::{
-    Forwarding, MIN_CHECK_INTERVAL, MIN_CONNTRACK_ENTRIES, Protocol, WhenNoBackend, XdpModeConfig,
+    Forwarding, HashMode, MIN_CHECK_INTERVAL, MIN_CONNTRACK_ENTRIES, Protocol, WhenNoBackend,
+    XdpModeConfig,
     error::{Pos, Problem, quote, suggest},
     values::{self, Parsed},
     yaml::{Node, Value},
@@ -47,6 +48,7 @@ const VIP_KEYS: &[&str] = &[
     "pool",
     "when_no_backend",
     "icmp_echo",
+    "hash",
 ];
 const POOL_KEYS: &[&str] = &["backends", "health_check"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "name"];
@@ -64,6 +66,14 @@ const XDP_MODES: &[(&str, XdpModeConfig)] = &[
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: &[(&str, Forwarding)] =
     &[("ipip", Forwarding::Ipip), ("l2_dsr", Forwarding::L2Dsr)];
+const HASH_MODES: &[(&str, HashMode)] = &[
+    (HashMode::FiveTuple.keyword(), HashMode::FiveTuple),
+    (HashMode::SourceAddress.keyword(), HashMode::SourceAddress),
+    (
+        HashMode::DestinationPort.keyword(),
+        HashMode::DestinationPort,
+    ),
+];
 const BOOLEANS: &[(&str, bool)] = &[("true", true), ("false", false)];
 const WHEN_NO_BACKEND: &[(&str, WhenNoBackend)] =
     &[("drop", WhenNoBackend::Drop), ("pass", WhenNoBackend::Pass)];
@@ -153,6 +163,7 @@ pub(crate) struct VipEntry {
     pub pool: Option<At<String>>,
     pub when_no_backend: Field<WhenNoBackend>,
     pub icmp_echo: Field<bool>,
+    pub hash: Field<HashMode>,
 }
 
 pub(crate) struct PoolEntry {
@@ -317,6 +328,7 @@ fn read_vip(pos: Pos, s: &Section<'_>, out: &mut Vec<Problem>) -> VipEntry {
             values::keyword(t, WHEN_NO_BACKEND)
         }),
         icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
+        hash: s.optional("hash", out, |t| values::keyword(t, HASH_MODES)),
     }
 }
 

@@ -16,8 +16,8 @@ use std::{
 use lb_common::maglev::{auto_table_size, check_table_size};
 
 use super::{
-    Announce, BackendConfig, CheckKind, Config, Global, HealthCheck, Interface, Pool, Protocol,
-    VipConfig, endpoint,
+    Announce, BackendConfig, CheckKind, Config, Global, HashMode, HealthCheck, Interface, Pool,
+    Protocol, VipConfig, endpoint,
     error::{Pos, Problem, quote, suggest},
     schema::{self, At, CheckEntry, Document, Field, Kind, PoolEntry},
 };
@@ -381,6 +381,18 @@ fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<Vip
         if let (Some(pool), Some(address)) = (pool, &entry.address) {
             family_check(&label, address, pool, out);
         }
+        if let (Some(At { value: mode, pos }), Some(port)) = (entry.hash.given(), port)
+            && *mode == HashMode::DestinationPort
+            && port != 0
+        {
+            out.push(Problem::new(
+                *pos,
+                format!(
+                    "{label} has port {port}: hash dport would send every flow to one backend; \
+                     it is for any-port vips (port 0)"
+                ),
+            ));
+        }
         let backends = pool.map_or(0, |p| p.backends.len());
         let (table_size, table_size_auto) = match entry.table_size.given() {
             Some(At {
@@ -409,6 +421,7 @@ fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<Vip
                 .unwrap_or_default(),
             when_no_backend: or(&entry.when_no_backend, Default::default()),
             icmp_echo: or(&entry.icmp_echo, icmp_echo),
+            hash: or(&entry.hash, HashMode::FiveTuple),
         });
     }
     vips

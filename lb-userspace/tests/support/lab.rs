@@ -7,7 +7,7 @@ use lb_common::{
     consts::{
         Counter, FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots, prog_names, vip_flags,
     },
-    hash::{Flow, addr_words},
+    hash::{Flow, HashMode, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
@@ -67,6 +67,9 @@ pub const VIP_ANY_PORT_DSR: u32 = 2; // 10.200.0.2:*/tcp, L2 DSR, backends 1-2
 pub const VIP_V6: u32 = 3; // [fd00:200::1]:80/tcp, IPv6-in-IPv6, backends 4-5
 pub const VIP_EMPTY_DROP: u32 = 4; // 10.200.0.3:80/tcp, no backend: drop
 pub const VIP_EMPTY_PASS: u32 = 5; // 10.200.0.4:80/tcp, no backend: pass
+pub const VIP_SOURCE_HASH: u32 = 6; // 10.200.0.5:80/tcp, hash source, backends 1-3
+pub const VIP_DPORT_HASH: u32 = 7; // 10.200.0.6:*/udp, hash dport, backends 1-3
+pub const VIP_SOURCE_HASH6: u32 = 8; // [fd00:200::2]:80/tcp, hash source, backends 4-5
 
 pub fn vips() -> Vec<LabVip> {
     let v = |id, addr: &str, port, proto, flags, backends: &[u32]| LabVip {
@@ -97,6 +100,30 @@ pub fn vips() -> Vec<LabVip> {
             6,
             vip_flags::PASS_WHEN_EMPTY,
             &[],
+        ),
+        v(
+            VIP_SOURCE_HASH,
+            "10.200.0.5",
+            80,
+            6,
+            vip_flags::HASH_SOURCE,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_DPORT_HASH,
+            "10.200.0.6",
+            0,
+            17,
+            vip_flags::HASH_DPORT,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_SOURCE_HASH6,
+            "fd00:200::2",
+            80,
+            6,
+            vip_flags::IPV6 | vip_flags::HASH_SOURCE,
+            &[4, 5],
         ),
     ]
 }
@@ -296,9 +323,15 @@ impl Lab {
         self.backends.iter().find(|b| b.addr == addr)
     }
 
-    /// The backend id userspace predicts for a new flow to Vip `vip`.
+    /// The backend id userspace predicts for a new flow to Vip `vip` (under its hash mode).
     pub fn predict(&self, vip: u32, flow: &Flow) -> u32 {
-        self.tables[&vip].lookup(flow.hash(SEED))
+        let flags = self
+            .vips
+            .iter()
+            .find(|v| v.id == vip)
+            .expect("known vip")
+            .flags;
+        self.tables[&vip].lookup(flow.table_hash(HashMode::of(flags), SEED))
     }
 
     /// Runs `lb_ingress` once on `packet`, as if it arrived on veth0.

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     consts::vip_flags,
-    hash::{Flow, vip_filter_bit},
+    hash::{Flow, HashMode, vip_filter_bit},
     types::VipFilter,
 };
 
@@ -269,7 +269,7 @@ impl<'a> Model<'a> {
             };
         }
         let hash = p.flow.hash(SEED);
-        let backend = self.tables[&vip].lookup(hash);
+        let backend = self.tables[&vip].lookup(p.flow.table_hash(HashMode::of(v.flags), SEED));
         let b = self.backends.iter().find(|b| b.id == backend).unwrap();
         let output = if v.flags & vip_flags::L2_DSR != 0 {
             expect_l2(frame, self.lb_mac, b.mac)
