@@ -228,7 +228,13 @@ impl Dataplane {
     /// Loads the object with map sizes from `caps` and loads (verifies) all its programs.
     /// The maps live as long as this value.
     pub fn load(caps: Capacities) -> Result<Self> {
-        Self::load_with(caps, None)
+        Self::load_with(caps, None, OBJECT)
+    }
+
+    /// Like [`Dataplane::load`], with another build's XDP object (the per-packet
+    /// benchmark's A/B against a base commit). Maps this build added are absent from it.
+    pub fn load_object(caps: Capacities, object: &[u8]) -> Result<Self> {
+        Self::load_with(caps, None, object)
     }
 
     /// Like [`Dataplane::load`], but every map is pinned under `pin_dir` (a bpffs
@@ -240,7 +246,7 @@ impl Dataplane {
             error: e.to_string(),
         })?;
         check_pinned_layouts(pin_dir)?;
-        let dataplane = Self::load_with(caps, Some(pin_dir))?;
+        let dataplane = Self::load_with(caps, Some(pin_dir), OBJECT)?;
         for (name, want) in dataplane.map_sizes() {
             let map = dataplane.map(name)?;
             let have = map_info(map).map_err(map_err(name))?.max_entries();
@@ -256,7 +262,7 @@ impl Dataplane {
         Ok(dataplane)
     }
 
-    fn load_with(caps: Capacities, pin_dir: Option<&Path>) -> Result<Self> {
+    fn load_with(caps: Capacities, pin_dir: Option<&Path>, object: &[u8]) -> Result<Self> {
         raise_memlock_limit();
         let sizes = map_sizes(caps);
         let mut loader = EbpfLoader::new();
@@ -278,7 +284,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(OBJECT)?;
+        let ebpf = loader.load(object)?;
         let mut dataplane = Self {
             ebpf,
             caps,

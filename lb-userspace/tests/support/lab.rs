@@ -136,6 +136,8 @@ pub struct Lab {
     pub backends: Vec<LabBackend>,
     pub vips: Vec<LabVip>,
     pub tables: HashMap<u32, MaglevTable>,
+    /// Loaded from another build's object (`with_object`).
+    pub other_object: bool,
 }
 
 impl Lab {
@@ -150,6 +152,12 @@ impl Lab {
     }
 
     pub fn with_capacities(capacities: Capacities) -> Self {
+        Self::with_object(capacities, None)
+    }
+
+    /// The lab on another build's XDP object (`None`: this build's), for the benchmark's
+    /// A/B; an older object may lack the maps of newer options, which are then left out.
+    pub fn with_object(capacities: Capacities, object: Option<&[u8]>) -> Self {
         let netns = Netns::new("mlb-fx").expect("create namespace");
         netns
             .ip(&[
@@ -189,7 +197,11 @@ impl Lab {
             .unwrap();
         let ifindex = netns.ifindex("veth0").unwrap();
         let lb_mac = netns.mac("veth0").unwrap();
-        let dataplane = Dataplane::load(capacities).unwrap_or_else(|e| panic!("{e}"));
+        let dataplane = match object {
+            None => Dataplane::load(capacities),
+            Some(object) => Dataplane::load_object(capacities, object),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut lab = Self {
             netns,
             dataplane,
@@ -198,6 +210,7 @@ impl Lab {
             backends,
             vips: vips(),
             tables: HashMap::new(),
+            other_object: object.is_some(),
         };
         lab.configure();
         lab
@@ -235,9 +248,12 @@ impl Lab {
                 )
                 .unwrap();
         }
-        self.dataplane
+        if let Err(e) = self
+            .dataplane
             .set_icmp_rate(icmp_rate_slots::ECHO, ICMP_RATE)
-            .unwrap();
+        {
+            assert!(self.other_object, "{e}");
+        }
         let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
         let no_echo: IpAddr = NO_ECHO_ADDR.parse().unwrap();
         for v in &self.vips {
