@@ -74,6 +74,10 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 
+/// Entries of the `FRAGMENTS` LRU map: datagrams whose later fragments are awaited, as
+/// Cilium sizes its own (8192); an entry is 44 bytes.
+pub const FRAGMENT_ENTRIES: u32 = 8192;
+
 /// Default `global.icmp_rate`: ICMP messages each CPU may send per second, per kind.
 pub const DEFAULT_ICMP_RATE: u32 = 1000;
 
@@ -102,6 +106,9 @@ pub mod vip_flags {
     /// A new flow's slot comes from its destination port alone (Katran's
     /// `F_HASH_DPORT_ONLY`; `hash::HashMode::DestinationPort`).
     pub const HASH_DPORT: u32 = 1 << 5;
+    /// Fragments are tracked (`fragments: track`): the first one's ports are remembered
+    /// by (source, destination, IP id, protocol), and later ones follow it.
+    pub const FRAGMENTS_TRACK: u32 = 1 << 6;
 }
 
 /// `Backend::flags` bits.
@@ -160,10 +167,15 @@ pub enum Counter {
     IcmpEchoReply,
     /// Echo request to a Vip address over this CPU's reply budget: dropped.
     IcmpEchoLimited,
+    /// A fragment to a Vip with `fragments: track`, steered by its datagram's ports.
+    FragmentTracked,
+    /// A later fragment whose first fragment was not seen (lost, reordered, or its entry
+    /// evicted): dropped.
+    DropFragmentUnknown,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::IcmpEchoLimited as u32 + 1;
+    pub const COUNT: u32 = Counter::DropFragmentUnknown as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -188,6 +200,8 @@ impl Counter {
         Counter::Redirect,
         Counter::IcmpEchoReply,
         Counter::IcmpEchoLimited,
+        Counter::FragmentTracked,
+        Counter::DropFragmentUnknown,
     ];
 
     /// Stable snake_case name, used in metrics labels and test output.
@@ -214,6 +228,8 @@ impl Counter {
             Counter::Redirect => "redirect",
             Counter::IcmpEchoReply => "icmp_echo_reply",
             Counter::IcmpEchoLimited => "icmp_echo_limited",
+            Counter::FragmentTracked => "fragment_tracked",
+            Counter::DropFragmentUnknown => "drop_fragment_unknown",
         }
     }
 }
@@ -236,6 +252,7 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const ICMP_RATE: &str = "ICMP_RATE";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Program names in the eBPF object.

@@ -7,6 +7,7 @@ mod conntrack;
 mod decap;
 mod fast;
 mod forward;
+mod fragments;
 mod icmp;
 mod icmp_echo;
 mod maps;

@@ -4,18 +4,19 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     conntrack::buckets,
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, icmp_rate_slots,
+        DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, FRAGMENT_ENTRIES,
+        icmp_rate_slots,
     },
     types::{
-        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, GlobalConfig, IcmpRate, NextHop,
-        TrafficCounters, VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, FlowCacheV4, FlowCacheV6, FragmentKey, FragmentPorts,
+        GlobalConfig, IcmpRate, NextHop, TrafficCounters, VipAddr, VipKey, VipState,
     },
 };
 
@@ -113,3 +114,10 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArr
 #[btf_map]
 pub static ICMP_RATE: PerCpuArray<IcmpRate, { icmp_rate_slots::COUNT as usize }> =
     PerCpuArray::new();
+
+/// The ports of fragmented datagrams to Vips with `fragments: track`, by (source,
+/// destination, IP id, protocol): written by a first fragment, read by the later ones
+/// (Cilium's fragment map). LRU: a datagram whose pieces never all come is forgotten.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENT_ENTRIES as usize }> =
+    LruHashMap::new();

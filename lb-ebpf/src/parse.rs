@@ -15,7 +15,7 @@ use lb_common::{
 };
 
 use crate::{
-    icmp_echo,
+    fragments, icmp_echo,
     maps::{VIP_ADDRS_V4, VIP_ADDRS_V6},
 };
 
@@ -258,10 +258,11 @@ pub fn parse_ipv4(
     let bad_l3 = Verdict::Pass(Counter::PassMalformed);
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
-    let (vihl, tot_len, frag_off, proto, src, dst) = unsafe {
+    let (vihl, tot_len, id, frag_off, proto, src, dst) = unsafe {
         (
             (*ip).vihl,
             (*ip).tot_len,
+            (*ip).id,
             (*ip).frag_off,
             (*ip).proto,
             (*ip).src,
@@ -290,14 +291,17 @@ pub fn parse_ipv4(
         }
         other => other,
     };
-    if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
-        cold_path();
-        // Only the first fragment has ports: all of them are dropped, so no datagram is
-        // ever split between backends.
-        return Err(confirm(Verdict::Drop(Counter::DropFragment)));
-    }
     let l4 = l3 + ihl;
     let l3_end = l3 + tot_len;
+    let frag_off = u16::from_be(frag_off);
+    if frag_off & IP_MF_OFFSET != 0 {
+        cold_path();
+        // SAFETY: copied out at once.
+        let addr_flags = unsafe { VIP_ADDRS_V4.get(dst) }.map(|a| a.flags);
+        let (src_dst, id) = ((src, dst), u16::from_be(id));
+        return fragments::parse_v4(ctx, l4, l3_end, src_dst, id, proto, frag_off, addr_flags)
+            .map_err(confirm);
+    }
     if proto == PROTO_ICMP {
         cold_path();
         return parse_icmpv4_error(ctx, l3, l4, l3_end, dst).map_err(confirm);
@@ -404,7 +408,11 @@ pub fn parse_ipv6(
     };
     let l4 = l3 + IPV6_HLEN;
     match nexthdr {
-        NEXTHDR_FRAGMENT => return Err(confirm(Verdict::Drop(Counter::DropFragment))),
+        NEXTHDR_FRAGMENT => {
+            // SAFETY: bounds checked by ptr_at; the map value is copied out at once.
+            let (src, addr_flags) = unsafe { ((*ip).src, VIP_ADDRS_V6.get(dst).map(|a| a.flags)) };
+            return fragments::parse_v6(ctx, l4, l3_end, (src, dst), addr_flags).map_err(confirm);
+        }
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_MOBILITY
         | NEXTHDR_HIP | NEXTHDR_SHIM6 => return Err(confirm(Verdict::Drop(Counter::DropIpv6Ext))),
         PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l3, l4, l3_end, dst).map_err(confirm),

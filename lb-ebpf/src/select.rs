@@ -443,7 +443,7 @@ pub fn select<'a, F: Flow>(
         Some(Known::Resteer(named)) => {
             // The way names a Vip id; the packet's own Vip decides (the id may have been
             // given to another Vip since).
-            let vip = lookup_vip(pkt)?;
+            let vip = lookup_vip(&pkt.flow)?;
             if !pkt.icmp_error {
                 count(if vip == named {
                     Counter::ConntrackResteer
@@ -454,7 +454,7 @@ pub fn select<'a, F: Flow>(
             vip
         }
         None => {
-            let vip = lookup_vip(pkt)?;
+            let vip = lookup_vip(&pkt.flow)?;
             if !pkt.icmp_error {
                 count(Counter::ConntrackMiss);
                 if flow.proto() == PROTO_TCP && !pkt.syn {
@@ -467,10 +467,9 @@ pub fn select<'a, F: Flow>(
     from_table(ctx, pkt, vip, hash, slot, ct_hash, now, config, scratch)
 }
 
-/// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
+/// The Vip id for the flow's (address, port, protocol), falling back to the any-port Vip.
 #[inline(always)]
-fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
-    let flow = &pkt.flow;
+pub fn lookup_vip<F: Flow>(flow: &F) -> Result<u32, Verdict> {
     // SAFETY: values copied out at once.
     if let Some(id) = unsafe { VIPS.get(flow.vip_key(flow.dport())) } {
         return Ok(*id);

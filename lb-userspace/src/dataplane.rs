@@ -30,7 +30,7 @@ use lb_common::{
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 16] = [
+const ALL_MAPS: [&str; 17] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -47,6 +47,7 @@ const ALL_MAPS: [&str; 16] = [
     names::VIP_STATS,
     names::BACKEND_STATS,
     names::ICMP_RATE,
+    names::FRAGMENTS,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -940,6 +941,11 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::VIP_STATS, 4, size_of::<TrafficCounters>()),
         (names::BACKEND_STATS, 4, size_of::<TrafficCounters>()),
         (names::ICMP_RATE, 4, size_of::<IcmpRate>()),
+        (
+            names::FRAGMENTS,
+            size_of::<lb_common::types::FragmentKey>(),
+            size_of::<lb_common::types::FragmentPorts>(),
+        ),
     ]
 }
 

@@ -810,6 +810,9 @@ fn vip_addr_flags_of(config: &Config) -> BTreeMap<IpAddr, u32> {
         if vip.icmp_echo {
             *entry |= vip_addr_flags::ICMP_ECHO;
         }
+        if vip.track_fragments {
+            *entry |= vip_addr_flags::FRAGMENTS;
+        }
         if vip.port == 0 {
             *entry |= match vip.protocol {
                 Protocol::Tcp => vip_addr_flags::ANY_PORT_TCP,
@@ -1337,7 +1340,7 @@ mod written_values {
             "  - address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n\
              \x20 - address: 10.200.0.2\n    port: 0\n    protocol: tcp\n    pool: web\n\
              \x20 - address: 10.200.0.2\n    port: 0\n    protocol: udp\n    pool: web\n    icmp_echo: false\n\
-             \x20 - address: 10.200.0.3\n    port: 80\n    protocol: tcp\n    pool: web\n    icmp_echo: false\n",
+             \x20 - address: 10.200.0.3\n    port: 80\n    protocol: tcp\n    pool: web\n    icmp_echo: false\n    fragments: track\n",
         );
         let flags = vip_addr_flags_of(&c);
         let a1: IpAddr = "10.200.0.1".parse().unwrap();
@@ -1350,6 +1353,6 @@ mod written_values {
             flags[&a2],
             vip_addr_flags::ANY_PORT_TCP | vip_addr_flags::ANY_PORT_UDP | vip_addr_flags::ICMP_ECHO
         );
-        assert_eq!(flags[&a3], 0);
+        assert_eq!(flags[&a3], vip_addr_flags::FRAGMENTS);
     }
 }

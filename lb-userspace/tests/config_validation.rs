@@ -171,7 +171,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "unknown_key_no_suggestion.yaml",
         &[
-            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo, hash",
+            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo, hash, fragments",
         ],
     ),
     (

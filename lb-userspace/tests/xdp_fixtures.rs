@@ -10,7 +10,8 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
     lab::{
         CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR,
-        VIP_DPORT_HASH, VIP_SOURCE_HASH, VIP_SOURCE_HASH6, VIP_TCP, VIP_UDP, VIP_V6, deltas,
+        VIP_DPORT_HASH, VIP_FRAGMENTS, VIP_FRAGMENTS6, VIP_SOURCE_HASH, VIP_SOURCE_HASH6, VIP_TCP,
+        VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
 };
@@ -162,6 +163,19 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     let mut truncated_tcp6 = tcp(mac, client6, 40009, vip6, 80, true);
     truncated_tcp6.truncate(14 + 40 + 10);
     truncated_tcp6[18..20].copy_from_slice(&10u16.to_be_bytes());
+    // A 600-byte UDP datagram to the fragment-tracking Vips, in 256-byte pieces; a later
+    // piece of a datagram whose first was never seen; a first piece to a port of the
+    // tracking address that no Vip serves.
+    let (frag_flow, frag6_flow) = (
+        flow(CLIENT, 6000, "10.200.0.7", 53, 17),
+        flow(CLIENT6, 6001, "fd00:200::3", 53, 17),
+    );
+    let frags = udp_fragments(mac, (client, 6000), (ip("10.200.0.7"), 53), 600, 256, 77);
+    let frags6 = udp_fragments(mac, (client6, 6001), (ip("fd00:200::3"), 53), 600, 256, 78);
+    let orphan = udp_fragments(mac, (client, 6002), (ip("10.200.0.7"), 53), 600, 256, 79);
+    let orphan6 = udp_fragments(mac, (client6, 6003), (ip("fd00:200::3"), 53), 600, 256, 80);
+    let other_port = udp_fragments(mac, (client, 6004), (ip("10.200.0.7"), 54), 600, 256, 81);
+    let tracked_hit = &["fragment_tracked", "conntrack_hit", "tx"][..];
     // Total length 20 + 4: the ICMP header ends past the IP packet (the frame goes on).
     let mut short_echo = icmp_echo((CLIENT_MAC, mac), client, vip, 9, false);
     short_echo[16..18].copy_from_slice(&24u16.to_be_bytes());
@@ -330,6 +344,51 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
             "an IPv6 fragment header to a Vip is dropped",
             with_ipv6_ext(&syn6, 44),
             &["drop_fragment"],
+        ),
+        tx(
+            "a first fragment to a fragments: track Vip goes to its flow's backend",
+            frags[0].clone(),
+            ipip(lab, &frags[0], 14, VIP_FRAGMENTS, &frag_flow),
+            &["fragment_tracked", "conntrack_miss", "tx"],
+        ),
+        tx(
+            "its middle fragment follows it, by (source, destination, IP id, protocol)",
+            frags[1].clone(),
+            ipip(lab, &frags[1], 14, VIP_FRAGMENTS, &frag_flow),
+            tracked_hit,
+        ),
+        tx(
+            "its last fragment follows it",
+            frags[2].clone(),
+            ipip(lab, &frags[2], 14, VIP_FRAGMENTS, &frag_flow),
+            tracked_hit,
+        ),
+        drop(
+            "a later fragment whose first was never seen is dropped",
+            orphan[1].clone(),
+            &["drop_fragment_unknown"],
+        ),
+        pass(
+            "a first fragment to a port of a tracking address with no Vip goes to the stack",
+            other_port[0].clone(),
+            "pass_vip_other",
+        ),
+        tx(
+            "an IPv6 first fragment to a fragments: track Vip goes to its flow's backend",
+            frags6[0].clone(),
+            ip6ip6(lab, &frags6[0], VIP_FRAGMENTS6, &frag6_flow),
+            &["fragment_tracked", "conntrack_miss", "tx"],
+        ),
+        tx(
+            "an IPv6 later fragment follows its first",
+            frags6[2].clone(),
+            ip6ip6(lab, &frags6[2], VIP_FRAGMENTS6, &frag6_flow),
+            tracked_hit,
+        ),
+        drop(
+            "an IPv6 later fragment whose first was never seen is dropped",
+            orphan6[2].clone(),
+            &["drop_fragment_unknown"],
         ),
         drop(
             "an IPv6 hop-by-hop header to a Vip is dropped",

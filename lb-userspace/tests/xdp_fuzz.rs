@@ -320,6 +320,7 @@ fn check(
             (out.action != XDP_DROP || got != ones(names.clone()))
                 .then(|| format!("want DROP, {names:?}"))
         }
+        Decision::Stateful => None,
         Decision::Reply(output) => {
             (out.action != XDP_TX || out.packet != *output || got != ones(vec!["icmp_echo_reply"]))
                 .then(|| "want TX of the echo reply, [icmp_echo_reply]".to_owned())
@@ -352,6 +353,7 @@ fn check(
         Decision::PassNoBackend(_) => "pass pass_no_backend".into(),
         Decision::Drop(c, _) => format!("drop {c}"),
         Decision::Reply(_) => "tx echo_reply".into(),
+        Decision::Stateful => "stateful fragment (not checked)".into(),
         Decision::Forward { icmp_error, .. } => {
             format!("tx{}", if *icmp_error { " icmp" } else { "" })
         }

@@ -69,7 +69,7 @@ pub fn describe(config: &Config) -> String {
         };
         let _ = writeln!(
             s,
-            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}{}{}",
+            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}{}{}{}",
             vip.forwarding,
             vip.table_size,
             if vip.table_size_auto {
@@ -88,6 +88,11 @@ pub fn describe(config: &Config) -> String {
                 ""
             } else {
                 ", pings to the local stack"
+            },
+            if vip.track_fragments {
+                ", fragments tracked"
+            } else {
+                ""
             },
         );
     }

@@ -173,6 +173,8 @@ pub struct VipConfig {
     /// Name of its pool (a key of [`Config::pools`]).
     pub pool: String,
     pub when_no_backend: WhenNoBackend,
+    /// Fragments tracked (`true`, `fragments: track`) or dropped.
+    pub track_fragments: bool,
     /// What picks a new flow's table slot: the 5-tuple, the source address or the
     /// destination port.
     pub hash: HashMode,
@@ -199,6 +201,9 @@ impl VipConfig {
         }
         if self.when_no_backend == WhenNoBackend::Pass {
             flags |= vip_flags::PASS_WHEN_EMPTY;
+        }
+        if self.track_fragments {
+            flags |= vip_flags::FRAGMENTS_TRACK;
         }
         flags | self.hash.flag()
     }

@@ -49,6 +49,7 @@ const VIP_KEYS: &[&str] = &[
     "when_no_backend",
     "icmp_echo",
     "hash",
+    "fragments",
 ];
 const POOL_KEYS: &[&str] = &["backends", "health_check"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "name"];
@@ -74,6 +75,8 @@ const HASH_MODES: &[(&str, HashMode)] = &[
         HashMode::DestinationPort,
     ),
 ];
+/// `fragments`: `track` is true.
+const FRAGMENTS: &[(&str, bool)] = &[("drop", false), ("track", true)];
 const BOOLEANS: &[(&str, bool)] = &[("true", true), ("false", false)];
 const WHEN_NO_BACKEND: &[(&str, WhenNoBackend)] =
     &[("drop", WhenNoBackend::Drop), ("pass", WhenNoBackend::Pass)];
@@ -164,6 +167,7 @@ pub(crate) struct VipEntry {
     pub when_no_backend: Field<WhenNoBackend>,
     pub icmp_echo: Field<bool>,
     pub hash: Field<HashMode>,
+    pub fragments: Field<bool>,
 }
 
 pub(crate) struct PoolEntry {
@@ -329,6 +333,7 @@ fn read_vip(pos: Pos, s: &Section<'_>, out: &mut Vec<Problem>) -> VipEntry {
         }),
         icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
         hash: s.optional("hash", out, |t| values::keyword(t, HASH_MODES)),
+        fragments: s.optional("fragments", out, |t| values::keyword(t, FRAGMENTS)),
     }
 }
 

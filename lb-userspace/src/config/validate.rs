@@ -422,6 +422,7 @@ fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<Vip
             when_no_backend: or(&entry.when_no_backend, Default::default()),
             icmp_echo: or(&entry.icmp_echo, icmp_echo),
             hash: or(&entry.hash, HashMode::FiveTuple),
+            track_fragments: or(&entry.fragments, false),
         });
     }
     vips

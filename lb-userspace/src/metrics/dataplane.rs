@@ -30,11 +30,12 @@ enum Kind {
     InsertFailures,
     IcmpToBackend,
     IcmpSent,
+    FragmentsTracked,
     Forwarded,
 }
 
 /// Every family of the global counters: kind, name, help, label name (if any).
-const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 9] = [
     (
         Kind::Passed,
         "mlb_packets_passed_total",
@@ -79,6 +80,12 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
         Some("type"),
     ),
     (
+        Kind::FragmentsTracked,
+        "mlb_fragments_tracked_total",
+        "Fragments to Vips with fragments: track, steered by their datagram's ports.",
+        None,
+    ),
+    (
         Kind::Forwarded,
         "mlb_packets_forwarded_total",
         "Packets forwarded to a backend, by XDP action (tx or redirect).",
@@ -101,7 +108,8 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         | Counter::DropIpv6Ext
         | Counter::DropNoBackend
         | Counter::DropFib
-        | Counter::DropEncap => (Kind::Dropped, strip("drop_")),
+        | Counter::DropEncap
+        | Counter::DropFragmentUnknown => (Kind::Dropped, strip("drop_")),
         Counter::IcmpEchoLimited => (Kind::Dropped, name),
         Counter::IcmpEchoReply => (Kind::IcmpSent, strip("icmp_")),
         Counter::ConntrackHit | Counter::ConntrackMiss | Counter::ConntrackResteer => {
@@ -110,6 +118,7 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         Counter::ConntrackMissNonSyn => (Kind::MissNonSyn, ""),
         Counter::ConntrackInsertFail => (Kind::InsertFailures, ""),
         Counter::IcmpToBackend => (Kind::IcmpToBackend, ""),
+        Counter::FragmentTracked => (Kind::FragmentsTracked, ""),
         Counter::Tx | Counter::Redirect => (Kind::Forwarded, name),
     }
 }

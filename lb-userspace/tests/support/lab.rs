@@ -70,6 +70,8 @@ pub const VIP_EMPTY_PASS: u32 = 5; // 10.200.0.4:80/tcp, no backend: pass
 pub const VIP_SOURCE_HASH: u32 = 6; // 10.200.0.5:80/tcp, hash source, backends 1-3
 pub const VIP_DPORT_HASH: u32 = 7; // 10.200.0.6:*/udp, hash dport, backends 1-3
 pub const VIP_SOURCE_HASH6: u32 = 8; // [fd00:200::2]:80/tcp, hash source, backends 4-5
+pub const VIP_FRAGMENTS: u32 = 9; // 10.200.0.7:53/udp, fragments track, backends 1-3
+pub const VIP_FRAGMENTS6: u32 = 10; // [fd00:200::3]:53/udp, fragments track, backends 4-5
 
 pub fn vips() -> Vec<LabVip> {
     let v = |id, addr: &str, port, proto, flags, backends: &[u32]| LabVip {
@@ -123,6 +125,22 @@ pub fn vips() -> Vec<LabVip> {
             80,
             6,
             vip_flags::IPV6 | vip_flags::HASH_SOURCE,
+            &[4, 5],
+        ),
+        v(
+            VIP_FRAGMENTS,
+            "10.200.0.7",
+            53,
+            17,
+            vip_flags::FRAGMENTS_TRACK,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_FRAGMENTS6,
+            "fd00:200::3",
+            53,
+            17,
+            vip_flags::IPV6 | vip_flags::FRAGMENTS_TRACK,
             &[4, 5],
         ),
     ]
@@ -260,6 +278,9 @@ impl Lab {
             let flags = addr_flags.entry(v.addr).or_default();
             if v.addr != no_echo {
                 *flags |= vip_addr_flags::ICMP_ECHO;
+            }
+            if v.flags & vip_flags::FRAGMENTS_TRACK != 0 {
+                *flags |= vip_addr_flags::FRAGMENTS;
             }
             if v.port == 0 {
                 *flags |= if v.proto == 6 {

@@ -29,6 +29,9 @@ pub enum Decision {
     Drop(&'static str, Vec<&'static str>),
     /// `XDP_PASS` of a Vip with no backend (after a conntrack miss was counted).
     PassNoBackend(Vec<&'static str>),
+    /// A fragment to an address with a `fragments: track` Vip: what it gets depends on
+    /// the fragments seen before (the fixtures hold those to exact outcomes).
+    Stateful,
     /// `XDP_TX` of the program's own answer (an echo reply), exactly these bytes.
     Reply(Vec<u8>),
     /// `XDP_TX` to `backend` with exactly these bytes.
@@ -83,11 +86,19 @@ enum Stop {
     Pass(&'static str),
     Drop(&'static str),
     Reply(Vec<u8>),
+    Stateful,
 }
 
 impl<'a> Model<'a> {
     fn is_vip_addr(&self, addr: IpAddr) -> bool {
         self.vips.iter().any(|v| v.addr == addr)
+    }
+
+    /// Some Vip on `addr` tracks fragments.
+    fn tracks_fragments(&self, addr: IpAddr) -> bool {
+        self.vips
+            .iter()
+            .any(|v| v.addr == addr && v.flags & vip_flags::FRAGMENTS_TRACK != 0)
     }
 
     /// Turns what parsing found into what a packet past the address pre-filter gets: a
@@ -106,6 +117,7 @@ impl<'a> Model<'a> {
             Err(Stop::Pass(c)) => Decision::Pass(c),
             Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
             Err(Stop::Reply(bytes)) => Decision::Reply(bytes),
+            Err(Stop::Stateful) => Decision::Stateful,
             Ok((l3, parsed)) => self.select(frame, l3, &parsed),
         }
     }
@@ -141,6 +153,9 @@ impl<'a> Model<'a> {
             return Err(Stop::Pass("pass_not_vip"));
         }
         let fragment = be16(f, l3 + 6) & 0x3FFF != 0;
+        if fragment && self.tracks_fragments(dst) {
+            return Err(Stop::Stateful);
+        }
         if fragment {
             return Err(self.confirm(dst, Stop::Drop("drop_fragment")));
         }
@@ -179,6 +194,7 @@ impl<'a> Model<'a> {
         }
         let (l4, next) = (l3 + 40, f[l3 + 6]);
         let result = match next {
+            44 if self.tracks_fragments(dst) => Err(Stop::Stateful),
             44 => Err(Stop::Drop("drop_fragment")),
             0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Stop::Drop("drop_ipv6_ext")),
             58 if f.len() >= l4 + 8 && f[l4] == 128 => self.echo(f, l3, l4, end, dst),
@@ -250,6 +266,7 @@ impl<'a> Model<'a> {
             Err(Stop::Pass(c)) => return Decision::Pass(c),
             Err(Stop::Drop(c)) => return Decision::Drop(c, vec![]),
             Err(Stop::Reply(bytes)) => return Decision::Reply(bytes),
+            Err(Stop::Stateful) => return Decision::Stateful,
         };
         // Counted only on a connection-table miss; a hit of a flow the fuzzer sent before
         // counts a hit instead. The caller allows for both.

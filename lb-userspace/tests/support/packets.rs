@@ -201,6 +201,54 @@ pub fn as_fragment(pkt: &[u8], more: bool, offset: u16) -> Vec<u8> {
     out
 }
 
+/// A UDP datagram of `len` payload bytes from `src:sport` to `dst:dport` (IPv4 or IPv6),
+/// cut into IP fragments of at most `chunk` bytes of IP payload (a multiple of 8) with
+/// identification `id`, as a host's stack would send it.
+pub fn udp_fragments(
+    lb_mac: [u8; 6],
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
+    len: usize,
+    chunk: usize,
+    id: u32,
+) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    let ip = if src.is_ipv4() {
+        eth.ipv4(v4(src), v4(dst), 64)
+    } else {
+        eth.ipv6(v6(src), v6(dst), 64)
+    };
+    let mut whole = Vec::new();
+    ip.udp(sport, dport).write(&mut whole, &payload).unwrap();
+    let hlen = if src.is_ipv4() { 20 } else { 40 };
+    let (head, body) = whole.split_at(14 + hlen);
+    let pieces: Vec<&[u8]> = body.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let (offset, more) = ((i * chunk / 8) as u16, i + 1 < pieces.len());
+            let mut out = head.to_vec();
+            if src.is_ipv4() {
+                out[16..18].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+                out[18..20].copy_from_slice(&(id as u16).to_be_bytes());
+                let field = if more { 0x2000 } else { 0 } | offset;
+                out[20..22].copy_from_slice(&field.to_be_bytes());
+                fix_ipv4_checksum(&mut out, 14);
+            } else {
+                out[18..20].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+                out[20] = 44;
+                out.extend_from_slice(&[17, 0]);
+                out.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
 /// Inserts an 8-byte IPv6 extension header of type `kind` in front of L4.
 pub fn with_ipv6_ext(pkt: &[u8], kind: u8) -> Vec<u8> {
     let next = pkt[14 + 6];
