@@ -160,9 +160,9 @@ fn steer<F: Flow>(
     let flow = flow(sport, dport);
     // The address tracks for some Vip; this port's must too.
     let vip = lookup_vip(&flow)?;
-    if !VIP_STATE
+    if VIP_STATE
         .get(vip)
-        .is_some_and(|v| v.flags & vip_flags::FRAGMENTS_TRACK != 0)
+        .is_none_or(|v| v.flags & vip_flags::FRAGMENTS_TRACK == 0)
     {
         return Err(dropped);
     }

@@ -33,6 +33,7 @@ const VIP_TCP: u32 = 0;
 const VIP_UDP: u32 = 1;
 const VIP_L2: u32 = 2;
 const VIP_TCP6: u32 = 3;
+const VIP_UDP6: u32 = 4;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -136,12 +137,10 @@ impl Bed {
         self.dataplane
             .set_vip_filter([ip(VIP4), ip(VIP_DSR), ip(VIP6)])
             .unwrap();
-        // Pings to VIP4 and VIP6 are answered from XDP, to VIP_DSR left to the stack.
-        for (addr, flags) in [
-            (VIP4, vip_addr_flags::ICMP_ECHO),
-            (VIP_DSR, 0),
-            (VIP6, vip_addr_flags::ICMP_ECHO),
-        ] {
+        // Pings to VIP4 and VIP6 are answered from XDP, to VIP_DSR left to the stack; the
+        // UDP Vips track fragments.
+        let echo_frags = vip_addr_flags::ICMP_ECHO | vip_addr_flags::FRAGMENTS;
+        for (addr, flags) in [(VIP4, echo_frags), (VIP_DSR, 0), (VIP6, echo_frags)] {
             self.dataplane
                 .set_vip_addr(ip(addr), Some(VipAddr { flags }))
                 .unwrap();
@@ -152,9 +151,16 @@ impl Bed {
         let _ = vip_addr_flags::ANY_PORT_TCP;
         let vips = [
             (VIP_TCP, VIP4, 80, 6, 0),
-            (VIP_UDP, VIP4, 53, 17, 0),
+            (VIP_UDP, VIP4, 53, 17, vip_flags::FRAGMENTS_TRACK),
             (VIP_L2, VIP_DSR, 80, 6, vip_flags::L2_DSR),
             (VIP_TCP6, VIP6, 80, 6, vip_flags::IPV6),
+            (
+                VIP_UDP6,
+                VIP6,
+                53,
+                17,
+                vip_flags::IPV6 | vip_flags::FRAGMENTS_TRACK,
+            ),
         ];
         for (id, addr, port, proto, flags) in vips {
             let v6 = flags & vip_flags::IPV6 != 0;
@@ -458,4 +464,85 @@ fn pings_to_a_vip_are_answered_by_the_load_balancer_from_xdp() {
     let _ = client.exec("ping", &["-c1", "-W1", VIP_DSR]);
     assert_eq!(replies() - before, 6);
     assert!(bed.dataplane.counter(Counter::PassVipOther).unwrap() > passed);
+}
+
+#[test]
+fn fragmented_udp_datagrams_reach_one_backend_whole() {
+    let bed = Bed::new();
+    let tracked = || bed.dataplane.counter(Counter::FragmentTracked).unwrap();
+    let before = tracked();
+    const DATAGRAMS: u32 = 12;
+    // The backends' replies (as large) must fit the client's 1,500-byte link, not the
+    // segment's 1,600: their kernels fragment to the route's MTU.
+    let client = &bed.bed.client;
+    for b in &bed.bed.backends {
+        for (addr, len) in [(client.addr4, 32), (client.addr6, 128)] {
+            let to = format!("{addr}/{len}");
+            b.netns
+                .ip(&["route", "replace", &to, "dev", NIC, "mtu", "1500"])
+                .unwrap();
+        }
+    }
+    for (vip, id) in [(VIP4, VIP_UDP), (VIP6, VIP_UDP6)] {
+        let target = SocketAddr::new(ip(vip), 53);
+        let (got, mispredicted) = bed
+            .bed
+            .client
+            .netns
+            .enter(|| {
+                let mut got = BTreeMap::<String, u32>::new();
+                let mut mispredicted = 0;
+                for i in 0..DATAGRAMS {
+                    let bind = if target.is_ipv4() {
+                        "0.0.0.0:0"
+                    } else {
+                        "[::]:0"
+                    };
+                    let socket = UdpSocket::bind(bind).unwrap();
+                    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    socket.connect(target).unwrap();
+                    // 3,000 bytes over the client's 1,500-byte MTU: its kernel sends three
+                    // fragments, and the backend's kernel must put them back together.
+                    let payload: Vec<u8> = (0..3000u32)
+                        .map(|b| b"0123456789"[(b % 10) as usize] ^ (i as u8 & 1))
+                        .collect();
+                    socket.send(&payload).unwrap();
+                    let mut buf = vec![0u8; 8192];
+                    let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+                        let counters: Vec<(&str, u64)> = Counter::ALL
+                            .iter()
+                            .map(|&c| (c.name(), bed.dataplane.counter(c).unwrap()))
+                            .filter(|(_, v)| *v != 0)
+                            .collect();
+                        panic!("UDP reply {i} from {vip}: {e}; counters {counters:?}")
+                    });
+                    let (name, echoed) =
+                        buf[..n].split_at(buf[..n].iter().position(|&b| b == b' ').expect("name"));
+                    assert_eq!(
+                        &echoed[1..],
+                        &payload[..],
+                        "datagram {i} to {vip} came back whole"
+                    );
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    let local = socket.local_addr().unwrap();
+                    let flow = Flow {
+                        src: local.ip(),
+                        dst: target.ip(),
+                        sport: local.port(),
+                        dport: 53,
+                        proto: 17,
+                    };
+                    if name != bed.predict(id, &flow) {
+                        mispredicted += 1;
+                    }
+                    *got.entry(name).or_default() += 1;
+                }
+                (got, mispredicted)
+            })
+            .unwrap();
+        assert_eq!(mispredicted, 0, "{vip}: {got:?}");
+        assert!(got.len() > 1, "{vip}: the datagrams spread, {got:?}");
+    }
+    // Three fragments per datagram, each steered by its datagram's ports.
+    assert_eq!(tracked() - before, 2 * 3 * u64::from(DATAGRAMS));
 }
