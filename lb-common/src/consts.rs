@@ -111,6 +111,14 @@ pub mod vip_flags {
     pub const FRAGMENTS_TRACK: u32 = 1 << 6;
 }
 
+/// Bits the data plane adds to `Route::vip_flags` (never set in `VipState::flags`).
+pub mod route_flags {
+    /// The backend's address family is not the Vip's: IPv4-in-IPv6 (or, in L2 DSR, only
+    /// the next hop's family differs). Such routes stay out of the flow cache, so the fast
+    /// path never meets them.
+    pub const MIXED_FAMILY: u32 = 1 << 31;
+}
+
 /// `Backend::flags` bits.
 pub mod backend_flags {
     /// Receives new flows and keeps its existing ones.

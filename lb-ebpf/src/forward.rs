@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    consts::{Counter, PROTO_IPIP, PROTO_IPV6, vip_flags},
+    consts::{Counter, PROTO_IPIP, PROTO_IPV6, route_flags, vip_flags},
     types::{Backend, GlobalConfig, NextHop, Route},
 };
 
@@ -25,7 +25,7 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const OUTER_TTL: u8 = 64;
+pub(crate) const OUTER_TTL: u8 = 64;
 
 /// Forwards the packet along `sel`'s Route; `bytes` is what the client sent.
 #[inline(always)]
@@ -39,6 +39,9 @@ pub fn forward(
     let route = sel.route;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
+    } else if route.vip_flags & route_flags::MIXED_FAMILY != 0 {
+        cold_path();
+        crate::mixed::encap_4in6(ctx, l2, sel, config)?;
     } else if route.vip_flags & vip_flags::IPV6 != 0 {
         encap_ipv6(ctx, l2, sel, config)?;
     } else {
@@ -158,7 +161,7 @@ pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
 /// Grows the packet by `outer_len` in front and writes a fresh L2 header (same VLAN tag
 /// as the packet arrived with) for the outer packet of EtherType `proto`.
 #[inline(always)]
-fn push_l2(
+pub(crate) fn push_l2(
     ctx: &XdpContext,
     l2: &L2,
     hop: &Route,

@@ -11,6 +11,7 @@ mod fragments;
 mod icmp;
 mod icmp_echo;
 mod maps;
+mod mixed;
 mod parse;
 mod select;
 mod stats;

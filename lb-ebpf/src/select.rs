@@ -6,7 +6,7 @@ use lb_common::{
     conntrack::{Way, generation_digest},
     consts::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
-        vip_flags,
+        route_flags, vip_flags,
     },
     hash::{
         HashMode, conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word,
@@ -271,13 +271,18 @@ fn route<'a>(
     fib_generation: u32,
     scratch: &'a mut MaybeUninit<Route>,
 ) -> Result<Selection<'a>, Verdict> {
-    let v6 = vip_flags & vip_flags::IPV6 != 0;
-    if v6 != (backend.flags & backend_flags::IPV6 != 0) {
-        // The daemon refuses such configs; never emit a half-right packet.
+    let backend_v6 = backend.flags & backend_flags::IPV6 != 0;
+    let mut vip_flags = vip_flags;
+    if (vip_flags & vip_flags::IPV6 != 0) != backend_v6 {
         cold_path();
-        return Err(Verdict::Drop(Counter::DropEncap));
+        // IPv6 in IPv4 has no decapsulation: the daemon refuses it; never emit it.
+        if backend_v6 || vip_flags & vip_flags::L2_DSR != 0 {
+            vip_flags |= route_flags::MIXED_FAMILY;
+        } else {
+            return Err(Verdict::Drop(Counter::DropEncap));
+        }
     }
-    let hop = next_hop(ctx, entry.backend, backend, v6, fib_generation)?;
+    let hop = next_hop(ctx, entry.backend, backend, backend_v6, fib_generation)?;
     Ok(selection(entry, vip_flags, backend, hop, hash, scratch))
 }
 
@@ -436,7 +441,7 @@ pub fn select<'a, F: Flow>(
             let selection = route(ctx, entry, vip_flags, &backend, hash, fib, scratch)?;
             if !pkt.icmp_error {
                 count(Counter::ConntrackHit);
-                flow.cache(slot, config.cache_epoch, &selection, now as u32);
+                cache_unless_mixed(flow, slot, config.cache_epoch, &selection, now);
             }
             return Ok(selection);
         }
@@ -465,6 +470,15 @@ pub fn select<'a, F: Flow>(
         }
     };
     from_table(ctx, pkt, vip, hash, slot, ct_hash, now, config, scratch)
+}
+
+/// Caches `selection` for `flow` unless its backend is of the other family: the fast path
+/// sends by the packet's family and must never meet such a Route.
+#[inline(always)]
+fn cache_unless_mixed<F: Flow>(flow: &F, slot: u32, epoch: u32, selection: &Selection, now: u64) {
+    if selection.route.vip_flags & route_flags::MIXED_FAMILY == 0 {
+        flow.cache(slot, epoch, selection, now as u32);
+    }
 }
 
 /// The Vip id for the flow's (address, port, protocol), falling back to the any-port Vip.
@@ -562,8 +576,7 @@ fn from_table<'a, F: Flow>(
         // A SYN is cached by its flow's next packet, from the connection table: SYN floods
         // and scans that never complete do not evict established flows from the cache.
         if !pkt.syn {
-            pkt.flow
-                .cache(cache_slot, config.cache_epoch, &selection, now as u32);
+            cache_unless_mixed(&pkt.flow, cache_slot, config.cache_epoch, &selection, now);
         }
     }
     Ok(selection)

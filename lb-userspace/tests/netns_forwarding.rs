@@ -34,6 +34,8 @@ const VIP_UDP: u32 = 1;
 const VIP_L2: u32 = 2;
 const VIP_TCP6: u32 = 3;
 const VIP_UDP6: u32 = 4;
+/// VIP_DSR:8080/tcp in L2 DSR, served by the backends' IPv6 addresses (mixed families).
+const VIP_L2_MIXED: u32 = 5;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -177,6 +179,20 @@ impl Bed {
             };
             self.dataplane.set_vip(id, &key, &state).unwrap();
         }
+        // An IPv4 Vip whose pool is the backends' IPv6 addresses: the next hop is found
+        // in IPv6, the packet goes unchanged.
+        self.set_table(VIP_L2_MIXED, &backend_ids(true));
+        let key = VipKey {
+            addr: addr_words(ip(VIP_DSR)),
+            port: 8080u16.to_be(),
+            proto: 6,
+            family: 4,
+        };
+        let state = VipState {
+            flags: vip_flags::L2_DSR | vip_flags::ACTIVE,
+            generation: 1,
+        };
+        self.dataplane.set_vip(VIP_L2_MIXED, &key, &state).unwrap();
     }
 
     fn set_table(&mut self, vip: u32, members: &[u32]) {
@@ -545,4 +561,34 @@ fn fragmented_udp_datagrams_reach_one_backend_whole() {
     }
     // Three fragments per datagram, each steered by its datagram's ports.
     assert_eq!(tracked() - before, 2 * 3 * u64::from(DATAGRAMS));
+}
+
+#[test]
+fn an_ipv4_vip_in_l2_dsr_is_served_by_ipv6_backends() {
+    let bed = Bed::new();
+    let target = SocketAddr::new(ip(VIP_DSR), 8080);
+    let (got, mispredicted) = bed
+        .bed
+        .client
+        .netns
+        .enter(|| {
+            let mut got = BTreeMap::<String, u32>::new();
+            let mut mispredicted = 0;
+            for _ in 0..30 {
+                let (mut stream, name, flow) = connect(target);
+                assert_eq!(
+                    echo(&mut stream, "hi"),
+                    name,
+                    "the connection works both ways"
+                );
+                if name != bed.predict(VIP_L2_MIXED, &flow) {
+                    mispredicted += 1;
+                }
+                *got.entry(name).or_default() += 1;
+            }
+            (got, mispredicted)
+        })
+        .unwrap();
+    assert_eq!(mispredicted, 0, "{got:?}");
+    assert_eq!(got.len(), 3, "every IPv6 backend serves: {got:?}");
 }

@@ -10,8 +10,8 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
     lab::{
         CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR,
-        VIP_DPORT_HASH, VIP_FRAGMENTS, VIP_FRAGMENTS6, VIP_SOURCE_HASH, VIP_SOURCE_HASH6, VIP_TCP,
-        VIP_UDP, VIP_V6, deltas,
+        VIP_DPORT_HASH, VIP_FRAGMENTS, VIP_FRAGMENTS6, VIP_MIXED, VIP_MIXED_DSR, VIP_SOURCE_HASH,
+        VIP_SOURCE_HASH6, VIP_TCP, VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
 };
@@ -67,6 +67,17 @@ fn ip6ip6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
     let hash = flow.hash(SEED);
     let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
     expect_ip6ip6(input, lab.lb_mac, backend.mac, src, dst.octets(), hash)
+}
+
+/// The IPv4-in-IPv6 output for an untagged IPv4 `input` of `flow` to `vip`'s IPv6 backend.
+fn ip4in6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
+    let backend = lab.backend(lab.predict(vip, flow));
+    let IpAddr::V6(dst) = backend.addr else {
+        panic!("v6 backend")
+    };
+    let hash = flow.hash(SEED);
+    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+    expect_4in6(input, 14, lab.lb_mac, backend.mac, src, dst.octets(), hash)
 }
 
 fn pass(description: &'static str, input: Vec<u8>, counter: &'static str) -> Fixture {
@@ -176,6 +187,21 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     let orphan6 = udp_fragments(mac, (client6, 6003), (ip("fd00:200::3"), 53), 600, 256, 80);
     let other_port = udp_fragments(mac, (client, 6004), (ip("10.200.0.7"), 54), 600, 256, 81);
     let tracked_hit = &["fragment_tracked", "conntrack_hit", "tx"][..];
+    // An IPv4 Vip with IPv6 backends, IPIP and L2 DSR; TOS 0xb8 (EF) must reach the
+    // outer traffic class.
+    let mixed_flow = flow(CLIENT, 7000, "10.200.0.8", 80, 6);
+    let mut mixed_syn = tcp(mac, client, 7000, ip("10.200.0.8"), 80, true);
+    mixed_syn[15] = 0xb8;
+    fix_ipv4_checksum(&mut mixed_syn, 14);
+    let mixed_ack = {
+        let mut p = tcp(mac, client, 7000, ip("10.200.0.8"), 80, false);
+        p[15] = 0xb8;
+        fix_ipv4_checksum(&mut p, 14);
+        p
+    };
+    let mixed_dsr = tcp(mac, client, 7001, ip("10.200.0.9"), 80, true);
+    let mixed_dsr_backend =
+        lab.backend(lab.predict(VIP_MIXED_DSR, &flow(CLIENT, 7001, "10.200.0.9", 80, 6)));
     // Total length 20 + 4: the ICMP header ends past the IP packet (the frame goes on).
     let mut short_echo = icmp_echo((CLIENT_MAC, mac), client, vip, 9, false);
     short_echo[16..18].copy_from_slice(&24u16.to_be_bytes());
@@ -389,6 +415,24 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
             "an IPv6 later fragment whose first was never seen is dropped",
             orphan6[2].clone(),
             &["drop_fragment_unknown"],
+        ),
+        tx(
+            "an IPv4 Vip with IPv6 backends: IPv4-in-IPv6 to the Maglev backend",
+            mixed_syn.clone(),
+            ip4in6(lab, &mixed_syn, VIP_MIXED, &mixed_flow),
+            miss_tx,
+        ),
+        tx(
+            "its next packet: the connection table, never the flow cache (full path again)",
+            mixed_ack.clone(),
+            ip4in6(lab, &mixed_ack, VIP_MIXED, &mixed_flow),
+            &["conntrack_hit", "tx"],
+        ),
+        tx(
+            "an IPv4 Vip in L2 DSR with IPv6 backends: only the MACs change",
+            mixed_dsr.clone(),
+            expect_l2(&mixed_dsr, mac, mixed_dsr_backend.mac),
+            miss_tx,
         ),
         drop(
             "an IPv6 hop-by-hop header to a Vip is dropped",

@@ -49,6 +49,9 @@ fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
         out.push(tcp(mac, client, port, ip("10.111.0.1"), 22, syn));
     }
     out.push(udp(mac, client, port, vip, 53));
+    // IPv4 Vips with IPv6 backends (IPIP and L2 DSR).
+    out.push(tcp(mac, client, port, ip("10.200.0.8"), 80, rng.random()));
+    out.push(tcp(mac, client, port, ip("10.200.0.9"), 80, rng.random()));
     // The hash-mode Vips: source (v4, v6) and destination port.
     out.push(tcp(mac, client, port, ip("10.200.0.5"), 80, true));
     out.push(tcp(mac, client6, port, ip("fd00:200::2"), 80, true));

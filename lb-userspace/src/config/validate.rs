@@ -16,8 +16,8 @@ use std::{
 use lb_common::maglev::{auto_table_size, check_table_size};
 
 use super::{
-    Announce, BackendConfig, CheckKind, Config, Global, HashMode, HealthCheck, Interface, Pool,
-    Protocol, VipConfig, endpoint,
+    Announce, BackendConfig, CheckKind, Config, Forwarding, Global, HashMode, HealthCheck,
+    Interface, Pool, Protocol, VipConfig, endpoint,
     error::{Pos, Problem, quote, suggest},
     schema::{self, At, CheckEntry, Document, Field, Kind, PoolEntry},
 };
@@ -378,7 +378,9 @@ fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<Vip
             }
             found
         });
-        if let (Some(pool), Some(address)) = (pool, &entry.address) {
+        if let (Some(pool), Some(address)) = (pool, &entry.address)
+            && or(&entry.forwarding, Forwarding::Ipip) == Forwarding::Ipip
+        {
             family_check(&label, address, pool, out);
         }
         if let (Some(At { value: mode, pos }), Some(port)) = (entry.hash.given(), port)
@@ -446,21 +448,23 @@ fn unknown_pool(document: &Document, vip: &str, pool: &At<String>) -> Problem {
 }
 
 /// A Vip forwards to Backends of its own address family only (`vip`: as messages name it).
+/// The one mix IPIP forwarding cannot carry: an IPv6 Vip's packets to an IPv4 backend
+/// (IPv6-in-IPv4 has no decapsulation here: `lb_decap` and this kernel lack it). An IPv4
+/// Vip may have IPv6 backends (IPv4-in-IPv6, Katran's "v4 VIP and v6 real"), and L2 DSR
+/// rewrites only MACs, so it takes any mix.
 fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec<Problem>) {
-    let family = |a: &IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let other = pool
         .backends
         .iter()
         .filter_map(|b| b.address.as_ref())
-        .find(|b| b.value.is_ipv4() != address.value.is_ipv4());
+        .find(|b| address.value.is_ipv6() && b.value.is_ipv4());
     if let Some(backend) = other {
         out.push(Problem::new(
             address.pos,
             format!(
-                "{vip} is {} but pool {} has {} backend {} (line {})",
-                family(&address.value),
+                "{vip} is IPv6 but pool {} has IPv4 backend {} (line {}): IPIP cannot carry \
+                 IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
                 quote(&pool.name.value),
-                family(&backend.value),
                 backend.value,
                 backend.pos.line
             ),

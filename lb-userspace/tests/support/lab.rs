@@ -72,6 +72,8 @@ pub const VIP_DPORT_HASH: u32 = 7; // 10.200.0.6:*/udp, hash dport, backends 1-3
 pub const VIP_SOURCE_HASH6: u32 = 8; // [fd00:200::2]:80/tcp, hash source, backends 4-5
 pub const VIP_FRAGMENTS: u32 = 9; // 10.200.0.7:53/udp, fragments track, backends 1-3
 pub const VIP_FRAGMENTS6: u32 = 10; // [fd00:200::3]:53/udp, fragments track, backends 4-5
+pub const VIP_MIXED: u32 = 11; // 10.200.0.8:80/tcp, IPv4-in-IPv6, backends 4-5
+pub const VIP_MIXED_DSR: u32 = 12; // 10.200.0.9:80/tcp, L2 DSR, backends 4-5
 
 pub fn vips() -> Vec<LabVip> {
     let v = |id, addr: &str, port, proto, flags, backends: &[u32]| LabVip {
@@ -141,6 +143,15 @@ pub fn vips() -> Vec<LabVip> {
             53,
             17,
             vip_flags::IPV6 | vip_flags::FRAGMENTS_TRACK,
+            &[4, 5],
+        ),
+        v(VIP_MIXED, "10.200.0.8", 80, 6, 0, &[4, 5]),
+        v(
+            VIP_MIXED_DSR,
+            "10.200.0.9",
+            80,
+            6,
+            vip_flags::L2_DSR,
             &[4, 5],
         ),
     ]

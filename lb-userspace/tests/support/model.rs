@@ -17,7 +17,7 @@ use lb_common::maglev::MaglevTable;
 
 use super::{
     lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, NO_ECHO_ADDR, SEED},
-    packets::{encap_src4, encap_src6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
+    packets::{encap_src4, encap_src6, expect_4in6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
 };
 
 /// What the program must do with a frame.
@@ -295,6 +295,11 @@ impl<'a> Model<'a> {
                 IpAddr::V4(dst) => {
                     let src = encap_src4(ENCAP_SRC4, hash);
                     expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, dst.octets())
+                }
+                IpAddr::V6(dst) if p.flow.dst.is_ipv4() => {
+                    // An IPv4 Vip with IPv6 backends: IPv4-in-IPv6.
+                    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                    expect_4in6(frame, l3, self.lb_mac, b.mac, src, dst.octets(), hash)
                 }
                 IpAddr::V6(dst) => {
                     let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);

@@ -357,3 +357,32 @@ pub fn encap_src6(base: Ipv6Addr, hash: u32) -> [u8; 16] {
     octets[12..16].copy_from_slice(&last.to_ne_bytes());
     octets
 }
+
+/// The IPv4-in-IPv6 packet for an IPv4 `input` (header at `l3`, behind a VLAN tag that
+/// stays) to an IPv6 backend: EtherType IPv6, an outer header (traffic class = the inner
+/// TOS, flow label from `hash`, next header 4, hop limit 64) from `src` to `dst`, the
+/// client's IPv4 packet unchanged.
+pub fn expect_4in6(
+    input: &[u8],
+    l3: usize,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    hash: u32,
+) -> Vec<u8> {
+    let inner = &input[l3..];
+    let tot_len = u16::from_be_bytes([inner[2], inner[3]]);
+    let vtc = (6 << 28) | (u32::from(inner[1]) << 20) | (hash & 0x000F_FFFF);
+    let mut out = dmac.to_vec();
+    out.extend_from_slice(&smac);
+    out.extend_from_slice(&input[12..l3 - 2]);
+    out.extend_from_slice(&[0x86, 0xDD]);
+    out.extend_from_slice(&vtc.to_be_bytes());
+    out.extend_from_slice(&tot_len.to_be_bytes());
+    out.extend_from_slice(&[4, 64]);
+    out.extend_from_slice(&src);
+    out.extend_from_slice(&dst);
+    out.extend_from_slice(inner);
+    out
+}

@@ -1,0 +1,47 @@
+//! Mixed families: an IPv4 Vip served by IPv6 backends, for IPv6-only backend networks
+//! (Katran's "v4 VIP and v6 real"). The client's IPv4 packet goes inside an IPv6 header
+//! (next header 4, IPv4-in-IPv6), its source and flow label varied with the flow hash as
+//! for IPv6-in-IPv6. (In L2 DSR only the next hop's family differs: nothing to do here.)
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    consts::{Counter, PROTO_IPIP},
+    types::GlobalConfig,
+};
+
+use crate::{
+    forward::{OUTER_TTL, push_l2},
+    parse::{ETH_P_IPV6, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, Verdict, ptr_at},
+    select::Selection,
+};
+
+/// IPv4-in-IPv6: outer IPv6 header to the backend, traffic class from the inner TOS.
+#[inline(always)]
+pub fn encap_4in6(
+    ctx: &XdpContext,
+    l2: &L2,
+    sel: &Selection,
+    config: &GlobalConfig,
+) -> Result<(), Verdict> {
+    let failed = Verdict::Drop(Counter::DropEncap);
+    let inner: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
+    let base = &config.encap_src6_base;
+    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
+    let vtc_flow = (6 << 28) | ((tos as u32) << 20) | (sel.hash & 0x000F_FFFF);
+    push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
+    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *outer = Ipv6Hdr {
+            vtc_flow: vtc_flow.to_be(),
+            payload_len: inner_len.to_be(),
+            nexthdr: PROTO_IPIP,
+            hop_limit: OUTER_TTL,
+            src,
+            dst: sel.backend_addr,
+        };
+    }
+    Ok(())
+}
