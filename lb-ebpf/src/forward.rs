@@ -25,7 +25,7 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-pub(crate) const OUTER_TTL: u8 = 64;
+const OUTER_TTL: u8 = 64;
 
 /// Forwards the packet along `sel`'s Route; `bytes` is what the client sent.
 #[inline(always)]
@@ -161,7 +161,7 @@ pub fn set_macs(ctx: &XdpContext, hop: &Route) -> Result<(), Verdict> {
 /// Grows the packet by `outer_len` in front and writes a fresh L2 header (same VLAN tag
 /// as the packet arrived with) for the outer packet of EtherType `proto`.
 #[inline(always)]
-pub(crate) fn push_l2(
+fn push_l2(
     ctx: &XdpContext,
     l2: &L2,
     hop: &Route,
@@ -239,18 +239,35 @@ pub fn encap_ipv6(
     // SAFETY: bounds checked by ptr_at.
     let (vtc_flow, inner_payload) =
         unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
-    let base = &config.encap_src6_base;
-    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
+    let payload_len = inner_payload + IPV6_HLEN as u16;
+    push_outer6(ctx, l2, sel, config, vtc_flow, payload_len, PROTO_IPV6)
+}
+
+/// Grows the packet and writes an outer IPv6 header (`vtc_flow` in host order) from the
+/// RSS-spreading source (the base with its last word xor-ed with the flow hash) to the
+/// backend, in front of the client's packet.
+#[inline(always)]
+pub(crate) fn push_outer6(
+    ctx: &XdpContext,
+    l2: &L2,
+    sel: &Selection,
+    config: &GlobalConfig,
+    vtc_flow: u32,
+    payload_len: u16,
+    nexthdr: u8,
+) -> Result<(), Verdict> {
+    let base = &config.encap_src6_base;
+    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
-    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         *outer = Ipv6Hdr {
             vtc_flow: vtc_flow.to_be(),
-            payload_len: (inner_payload + IPV6_HLEN as u16).to_be(),
-            nexthdr: PROTO_IPV6,
+            payload_len: payload_len.to_be(),
+            nexthdr,
             hop_limit: OUTER_TTL,
             src,
             dst: sel.backend_addr,

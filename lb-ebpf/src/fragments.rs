@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     maps::{FRAGMENTS, VIP_STATE},
-    parse::{Parsed, TCP_FLAG_SYN, TcpHdr, UdpHdr, Verdict, ptr_at},
+    parse::{Parsed, UdpHdr, Verdict, parse_l4, ptr_at},
     select::{Flow, lookup_vip},
     stats::count,
 };
@@ -49,6 +49,7 @@ pub fn parse_v4(
     frag_off: u16,
     addr_flags: Option<u32>,
 ) -> Result<Parsed<FlowV4>, Verdict> {
+    tracked(addr_flags)?;
     let key = FragmentKey {
         src: [src, 0, 0, 0],
         dst: [dst, 0, 0, 0],
@@ -58,24 +59,15 @@ pub fn parse_v4(
         _pad: 0,
     };
     let first = frag_off & IP_OFFSET == 0;
-    steer(
-        ctx,
-        addr_flags,
-        &key,
-        first,
-        false,
-        l4,
-        l3_end,
-        |sport, dport| FlowV4 {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            _pad0: 0,
-            _pad1: 0,
-        },
-    )
+    steer(ctx, &key, first, false, l4, l3_end, |sport, dport| FlowV4 {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    })
 }
 
 /// An IPv6 packet whose fragment header is at `l4`, to an address with `addr_flags`.
@@ -87,6 +79,7 @@ pub fn parse_v6(
     (src, dst): ([u32; 4], [u32; 4]),
     addr_flags: Option<u32>,
 ) -> Result<Parsed<FlowV6>, Verdict> {
+    tracked(addr_flags)?;
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let hdr: *const FragHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     if l4 + size_of::<FragHdr>() > l3_end {
@@ -105,33 +98,32 @@ pub fn parse_v6(
     };
     let (first, last) = (frag_off & 0xFFF8 == 0, frag_off & 1 == 0);
     let l4 = l4 + size_of::<FragHdr>();
-    steer(
-        ctx,
-        addr_flags,
-        &key,
-        first,
-        last,
-        l4,
-        l3_end,
-        |sport, dport| FlowV6 {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            _pad0: 0,
-            _pad1: 0,
-        },
-    )
+    steer(ctx, &key, first, last, l4, l3_end, |sport, dport| FlowV6 {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    })
 }
 
 /// The Flow of a fragment of datagram `key`: from its own L4 header at `l4` for the
 /// first fragment (recorded unless it is also the `last`), else from the map.
-#[expect(clippy::too_many_arguments, reason = "inlined; both families' parts")]
+/// Fragments to an address with no tracking Vip (`addr_flags`; `None`: no Vip at all)
+/// are dropped whatever they hold, as before tracking existed.
+#[inline(always)]
+fn tracked(addr_flags: Option<u32>) -> Result<(), Verdict> {
+    match addr_flags {
+        Some(f) if f & vip_addr_flags::FRAGMENTS != 0 => Ok(()),
+        _ => Err(Verdict::Drop(Counter::DropFragment)),
+    }
+}
+
 #[inline(always)]
 fn steer<F: Flow>(
     ctx: &XdpContext,
-    addr_flags: Option<u32>,
     key: &FragmentKey,
     first: bool,
     last: bool,
@@ -140,8 +132,7 @@ fn steer<F: Flow>(
     flow: impl FnOnce(u16, u16) -> F,
 ) -> Result<Parsed<F>, Verdict> {
     let dropped = Verdict::Drop(Counter::DropFragment);
-    let tracked = addr_flags.is_some_and(|f| f & vip_addr_flags::FRAGMENTS != 0);
-    if !tracked || (key.proto != PROTO_TCP && key.proto != PROTO_UDP) {
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return Err(dropped);
     }
     if !first {
@@ -190,15 +181,8 @@ fn first_ports(
 ) -> Result<(u16, u16, bool), Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     if proto == PROTO_TCP {
-        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
-        // SAFETY: bounds checked by ptr_at.
-        let (sport, dport, doff, flags) =
-            unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).doff, (*tcp).flags) };
-        let hlen = ((doff >> 4) as usize) * 4;
-        if hlen < size_of::<TcpHdr>() || l4 + hlen > l3_end {
-            return Err(malformed);
-        }
-        return Ok((sport, dport, flags & TCP_FLAG_SYN != 0));
+        let (ports, syn) = parse_l4(ctx, proto, l4, l3_end)?;
+        return Ok((ports.sport, ports.dport, syn));
     }
     let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     if l4 + size_of::<UdpHdr>() > l3_end {

@@ -10,8 +10,8 @@ use lb_common::{
 };
 
 use crate::{
-    forward::{OUTER_TTL, push_l2},
-    parse::{ETH_P_IPV6, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, Verdict, ptr_at},
+    forward::push_outer6,
+    parse::{Ipv4Hdr, L2, Verdict, ptr_at},
     select::Selection,
 };
 
@@ -23,25 +23,9 @@ pub fn encap_4in6(
     sel: &Selection,
     config: &GlobalConfig,
 ) -> Result<(), Verdict> {
-    let failed = Verdict::Drop(Counter::DropEncap);
-    let inner: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    let inner: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
-    let base = &config.encap_src6_base;
-    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     let vtc_flow = (6 << 28) | ((tos as u32) << 20) | (sel.hash & 0x000F_FFFF);
-    push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
-    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        *outer = Ipv6Hdr {
-            vtc_flow: vtc_flow.to_be(),
-            payload_len: inner_len.to_be(),
-            nexthdr: PROTO_IPIP,
-            hop_limit: OUTER_TTL,
-            src,
-            dst: sel.backend_addr,
-        };
-    }
-    Ok(())
+    push_outer6(ctx, l2, sel, config, vtc_flow, inner_len, PROTO_IPIP)
 }

@@ -331,6 +331,30 @@ fn kill_9_and_restart_keep_open_connections() {
     assert_eq!(new_flows(&bed, 30).values().sum::<usize>(), 30);
 }
 
+/// What `mlb trace` says of the TCP flow `src:sport` to the Vip's port 80 (it must succeed).
+fn trace(bed: &DaemonBed, src: std::net::IpAddr, sport: u16) -> String {
+    let (src, sport) = (src.to_string(), sport.to_string());
+    let args = [
+        "trace",
+        "--src",
+        &src,
+        "--sport",
+        &sport,
+        "--dst",
+        "10.200.0.1",
+        "--dport",
+        "80",
+    ];
+    let out = bed.mlb(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// `mlb plan` and `mlb trace` against the live daemon.
 #[test]
 fn plan_and_trace_explain_the_live_state() {
@@ -339,23 +363,7 @@ fn plan_and_trace_explain_the_live_state() {
     bed.start_daemon();
     let (stream, name) = bed.bed.client.netns.enter(|| connect(bed.vip(80))).unwrap();
     let local = stream.local_addr().unwrap();
-    let out = bed.mlb(&[
-        "trace",
-        "--src",
-        &local.ip().to_string(),
-        "--sport",
-        &local.port().to_string(),
-        "--dst",
-        "10.200.0.1",
-        "--dport",
-        "80",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = trace(&bed, local.ip(), local.port());
     assert!(
         text.contains(&format!("connection table: entry -> {name}")),
         "{text}"
@@ -396,24 +404,7 @@ fn source_hash_keeps_a_client_on_one_backend_and_trace_names_it() {
             conns.iter().map(|c| &c.1).collect::<Vec<_>>()
         )
     };
-    let client = conns[0].0.local_addr().unwrap().ip().to_string();
-    let out = bed.mlb(&[
-        "trace",
-        "--src",
-        &client,
-        "--sport",
-        "1",
-        "--dst",
-        "10.200.0.1",
-        "--dport",
-        "80",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = trace(&bed, conns[0].0.local_addr().unwrap().ip(), 1);
     assert!(text.contains("hash mode: source"), "{text}");
     assert!(text.contains(&format!("-> {name} ")), "{text}");
 }

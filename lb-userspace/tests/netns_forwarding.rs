@@ -269,6 +269,67 @@ fn echo(stream: &mut TcpStream, text: &str) -> String {
 }
 
 /// Spread must match the table (exactly, per flow) and the weights (±5 points).
+/// Sends `datagrams` UDP datagrams (`payload(i)`), each from a fresh socket (a new flow),
+/// to Vip `vip` at `target` from the client; each must come back echoed whole. Which
+/// backend answered how many, and how many answers userspace did not predict.
+fn udp_spread(
+    bed: &Bed,
+    vip: u32,
+    target: SocketAddr,
+    datagrams: u32,
+    payload: impl Fn(u32) -> Vec<u8> + Send + Sync,
+) -> (BTreeMap<String, u32>, u32) {
+    let exchange = |payload: &[u8]| -> std::io::Result<(String, Flow)> {
+        let socket = UdpSocket::bind(if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.connect(target)?; // so local_addr() names the source address
+        socket.send(payload)?;
+        let mut buf = vec![0u8; 8192];
+        let n = socket.recv(&mut buf)?;
+        let reply = &buf[..n];
+        let space = reply.iter().position(|&b| b == b' ').unwrap_or(n);
+        if reply.get(space + 1..) != Some(payload) {
+            return Err(std::io::Error::other(
+                "the reply is not the datagram echoed whole",
+            ));
+        }
+        let local = socket.local_addr()?;
+        let flow = Flow {
+            src: local.ip(),
+            dst: target.ip(),
+            sport: local.port(),
+            dport: target.port(),
+            proto: 17,
+        };
+        Ok((String::from_utf8_lossy(&reply[..space]).into_owned(), flow))
+    };
+    bed.bed
+        .client
+        .netns
+        .enter(|| {
+            let mut got = BTreeMap::<String, u32>::new();
+            let mut mispredicted = 0;
+            for i in 0..datagrams {
+                let (name, flow) = exchange(&payload(i)).unwrap_or_else(|e| {
+                    let counters: Vec<(&str, u64)> = Counter::ALL
+                        .iter()
+                        .map(|&c| (c.name(), bed.dataplane.counter(c).unwrap()))
+                        .filter(|(_, v)| *v != 0)
+                        .collect();
+                    panic!("UDP datagram {i} to {target}: {e}; counters {counters:?}")
+                });
+                mispredicted += u32::from(name != bed.predict(vip, &flow));
+                *got.entry(name).or_default() += 1;
+            }
+            (got, mispredicted)
+        })
+        .unwrap()
+}
+
 fn check_spread(label: &str, got: &BTreeMap<String, u32>, flows: u32, mispredicted: u32) {
     assert_eq!(
         mispredicted, 0,
@@ -320,41 +381,10 @@ fn flows_spread_over_backends_exactly_as_predicted_in_both_modes() {
     }
 
     // UDP: each datagram from a fresh socket is a new flow.
-    let target = SocketAddr::new(ip(VIP4), 53);
-    let (got, mispredicted) = bed
-        .bed
-        .client
-        .netns
-        .enter(|| {
-            let mut got = BTreeMap::<String, u32>::new();
-            let mut mispredicted = 0;
-            for i in 0..FLOWS {
-                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-                socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-                socket.connect(target).unwrap(); // so local_addr() names the source address
-                socket.send(format!("q{i}").as_bytes()).unwrap();
-                let mut buf = [0u8; 64];
-                let n = socket
-                    .recv(&mut buf)
-                    .unwrap_or_else(|e| panic!("UDP reply {i}: {e}"));
-                let reply = String::from_utf8_lossy(&buf[..n]).to_string();
-                let name = reply.split(' ').next().unwrap().to_owned();
-                let local = socket.local_addr().unwrap();
-                let flow = Flow {
-                    src: local.ip(),
-                    dst: target.ip(),
-                    sport: local.port(),
-                    dport: 53,
-                    proto: 17,
-                };
-                if name != bed.predict(VIP_UDP, &flow) {
-                    mispredicted += 1;
-                }
-                *got.entry(name).or_default() += 1;
-            }
-            (got, mispredicted)
-        })
-        .unwrap();
+    let (got, mispredicted) =
+        udp_spread(&bed, VIP_UDP, SocketAddr::new(ip(VIP4), 53), FLOWS, |i| {
+            format!("q{i}").into_bytes()
+        });
     check_spread("UDP", &got, FLOWS, mispredicted);
 }
 
@@ -500,62 +530,14 @@ fn fragmented_udp_datagrams_reach_one_backend_whole() {
         }
     }
     for (vip, id) in [(VIP4, VIP_UDP), (VIP6, VIP_UDP6)] {
-        let target = SocketAddr::new(ip(vip), 53);
-        let (got, mispredicted) = bed
-            .bed
-            .client
-            .netns
-            .enter(|| {
-                let mut got = BTreeMap::<String, u32>::new();
-                let mut mispredicted = 0;
-                for i in 0..DATAGRAMS {
-                    let bind = if target.is_ipv4() {
-                        "0.0.0.0:0"
-                    } else {
-                        "[::]:0"
-                    };
-                    let socket = UdpSocket::bind(bind).unwrap();
-                    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-                    socket.connect(target).unwrap();
-                    // 3,000 bytes over the client's 1,500-byte MTU: its kernel sends three
-                    // fragments, and the backend's kernel must put them back together.
-                    let payload: Vec<u8> = (0..3000u32)
-                        .map(|b| b"0123456789"[(b % 10) as usize] ^ (i as u8 & 1))
-                        .collect();
-                    socket.send(&payload).unwrap();
-                    let mut buf = vec![0u8; 8192];
-                    let n = socket.recv(&mut buf).unwrap_or_else(|e| {
-                        let counters: Vec<(&str, u64)> = Counter::ALL
-                            .iter()
-                            .map(|&c| (c.name(), bed.dataplane.counter(c).unwrap()))
-                            .filter(|(_, v)| *v != 0)
-                            .collect();
-                        panic!("UDP reply {i} from {vip}: {e}; counters {counters:?}")
-                    });
-                    let (name, echoed) =
-                        buf[..n].split_at(buf[..n].iter().position(|&b| b == b' ').expect("name"));
-                    assert_eq!(
-                        &echoed[1..],
-                        &payload[..],
-                        "datagram {i} to {vip} came back whole"
-                    );
-                    let name = String::from_utf8_lossy(name).into_owned();
-                    let local = socket.local_addr().unwrap();
-                    let flow = Flow {
-                        src: local.ip(),
-                        dst: target.ip(),
-                        sport: local.port(),
-                        dport: 53,
-                        proto: 17,
-                    };
-                    if name != bed.predict(id, &flow) {
-                        mispredicted += 1;
-                    }
-                    *got.entry(name).or_default() += 1;
-                }
-                (got, mispredicted)
-            })
-            .unwrap();
+        // 3,000 bytes over the client's 1,500-byte MTU: its kernel sends three fragments,
+        // and the backend's kernel must put them back together (the backend echoes it).
+        let (got, mispredicted) =
+            udp_spread(&bed, id, SocketAddr::new(ip(vip), 53), DATAGRAMS, |i| {
+                (0..3000u32)
+                    .map(|b| b"0123456789"[(b % 10) as usize] ^ (i as u8 & 1))
+                    .collect()
+            });
         assert_eq!(mispredicted, 0, "{vip}: {got:?}");
         assert!(got.len() > 1, "{vip}: the datagrams spread, {got:?}");
     }

@@ -633,6 +633,29 @@ fn encapsulated_ipv4_headers_have_valid_checksums() {
     }
 }
 
+/// A random client address in fd00:50::/96 or 10.50.0.0/16 – 10.59.0.0/16.
+fn random_client(rng: &mut StdRng, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x50,
+            0,
+            0,
+            0,
+            0,
+            rng.random(),
+            rng.random(),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            rng.random_range(50..60),
+            rng.random(),
+            rng.random(),
+        ))
+    }
+}
+
 /// Userspace predicts every backend choice exactly (same hash, same table).
 #[test]
 fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
@@ -641,25 +664,7 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
     let flows: Vec<(Flow, Vec<u8>)> = (0..10_000)
         .map(|i| {
             let v6 = i % 10 == 0;
-            let src = if v6 {
-                IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0x50,
-                    0,
-                    0,
-                    0,
-                    0,
-                    rng.random(),
-                    rng.random(),
-                ))
-            } else {
-                IpAddr::V4(Ipv4Addr::new(
-                    10,
-                    rng.random_range(50..60),
-                    rng.random(),
-                    rng.random(),
-                ))
-            };
+            let src = random_client(&mut rng, v6);
             let dst = if v6 { ip(VIP6) } else { ip(VIP) };
             let sport = rng.random_range(1024..65535);
             let f = Flow {
@@ -672,31 +677,14 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
             (f, tcp(lab.lb_mac, src, sport, dst, 80, true))
         })
         .collect();
-    let outs: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
-        flows
-            .iter()
-            .map(|(_, pkt)| {
-                let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
-                (out.action, out.packet)
-            })
-            .collect()
-    });
+    let outs = run_all(&mut lab, flows.iter().map(|(_, pkt)| pkt));
     let mut mismatches = 0;
     let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
     for ((f, _), (action, packet)) in flows.iter().zip(&outs) {
         assert_eq!(*action, XDP_TX);
-        let outer_dst: IpAddr = if f.src.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
-            ))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
-            ))
-        };
         let vip = if f.src.is_ipv4() { VIP_TCP } else { VIP_V6 };
         let predicted = lab.predict(vip, f);
-        let chosen = lab.backend_by_addr(outer_dst).expect("a known backend").id;
+        let chosen = outer_backend(&lab, packet, f.src.is_ipv4());
         *per_backend.entry(chosen).or_default() += 1;
         if chosen != predicted {
             mismatches += 1;
@@ -1176,34 +1164,49 @@ fn echo_replies_stop_at_the_rate_and_resume_with_a_new_budget() {
     assert_eq!(got, [("icmp_echo_limited", 3), ("icmp_echo_reply", 4)]);
 }
 
-/// The backend the kernel sent each packet to (by the outer destination), and the
-/// backend userspace predicts for its flow to `vip`.
-fn kernel_and_predicted(lab: &mut Lab, vip: u32, flows: &[(Flow, Vec<u8>)]) -> Vec<(u32, u32)> {
-    let outs: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
-        flows
-            .iter()
-            .map(|(_, pkt)| {
+/// Runs `lb_ingress` on each packet: action and output.
+fn run_all<'a>(
+    lab: &mut Lab,
+    packets: impl Iterator<Item = &'a Vec<u8>> + Send,
+) -> Vec<(u32, Vec<u8>)> {
+    lab.with_dataplane(|dp, ifindex| {
+        packets
+            .map(|pkt| {
                 let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
                 (out.action, out.packet)
             })
             .collect()
-    });
+    })
+}
+
+/// The backend an encapsulated output goes to, by its outer destination (IPv4 or IPv6
+/// outer header, as the client's packet was).
+fn outer_backend(lab: &Lab, packet: &[u8], v4: bool) -> u32 {
+    let dst: IpAddr = if v4 {
+        IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
+        ))
+    };
+    lab.backend_by_addr(dst).expect("a known backend").id
+}
+
+/// The backend the kernel sent each packet to, and the backend userspace predicts for
+/// its flow to `vip`.
+fn kernel_and_predicted(lab: &mut Lab, vip: u32, flows: &[(Flow, Vec<u8>)]) -> Vec<(u32, u32)> {
+    let outs = run_all(lab, flows.iter().map(|(_, pkt)| pkt));
     flows
         .iter()
         .zip(outs)
         .map(|((f, _), (action, packet))| {
             assert_eq!(action, XDP_TX, "{f:?}");
-            let outer_dst: IpAddr = if f.src.is_ipv4() {
-                IpAddr::V4(Ipv4Addr::from(
-                    <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
-                ))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(
-                    <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
-                ))
-            };
-            let chosen = lab.backend_by_addr(outer_dst).expect("a known backend").id;
-            (chosen, lab.predict(vip, f))
+            (
+                outer_backend(lab, &packet, f.src.is_ipv4()),
+                lab.predict(vip, f),
+            )
         })
         .collect()
 }
@@ -1220,20 +1223,7 @@ fn hash_modes_keep_a_client_or_a_port_on_one_backend_and_spread_the_rest() {
     ] {
         let mut flows = Vec::new();
         for _ in 0..clients {
-            let src = if v6 {
-                IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0x50,
-                    0,
-                    0,
-                    0,
-                    0,
-                    rng.random(),
-                    rng.random(),
-                ))
-            } else {
-                IpAddr::V4(Ipv4Addr::new(10, 50, rng.random(), rng.random()))
-            };
+            let src = random_client(&mut rng, v6);
             for _ in 0..5 {
                 let sport = rng.random_range(1024..65535);
                 let f = flow(&src.to_string(), sport, dst, 80, PROTO_TCP);

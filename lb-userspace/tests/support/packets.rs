@@ -324,15 +324,31 @@ pub fn expect_ip6ip6_at(
     let payload = u16::from_be_bytes([inner[4], inner[5]]);
     let vtc = u32::from_be_bytes([inner[0], inner[1], inner[2], inner[3]]);
     let vtc = (vtc & 0xFFF0_0000) | (hash & 0x000F_FFFF);
+    with_outer6(input, l3, (smac, dmac), (src, dst), vtc, payload + 40, 41)
+}
+
+/// `input`'s IP packet (at `l3`) behind a new L2 header (MACs, the input's VLAN tag if
+/// any, EtherType IPv6) and an outer IPv6 header: `vtc` (version, class, flow label),
+/// payload length, next header, hop limit 64, `src` to `dst`.
+fn with_outer6(
+    input: &[u8],
+    l3: usize,
+    (smac, dmac): ([u8; 6], [u8; 6]),
+    (src, dst): ([u8; 16], [u8; 16]),
+    vtc: u32,
+    payload: u16,
+    next: u8,
+) -> Vec<u8> {
     let mut out = dmac.to_vec();
     out.extend_from_slice(&smac);
-    out.extend_from_slice(&input[12..l3]);
+    out.extend_from_slice(&input[12..l3 - 2]);
+    out.extend_from_slice(&[0x86, 0xDD]);
     out.extend_from_slice(&vtc.to_be_bytes());
-    out.extend_from_slice(&(payload + 40).to_be_bytes());
-    out.extend_from_slice(&[41, 64]);
+    out.extend_from_slice(&payload.to_be_bytes());
+    out.extend_from_slice(&[next, 64]);
     out.extend_from_slice(&src);
     out.extend_from_slice(&dst);
-    out.extend_from_slice(inner);
+    out.extend_from_slice(&input[l3..]);
     out
 }
 
@@ -371,18 +387,7 @@ pub fn expect_4in6(
     dst: [u8; 16],
     hash: u32,
 ) -> Vec<u8> {
-    let inner = &input[l3..];
-    let tot_len = u16::from_be_bytes([inner[2], inner[3]]);
-    let vtc = (6 << 28) | (u32::from(inner[1]) << 20) | (hash & 0x000F_FFFF);
-    let mut out = dmac.to_vec();
-    out.extend_from_slice(&smac);
-    out.extend_from_slice(&input[12..l3 - 2]);
-    out.extend_from_slice(&[0x86, 0xDD]);
-    out.extend_from_slice(&vtc.to_be_bytes());
-    out.extend_from_slice(&tot_len.to_be_bytes());
-    out.extend_from_slice(&[4, 64]);
-    out.extend_from_slice(&src);
-    out.extend_from_slice(&dst);
-    out.extend_from_slice(inner);
-    out
+    let tot_len = u16::from_be_bytes([input[l3 + 2], input[l3 + 3]]);
+    let vtc = (6 << 28) | (u32::from(input[l3 + 1]) << 20) | (hash & 0x000F_FFFF);
+    with_outer6(input, l3, (smac, dmac), (src, dst), vtc, tot_len, 4)
 }
