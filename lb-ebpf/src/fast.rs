@@ -7,9 +7,9 @@
 //! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
 //! decides exactly as if this path did not exist.
 
-use core::{hint::cold_path, mem::MaybeUninit};
+use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     consts::{Counter, vip_flags},
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
@@ -165,18 +165,10 @@ fn send(
 pub fn verdict(result: Result<u32, Verdict>) -> u32 {
     match result {
         Ok(action) => action,
-        Err(Verdict::Pass(counter)) => {
+        Err(verdict) => {
+            let (action, counter) = verdict.action();
             crate::stats::count(counter);
-            xdp_action::XDP_PASS
-        }
-        Err(Verdict::Drop(counter)) => {
-            crate::stats::count(counter);
-            xdp_action::XDP_DROP
-        }
-        Err(Verdict::Tx(counter)) => {
-            cold_path();
-            crate::stats::count(counter);
-            xdp_action::XDP_TX
+            action
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use core::hint::cold_path;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     consts::Counter,
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
@@ -188,12 +188,27 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
 }
 
 /// What the program does with a packet it does not forward, and the counter it bumps.
+/// Each variant's discriminant is its XDP action, so that turning a verdict into the
+/// action is one load, with no branch per variant.
 #[derive(Clone, Copy)]
+#[repr(u32)]
 pub enum Verdict {
-    Pass(Counter),
-    Drop(Counter),
-    /// The program rewrote the packet into its own answer (an ICMP echo reply): XDP_TX.
-    Tx(Counter),
+    Drop(Counter) = xdp_action::XDP_DROP,
+    Pass(Counter) = xdp_action::XDP_PASS,
+    /// The program rewrote the packet into its own answer (an ICMP echo reply).
+    Tx(Counter) = xdp_action::XDP_TX,
+}
+
+impl Verdict {
+    /// The XDP action and the counter.
+    #[inline(always)]
+    pub fn action(self) -> (u32, Counter) {
+        match self {
+            Verdict::Drop(c) => (xdp_action::XDP_DROP, c),
+            Verdict::Pass(c) => (xdp_action::XDP_PASS, c),
+            Verdict::Tx(c) => (xdp_action::XDP_TX, c),
+        }
+    }
 }
 
 /// A packet for a Vip address, parsed down to its Flow.
