@@ -74,6 +74,22 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 
+/// Entries of the `FRAGMENTS` LRU map: datagrams whose later fragments are awaited, as
+/// Cilium sizes its own (8192); an entry is 44 bytes.
+pub const FRAGMENT_ENTRIES: u32 = 8192;
+
+/// Default `global.icmp_rate`: ICMP messages each CPU may send per second, per kind.
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
+
+/// Slots of the per-CPU `ICMP_RATE` map: one reply budget per kind of ICMP message the
+/// data plane sends.
+pub mod icmp_rate_slots {
+    /// Echo replies for Vip addresses.
+    pub const ECHO: u32 = 0;
+    /// Number of slots.
+    pub const COUNT: u32 = 1;
+}
+
 /// `VipState::flags` bits.
 pub mod vip_flags {
     /// The Vip exists (a zeroed array slot does not).
@@ -84,6 +100,23 @@ pub mod vip_flags {
     pub const L2_DSR: u32 = 1 << 2;
     /// With no usable backend, pass packets to the local stack instead of dropping them.
     pub const PASS_WHEN_EMPTY: u32 = 1 << 3;
+    /// A new flow's MaglevTable slot comes from its source address alone
+    /// (`hash::HashMode::SourceAddress`): a client sticks to one backend across ports.
+    pub const HASH_SOURCE: u32 = 1 << 4;
+    /// A new flow's slot comes from its destination port alone (Katran's
+    /// `F_HASH_DPORT_ONLY`; `hash::HashMode::DestinationPort`).
+    pub const HASH_DPORT: u32 = 1 << 5;
+    /// Fragments are tracked (`fragments: track`): the first one's ports are remembered
+    /// by (source, destination, IP id, protocol), and later ones follow it.
+    pub const FRAGMENTS_TRACK: u32 = 1 << 6;
+}
+
+/// Bits the data plane adds to `Route::vip_flags` (never set in `VipState::flags`).
+pub mod route_flags {
+    /// The backend's address family is not the Vip's: IPv4-in-IPv6 (or, in L2 DSR, only
+    /// the next hop's family differs). Such routes stay out of the flow cache, so the fast
+    /// path never meets them.
+    pub const MIXED_FAMILY: u32 = 1 << 31;
 }
 
 /// `Backend::flags` bits.
@@ -142,10 +175,19 @@ pub enum Counter {
     /// names another Backend in the Vip's previous MaglevTable, sent to the current
     /// Backend with the previous one attached (a second IPIP header).
     SecondChance,
+    /// ICMP / ICMPv6 echo request to a Vip address answered from XDP (XDP_TX).
+    IcmpEchoReply,
+    /// Echo request to a Vip address over this CPU's reply budget: dropped.
+    IcmpEchoLimited,
+    /// A fragment to a Vip with `fragments: track`, steered by its datagram's ports.
+    FragmentTracked,
+    /// A later fragment whose first fragment was not seen (lost, reordered, or its entry
+    /// evicted): dropped.
+    DropFragmentUnknown,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::SecondChance as u32 + 1;
+    pub const COUNT: u32 = Counter::DropFragmentUnknown as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -169,6 +211,10 @@ impl Counter {
         Counter::Tx,
         Counter::Redirect,
         Counter::SecondChance,
+        Counter::IcmpEchoReply,
+        Counter::IcmpEchoLimited,
+        Counter::FragmentTracked,
+        Counter::DropFragmentUnknown,
     ];
 
     /// Stable snake_case name, used in metrics labels and test output.
@@ -194,6 +240,10 @@ impl Counter {
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
             Counter::SecondChance => "second_chance",
+            Counter::IcmpEchoReply => "icmp_echo_reply",
+            Counter::IcmpEchoLimited => "icmp_echo_limited",
+            Counter::FragmentTracked => "fragment_tracked",
+            Counter::DropFragmentUnknown => "drop_fragment_unknown",
         }
     }
 }
@@ -267,6 +317,8 @@ pub mod map_names {
     pub const BACKEND_CHAINED: &str = "BACKEND_CHAINED";
     pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const ICMP_RATE: &str = "ICMP_RATE";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Program names in the eBPF object.

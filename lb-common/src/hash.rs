@@ -48,6 +48,100 @@ pub const fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8,
     finish(mix(h, pair(ports, proto as u32)))
 }
 
+/// What picks a new flow's MaglevTable slot, per Vip (its `vip_flags::HASH_*` bit). The
+/// connection table, flow cache and outer source always use the whole 5-tuple: a mode
+/// only decides which backend a flow the table has not seen goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HashMode {
+    /// Source, destination, ports and protocol (the default).
+    FiveTuple,
+    /// The source address only: every connection of a client goes to one backend.
+    SourceAddress,
+    /// The destination port only: every flow to one port of an any-port Vip goes to
+    /// one backend.
+    DestinationPort,
+}
+
+impl HashMode {
+    /// The mode a Vip's flags name (`HASH_SOURCE` wins should both be set).
+    #[inline(always)]
+    pub const fn of(vip_flags: u32) -> Self {
+        if vip_flags & crate::consts::vip_flags::HASH_SOURCE != 0 {
+            HashMode::SourceAddress
+        } else if vip_flags & crate::consts::vip_flags::HASH_DPORT != 0 {
+            HashMode::DestinationPort
+        } else {
+            HashMode::FiveTuple
+        }
+    }
+
+    /// The `vip_flags` bit of the mode.
+    pub const fn flag(self) -> u32 {
+        match self {
+            HashMode::FiveTuple => 0,
+            HashMode::SourceAddress => crate::consts::vip_flags::HASH_SOURCE,
+            HashMode::DestinationPort => crate::consts::vip_flags::HASH_DPORT,
+        }
+    }
+
+    /// The config keyword: `5-tuple`, `source` or `dport`.
+    pub const fn keyword(self) -> &'static str {
+        match self {
+            HashMode::FiveTuple => "5-tuple",
+            HashMode::SourceAddress => "source",
+            HashMode::DestinationPort => "dport",
+        }
+    }
+}
+
+/// Domain separators, so that a one-field hash never equals a 5-tuple one by construction.
+const SOURCE_ONLY: u64 = 1;
+const DPORT_ONLY: u64 = 2;
+
+/// Slot hash of an IPv4 source address alone (`HashMode::SourceAddress`).
+#[inline(always)]
+pub const fn source_hash_v4(src: u32, seed: u32) -> u32 {
+    finish(mix(seed as u64 ^ K ^ SOURCE_ONLY, src as u64))
+}
+
+/// Slot hash of an IPv6 source address alone.
+#[inline(always)]
+pub const fn source_hash_v6(src: &[u32; 4], seed: u32) -> u32 {
+    let h = mix(seed as u64 ^ K ^ SOURCE_ONLY, pair(src[0], src[1]));
+    finish(mix(h, pair(src[2], src[3])))
+}
+
+/// Slot hash of a destination port alone (network byte order), either family.
+#[inline(always)]
+pub const fn dport_hash(dport_be: u16, seed: u32) -> u32 {
+    finish(mix(seed as u64 ^ K ^ DPORT_ONLY, dport_be as u64))
+}
+
+impl crate::types::FlowV4 {
+    /// The hash that picks this flow's MaglevTable slot under `mode`; `five_tuple` is its
+    /// `flow_hash_v4`, already computed for every packet.
+    #[inline(always)]
+    pub const fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32 {
+        match mode {
+            HashMode::FiveTuple => five_tuple,
+            HashMode::SourceAddress => source_hash_v4(self.src, seed),
+            HashMode::DestinationPort => dport_hash(self.dport, seed),
+        }
+    }
+}
+
+impl crate::types::FlowV6 {
+    /// As `FlowV4::table_hash`.
+    #[inline(always)]
+    pub const fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32 {
+        match mode {
+            HashMode::FiveTuple => five_tuple,
+            HashMode::SourceAddress => source_hash_v6(&self.src, seed),
+            HashMode::DestinationPort => dport_hash(self.dport, seed),
+        }
+    }
+}
+
 /// The connection table's hash of an IPv4 Flow: the same rounds as `flow_hash_v4`, keyed
 /// by the table's own secret 64-bit seed (not the fleet-wide `hash_seed`), all 64 bits
 /// kept, so that no one outside can aim flows at one bucket. Not a cryptographic MAC: the
@@ -108,6 +202,7 @@ mod user {
     use std::net::IpAddr;
 
     use super::*;
+    use crate::types::{FlowV4, FlowV6};
 
     /// A Flow as userspace writes it: host-order ports, std addresses.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -153,6 +248,34 @@ mod user {
                     key,
                 ),
                 (s, d) => conntrack_hash_v6(&addr_words(s), &addr_words(d), ports, self.proto, key),
+            }
+        }
+
+        /// The hash that picks this Flow's MaglevTable slot under `mode`: the kernel's own
+        /// function on the kernel's own Flow (mixed families as v6, as `hash`).
+        pub fn table_hash(&self, mode: HashMode, seed: u32) -> u32 {
+            let five_tuple = self.hash(seed);
+            let (sport, dport) = (self.sport.to_be(), self.dport.to_be());
+            let (src, dst) = (addr_words(self.src), addr_words(self.dst));
+            match (self.src, self.dst) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => FlowV4 {
+                    src: src[0],
+                    dst: dst[0],
+                    sport,
+                    dport,
+                    proto: self.proto,
+                    ..FlowV4::default()
+                }
+                .table_hash(mode, seed, five_tuple),
+                _ => FlowV6 {
+                    src,
+                    dst,
+                    sport,
+                    dport,
+                    proto: self.proto,
+                    ..FlowV6::default()
+                }
+                .table_hash(mode, seed, five_tuple),
             }
         }
 
@@ -333,6 +456,99 @@ mod tests {
         }
     }
 
+    fn client_flow(src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
+        Flow {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport,
+            dport,
+            proto: 6,
+        }
+    }
+
+    #[test]
+    fn source_mode_keeps_a_client_on_one_hash_and_spreads_clients() {
+        for (a, b, vip) in [
+            ("192.0.2.1", "192.0.2.2", "198.51.100.1"),
+            ("2001:db8::1", "2001:db8::2", "2001:db8:100::1"),
+        ] {
+            let mode = HashMode::SourceAddress;
+            let h = client_flow(a, 1000, vip, 80).table_hash(mode, 7);
+            // Any port, either way round: the same hash.
+            for (sport, dport) in [(1001, 80), (40000, 443), (5, 0)] {
+                assert_eq!(client_flow(a, sport, vip, dport).table_hash(mode, 7), h);
+            }
+            assert_ne!(client_flow(b, 1000, vip, 80).table_hash(mode, 7), h);
+            assert_ne!(client_flow(a, 1000, vip, 80).table_hash(mode, 8), h, "seed");
+            assert_ne!(client_flow(a, 1000, vip, 80).hash(7), h, "not the 5-tuple");
+        }
+        // 13 backends' worth of slots, 26,000 clients: each within 5% of the mean.
+        let mut buckets = [0u32; 13];
+        for i in 0..26_000u32 {
+            let src = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            let h = client_flow(&src, 1, "198.51.100.1", 80).table_hash(HashMode::SourceAddress, 0);
+            buckets[table_slot(h, 13) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((b as f64 - 2000.0).abs() / 2000.0 < 0.05, "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn dport_mode_hashes_the_destination_port_alone() {
+        let mode = HashMode::DestinationPort;
+        let h = client_flow("192.0.2.1", 1000, "198.51.100.1", 443).table_hash(mode, 7);
+        assert_eq!(
+            client_flow("203.0.113.9", 2, "198.51.100.1", 443).table_hash(mode, 7),
+            h
+        );
+        // The same port in IPv6 picks the same slot: only the port counts.
+        assert_eq!(
+            client_flow("2001:db8::1", 3, "2001:db8:100::1", 443).table_hash(mode, 7),
+            h
+        );
+        assert_ne!(
+            client_flow("192.0.2.1", 1000, "198.51.100.1", 444).table_hash(mode, 7),
+            h
+        );
+        let distinct: std::collections::HashSet<u32> = (0..1000u16)
+            .map(|p| {
+                table_slot(
+                    client_flow("192.0.2.1", 1, "198.51.100.1", p).table_hash(mode, 0),
+                    3,
+                )
+            })
+            .collect();
+        assert_eq!(distinct.len(), 3, "ports spread over every backend");
+    }
+
+    #[test]
+    fn hash_modes_round_trip_through_vip_flags() {
+        for mode in [
+            HashMode::FiveTuple,
+            HashMode::SourceAddress,
+            HashMode::DestinationPort,
+        ] {
+            assert_eq!(
+                HashMode::of(mode.flag() | crate::consts::vip_flags::ACTIVE),
+                mode
+            );
+        }
+        // The five-tuple mode's table hash is the flow hash itself.
+        let f = client_flow("10.1.2.3", 40000, "10.9.8.7", 80);
+        assert_eq!(f.table_hash(HashMode::FiveTuple, 5), f.hash(5));
+        // Pinned: every box of a fleet must pick the same slots.
+        assert_eq!(
+            (
+                f.table_hash(HashMode::SourceAddress, 0),
+                f.table_hash(HashMode::DestinationPort, 0)
+            ),
+            (KNOWN_SOURCE_0, KNOWN_DPORT_0)
+        );
+    }
+
+    const KNOWN_SOURCE_0: u32 = 75_322_443;
+    const KNOWN_DPORT_0: u32 = 3_148_850_587;
     const KNOWN_V4_0: u32 = 3_387_779_994;
     const KNOWN_V4_1: u32 = 3_346_875_151;
     const KNOWN_V6_42: u32 = 920_100_098;

@@ -31,6 +31,11 @@ pub mod vip_addr_flags {
     pub const ANY_PORT_TCP: u32 = 1 << 0;
     /// A port-0 UDP Vip exists on this address.
     pub const ANY_PORT_UDP: u32 = 1 << 1;
+    /// Answer ICMP / ICMPv6 echo requests to this address from XDP.
+    pub const ICMP_ECHO: u32 = 1 << 2;
+    /// Some Vip on this address tracks fragments: a later fragment is looked up (with
+    /// none, every fragment to the address is dropped, as before tracking existed).
+    pub const FRAGMENTS: u32 = 1 << 3;
 }
 
 /// Value of `VIP_STATE`, indexed by Vip id.
@@ -237,6 +242,43 @@ pub struct DecapConfig {
     pub v6_count: u32,
 }
 
+/// Key of the `FRAGMENTS` LRU map: one fragmented datagram, as every fragment of it
+/// carries it. Network byte order; IPv4 addresses in word 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The IPv4 identification (16 bits) or the IPv6 fragment header's (32 bits).
+    pub id: u32,
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of the `FRAGMENTS` map: the ports the datagram's first fragment carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Value of the per-CPU `ICMP_RATE` map: one CPU's budget of one kind of ICMP message.
+/// The daemon writes `limit` (and zeroes the rest); the program keeps the window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpRate {
+    /// Messages per second this CPU may send; 0 = none.
+    pub limit: u32,
+    /// Messages sent in the current window.
+    pub sent: u32,
+    /// Start of the current one-second window (`bpf_ktime_get_coarse_ns`).
+    pub window_start: u64,
+}
+
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -264,6 +306,9 @@ const _: () = {
     assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);
     assert!(size_of::<DecapConfig>() == 8 + 8 * 8 + 32 * 8);
+    assert!(size_of::<IcmpRate>() == 16);
+    assert!(size_of::<FragmentKey>() == 40);
+    assert!(size_of::<FragmentPorts>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -285,4 +330,7 @@ mod pod {
     unsafe impl aya::Pod for FlowCacheV4 {}
     unsafe impl aya::Pod for FlowCacheV6 {}
     unsafe impl aya::Pod for DecapConfig {}
+    unsafe impl aya::Pod for IcmpRate {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }

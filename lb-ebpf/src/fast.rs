@@ -9,7 +9,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     consts::{Counter, vip_flags},
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
@@ -165,13 +165,10 @@ fn send(
 pub fn verdict(result: Result<u32, Verdict>) -> u32 {
     match result {
         Ok(action) => action,
-        Err(Verdict::Pass(counter)) => {
+        Err(verdict) => {
+            let (action, counter) = verdict.action();
             crate::stats::count(counter);
-            xdp_action::XDP_PASS
-        }
-        Err(Verdict::Drop(counter)) => {
-            crate::stats::count(counter);
-            xdp_action::XDP_DROP
+            action
         }
     }
 }

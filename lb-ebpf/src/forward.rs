@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    consts::{Counter, EMPTY_BACKEND, PROTO_IPIP, PROTO_IPV6, vip_flags},
+    consts::{Counter, EMPTY_BACKEND, PROTO_IPIP, PROTO_IPV6, route_flags, vip_flags},
     types::{Backend, GlobalConfig, NextHop, Route},
 };
 
@@ -43,6 +43,9 @@ pub fn forward(
     } else if sel.previous != EMPTY_BACKEND {
         cold_path();
         chain::encap_chained(ctx, l2, sel, bytes, config)?;
+    } else if route.vip_flags & route_flags::MIXED_FAMILY != 0 {
+        cold_path();
+        crate::mixed::encap_4in6(ctx, l2, sel, config)?;
     } else if route.vip_flags & vip_flags::IPV6 != 0 {
         encap_ipv6(ctx, l2, sel, config)?;
     } else {
@@ -251,18 +254,35 @@ pub fn encap_ipv6(
     // SAFETY: bounds checked by ptr_at.
     let (vtc_flow, inner_payload) =
         unsafe { ((*inner).vtc_flow, u16::from_be((*inner).payload_len)) };
-    let base = &config.encap_src6_base;
-    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
+    let payload_len = inner_payload + IPV6_HLEN as u16;
+    push_outer6(ctx, l2, sel, config, vtc_flow, payload_len, PROTO_IPV6)
+}
+
+/// Grows the packet and writes an outer IPv6 header (`vtc_flow` in host order) from the
+/// RSS-spreading source (the base with its last word xor-ed with the flow hash) to the
+/// backend, in front of the client's packet.
+#[inline(always)]
+pub(crate) fn push_outer6(
+    ctx: &XdpContext,
+    l2: &L2,
+    sel: &Selection,
+    config: &GlobalConfig,
+    vtc_flow: u32,
+    payload_len: u16,
+    nexthdr: u8,
+) -> Result<(), Verdict> {
+    let base = &config.encap_src6_base;
+    let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
     push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
-    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
+    let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         *outer = Ipv6Hdr {
             vtc_flow: vtc_flow.to_be(),
-            payload_len: (inner_payload + IPV6_HLEN as u16).to_be(),
-            nexthdr: PROTO_IPV6,
+            payload_len: payload_len.to_be(),
+            nexthdr,
             hop_limit: OUTER_TTL,
             src,
             dst: sel.backend_addr,

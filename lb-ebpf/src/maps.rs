@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -12,10 +12,11 @@ use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter,
+        FRAGMENT_ENTRIES, icmp_rate_slots,
     },
     types::{
-        Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, GlobalConfig, NextHop,
-        TrafficCounters, VipAddr, VipKey, VipState,
+        Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, FragmentKey,
+        FragmentPorts, GlobalConfig, IcmpRate, NextHop, TrafficCounters, VipAddr, VipKey, VipState,
     },
 };
 
@@ -129,3 +130,16 @@ pub static DECAP_CONFIG: Array<DecapConfig, 1> = Array::new();
 /// On backends: `lb_decap`'s counters, indexed by `DecapCounter`.
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { DecapCounter::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-CPU budgets of the ICMP messages the program sends itself (`icmp_rate_slots`): a
+/// map of its own, so that no other map's layout changes with it.
+#[btf_map]
+pub static ICMP_RATE: PerCpuArray<IcmpRate, { icmp_rate_slots::COUNT as usize }> =
+    PerCpuArray::new();
+
+/// The ports of fragmented datagrams to Vips with `fragments: track`, by (source,
+/// destination, IP id, protocol): written by a first fragment, read by the later ones
+/// (Cilium's fragment map). LRU: a datagram whose pieces never all come is forgotten.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENT_ENTRIES as usize }> =
+    LruHashMap::new();

@@ -7,14 +7,17 @@
 
 use core::hint::cold_path;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     consts::Counter,
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
     types::{FlowV4, FlowV6, VipFilter},
 };
 
-use crate::maps::{VIP_ADDRS_V4, VIP_ADDRS_V6};
+use crate::{
+    fragments, icmp_echo,
+    maps::{VIP_ADDRS_V4, VIP_ADDRS_V6},
+};
 
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
@@ -185,10 +188,27 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
 }
 
 /// What the program does with a packet it does not forward, and the counter it bumps.
+/// Each variant's discriminant is its XDP action, so that turning a verdict into the
+/// action is one load, with no branch per variant.
 #[derive(Clone, Copy)]
+#[repr(u32)]
 pub enum Verdict {
-    Pass(Counter),
-    Drop(Counter),
+    Drop(Counter) = xdp_action::XDP_DROP,
+    Pass(Counter) = xdp_action::XDP_PASS,
+    /// The program rewrote the packet into its own answer (an ICMP echo reply).
+    Tx(Counter) = xdp_action::XDP_TX,
+}
+
+impl Verdict {
+    /// The XDP action and the counter.
+    #[inline(always)]
+    pub fn action(self) -> (u32, Counter) {
+        match self {
+            Verdict::Drop(c) => (xdp_action::XDP_DROP, c),
+            Verdict::Pass(c) => (xdp_action::XDP_PASS, c),
+            Verdict::Tx(c) => (xdp_action::XDP_TX, c),
+        }
+    }
 }
 
 /// A packet for a Vip address, parsed down to its Flow.
@@ -253,10 +273,11 @@ pub fn parse_ipv4(
     let bad_l3 = Verdict::Pass(Counter::PassMalformed);
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
-    let (vihl, tot_len, frag_off, proto, src, dst) = unsafe {
+    let (vihl, tot_len, id, frag_off, proto, src, dst) = unsafe {
         (
             (*ip).vihl,
             (*ip).tot_len,
+            (*ip).id,
             (*ip).frag_off,
             (*ip).proto,
             (*ip).src,
@@ -285,17 +306,20 @@ pub fn parse_ipv4(
         }
         other => other,
     };
-    if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
-        cold_path();
-        // Only the first fragment has ports: all of them are dropped, so no datagram is
-        // ever split between backends.
-        return Err(confirm(Verdict::Drop(Counter::DropFragment)));
-    }
     let l4 = l3 + ihl;
     let l3_end = l3 + tot_len;
+    let frag_off = u16::from_be(frag_off);
+    if frag_off & IP_MF_OFFSET != 0 {
+        cold_path();
+        // SAFETY: copied out at once.
+        let addr_flags = unsafe { VIP_ADDRS_V4.get(dst) }.map(|a| a.flags);
+        let (src_dst, id) = ((src, dst), u16::from_be(id));
+        return fragments::parse_v4(ctx, l4, l3_end, src_dst, id, proto, frag_off, addr_flags)
+            .map_err(confirm);
+    }
     if proto == PROTO_ICMP {
         cold_path();
-        return parse_icmpv4_error(ctx, l4, l3_end).map_err(confirm);
+        return parse_icmpv4_error(ctx, l3, l4, l3_end, dst).map_err(confirm);
     }
     let (ports, syn) = parse_l4(ctx, proto, l4, l3_end).map_err(confirm)?;
     let flow = FlowV4 {
@@ -319,13 +343,18 @@ pub fn parse_ipv4(
 #[inline(always)]
 fn parse_icmpv4_error(
     ctx: &XdpContext,
+    l3: usize,
     l4: usize,
     l3_end: usize,
+    dst: u32,
 ) -> Result<Parsed<FlowV4>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     // SAFETY: bounds checked by ptr_at.
     let (kind, code) = unsafe { ((*icmp).kind, (*icmp).code) };
+    if kind == icmp_echo::ICMP_ECHO_REQUEST {
+        return Err(icmp_echo::reply_v4(ctx, l3, l4, l3_end, dst));
+    }
     if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
         return Err(Verdict::Pass(Counter::PassVipOther));
     }
@@ -394,10 +423,14 @@ pub fn parse_ipv6(
     };
     let l4 = l3 + IPV6_HLEN;
     match nexthdr {
-        NEXTHDR_FRAGMENT => return Err(confirm(Verdict::Drop(Counter::DropFragment))),
+        NEXTHDR_FRAGMENT => {
+            // SAFETY: bounds checked by ptr_at; the map value is copied out at once.
+            let (src, addr_flags) = unsafe { ((*ip).src, VIP_ADDRS_V6.get(dst).map(|a| a.flags)) };
+            return fragments::parse_v6(ctx, l4, l3_end, (src, dst), addr_flags).map_err(confirm);
+        }
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_MOBILITY
         | NEXTHDR_HIP | NEXTHDR_SHIM6 => return Err(confirm(Verdict::Drop(Counter::DropIpv6Ext))),
-        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l4, l3_end).map_err(confirm),
+        PROTO_ICMPV6 => return parse_icmpv6_error(ctx, l3, l4, l3_end, dst).map_err(confirm),
         _ => {}
     }
     let (ports, syn) = parse_l4(ctx, nexthdr, l4, l3_end).map_err(confirm)?;
@@ -423,13 +456,19 @@ pub fn parse_ipv6(
 #[inline(always)]
 fn parse_icmpv6_error(
     ctx: &XdpContext,
+    l3: usize,
     l4: usize,
     l3_end: usize,
+    dst: [u32; 4],
 ) -> Result<Parsed<FlowV6>, Verdict> {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*icmp).kind } != ICMPV6_PKT_TOOBIG {
+    let kind = unsafe { (*icmp).kind };
+    if kind == icmp_echo::ICMPV6_ECHO_REQUEST {
+        return Err(icmp_echo::reply_v6(ctx, l3, l4, l3_end, dst));
+    }
+    if kind != ICMPV6_PKT_TOOBIG {
         return Err(Verdict::Pass(Counter::PassVipOther));
     }
     let inner_l3 = l4 + ICMP_HLEN;

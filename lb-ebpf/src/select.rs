@@ -6,10 +6,11 @@ use lb_common::{
     conntrack::{Way, generation_digest},
     consts::{
         Counter, EMPTY_BACKEND, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, backend_flags,
-        vip_flags,
+        route_flags, vip_flags,
     },
     hash::{
-        conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word, table_slot,
+        HashMode, conntrack_hash_v4, conntrack_hash_v6, flow_hash_v4, flow_hash_v6, ports_word,
+        table_slot,
     },
     types::{
         Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey,
@@ -51,6 +52,9 @@ pub trait Flow {
     ) -> Option<(Selection<'static>, bool)>;
     fn cache(&self, slot: u32, epoch: u32, selection: &Selection, now: u32);
     fn hash(&self, seed: u32) -> u32;
+    /// The hash that picks a new flow's MaglevTable slot under `mode` (`five_tuple`: its
+    /// `hash`), lb-common's function as `mlb trace` and the tests use it.
+    fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32;
     /// The connection table's hash of the flow, under the table's seed `key`.
     fn conntrack_hash(&self, key: u64) -> u64;
     fn vip_key(&self, port: u16) -> VipKey;
@@ -63,7 +67,7 @@ pub trait Flow {
 /// The methods both families share, over their own maps. `$addr_in`/`$addr_out` convert
 /// between the cache's backend address and the 4-word form.
 macro_rules! flow_maps {
-    ($cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
+    ($flow:ty, $cache:ident, |$a:ident| $addr_in:expr, |$w:ident| $addr_out:expr) => {
         #[inline(always)]
         fn cached(
             &self,
@@ -115,6 +119,10 @@ macro_rules! flow_maps {
             }
         }
         #[inline(always)]
+        fn table_hash(&self, mode: HashMode, seed: u32, five_tuple: u32) -> u32 {
+            <$flow>::table_hash(self, mode, seed, five_tuple)
+        }
+        #[inline(always)]
         fn proto(&self) -> u8 {
             self.proto
         }
@@ -126,7 +134,7 @@ macro_rules! flow_maps {
 }
 
 impl Flow for FlowV4 {
-    flow_maps!(FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
+    flow_maps!(FlowV4, FLOW_CACHE_V4, |a| [a, 0, 0, 0], |w| w[0]);
 
     #[inline(always)]
     fn conntrack_hash(&self, key: u64) -> u64 {
@@ -167,7 +175,7 @@ impl Flow for FlowV4 {
 }
 
 impl Flow for FlowV6 {
-    flow_maps!(FLOW_CACHE_V6, |a| a, |w| w);
+    flow_maps!(FlowV6, FLOW_CACHE_V6, |a| a, |w| w);
 
     #[inline(always)]
     fn conntrack_hash(&self, key: u64) -> u64 {
@@ -267,13 +275,18 @@ fn route<'a>(
     fib_generation: u32,
     scratch: &'a mut MaybeUninit<Route>,
 ) -> Result<Selection<'a>, Verdict> {
-    let v6 = vip_flags & vip_flags::IPV6 != 0;
-    if v6 != (backend.flags & backend_flags::IPV6 != 0) {
-        // The daemon refuses such configs; never emit a half-right packet.
+    let backend_v6 = backend.flags & backend_flags::IPV6 != 0;
+    let mut vip_flags = vip_flags;
+    if (vip_flags & vip_flags::IPV6 != 0) != backend_v6 {
         cold_path();
-        return Err(Verdict::Drop(Counter::DropEncap));
+        // IPv6 in IPv4 has no decapsulation: the daemon refuses it; never emit it.
+        if backend_v6 || vip_flags & vip_flags::L2_DSR != 0 {
+            vip_flags |= route_flags::MIXED_FAMILY;
+        } else {
+            return Err(Verdict::Drop(Counter::DropEncap));
+        }
     }
-    let hop = next_hop(ctx, entry.backend, backend, v6, fib_generation)?;
+    let hop = next_hop(ctx, entry.backend, backend, backend_v6, fib_generation)?;
     Ok(selection(entry, vip_flags, backend, hop, hash, scratch))
 }
 
@@ -433,14 +446,14 @@ pub fn select<'a, F: Flow>(
             let selection = route(ctx, entry, vip_flags, &backend, hash, fib, scratch)?;
             if !pkt.icmp_error {
                 count(Counter::ConntrackHit);
-                flow.cache(slot, config.cache_epoch, &selection, now as u32);
+                cache_unless_mixed(flow, slot, config.cache_epoch, &selection, now);
             }
             return Ok(selection);
         }
         Some(Known::Resteer(named)) => {
             // The way names a Vip id; the packet's own Vip decides (the id may have been
             // given to another Vip since).
-            let vip = lookup_vip(pkt)?;
+            let vip = lookup_vip(&pkt.flow)?;
             if !pkt.icmp_error {
                 count(if vip == named {
                     Counter::ConntrackResteer
@@ -451,7 +464,7 @@ pub fn select<'a, F: Flow>(
             vip
         }
         None => {
-            let vip = lookup_vip(pkt)?;
+            let vip = lookup_vip(&pkt.flow)?;
             if !pkt.icmp_error {
                 count(Counter::ConntrackMiss);
                 if flow.proto() == PROTO_TCP && !pkt.syn {
@@ -464,10 +477,18 @@ pub fn select<'a, F: Flow>(
     from_table(ctx, pkt, vip, hash, slot, ct_hash, now, config, scratch)
 }
 
-/// The Vip id for the packet's (address, port, protocol), falling back to the any-port Vip.
+/// Caches `selection` for `flow` unless its backend is of the other family: the fast path
+/// sends by the packet's family and must never meet such a Route.
 #[inline(always)]
-fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
-    let flow = &pkt.flow;
+fn cache_unless_mixed<F: Flow>(flow: &F, slot: u32, epoch: u32, selection: &Selection, now: u64) {
+    if selection.route.vip_flags & route_flags::MIXED_FAMILY == 0 {
+        flow.cache(slot, epoch, selection, now as u32);
+    }
+}
+
+/// The Vip id for the flow's (address, port, protocol), falling back to the any-port Vip.
+#[inline(always)]
+pub fn lookup_vip<F: Flow>(flow: &F) -> Result<u32, Verdict> {
     // SAFETY: values copied out at once.
     if let Some(id) = unsafe { VIPS.get(flow.vip_key(flow.dport())) } {
         return Ok(*id);
@@ -489,8 +510,9 @@ fn lookup_vip<F: Flow>(pkt: &Parsed<F>) -> Result<u32, Verdict> {
     Err(Verdict::Pass(Counter::PassVipOther))
 }
 
-/// Slot `1 + table_slot(hash, M)` of the Vip's MaglevTable (slot 0 holds M), remembered in the
-/// connection table (and the flow cache, but for a SYN) unless the packet is an ICMP error.
+/// Slot `1 + table_slot(h, M)` of the Vip's MaglevTable (slot 0 holds M), `h` the hash
+/// of the Vip's `HashMode`, remembered in the connection table (and the flow cache, but
+/// for a SYN) unless the packet is an ICMP error.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined; all computed once by select"
@@ -523,7 +545,12 @@ fn from_table<'a, F: Flow>(
     if size == 0 {
         return Err(no_backend);
     }
-    let slot = 1 + table_slot(hash, size);
+    // The Vip's hash mode picks the slot; the flow keeps its 5-tuple hash for everything
+    // else (connection table, flow cache, outer source).
+    let slot_hash = pkt
+        .flow
+        .table_hash(HashMode::of(vip.flags), config.hash_seed, hash);
+    let slot = 1 + table_slot(slot_hash, size);
     let backend_id = table.get(slot / 2).ok_or(no_backend)?[(slot & 1) as usize];
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);
@@ -547,7 +574,7 @@ fn from_table<'a, F: Flow>(
     {
         EMPTY_BACKEND
     } else {
-        chain::previous_backend(vip_id, hash, backend_id, vip.flags)
+        chain::previous_backend(vip_id, slot_hash, backend_id, vip.flags)
     };
     let mut selection = route(
         ctx,
@@ -572,8 +599,7 @@ fn from_table<'a, F: Flow>(
         // A SYN is cached by its flow's next packet, from the connection table: SYN floods
         // and scans that never complete do not evict established flows from the cache.
         if !pkt.syn {
-            pkt.flow
-                .cache(cache_slot, config.cache_epoch, &selection, now as u32);
+            cache_unless_mixed(&pkt.flow, cache_slot, config.cache_epoch, &selection, now);
         }
     }
     Ok(selection)

@@ -10,7 +10,8 @@
 //! and Cilium pay per new flow; the new-flow figure is also given as a ratio to it.
 //!
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
-//! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one.
+//! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one; `MLB_BENCH_BASE_OBJECT=FILE`
+//! measures another build's `lb-ebpf` object beside this one, in the same rounds.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -41,8 +42,9 @@ const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 struct Path {
     name: &'static str,
     program: &'static str,
-    /// Run on the second lab, which has no flow cache (the A/B of the flow cache).
-    no_cache: bool,
+    /// Run on the second lab: no flow cache (the A/B of the flow cache), or with
+    /// `MLB_BENCH_BASE_OBJECT` another build's object (the A/B of a change).
+    second: bool,
     /// One packet per call; more than one means "a new flow on every call".
     packets: Vec<Vec<u8>>,
     /// DESIGN.md's target, ns above empty.
@@ -83,19 +85,35 @@ fn main() {
     // The same, but without the flow cache: every established packet reads the
     // connection table. Its packets run in the first lab's namespace, whose veth0 has the
     // same addresses and neighbours.
-    let mut uncached = Lab::with_capacities(Capacities {
-        max_vips: 16,
-        max_backends: 64,
-        conntrack_entries: (calls as u32 * 2).max(1 << 16),
-        // `MLB_BENCH_FLOW_CACHE=N`: give the second lab N slots instead (other sizes' A/B).
-        flow_cache_entries: std::env::var("MLB_BENCH_FLOW_CACHE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-        ..Default::default()
+    // `MLB_BENCH_BASE_OBJECT=FILE`: the second lab runs another build's object (e.g. the
+    // base commit's `lb-ebpf`) with the same capacities instead, and the main paths are
+    // measured on both in the same rounds: the A/B of a change.
+    let base = std::env::var("MLB_BENCH_BASE_OBJECT").ok().map(|path| {
+        std::fs::read(&path).unwrap_or_else(|e| panic!("MLB_BENCH_BASE_OBJECT {path}: {e}"))
     });
+    let mut second = Lab::with_object(
+        Capacities {
+            max_vips: 16,
+            max_backends: 64,
+            conntrack_entries: (calls as u32 * 2).max(1 << 16),
+            // `MLB_BENCH_FLOW_CACHE=N`: give the second lab N slots instead (other sizes' A/B).
+            flow_cache_entries: match &base {
+                Some(_) => lb_common::consts::DEFAULT_FLOW_CACHE_ENTRIES,
+                None => std::env::var("MLB_BENCH_FLOW_CACHE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            },
+            ..Default::default()
+        },
+        base.as_deref(),
+    );
     let mut paths = paths(&mut lab, calls);
-    paths.extend(uncached_paths(&mut uncached, &paths));
+    let extra = match base {
+        Some(_) => base_paths(&mut second, &paths),
+        None => uncached_paths(&mut second, &paths),
+    };
+    paths.extend(extra);
     if let Some(only) = &only {
         let mut i = 0;
         paths.retain(|p| {
@@ -107,7 +125,7 @@ fn main() {
     let mut bench = load_bench_object(calls as u32 * 2);
     pin_to_last_cpu();
     let started = Instant::now();
-    let dp2 = &mut uncached.dataplane;
+    let dp2 = &mut second.dataplane;
     let figures = lab
         .with_dataplane(|dp, ifindex| measure([dp, dp2], &mut bench, ifindex, &paths, per_round));
     eprintln!("\r{:60}", "");
@@ -165,7 +183,7 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
     let path = |name, program, packets: Vec<Vec<u8>>, target, repeat_valid| Path {
         name,
         program,
-        no_cache: false,
+        second: false,
         packets,
         target,
         repeat_valid,
@@ -347,7 +365,7 @@ fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
         Path {
             name: label,
             program: p.program,
-            no_cache: true,
+            second: true,
             packets: p.packets.clone(),
             target: p.target,
             repeat_valid: false,
@@ -368,6 +386,29 @@ fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
         ),
     ];
     for p in &out {
+        for pkt in &p.packets {
+            assert_eq!(lab.run(pkt).action, 3, "priming must forward");
+        }
+    }
+    out
+}
+
+/// The main paths again on `lab`, another build's object (`MLB_BENCH_BASE_OBJECT`),
+/// labelled `[base]`; its established flows primed there.
+fn base_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
+    let out: Vec<Path> = paths
+        .iter()
+        .filter(|p| p.program == prog_names::LB_INGRESS && !p.name.contains("100,000"))
+        .map(|p| Path {
+            name: Box::leak(format!("{} [base]", p.name).into_boxed_str()),
+            program: p.program,
+            second: true,
+            packets: p.packets.clone(),
+            target: p.target,
+            repeat_valid: p.repeat_valid,
+        })
+        .collect();
+    for p in out.iter().filter(|p| p.name.starts_with("established")) {
         for pkt in &p.packets {
             assert_eq!(lab.run(pkt).action, 3, "priming must forward");
         }
@@ -429,7 +470,7 @@ fn measure(
                 let duration = if path.program == prog_names::LRU_INSERT {
                     run_bench(bench, packet)
                 } else {
-                    dps[path.no_cache as usize]
+                    dps[path.second as usize]
                         .test_run(path.program, packet, ifindex, 1)
                         .expect("test run")
                         .duration
@@ -443,7 +484,7 @@ fn measure(
         .iter()
         .map(|p| {
             p.repeat_valid.then(|| {
-                let out = dps[0]
+                let out = dps[p.second as usize]
                     .test_run(p.program, &p.packets[0], ifindex, REPEAT)
                     .expect("test run");
                 out.duration.as_nanos() as f64

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, path::Path};
 use anyhow::{Context as _, bail};
 use lb_common::{
     consts::{FAMILY_V4, FAMILY_V6},
-    hash::{Flow, addr_words},
+    hash::{Flow, HashMode, addr_words},
     types::VipKey,
 };
 
@@ -257,6 +257,14 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
         "flow hash (seed {:#x}): {hash:#010x}",
         global.hash_seed
     )?;
+    // The slot of a new flow comes from the Vip's hash mode, as in the kernel.
+    let mode = HashMode::of(pinned.vip_state(vip_id)?.flags);
+    let slot_hash = flow.table_hash(mode, global.hash_seed);
+    writeln!(
+        out,
+        "hash mode: {} (table slot hash {slot_hash:#010x})",
+        mode.keyword()
+    )?;
     let name_of = |id: u32| -> String {
         let addr = pinned.backend(id).ok().map(|b| ip_of(&b.addr, family));
         snapshot
@@ -268,7 +276,7 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
             )
     };
     let entry = pinned.conntrack(flow)?;
-    let table = pinned.table_slot(vip_id, hash)?;
+    let table = pinned.table_slot(vip_id, slot_hash)?;
     if let Some(e) = entry {
         let backend = pinned.backend(e.backend)?;
         let vip = pinned.vip_state(e.vip)?;
@@ -311,7 +319,7 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
     }
     // Old pins (before second chance) have no PREV_TABLES: nothing to say then.
     if let (Some((_, _, now)), Ok(Some((_, slot, before)))) =
-        (table, pinned.prev_table_slot(vip_id, hash))
+        (table, pinned.prev_table_slot(vip_id, slot_hash))
     {
         let state = pinned.vip_state(vip_id)?;
         let up = |id: u32| {

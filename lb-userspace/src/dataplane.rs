@@ -28,13 +28,13 @@ use lb_common::{
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
-        Backend, ConntrackBucket, DecapConfig, GlobalConfig, Prefix4, Prefix6, TrafficCounters,
-        VipAddr, VipFilter, VipKey, VipState,
+        Backend, ConntrackBucket, DecapConfig, GlobalConfig, IcmpRate, Prefix4, Prefix6,
+        TrafficCounters, VipAddr, VipFilter, VipKey, VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 20] = [
+const ALL_MAPS: [&str; 22] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -55,6 +55,8 @@ const ALL_MAPS: [&str; 20] = [
     names::BACKEND_CHAINED,
     names::DECAP_CONFIG,
     names::DECAP_STATS,
+    names::ICMP_RATE,
+    names::FRAGMENTS,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -239,7 +241,13 @@ impl Dataplane {
     /// Loads the object with map sizes from `caps` and loads (verifies) all its programs.
     /// The maps live as long as this value.
     pub fn load(caps: Capacities) -> Result<Self> {
-        Self::load_with(caps, None)
+        Self::load_with(caps, None, OBJECT)
+    }
+
+    /// Like [`Dataplane::load`], with another build's XDP object (the per-packet
+    /// benchmark's A/B against a base commit). Maps this build added are absent from it.
+    pub fn load_object(caps: Capacities, object: &[u8]) -> Result<Self> {
+        Self::load_with(caps, None, object)
     }
 
     /// Like [`Dataplane::load`], but every map is pinned under `pin_dir` (a bpffs
@@ -251,7 +259,7 @@ impl Dataplane {
             error: e.to_string(),
         })?;
         check_pinned_layouts(pin_dir)?;
-        let dataplane = Self::load_with(caps, Some(pin_dir))?;
+        let dataplane = Self::load_with(caps, Some(pin_dir), OBJECT)?;
         for (name, want) in dataplane.map_sizes() {
             let map = dataplane.map(name)?;
             let have = map_info(map).map_err(map_err(name))?.max_entries();
@@ -267,7 +275,7 @@ impl Dataplane {
         Ok(dataplane)
     }
 
-    fn load_with(caps: Capacities, pin_dir: Option<&Path>) -> Result<Self> {
+    fn load_with(caps: Capacities, pin_dir: Option<&Path>, object: &[u8]) -> Result<Self> {
         raise_memlock_limit();
         let sizes = map_sizes(caps);
         let mut loader = EbpfLoader::new();
@@ -289,7 +297,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(OBJECT)?;
+        let ebpf = loader.load(object)?;
         let mut dataplane = Self {
             ebpf,
             caps,
@@ -773,6 +781,22 @@ impl Dataplane {
         map.set(id, zeros, 0).map_err(map_err(name))
     }
 
+    /// Sets every CPU's budget of ICMP messages of kind `slot` (`icmp_rate_slots`) to
+    /// `per_second`, starting a fresh window.
+    pub fn set_icmp_rate(&mut self, slot: u32, per_second: u32) -> Result<()> {
+        let name = names::ICMP_RATE;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Os(e))?;
+        let mut map: PerCpuArray<_, IcmpRate> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let rate = IcmpRate {
+            limit: per_second,
+            ..IcmpRate::default()
+        };
+        let values = aya::maps::PerCpuValues::try_from(vec![rate; cpus])
+            .map_err(|e| DataplaneError::Os(std::io::Error::other(e)))?;
+        map.set(slot, values, 0).map_err(map_err(name))
+    }
+
     pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounters> {
         self.traffic(names::VIP_STATS, id)
     }
@@ -1080,6 +1104,12 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::BACKEND_CHAINED, 4, size_of::<TrafficCounters>()),
         (names::DECAP_CONFIG, 4, size_of::<DecapConfig>()),
         (names::DECAP_STATS, 4, 8),
+        (names::ICMP_RATE, 4, size_of::<IcmpRate>()),
+        (
+            names::FRAGMENTS,
+            size_of::<lb_common::types::FragmentKey>(),
+            size_of::<lb_common::types::FragmentPorts>(),
+        ),
     ]
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use lb_common::{
-    consts::{FAMILY_V4, FAMILY_V6, backend_flags},
+    consts::{FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots},
     hash::addr_words,
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
@@ -58,11 +58,18 @@ pub trait DataplaneOps {
     }
     /// Zeroes the traffic counters of a Vip (`vip`) or Backend id given to something new.
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError>;
+    /// Sets every CPU's budget of ICMP messages of one kind (`icmp_rate_slots`).
+    fn set_icmp_rate(&mut self, _slot: u32, _per_second: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl DataplaneOps for Dataplane {
     fn set_global(&mut self, config: &GlobalConfig) -> Result<(), DataplaneError> {
         Dataplane::set_global(self, config)
+    }
+    fn set_icmp_rate(&mut self, slot: u32, per_second: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_icmp_rate(self, slot, per_second)
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         Dataplane::set_backend(self, id, backend)
@@ -482,6 +489,8 @@ impl<D: DataplaneOps> Reconciler<D> {
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
         self.dataplane
             .set_global(&global_config(config, self.assignments.fib_generation))?;
+        self.dataplane
+            .set_icmp_rate(icmp_rate_slots::ECHO, config.global.icmp_rate)?;
 
         // 2. Backends (new ones before any table names them).
         let mut live_backends = BTreeSet::new();
@@ -1067,6 +1076,12 @@ fn vip_addr_flags_of(config: &Config) -> BTreeMap<IpAddr, u32> {
     let mut flags = BTreeMap::new();
     for vip in &config.vips {
         let entry = flags.entry(vip.address).or_insert(0);
+        if vip.icmp_echo {
+            *entry |= vip_addr_flags::ICMP_ECHO;
+        }
+        if vip.track_fragments {
+            *entry |= vip_addr_flags::FRAGMENTS;
+        }
         if vip.port == 0 {
             *entry |= match vip.protocol {
                 Protocol::Tcp => vip_addr_flags::ANY_PORT_TCP,
@@ -1799,16 +1814,20 @@ mod written_values {
             "",
             "  - address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n\
              \x20 - address: 10.200.0.2\n    port: 0\n    protocol: tcp\n    pool: web\n\
-             \x20 - address: 10.200.0.2\n    port: 0\n    protocol: udp\n    pool: web\n",
+             \x20 - address: 10.200.0.2\n    port: 0\n    protocol: udp\n    pool: web\n    icmp_echo: false\n\
+             \x20 - address: 10.200.0.3\n    port: 80\n    protocol: tcp\n    pool: web\n    icmp_echo: false\n    fragments: track\n",
         );
         let flags = vip_addr_flags_of(&c);
         let a1: IpAddr = "10.200.0.1".parse().unwrap();
         let a2: IpAddr = "10.200.0.2".parse().unwrap();
-        assert_eq!(flags.len(), 2);
-        assert_eq!(flags[&a1], 0);
+        let a3: IpAddr = "10.200.0.3".parse().unwrap();
+        assert_eq!(flags.len(), 3);
+        assert_eq!(flags[&a1], vip_addr_flags::ICMP_ECHO);
+        // One Vip of the address answering pings is enough.
         assert_eq!(
             flags[&a2],
-            vip_addr_flags::ANY_PORT_TCP | vip_addr_flags::ANY_PORT_UDP
+            vip_addr_flags::ANY_PORT_TCP | vip_addr_flags::ANY_PORT_UDP | vip_addr_flags::ICMP_ECHO
         );
+        assert_eq!(flags[&a3], vip_addr_flags::FRAGMENTS);
     }
 }

@@ -93,13 +93,28 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "family_mismatch.yaml",
         &[
-            "family_mismatch.yaml:5:14: vip \"web\" is IPv4 but pool \"web6\" has IPv6 backend fd00::11 (line 12)",
+            "family_mismatch.yaml:5:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 12): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+        ],
+    ),
+    (
+        "hash_modes.yaml",
+        &[
+            "hash_modes.yaml:8:11: vip \"10.200.0.1:80/tcp\" has port 80: hash dport would send every flow to one backend; it is for any-port vips (port 0)",
+            "hash_modes.yaml:13:11: invalid hash \"dports\" in vip: expected 5-tuple, source or dport; did you mean \"dport\"?",
         ],
     ),
     (
         "http_section_with_tcp_check.yaml",
         &[
             "http_section_with_tcp_check.yaml:11:7: http section in health_check is only valid with kind http (kind is tcp)",
+        ],
+    ),
+    (
+        "icmp_options.yaml",
+        &[
+            "icmp_options.yaml:2:14: invalid icmp_rate \"0\" in global: expected an integer from 1 to 1000000",
+            "icmp_options.yaml:3:14: invalid icmp_echo \"on\" in global: expected true or false",
+            "icmp_options.yaml:11:16: invalid icmp_echo \"ture\" in vip: expected true or false; did you mean \"true\"?",
         ],
     ),
     (
@@ -138,7 +153,7 @@ const BROKEN: &[(&str, &[&str])] = &[
             "several_problems.yaml:2:14: invalid hash_seed \"0x1_0000_0000\" in global: expected an integer from 0 to 0xffffffff",
             "several_problems.yaml:3:19: invalid metrics_listen \"localhost\" in global: expected an address and port, such as 127.0.0.1:9100 or [::1]:9100",
             "several_problems.yaml:6:15: invalid xdp_mode \"nativ\" in interface: expected native, generic or auto; did you mean \"native\"?",
-            "several_problems.yaml:9:14: vip \"web\" is IPv4 but pool \"web6\" has IPv6 backend fd00::11 (line 21)",
+            "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
             "several_problems.yaml:14:14: invalid address \"10.200.0.300\" in vip: expected an IPv4 or IPv6 address",
             "several_problems.yaml:17:11: vip \"dns\" uses unknown pool \"missing\"; pools are \"web6\"",
             "several_problems.yaml:22:17: invalid weight \"-1\" in backend: expected an integer from 0 to 4294967295",
@@ -168,7 +183,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "unknown_key_no_suggestion.yaml",
         &[
-            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend",
+            "unknown_key_no_suggestion.yaml:7:5: unknown key \"colour\" in vip; valid keys are name, address, port, protocol, forwarding, table_size, pool, when_no_backend, icmp_echo, hash, fragments",
         ],
     ),
     (
@@ -335,6 +350,8 @@ fn minimal_config_gets_every_default() {
             pin_path: PathBuf::from("/sys/fs/bpf/mlb"),
             second_chance: std::time::Duration::from_secs(300),
             control_group: None,
+            icmp_echo: true,
+            icmp_rate: 1000,
         }
     );
     assert_eq!(config.interfaces.len(), 1);
@@ -347,6 +364,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(vip.name, "10.200.0.1:80/tcp");
     assert_eq!(vip.forwarding, Forwarding::Ipip);
     assert_eq!(vip.when_no_backend, WhenNoBackend::Drop);
+    assert!(vip.icmp_echo);
     assert_eq!((vip.table_size, vip.table_size_auto), (65_537, true));
     assert_eq!(vip.protocol.number(), 6);
 

@@ -48,6 +48,7 @@ fn bench() -> Bench {
         max_request: MAX_REQUEST,
         timeout: Duration::from_secs(2),
         max_connections: 8,
+        group: None,
     };
     let server = runtime
         .block_on(async { control::serve_with(&path, tx, limits) })

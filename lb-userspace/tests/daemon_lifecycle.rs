@@ -331,6 +331,30 @@ fn kill_9_and_restart_keep_open_connections() {
     assert_eq!(new_flows(&bed, 30).values().sum::<usize>(), 30);
 }
 
+/// What `mlb trace` says of the TCP flow `src:sport` to the Vip's port 80 (it must succeed).
+fn trace(bed: &DaemonBed, src: std::net::IpAddr, sport: u16) -> String {
+    let (src, sport) = (src.to_string(), sport.to_string());
+    let args = [
+        "trace",
+        "--src",
+        &src,
+        "--sport",
+        &sport,
+        "--dst",
+        "10.200.0.1",
+        "--dport",
+        "80",
+    ];
+    let out = bed.mlb(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// `mlb plan` and `mlb trace` against the live daemon.
 #[test]
 fn plan_and_trace_explain_the_live_state() {
@@ -339,23 +363,7 @@ fn plan_and_trace_explain_the_live_state() {
     bed.start_daemon();
     let (stream, name) = bed.bed.client.netns.enter(|| connect(bed.vip(80))).unwrap();
     let local = stream.local_addr().unwrap();
-    let out = bed.mlb(&[
-        "trace",
-        "--src",
-        &local.ip().to_string(),
-        "--sport",
-        &local.port().to_string(),
-        "--dst",
-        "10.200.0.1",
-        "--dport",
-        "80",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = trace(&bed, local.ip(), local.port());
     assert!(
         text.contains(&format!("connection table: entry -> {name}")),
         "{text}"
@@ -376,6 +384,29 @@ fn plan_and_trace_explain_the_live_state() {
     );
     assert!(text.contains("backends removed: web/10.100.0.13"), "{text}");
     assert!(text.contains("10.200.0.1:80/tcp"), "{text}");
+}
+
+/// `hash: source` on the real daemon: every connection of the client goes to one backend
+/// (40 connections under the 5-tuple hash would all land on one of three by chance with
+/// probability 3^-39), the one `mlb trace` names for any other port of the client, and
+/// `trace` says which mode applied.
+#[test]
+fn source_hash_keeps_a_client_on_one_backend_and_trace_names_it() {
+    let mut bed = DaemonBed::new(3);
+    let vips = format!("{VIPS}    hash: source\n");
+    bed.write_config(&bed.config_yaml(&vips, &bed.pool_yaml("web", &[(1, 1), (2, 1), (3, 1)], "")));
+    bed.start_daemon();
+    let conns = open_many(&bed, 40);
+    let names: std::collections::BTreeSet<&str> = conns.iter().map(|(_, n)| n.as_str()).collect();
+    let [name] = names.into_iter().collect::<Vec<_>>()[..] else {
+        panic!(
+            "one client, several backends: {:?}",
+            conns.iter().map(|c| &c.1).collect::<Vec<_>>()
+        )
+    };
+    let text = trace(&bed, conns[0].0.local_addr().unwrap().ip(), 1);
+    assert!(text.contains("hash mode: source"), "{text}");
+    assert!(text.contains(&format!("-> {name} ")), "{text}");
 }
 
 /// A test leaves nothing behind: a `kill -9`ed daemon leaves its control socket, lock,

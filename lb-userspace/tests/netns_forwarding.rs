@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::XdpMode;
 use lb_common::{
-    consts::{backend_flags, prog_names, vip_flags},
+    consts::{Counter, backend_flags, icmp_rate_slots, prog_names, vip_flags},
     hash::{Flow, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
@@ -33,6 +33,9 @@ const VIP_TCP: u32 = 0;
 const VIP_UDP: u32 = 1;
 const VIP_L2: u32 = 2;
 const VIP_TCP6: u32 = 3;
+const VIP_UDP6: u32 = 4;
+/// VIP_DSR:8080/tcp in L2 DSR, served by the backends' IPv6 addresses (mixed families).
+const VIP_L2_MIXED: u32 = 5;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -136,17 +139,30 @@ impl Bed {
         self.dataplane
             .set_vip_filter([ip(VIP4), ip(VIP_DSR), ip(VIP6)])
             .unwrap();
-        for addr in [ip(VIP4), ip(VIP_DSR), ip(VIP6)] {
+        // Pings to VIP4 and VIP6 are answered from XDP, to VIP_DSR left to the stack; the
+        // UDP Vips track fragments.
+        let echo_frags = vip_addr_flags::ICMP_ECHO | vip_addr_flags::FRAGMENTS;
+        for (addr, flags) in [(VIP4, echo_frags), (VIP_DSR, 0), (VIP6, echo_frags)] {
             self.dataplane
-                .set_vip_addr(addr, Some(VipAddr { flags: 0 }))
+                .set_vip_addr(ip(addr), Some(VipAddr { flags }))
                 .unwrap();
         }
+        self.dataplane
+            .set_icmp_rate(icmp_rate_slots::ECHO, 100)
+            .unwrap();
         let _ = vip_addr_flags::ANY_PORT_TCP;
         let vips = [
             (VIP_TCP, VIP4, 80, 6, 0),
-            (VIP_UDP, VIP4, 53, 17, 0),
+            (VIP_UDP, VIP4, 53, 17, vip_flags::FRAGMENTS_TRACK),
             (VIP_L2, VIP_DSR, 80, 6, vip_flags::L2_DSR),
             (VIP_TCP6, VIP6, 80, 6, vip_flags::IPV6),
+            (
+                VIP_UDP6,
+                VIP6,
+                53,
+                17,
+                vip_flags::IPV6 | vip_flags::FRAGMENTS_TRACK,
+            ),
         ];
         for (id, addr, port, proto, flags) in vips {
             let v6 = flags & vip_flags::IPV6 != 0;
@@ -163,6 +179,20 @@ impl Bed {
             };
             self.dataplane.set_vip(id, &key, &state).unwrap();
         }
+        // An IPv4 Vip whose pool is the backends' IPv6 addresses: the next hop is found
+        // in IPv6, the packet goes unchanged.
+        self.set_table(VIP_L2_MIXED, &backend_ids(true));
+        let key = VipKey {
+            addr: addr_words(ip(VIP_DSR)),
+            port: 8080u16.to_be(),
+            proto: 6,
+            family: 4,
+        };
+        let state = VipState {
+            flags: vip_flags::L2_DSR | vip_flags::ACTIVE,
+            generation: 1,
+        };
+        self.dataplane.set_vip(VIP_L2_MIXED, &key, &state).unwrap();
     }
 
     fn set_table(&mut self, vip: u32, members: &[u32]) {
@@ -239,6 +269,67 @@ fn echo(stream: &mut TcpStream, text: &str) -> String {
 }
 
 /// Spread must match the table (exactly, per flow) and the weights (±5 points).
+/// Sends `datagrams` UDP datagrams (`payload(i)`), each from a fresh socket (a new flow),
+/// to Vip `vip` at `target` from the client; each must come back echoed whole. Which
+/// backend answered how many, and how many answers userspace did not predict.
+fn udp_spread(
+    bed: &Bed,
+    vip: u32,
+    target: SocketAddr,
+    datagrams: u32,
+    payload: impl Fn(u32) -> Vec<u8> + Send + Sync,
+) -> (BTreeMap<String, u32>, u32) {
+    let exchange = |payload: &[u8]| -> std::io::Result<(String, Flow)> {
+        let socket = UdpSocket::bind(if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.connect(target)?; // so local_addr() names the source address
+        socket.send(payload)?;
+        let mut buf = vec![0u8; 8192];
+        let n = socket.recv(&mut buf)?;
+        let reply = &buf[..n];
+        let space = reply.iter().position(|&b| b == b' ').unwrap_or(n);
+        if reply.get(space + 1..) != Some(payload) {
+            return Err(std::io::Error::other(
+                "the reply is not the datagram echoed whole",
+            ));
+        }
+        let local = socket.local_addr()?;
+        let flow = Flow {
+            src: local.ip(),
+            dst: target.ip(),
+            sport: local.port(),
+            dport: target.port(),
+            proto: 17,
+        };
+        Ok((String::from_utf8_lossy(&reply[..space]).into_owned(), flow))
+    };
+    bed.bed
+        .client
+        .netns
+        .enter(|| {
+            let mut got = BTreeMap::<String, u32>::new();
+            let mut mispredicted = 0;
+            for i in 0..datagrams {
+                let (name, flow) = exchange(&payload(i)).unwrap_or_else(|e| {
+                    let counters: Vec<(&str, u64)> = Counter::ALL
+                        .iter()
+                        .map(|&c| (c.name(), bed.dataplane.counter(c).unwrap()))
+                        .filter(|(_, v)| *v != 0)
+                        .collect();
+                    panic!("UDP datagram {i} to {target}: {e}; counters {counters:?}")
+                });
+                mispredicted += u32::from(name != bed.predict(vip, &flow));
+                *got.entry(name).or_default() += 1;
+            }
+            (got, mispredicted)
+        })
+        .unwrap()
+}
+
 fn check_spread(label: &str, got: &BTreeMap<String, u32>, flows: u32, mispredicted: u32) {
     assert_eq!(
         mispredicted, 0,
@@ -290,41 +381,10 @@ fn flows_spread_over_backends_exactly_as_predicted_in_both_modes() {
     }
 
     // UDP: each datagram from a fresh socket is a new flow.
-    let target = SocketAddr::new(ip(VIP4), 53);
-    let (got, mispredicted) = bed
-        .bed
-        .client
-        .netns
-        .enter(|| {
-            let mut got = BTreeMap::<String, u32>::new();
-            let mut mispredicted = 0;
-            for i in 0..FLOWS {
-                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-                socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-                socket.connect(target).unwrap(); // so local_addr() names the source address
-                socket.send(format!("q{i}").as_bytes()).unwrap();
-                let mut buf = [0u8; 64];
-                let n = socket
-                    .recv(&mut buf)
-                    .unwrap_or_else(|e| panic!("UDP reply {i}: {e}"));
-                let reply = String::from_utf8_lossy(&buf[..n]).to_string();
-                let name = reply.split(' ').next().unwrap().to_owned();
-                let local = socket.local_addr().unwrap();
-                let flow = Flow {
-                    src: local.ip(),
-                    dst: target.ip(),
-                    sport: local.port(),
-                    dport: 53,
-                    proto: 17,
-                };
-                if name != bed.predict(VIP_UDP, &flow) {
-                    mispredicted += 1;
-                }
-                *got.entry(name).or_default() += 1;
-            }
-            (got, mispredicted)
-        })
-        .unwrap();
+    let (got, mispredicted) =
+        udp_spread(&bed, VIP_UDP, SocketAddr::new(ip(VIP4), 53), FLOWS, |i| {
+            format!("q{i}").into_bytes()
+        });
     check_spread("UDP", &got, FLOWS, mispredicted);
 }
 
@@ -420,4 +480,97 @@ fn traffic_not_for_a_vip_still_works() {
         passed > 0,
         "the XDP program saw the non-Vip traffic and passed it"
     );
+}
+
+#[test]
+fn pings_to_a_vip_are_answered_by_the_load_balancer_from_xdp() {
+    let bed = Bed::new();
+    let client = &bed.bed.client.netns;
+    let replies = || bed.dataplane.counter(Counter::IcmpEchoReply).unwrap();
+    let before = replies();
+    for vip in [VIP4, VIP6] {
+        let out = client
+            .command("ping")
+            .args(["-c3", "-i0.2", "-W2", vip])
+            .output()
+            .unwrap_or_else(|e| panic!("ping {vip}: {e}"));
+        let out = String::from_utf8_lossy(&out.stdout);
+        // From the Vip, with the load balancer's TTL: no backend saw the request.
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.contains(&format!("from {vip}")) && l.contains("ttl=64"))
+                .count(),
+            3,
+            "{out}"
+        );
+    }
+    assert_eq!(replies() - before, 6, "every reply came from XDP");
+    // The address whose Vips leave pings to the stack: not answered by XDP.
+    let passed = bed.dataplane.counter(Counter::PassVipOther).unwrap();
+    let _ = client.exec("ping", &["-c1", "-W1", VIP_DSR]);
+    assert_eq!(replies() - before, 6);
+    assert!(bed.dataplane.counter(Counter::PassVipOther).unwrap() > passed);
+}
+
+#[test]
+fn fragmented_udp_datagrams_reach_one_backend_whole() {
+    let bed = Bed::new();
+    let tracked = || bed.dataplane.counter(Counter::FragmentTracked).unwrap();
+    let before = tracked();
+    const DATAGRAMS: u32 = 12;
+    // The backends' replies (as large) must fit the client's 1,500-byte link, not the
+    // segment's 1,600: their kernels fragment to the route's MTU.
+    let client = &bed.bed.client;
+    for b in &bed.bed.backends {
+        for (addr, len) in [(client.addr4, 32), (client.addr6, 128)] {
+            let to = format!("{addr}/{len}");
+            b.netns
+                .ip(&["route", "replace", &to, "dev", NIC, "mtu", "1500"])
+                .unwrap();
+        }
+    }
+    for (vip, id) in [(VIP4, VIP_UDP), (VIP6, VIP_UDP6)] {
+        // 3,000 bytes over the client's 1,500-byte MTU: its kernel sends three fragments,
+        // and the backend's kernel must put them back together (the backend echoes it).
+        let (got, mispredicted) =
+            udp_spread(&bed, id, SocketAddr::new(ip(vip), 53), DATAGRAMS, |i| {
+                (0..3000u32)
+                    .map(|b| b"0123456789"[(b % 10) as usize] ^ (i as u8 & 1))
+                    .collect()
+            });
+        assert_eq!(mispredicted, 0, "{vip}: {got:?}");
+        assert!(got.len() > 1, "{vip}: the datagrams spread, {got:?}");
+    }
+    // Three fragments per datagram, each steered by its datagram's ports.
+    assert_eq!(tracked() - before, 2 * 3 * u64::from(DATAGRAMS));
+}
+
+#[test]
+fn an_ipv4_vip_in_l2_dsr_is_served_by_ipv6_backends() {
+    let bed = Bed::new();
+    let target = SocketAddr::new(ip(VIP_DSR), 8080);
+    let (got, mispredicted) = bed
+        .bed
+        .client
+        .netns
+        .enter(|| {
+            let mut got = BTreeMap::<String, u32>::new();
+            let mut mispredicted = 0;
+            for _ in 0..30 {
+                let (mut stream, name, flow) = connect(target);
+                assert_eq!(
+                    echo(&mut stream, "hi"),
+                    name,
+                    "the connection works both ways"
+                );
+                if name != bed.predict(VIP_L2_MIXED, &flow) {
+                    mispredicted += 1;
+                }
+                *got.entry(name).or_default() += 1;
+            }
+            (got, mispredicted)
+        })
+        .unwrap();
+    assert_eq!(mispredicted, 0, "{got:?}");
+    assert_eq!(got.len(), 3, "every IPv6 backend serves: {got:?}");
 }

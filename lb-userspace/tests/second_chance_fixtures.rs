@@ -17,8 +17,8 @@ use lb_common::{
 use lb_userspace::dataplane::TestRunOutcome;
 use support::{
     lab::{
-        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, TABLE_SIZE, VIP_ANY_PORT_DSR, VIP_TCP,
-        VIP_UDP, VIP_V6, deltas,
+        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, TABLE_SIZE, VIP_ANY_PORT_DSR,
+        VIP_SOURCE_HASH, VIP_TCP, VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
 };
@@ -505,4 +505,53 @@ fn lb_decap_delivers_sends_on_or_drops() {
     let (out, got) = decap(&mut lab, &wrap4(&inner, lb, me));
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(got, [("drop_source", 1)]);
+}
+
+#[test]
+fn a_vip_hashing_on_the_source_address_chains_by_that_hash() {
+    use lb_common::hash::HashMode;
+    let mut lab = Lab::new();
+    let previous = table(&lab, &[1, 2]);
+    lab.dataplane
+        .install_prev_tables(&[(VIP_SOURCE_HASH, &previous)])
+        .unwrap();
+    // A client whose source-address slot moved from the previous table to the current.
+    let (client, hash, slot_hash) = (1..=250u8)
+        .map(|last| {
+            let flow = Flow {
+                src: ip(&format!("10.50.1.{last}")),
+                dst: ip("10.200.0.5"),
+                sport: 40_000,
+                dport: 80,
+                proto: PROTO_TCP,
+            };
+            (
+                flow.src,
+                flow.hash(SEED),
+                flow.table_hash(HashMode::SourceAddress, SEED),
+            )
+        })
+        .find(|(_, _, h)| lab.tables[&VIP_SOURCE_HASH].lookup(*h) != previous.lookup(*h))
+        .expect("a moved client");
+    let (cur, prev) = (
+        hop(&lab, lab.tables[&VIP_SOURCE_HASH].lookup(slot_hash)),
+        hop(&lab, previous.lookup(slot_hash)),
+    );
+    let input = tcp(lab.lb_mac, client, 40_000, ip("10.200.0.5"), 80, false);
+    let src = encap_src4(ENCAP_SRC4, hash);
+    let middle = expect_ipip(&input, lab.lb_mac, cur.mac, src, v4(prev.addr));
+    let (out, got) = run(&mut lab, &input);
+    assert_eq!(
+        out.packet,
+        expect_ipip(&middle, lab.lb_mac, cur.mac, src, v4(cur.addr))
+    );
+    assert_eq!(
+        got,
+        counters(&[
+            "conntrack_miss",
+            "conntrack_miss_non_syn",
+            "second_chance",
+            "tx"
+        ])
+    );
 }

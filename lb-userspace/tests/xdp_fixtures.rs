@@ -8,7 +8,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::{consts::PROTO_TCP, hash::Flow};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use support::{
-    lab::{ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, VIP_ANY_PORT_DSR, VIP_TCP, VIP_UDP, VIP_V6, deltas},
+    lab::{
+        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR,
+        VIP_DPORT_HASH, VIP_FRAGMENTS, VIP_FRAGMENTS6, VIP_MIXED, VIP_MIXED_DSR, VIP_SOURCE_HASH,
+        VIP_SOURCE_HASH6, VIP_TCP, VIP_UDP, VIP_V6, deltas,
+    },
     packets::*,
 };
 
@@ -63,6 +67,17 @@ fn ip6ip6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
     let hash = flow.hash(SEED);
     let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
     expect_ip6ip6(input, lab.lb_mac, backend.mac, src, dst.octets(), hash)
+}
+
+/// The IPv4-in-IPv6 output for an untagged IPv4 `input` of `flow` to `vip`'s IPv6 backend.
+fn ip4in6(lab: &Lab, input: &[u8], vip: u32, flow: &Flow) -> Vec<u8> {
+    let backend = lab.backend(lab.predict(vip, flow));
+    let IpAddr::V6(dst) = backend.addr else {
+        panic!("v6 backend")
+    };
+    let hash = flow.hash(SEED);
+    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+    expect_4in6(input, 14, lab.lb_mac, backend.mac, src, dst.octets(), hash)
 }
 
 fn pass(description: &'static str, input: Vec<u8>, counter: &'static str) -> Fixture {
@@ -159,6 +174,38 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
     let mut truncated_tcp6 = tcp(mac, client6, 40009, vip6, 80, true);
     truncated_tcp6.truncate(14 + 40 + 10);
     truncated_tcp6[18..20].copy_from_slice(&10u16.to_be_bytes());
+    // A 600-byte UDP datagram to the fragment-tracking Vips, in 256-byte pieces; a later
+    // piece of a datagram whose first was never seen; a first piece to a port of the
+    // tracking address that no Vip serves.
+    let (frag_flow, frag6_flow) = (
+        flow(CLIENT, 6000, "10.200.0.7", 53, 17),
+        flow(CLIENT6, 6001, "fd00:200::3", 53, 17),
+    );
+    let frags = udp_fragments(mac, (client, 6000), (ip("10.200.0.7"), 53), 600, 256, 77);
+    let frags6 = udp_fragments(mac, (client6, 6001), (ip("fd00:200::3"), 53), 600, 256, 78);
+    let orphan = udp_fragments(mac, (client, 6002), (ip("10.200.0.7"), 53), 600, 256, 79);
+    let orphan6 = udp_fragments(mac, (client6, 6003), (ip("fd00:200::3"), 53), 600, 256, 80);
+    let other_port = udp_fragments(mac, (client, 6004), (ip("10.200.0.7"), 54), 600, 256, 81);
+    let tracked_hit = &["fragment_tracked", "conntrack_hit", "tx"][..];
+    // An IPv4 Vip with IPv6 backends, IPIP and L2 DSR; TOS 0xb8 (EF) must reach the
+    // outer traffic class.
+    let mixed_flow = flow(CLIENT, 7000, "10.200.0.8", 80, 6);
+    let mut mixed_syn = tcp(mac, client, 7000, ip("10.200.0.8"), 80, true);
+    mixed_syn[15] = 0xb8;
+    fix_ipv4_checksum(&mut mixed_syn, 14);
+    let mixed_ack = {
+        let mut p = tcp(mac, client, 7000, ip("10.200.0.8"), 80, false);
+        p[15] = 0xb8;
+        fix_ipv4_checksum(&mut p, 14);
+        p
+    };
+    let mixed_dsr = tcp(mac, client, 7001, ip("10.200.0.9"), 80, true);
+    let mixed_dsr_backend =
+        lab.backend(lab.predict(VIP_MIXED_DSR, &flow(CLIENT, 7001, "10.200.0.9", 80, 6)));
+    // Total length 20 + 4: the ICMP header ends past the IP packet (the frame goes on).
+    let mut short_echo = icmp_echo((CLIENT_MAC, mac), client, vip, 9, false);
+    short_echo[16..18].copy_from_slice(&24u16.to_be_bytes());
+    fix_ipv4_checksum(&mut short_echo, 14);
     let mut short_quote = icmp.clone();
     short_quote.truncate(14 + 20 + 8 + 20 + 2);
     short_quote[16..18].copy_from_slice(&50u16.to_be_bytes());
@@ -238,14 +285,43 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
             udp(mac, client, 5355, vip, 80),
             "pass_vip_other",
         ),
+        tx(
+            "ICMP echo to a Vip address is answered from XDP (MACs, addresses swapped, TTL 64)",
+            icmp_echo((CLIENT_MAC, mac), client, vip, 9, false),
+            icmp_echo((mac, CLIENT_MAC), vip, client, 64, true),
+            &["icmp_echo_reply"],
+        ),
+        tx(
+            "ICMPv6 echo to a Vip address is answered from XDP (hop limit 64)",
+            icmp_echo((CLIENT_MAC, mac), client6, vip6, 9, false),
+            icmp_echo((mac, CLIENT_MAC), vip6, client6, 64, true),
+            &["icmp_echo_reply"],
+        ),
+        tx(
+            "an 802.1Q-tagged echo is answered with its tag",
+            with_vlan(&icmp_echo((CLIENT_MAC, mac), client, vip, 9, false), 42),
+            with_vlan(&icmp_echo((mac, CLIENT_MAC), vip, client, 64, true), 42),
+            &["icmp_echo_reply"],
+        ),
         pass(
-            "ICMP echo to a Vip goes to the local stack",
-            icmp4_echo(
-                mac,
-                Ipv4Addr::new(10, 50, 0, 7),
-                Ipv4Addr::new(10, 200, 0, 1),
-            ),
+            "ICMP echo to a Vip address whose Vips have icmp_echo off goes to the local stack",
+            icmp_echo((CLIENT_MAC, mac), client, ip(NO_ECHO_ADDR), 9, false),
             "pass_vip_other",
+        ),
+        pass(
+            "ICMP echo to a non-Vip is passed",
+            icmp_echo((CLIENT_MAC, mac), client, ip("10.111.0.1"), 9, false),
+            "pass_not_vip",
+        ),
+        pass(
+            "an ICMP echo reply to a Vip address goes to the local stack",
+            icmp_echo((CLIENT_MAC, mac), client, vip, 9, true),
+            "pass_vip_other",
+        ),
+        drop(
+            "an echo request cut short by its IP total length is dropped",
+            short_echo,
+            &["drop_malformed"],
         ),
         tx(
             "ICMP fragmentation-needed goes to the quoted flow's backend",
@@ -294,6 +370,69 @@ fn fixtures(lab: &Lab) -> Vec<Fixture> {
             "an IPv6 fragment header to a Vip is dropped",
             with_ipv6_ext(&syn6, 44),
             &["drop_fragment"],
+        ),
+        tx(
+            "a first fragment to a fragments: track Vip goes to its flow's backend",
+            frags[0].clone(),
+            ipip(lab, &frags[0], 14, VIP_FRAGMENTS, &frag_flow),
+            &["fragment_tracked", "conntrack_miss", "tx"],
+        ),
+        tx(
+            "its middle fragment follows it, by (source, destination, IP id, protocol)",
+            frags[1].clone(),
+            ipip(lab, &frags[1], 14, VIP_FRAGMENTS, &frag_flow),
+            tracked_hit,
+        ),
+        tx(
+            "its last fragment follows it",
+            frags[2].clone(),
+            ipip(lab, &frags[2], 14, VIP_FRAGMENTS, &frag_flow),
+            tracked_hit,
+        ),
+        drop(
+            "a later fragment whose first was never seen is dropped",
+            orphan[1].clone(),
+            &["drop_fragment_unknown"],
+        ),
+        pass(
+            "a first fragment to a port of a tracking address with no Vip goes to the stack",
+            other_port[0].clone(),
+            "pass_vip_other",
+        ),
+        tx(
+            "an IPv6 first fragment to a fragments: track Vip goes to its flow's backend",
+            frags6[0].clone(),
+            ip6ip6(lab, &frags6[0], VIP_FRAGMENTS6, &frag6_flow),
+            &["fragment_tracked", "conntrack_miss", "tx"],
+        ),
+        tx(
+            "an IPv6 later fragment follows its first",
+            frags6[2].clone(),
+            ip6ip6(lab, &frags6[2], VIP_FRAGMENTS6, &frag6_flow),
+            tracked_hit,
+        ),
+        drop(
+            "an IPv6 later fragment whose first was never seen is dropped",
+            orphan6[2].clone(),
+            &["drop_fragment_unknown"],
+        ),
+        tx(
+            "an IPv4 Vip with IPv6 backends: IPv4-in-IPv6 to the Maglev backend",
+            mixed_syn.clone(),
+            ip4in6(lab, &mixed_syn, VIP_MIXED, &mixed_flow),
+            miss_tx,
+        ),
+        tx(
+            "its next packet: the connection table, never the flow cache (full path again)",
+            mixed_ack.clone(),
+            ip4in6(lab, &mixed_ack, VIP_MIXED, &mixed_flow),
+            &["conntrack_hit", "tx"],
+        ),
+        tx(
+            "an IPv4 Vip in L2 DSR with IPv6 backends: only the MACs change",
+            mixed_dsr.clone(),
+            expect_l2(&mixed_dsr, mac, mixed_dsr_backend.mac),
+            miss_tx,
         ),
         drop(
             "an IPv6 hop-by-hop header to a Vip is dropped",
@@ -494,6 +633,29 @@ fn encapsulated_ipv4_headers_have_valid_checksums() {
     }
 }
 
+/// A random client address in fd00:50::/96 or 10.50.0.0/16 – 10.59.0.0/16.
+fn random_client(rng: &mut StdRng, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x50,
+            0,
+            0,
+            0,
+            0,
+            rng.random(),
+            rng.random(),
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            rng.random_range(50..60),
+            rng.random(),
+            rng.random(),
+        ))
+    }
+}
+
 /// Userspace predicts every backend choice exactly (same hash, same table).
 #[test]
 fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
@@ -502,25 +664,7 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
     let flows: Vec<(Flow, Vec<u8>)> = (0..10_000)
         .map(|i| {
             let v6 = i % 10 == 0;
-            let src = if v6 {
-                IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0x50,
-                    0,
-                    0,
-                    0,
-                    0,
-                    rng.random(),
-                    rng.random(),
-                ))
-            } else {
-                IpAddr::V4(Ipv4Addr::new(
-                    10,
-                    rng.random_range(50..60),
-                    rng.random(),
-                    rng.random(),
-                ))
-            };
+            let src = random_client(&mut rng, v6);
             let dst = if v6 { ip(VIP6) } else { ip(VIP) };
             let sport = rng.random_range(1024..65535);
             let f = Flow {
@@ -533,31 +677,14 @@ fn kernel_backend_choice_equals_userspace_for_10000_random_flows() {
             (f, tcp(lab.lb_mac, src, sport, dst, 80, true))
         })
         .collect();
-    let outs: Vec<(u32, Vec<u8>)> = lab.with_dataplane(|dp, ifindex| {
-        flows
-            .iter()
-            .map(|(_, pkt)| {
-                let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
-                (out.action, out.packet)
-            })
-            .collect()
-    });
+    let outs = run_all(&mut lab, flows.iter().map(|(_, pkt)| pkt));
     let mut mismatches = 0;
     let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
     for ((f, _), (action, packet)) in flows.iter().zip(&outs) {
         assert_eq!(*action, XDP_TX);
-        let outer_dst: IpAddr = if f.src.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
-            ))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
-            ))
-        };
         let vip = if f.src.is_ipv4() { VIP_TCP } else { VIP_V6 };
         let predicted = lab.predict(vip, f);
-        let chosen = lab.backend_by_addr(outer_dst).expect("a known backend").id;
+        let chosen = outer_backend(&lab, packet, f.src.is_ipv4());
         *per_backend.entry(chosen).or_default() += 1;
         if chosen != predicted {
             mismatches += 1;
@@ -990,4 +1117,168 @@ fn a_vip_readded_with_another_pool_drops_its_old_flows_backends() {
         "no flow was on backend 3 to begin with: {first:?}"
     );
     assert_eq!(stayed_on_3, 0);
+}
+
+/// Pins the calling thread to CPU 0: the echo budget is per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; the call changes only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn echo_replies_stop_at_the_rate_and_resume_with_a_new_budget() {
+    let mut lab = Lab::new();
+    let mac = lab.lb_mac;
+    let ping = icmp_echo((CLIENT_MAC, mac), ip(CLIENT), ip(VIP), 9, false);
+    let before = lab.counters();
+    let actions = lab.with_dataplane(|dp, ifindex| {
+        pin_to_cpu0();
+        dp.set_icmp_rate(lb_common::consts::icmp_rate_slots::ECHO, 3)
+            .unwrap();
+        let mut actions: Vec<u32> = (0..5)
+            .map(|_| dp.test_run("lb_ingress", &ping, ifindex, 1).unwrap().action)
+            .collect();
+        // A new budget (a reload) starts a fresh window.
+        dp.set_icmp_rate(lb_common::consts::icmp_rate_slots::ECHO, 1)
+            .unwrap();
+        actions
+            .extend((0..2).map(|_| dp.test_run("lb_ingress", &ping, ifindex, 1).unwrap().action));
+        actions
+    });
+    assert_eq!(
+        actions,
+        [XDP_TX, XDP_TX, XDP_TX, XDP_DROP, XDP_DROP, XDP_TX, XDP_DROP],
+        "3 per second, then 1"
+    );
+    let mut got = deltas(&before, &lab.counters());
+    got.sort();
+    assert_eq!(got, [("icmp_echo_limited", 3), ("icmp_echo_reply", 4)]);
+}
+
+/// Runs `lb_ingress` on each packet: action and output.
+fn run_all<'a>(
+    lab: &mut Lab,
+    packets: impl Iterator<Item = &'a Vec<u8>> + Send,
+) -> Vec<(u32, Vec<u8>)> {
+    lab.with_dataplane(|dp, ifindex| {
+        packets
+            .map(|pkt| {
+                let out = dp.test_run("lb_ingress", pkt, ifindex, 1).unwrap();
+                (out.action, out.packet)
+            })
+            .collect()
+    })
+}
+
+/// The backend an encapsulated output goes to, by its outer destination (IPv4 or IPv6
+/// outer header, as the client's packet was).
+fn outer_backend(lab: &Lab, packet: &[u8], v4: bool) -> u32 {
+    let dst: IpAddr = if v4 {
+        IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(&packet[30..34]).unwrap(),
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(&packet[38..54]).unwrap(),
+        ))
+    };
+    lab.backend_by_addr(dst).expect("a known backend").id
+}
+
+/// The backend the kernel sent each packet to, and the backend userspace predicts for
+/// its flow to `vip`.
+fn kernel_and_predicted(lab: &mut Lab, vip: u32, flows: &[(Flow, Vec<u8>)]) -> Vec<(u32, u32)> {
+    let outs = run_all(lab, flows.iter().map(|(_, pkt)| pkt));
+    flows
+        .iter()
+        .zip(outs)
+        .map(|((f, _), (action, packet))| {
+            assert_eq!(action, XDP_TX, "{f:?}");
+            (
+                outer_backend(lab, &packet, f.src.is_ipv4()),
+                lab.predict(vip, f),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn hash_modes_keep_a_client_or_a_port_on_one_backend_and_spread_the_rest() {
+    let mut lab = Lab::new();
+    let mac = lab.lb_mac;
+    let mut rng = StdRng::seed_from_u64(16);
+    // Source mode: 200 IPv4 and 60 IPv6 clients, 5 connections each from random ports.
+    for (vip, dst, v6, clients, backends) in [
+        (VIP_SOURCE_HASH, "10.200.0.5", false, 200, 3),
+        (VIP_SOURCE_HASH6, "fd00:200::2", true, 60, 2),
+    ] {
+        let mut flows = Vec::new();
+        for _ in 0..clients {
+            let src = random_client(&mut rng, v6);
+            for _ in 0..5 {
+                let sport = rng.random_range(1024..65535);
+                let f = flow(&src.to_string(), sport, dst, 80, PROTO_TCP);
+                flows.push((f, tcp(mac, src, sport, ip(dst), 80, true)));
+            }
+        }
+        let got = kernel_and_predicted(&mut lab, vip, &flows);
+        let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
+        for (client, chunk) in got.chunks(5).enumerate() {
+            assert!(
+                chunk.iter().all(|&(k, p)| k == p && k == chunk[0].0),
+                "client {client}: kernel / predicted {chunk:?}: not one backend"
+            );
+            *per_backend.entry(chunk[0].0).or_default() += 1;
+        }
+        // Stickiness must not cost the spread: every backend gets clients.
+        assert_eq!(per_backend.len(), backends, "{per_backend:?}");
+        let least = *per_backend.values().min().unwrap() as f64;
+        assert!(
+            least > 0.6 * clients as f64 / backends as f64,
+            "{per_backend:?}"
+        );
+    }
+    // Destination-port mode: 150 ports of the any-port UDP Vip, 4 clients each.
+    let mut flows = Vec::new();
+    for _ in 0..150 {
+        let dport: u16 = rng.random_range(1..65535);
+        for _ in 0..4 {
+            let src = IpAddr::V4(Ipv4Addr::new(10, 51, rng.random(), rng.random()));
+            let sport = rng.random_range(1024..65535);
+            let f = flow(&src.to_string(), sport, "10.200.0.6", dport, 17);
+            flows.push((f, udp(mac, src, sport, ip("10.200.0.6"), dport)));
+        }
+    }
+    let got = kernel_and_predicted(&mut lab, VIP_DPORT_HASH, &flows);
+    let mut per_backend = std::collections::BTreeMap::<u32, u32>::new();
+    for (port, chunk) in got.chunks(4).enumerate() {
+        assert!(
+            chunk.iter().all(|&(k, p)| k == p && k == chunk[0].0),
+            "port {port}: kernel / predicted {chunk:?}: not one backend"
+        );
+        *per_backend.entry(chunk[0].0).or_default() += 1;
+    }
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    // And a 5-tuple Vip does spread one client's connections (the modes are per Vip).
+    let src = ip(CLIENT);
+    let flows: Vec<(Flow, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let sport = 20_000 + i;
+            let f = flow(CLIENT, sport, VIP, 80, PROTO_TCP);
+            (f, tcp(mac, src, sport, ip(VIP), 80, true))
+        })
+        .collect();
+    let got = kernel_and_predicted(&mut lab, VIP_TCP, &flows);
+    assert!(got.iter().all(|&(k, p)| k == p));
+    let distinct: std::collections::BTreeSet<u32> = got.iter().map(|&(k, _)| k).collect();
+    assert_eq!(distinct.len(), 3, "{got:?}");
 }

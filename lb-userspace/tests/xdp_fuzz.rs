@@ -49,12 +49,24 @@ fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
         out.push(tcp(mac, client, port, ip("10.111.0.1"), 22, syn));
     }
     out.push(udp(mac, client, port, vip, 53));
+    // IPv4 Vips with IPv6 backends (IPIP and L2 DSR).
+    out.push(tcp(mac, client, port, ip("10.200.0.8"), 80, rng.random()));
+    out.push(tcp(mac, client, port, ip("10.200.0.9"), 80, rng.random()));
+    // The hash-mode Vips: source (v4, v6) and destination port.
+    out.push(tcp(mac, client, port, ip("10.200.0.5"), 80, true));
+    out.push(tcp(mac, client6, port, ip("fd00:200::2"), 80, true));
+    out.push(udp(mac, client, port, ip("10.200.0.6"), rng.random()));
     out.push(udp(mac, client6, port, vip6, 53));
-    out.push(icmp4_echo(
-        mac,
-        Ipv4Addr::new(10, 50, 0, 7),
-        Ipv4Addr::new(10, 200, 0, 1),
-    ));
+    for dst in [vip, ip("10.200.0.2"), vip6] {
+        let src = if dst.is_ipv4() { client } else { client6 };
+        out.push(icmp_echo(
+            (support::lab::CLIENT_MAC, mac),
+            src,
+            dst,
+            9,
+            false,
+        ));
+    }
     out.push(icmp4_frag_needed(
         mac,
         Ipv4Addr::new(10, 99, 0, 1),
@@ -311,6 +323,11 @@ fn check(
             (out.action != XDP_DROP || got != ones(names.clone()))
                 .then(|| format!("want DROP, {names:?}"))
         }
+        Decision::Stateful => None,
+        Decision::Reply(output) => {
+            (out.action != XDP_TX || out.packet != *output || got != ones(vec!["icmp_echo_reply"]))
+                .then(|| "want TX of the echo reply, [icmp_echo_reply]".to_owned())
+        }
         Decision::Forward {
             backend,
             output,
@@ -338,6 +355,8 @@ fn check(
         Decision::Pass(c) => format!("pass {c}"),
         Decision::PassNoBackend(_) => "pass pass_no_backend".into(),
         Decision::Drop(c, _) => format!("drop {c}"),
+        Decision::Reply(_) => "tx echo_reply".into(),
+        Decision::Stateful => "stateful fragment (not checked)".into(),
         Decision::Forward { icmp_error, .. } => {
             format!("tx{}", if *icmp_error { " icmp" } else { "" })
         }

@@ -2,7 +2,7 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use super::{CheckKind, Config, HealthCheck};
+use super::{CheckKind, Config, HashMode, HealthCheck};
 
 /// What the config sets up: interfaces, each Vip with its forwarding, table size and pool,
 /// each pool with its Backends and health check; pools no Vip uses are pointed out.
@@ -69,7 +69,7 @@ pub fn describe(config: &Config) -> String {
         };
         let _ = writeln!(
             s,
-            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}",
+            "  {name}{endpoint}  {}, table {} ({}), pool {}, no backend: {}{}{}{}",
             vip.forwarding,
             vip.table_size,
             if vip.table_size_auto {
@@ -79,6 +79,21 @@ pub fn describe(config: &Config) -> String {
             },
             vip.pool,
             vip.when_no_backend,
+            if vip.hash == HashMode::FiveTuple {
+                String::new()
+            } else {
+                format!(", hash {}", vip.hash.keyword())
+            },
+            if vip.icmp_echo {
+                ""
+            } else {
+                ", pings to the local stack"
+            },
+            if vip.track_fragments {
+                ", fragments tracked"
+            } else {
+                ""
+            },
         );
     }
 

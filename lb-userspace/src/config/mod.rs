@@ -33,6 +33,7 @@ use lb_common::consts::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, PROTO_TCP, PROTO_UDP,
     vip_flags,
 };
+pub use lb_common::hash::HashMode;
 
 pub use describe::describe;
 pub use error::{ConfigError, Pos, Problem};
@@ -62,6 +63,8 @@ pub const MAX_CONNTRACK_ENTRIES: u32 = lb_common::conntrack::MAX_BUCKETS * 8;
 pub const MAX_CONNTRACK_IDLE: u32 = 86_400;
 /// Largest `global.flow_cache_entries`.
 pub const MAX_FLOW_CACHE_ENTRIES: u32 = 1 << 20;
+/// Largest `global.icmp_rate`.
+pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Shortest health-check interval.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// Largest health-check jitter (a fraction of the interval).
@@ -114,6 +117,10 @@ pub struct Global {
     /// A group whose members may use the control socket (name, gid); `None`: root and
     /// the daemon's user only.
     pub control_group: Option<(String, u32)>,
+    /// Default of `vips[].icmp_echo`: answer pings to Vip addresses from XDP.
+    pub icmp_echo: bool,
+    /// ICMP messages each CPU may send per second, per kind (echo replies).
+    pub icmp_rate: u32,
 }
 
 impl Default for Global {
@@ -131,6 +138,8 @@ impl Default for Global {
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
             second_chance: DEFAULT_SECOND_CHANCE,
             control_group: None,
+            icmp_echo: true,
+            icmp_rate: lb_common::consts::DEFAULT_ICMP_RATE,
         }
     }
 }
@@ -179,6 +188,14 @@ pub struct VipConfig {
     /// Name of its pool (a key of [`Config::pools`]).
     pub pool: String,
     pub when_no_backend: WhenNoBackend,
+    /// Fragments tracked (`true`, `fragments: track`) or dropped.
+    pub track_fragments: bool,
+    /// What picks a new flow's table slot: the 5-tuple, the source address or the
+    /// destination port.
+    pub hash: HashMode,
+    /// Pings to its address are answered from XDP (for an address shared by several
+    /// Vips: when any of them says so).
+    pub icmp_echo: bool,
 }
 
 impl VipConfig {
@@ -200,7 +217,10 @@ impl VipConfig {
         if self.when_no_backend == WhenNoBackend::Pass {
             flags |= vip_flags::PASS_WHEN_EMPTY;
         }
-        flags
+        if self.track_fragments {
+            flags |= vip_flags::FRAGMENTS_TRACK;
+        }
+        flags | self.hash.flag()
     }
 }
 

@@ -14,7 +14,8 @@ use std::{
 };
 
 use super::{
-    Forwarding, MIN_CHECK_INTERVAL, MIN_CONNTRACK_ENTRIES, Protocol, WhenNoBackend, XdpModeConfig,
+    Forwarding, HashMode, MIN_CHECK_INTERVAL, MIN_CONNTRACK_ENTRIES, Protocol, WhenNoBackend,
+    XdpModeConfig,
     error::{Pos, Problem, quote, suggest},
     values::{self, Parsed},
     yaml::{Node, Value},
@@ -35,6 +36,8 @@ const GLOBAL_KEYS: &[&str] = &[
     "pin_path",
     "second_chance",
     "control_group",
+    "icmp_echo",
+    "icmp_rate",
 ];
 const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode"];
 const VIP_KEYS: &[&str] = &[
@@ -46,6 +49,9 @@ const VIP_KEYS: &[&str] = &[
     "table_size",
     "pool",
     "when_no_backend",
+    "icmp_echo",
+    "hash",
+    "fragments",
 ];
 const POOL_KEYS: &[&str] = &["backends", "health_check"];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "name"];
@@ -63,6 +69,17 @@ const XDP_MODES: &[(&str, XdpModeConfig)] = &[
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 const FORWARDINGS: &[(&str, Forwarding)] =
     &[("ipip", Forwarding::Ipip), ("l2_dsr", Forwarding::L2Dsr)];
+const HASH_MODES: &[(&str, HashMode)] = &[
+    (HashMode::FiveTuple.keyword(), HashMode::FiveTuple),
+    (HashMode::SourceAddress.keyword(), HashMode::SourceAddress),
+    (
+        HashMode::DestinationPort.keyword(),
+        HashMode::DestinationPort,
+    ),
+];
+/// `fragments`: `track` is true.
+const FRAGMENTS: &[(&str, bool)] = &[("drop", false), ("track", true)];
+const BOOLEANS: &[(&str, bool)] = &[("true", true), ("false", false)];
 const WHEN_NO_BACKEND: &[(&str, WhenNoBackend)] =
     &[("drop", WhenNoBackend::Drop), ("pass", WhenNoBackend::Pass)];
 const CHECK_KINDS: &[(&str, Kind)] = &[
@@ -132,6 +149,8 @@ pub(crate) struct Global {
     pub pin_path: Field<PathBuf>,
     pub second_chance: Field<Duration>,
     pub control_group: Field<(String, u32)>,
+    pub icmp_echo: Field<bool>,
+    pub icmp_rate: Field<u32>,
 }
 
 pub(crate) struct InterfaceEntry {
@@ -150,6 +169,9 @@ pub(crate) struct VipEntry {
     pub table_size: Field<Option<u32>>,
     pub pool: Option<At<String>>,
     pub when_no_backend: Field<WhenNoBackend>,
+    pub icmp_echo: Field<bool>,
+    pub hash: Field<HashMode>,
+    pub fragments: Field<bool>,
 }
 
 pub(crate) struct PoolEntry {
@@ -288,6 +310,10 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
         pin_path: s.optional("pin_path", out, values::absolute_path),
         second_chance: s.optional("second_chance", out, values::second_chance),
         control_group: s.optional("control_group", out, values::group),
+        icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
+        icmp_rate: s.optional("icmp_rate", out, |t| {
+            values::uint(t, 1..=super::MAX_ICMP_RATE)
+        }),
     }
 }
 
@@ -311,6 +337,9 @@ fn read_vip(pos: Pos, s: &Section<'_>, out: &mut Vec<Problem>) -> VipEntry {
         when_no_backend: s.optional("when_no_backend", out, |t| {
             values::keyword(t, WHEN_NO_BACKEND)
         }),
+        icmp_echo: s.optional("icmp_echo", out, |t| values::keyword(t, BOOLEANS)),
+        hash: s.optional("hash", out, |t| values::keyword(t, HASH_MODES)),
+        fragments: s.optional("fragments", out, |t| values::keyword(t, FRAGMENTS)),
     }
 }
 

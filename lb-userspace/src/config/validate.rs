@@ -16,8 +16,8 @@ use std::{
 use lb_common::maglev::{auto_table_size, check_table_size};
 
 use super::{
-    Announce, BackendConfig, CheckKind, Config, Global, HealthCheck, Interface, Pool, Protocol,
-    VipConfig, endpoint,
+    Announce, BackendConfig, CheckKind, Config, Forwarding, Global, HashMode, HealthCheck,
+    Interface, Pool, Protocol, VipConfig, endpoint,
     error::{Pos, Problem, quote, suggest},
     schema::{self, At, CheckEntry, Document, Field, Kind, PoolEntry},
 };
@@ -26,7 +26,7 @@ pub(crate) fn validate(document: &Document, out: &mut Vec<Problem>) -> Config {
     let global = global(&document.global);
     let interfaces = interfaces(document, out);
     let pools = pools(&document.pools, out);
-    let vips = vips(document, out);
+    let vips = vips(document, global.icmp_echo, out);
     capacities(document, &global, out);
     Config {
         global,
@@ -61,6 +61,8 @@ fn global(g: &schema::Global) -> Global {
         pin_path: or(&g.pin_path, d.pin_path),
         second_chance: or(&g.second_chance, d.second_chance),
         control_group: g.control_group.given().map(|at| at.value.clone()),
+        icmp_echo: or(&g.icmp_echo, d.icmp_echo),
+        icmp_rate: or(&g.icmp_rate, d.icmp_rate),
     }
 }
 
@@ -323,7 +325,8 @@ fn timeout_problem(check: &CheckEntry, interval: Duration, timeout: Duration) ->
     }
 }
 
-fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
+/// `icmp_echo`: `global.icmp_echo`, the default of each Vip's.
+fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<VipConfig> {
     let mut endpoints: HashMap<(IpAddr, u16, Protocol), u32> = HashMap::new();
     let mut names: HashMap<String, u32> = HashMap::new();
     let mut vips = Vec::new();
@@ -377,8 +380,22 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
             }
             found
         });
-        if let (Some(pool), Some(address)) = (pool, &entry.address) {
+        if let (Some(pool), Some(address)) = (pool, &entry.address)
+            && or(&entry.forwarding, Forwarding::Ipip) == Forwarding::Ipip
+        {
             family_check(&label, address, pool, out);
+        }
+        if let (Some(At { value: mode, pos }), Some(port)) = (entry.hash.given(), port)
+            && *mode == HashMode::DestinationPort
+            && port != 0
+        {
+            out.push(Problem::new(
+                *pos,
+                format!(
+                    "{label} has port {port}: hash dport would send every flow to one backend; \
+                     it is for any-port vips (port 0)"
+                ),
+            ));
         }
         let backends = pool.map_or(0, |p| p.backends.len());
         let (table_size, table_size_auto) = match entry.table_size.given() {
@@ -407,6 +424,9 @@ fn vips(document: &Document, out: &mut Vec<Problem>) -> Vec<VipConfig> {
                 .map(|p| p.value.clone())
                 .unwrap_or_default(),
             when_no_backend: or(&entry.when_no_backend, Default::default()),
+            icmp_echo: or(&entry.icmp_echo, icmp_echo),
+            hash: or(&entry.hash, HashMode::FiveTuple),
+            track_fragments: or(&entry.fragments, false),
         });
     }
     vips
@@ -430,21 +450,23 @@ fn unknown_pool(document: &Document, vip: &str, pool: &At<String>) -> Problem {
 }
 
 /// A Vip forwards to Backends of its own address family only (`vip`: as messages name it).
+/// The one mix IPIP forwarding cannot carry: an IPv6 Vip's packets to an IPv4 backend
+/// (IPv6-in-IPv4 has no decapsulation here: `lb_decap` and this kernel lack it). An IPv4
+/// Vip may have IPv6 backends (IPv4-in-IPv6, Katran's "v4 VIP and v6 real"), and L2 DSR
+/// rewrites only MACs, so it takes any mix.
 fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec<Problem>) {
-    let family = |a: &IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let other = pool
         .backends
         .iter()
         .filter_map(|b| b.address.as_ref())
-        .find(|b| b.value.is_ipv4() != address.value.is_ipv4());
+        .find(|b| address.value.is_ipv6() && b.value.is_ipv4());
     if let Some(backend) = other {
         out.push(Problem::new(
             address.pos,
             format!(
-                "{vip} is {} but pool {} has {} backend {} (line {})",
-                family(&address.value),
+                "{vip} is IPv6 but pool {} has IPv4 backend {} (line {}): IPIP cannot carry \
+                 IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
                 quote(&pool.name.value),
-                family(&backend.value),
                 backend.value,
                 backend.pos.line
             ),

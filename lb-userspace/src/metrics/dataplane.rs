@@ -29,12 +29,14 @@ enum Kind {
     MissNonSyn,
     InsertFailures,
     IcmpToBackend,
+    IcmpSent,
+    FragmentsTracked,
     Forwarded,
     SecondChance,
 }
 
 /// Every family of the global counters: kind, name, help, label name (if any).
-const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 10] = [
     (
         Kind::Passed,
         "mlb_packets_passed_total",
@@ -73,6 +75,18 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 8] = [
         None,
     ),
     (
+        Kind::IcmpSent,
+        "mlb_icmp_sent_total",
+        "ICMP messages the XDP program answered with itself, by type (echo_reply).",
+        Some("type"),
+    ),
+    (
+        Kind::FragmentsTracked,
+        "mlb_fragments_tracked_total",
+        "Fragments to Vips with fragments: track, steered by their datagram's ports.",
+        None,
+    ),
+    (
         Kind::Forwarded,
         "mlb_packets_forwarded_total",
         "Packets forwarded to a backend, by XDP action (tx or redirect).",
@@ -101,13 +115,17 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         | Counter::DropIpv6Ext
         | Counter::DropNoBackend
         | Counter::DropFib
-        | Counter::DropEncap => (Kind::Dropped, strip("drop_")),
+        | Counter::DropEncap
+        | Counter::DropFragmentUnknown => (Kind::Dropped, strip("drop_")),
+        Counter::IcmpEchoLimited => (Kind::Dropped, name),
+        Counter::IcmpEchoReply => (Kind::IcmpSent, strip("icmp_")),
         Counter::ConntrackHit | Counter::ConntrackMiss | Counter::ConntrackResteer => {
             (Kind::Lookups, strip("conntrack_"))
         }
         Counter::ConntrackMissNonSyn => (Kind::MissNonSyn, ""),
         Counter::ConntrackInsertFail => (Kind::InsertFailures, ""),
         Counter::IcmpToBackend => (Kind::IcmpToBackend, ""),
+        Counter::FragmentTracked => (Kind::FragmentsTracked, ""),
         Counter::Tx | Counter::Redirect => (Kind::Forwarded, name),
         Counter::SecondChance => (Kind::SecondChance, ""),
     }

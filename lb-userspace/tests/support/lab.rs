@@ -4,8 +4,10 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use lb_common::{
-    consts::{Counter, FAMILY_V4, FAMILY_V6, backend_flags, prog_names, vip_flags},
-    hash::{Flow, addr_words},
+    consts::{
+        Counter, FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots, prog_names, vip_flags,
+    },
+    hash::{Flow, HashMode, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
@@ -20,6 +22,11 @@ pub const TABLE_SIZE: u32 = 65_537;
 pub const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 pub const ENCAP_SRC6: &str = "fd00:ffff::";
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+/// Echo replies per second per CPU in the lab: more than any test sends, but for the one
+/// that sets its own.
+pub const ICMP_RATE: u32 = 1_000_000;
+/// The Vip address whose Vips leave pings to the local stack (`icmp_echo: false`).
+pub const NO_ECHO_ADDR: &str = "10.200.0.2";
 
 pub struct LabBackend {
     pub id: u32,
@@ -60,6 +67,13 @@ pub const VIP_ANY_PORT_DSR: u32 = 2; // 10.200.0.2:*/tcp, L2 DSR, backends 1-2
 pub const VIP_V6: u32 = 3; // [fd00:200::1]:80/tcp, IPv6-in-IPv6, backends 4-5
 pub const VIP_EMPTY_DROP: u32 = 4; // 10.200.0.3:80/tcp, no backend: drop
 pub const VIP_EMPTY_PASS: u32 = 5; // 10.200.0.4:80/tcp, no backend: pass
+pub const VIP_SOURCE_HASH: u32 = 6; // 10.200.0.5:80/tcp, hash source, backends 1-3
+pub const VIP_DPORT_HASH: u32 = 7; // 10.200.0.6:*/udp, hash dport, backends 1-3
+pub const VIP_SOURCE_HASH6: u32 = 8; // [fd00:200::2]:80/tcp, hash source, backends 4-5
+pub const VIP_FRAGMENTS: u32 = 9; // 10.200.0.7:53/udp, fragments track, backends 1-3
+pub const VIP_FRAGMENTS6: u32 = 10; // [fd00:200::3]:53/udp, fragments track, backends 4-5
+pub const VIP_MIXED: u32 = 11; // 10.200.0.8:80/tcp, IPv4-in-IPv6, backends 4-5
+pub const VIP_MIXED_DSR: u32 = 12; // 10.200.0.9:80/tcp, L2 DSR, backends 4-5
 
 pub fn vips() -> Vec<LabVip> {
     let v = |id, addr: &str, port, proto, flags, backends: &[u32]| LabVip {
@@ -91,6 +105,55 @@ pub fn vips() -> Vec<LabVip> {
             vip_flags::PASS_WHEN_EMPTY,
             &[],
         ),
+        v(
+            VIP_SOURCE_HASH,
+            "10.200.0.5",
+            80,
+            6,
+            vip_flags::HASH_SOURCE,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_DPORT_HASH,
+            "10.200.0.6",
+            0,
+            17,
+            vip_flags::HASH_DPORT,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_SOURCE_HASH6,
+            "fd00:200::2",
+            80,
+            6,
+            vip_flags::IPV6 | vip_flags::HASH_SOURCE,
+            &[4, 5],
+        ),
+        v(
+            VIP_FRAGMENTS,
+            "10.200.0.7",
+            53,
+            17,
+            vip_flags::FRAGMENTS_TRACK,
+            &[1, 2, 3],
+        ),
+        v(
+            VIP_FRAGMENTS6,
+            "fd00:200::3",
+            53,
+            17,
+            vip_flags::IPV6 | vip_flags::FRAGMENTS_TRACK,
+            &[4, 5],
+        ),
+        v(VIP_MIXED, "10.200.0.8", 80, 6, 0, &[4, 5]),
+        v(
+            VIP_MIXED_DSR,
+            "10.200.0.9",
+            80,
+            6,
+            vip_flags::L2_DSR,
+            &[4, 5],
+        ),
     ]
 }
 
@@ -102,6 +165,8 @@ pub struct Lab {
     pub backends: Vec<LabBackend>,
     pub vips: Vec<LabVip>,
     pub tables: HashMap<u32, MaglevTable>,
+    /// Loaded from another build's object (`with_object`).
+    pub other_object: bool,
 }
 
 impl Lab {
@@ -116,6 +181,12 @@ impl Lab {
     }
 
     pub fn with_capacities(capacities: Capacities) -> Self {
+        Self::with_object(capacities, None)
+    }
+
+    /// The lab on another build's XDP object (`None`: this build's), for the benchmark's
+    /// A/B; an older object may lack the maps of newer options, which are then left out.
+    pub fn with_object(capacities: Capacities, object: Option<&[u8]>) -> Self {
         let netns = Netns::new("mlb-fx").expect("create namespace");
         netns
             .ip(&[
@@ -155,7 +226,11 @@ impl Lab {
             .unwrap();
         let ifindex = netns.ifindex("veth0").unwrap();
         let lb_mac = netns.mac("veth0").unwrap();
-        let dataplane = Dataplane::load(capacities).unwrap_or_else(|e| panic!("{e}"));
+        let dataplane = match object {
+            None => Dataplane::load(capacities),
+            Some(object) => Dataplane::load_object(capacities, object),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut lab = Self {
             netns,
             dataplane,
@@ -164,6 +239,7 @@ impl Lab {
             backends,
             vips: vips(),
             tables: HashMap::new(),
+            other_object: object.is_some(),
         };
         lab.configure();
         lab
@@ -201,9 +277,22 @@ impl Lab {
                 )
                 .unwrap();
         }
+        if let Err(e) = self
+            .dataplane
+            .set_icmp_rate(icmp_rate_slots::ECHO, ICMP_RATE)
+        {
+            assert!(self.other_object, "{e}");
+        }
         let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
+        let no_echo: IpAddr = NO_ECHO_ADDR.parse().unwrap();
         for v in &self.vips {
             let flags = addr_flags.entry(v.addr).or_default();
+            if v.addr != no_echo {
+                *flags |= vip_addr_flags::ICMP_ECHO;
+            }
+            if v.flags & vip_flags::FRAGMENTS_TRACK != 0 {
+                *flags |= vip_addr_flags::FRAGMENTS;
+            }
             if v.port == 0 {
                 *flags |= if v.proto == 6 {
                     vip_addr_flags::ANY_PORT_TCP
@@ -282,9 +371,15 @@ impl Lab {
         self.backends.iter().find(|b| b.addr == addr)
     }
 
-    /// The backend id userspace predicts for a new flow to Vip `vip`.
+    /// The backend id userspace predicts for a new flow to Vip `vip` (under its hash mode).
     pub fn predict(&self, vip: u32, flow: &Flow) -> u32 {
-        self.tables[&vip].lookup(flow.hash(SEED))
+        let flags = self
+            .vips
+            .iter()
+            .find(|v| v.id == vip)
+            .expect("known vip")
+            .flags;
+        self.tables[&vip].lookup(flow.table_hash(HashMode::of(flags), SEED))
     }
 
     /// Runs `lb_ingress` once on `packet`, as if it arrived on veth0.

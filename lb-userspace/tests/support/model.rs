@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     consts::vip_flags,
-    hash::{Flow, vip_filter_bit},
+    hash::{Flow, HashMode, vip_filter_bit},
     types::VipFilter,
 };
 
@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use lb_common::maglev::MaglevTable;
 
 use super::{
-    lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, SEED},
-    packets::{encap_src4, encap_src6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
+    lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, NO_ECHO_ADDR, SEED},
+    packets::{encap_src4, encap_src6, expect_4in6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
 };
 
 /// What the program must do with a frame.
@@ -29,6 +29,11 @@ pub enum Decision {
     Drop(&'static str, Vec<&'static str>),
     /// `XDP_PASS` of a Vip with no backend (after a conntrack miss was counted).
     PassNoBackend(Vec<&'static str>),
+    /// A fragment to an address with a `fragments: track` Vip: what it gets depends on
+    /// the fragments seen before (the fixtures hold those to exact outcomes).
+    Stateful,
+    /// `XDP_TX` of the program's own answer (an echo reply), exactly these bytes.
+    Reply(Vec<u8>),
     /// `XDP_TX` to `backend` with exactly these bytes.
     Forward {
         backend: u32,
@@ -80,11 +85,20 @@ pub struct Model<'a> {
 enum Stop {
     Pass(&'static str),
     Drop(&'static str),
+    Reply(Vec<u8>),
+    Stateful,
 }
 
 impl<'a> Model<'a> {
     fn is_vip_addr(&self, addr: IpAddr) -> bool {
         self.vips.iter().any(|v| v.addr == addr)
+    }
+
+    /// Some Vip on `addr` tracks fragments.
+    fn tracks_fragments(&self, addr: IpAddr) -> bool {
+        self.vips
+            .iter()
+            .any(|v| v.addr == addr && v.flags & vip_flags::FRAGMENTS_TRACK != 0)
     }
 
     /// Turns what parsing found into what a packet past the address pre-filter gets: a
@@ -102,6 +116,8 @@ impl<'a> Model<'a> {
         match self.parse(frame) {
             Err(Stop::Pass(c)) => Decision::Pass(c),
             Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
+            Err(Stop::Reply(bytes)) => Decision::Reply(bytes),
+            Err(Stop::Stateful) => Decision::Stateful,
             Ok((l3, parsed)) => self.select(frame, l3, &parsed),
         }
     }
@@ -137,11 +153,16 @@ impl<'a> Model<'a> {
             return Err(Stop::Pass("pass_not_vip"));
         }
         let fragment = be16(f, l3 + 6) & 0x3FFF != 0;
+        if fragment && self.tracks_fragments(dst) {
+            return Err(Stop::Stateful);
+        }
         if fragment {
             return Err(self.confirm(dst, Stop::Drop("drop_fragment")));
         }
         let (l4, end, proto) = (l3 + ihl, l3 + tot_len, f[l3 + 9]);
-        let result = if proto == 1 {
+        let result = if proto == 1 && f.len() >= l4 + 8 && f[l4] == 8 {
+            self.echo(f, l3, l4, end, dst)
+        } else if proto == 1 {
             icmp_error(f, l4, end, false)
         } else {
             ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
@@ -173,8 +194,10 @@ impl<'a> Model<'a> {
         }
         let (l4, next) = (l3 + 40, f[l3 + 6]);
         let result = match next {
+            44 if self.tracks_fragments(dst) => Err(Stop::Stateful),
             44 => Err(Stop::Drop("drop_fragment")),
             0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Stop::Drop("drop_ipv6_ext")),
+            58 if f.len() >= l4 + 8 && f[l4] == 128 => self.echo(f, l3, l4, end, dst),
             58 => icmp_error(f, l4, end, true),
             proto => ports(f, proto, l4, end).map(|(sport, dport, syn)| Parsed {
                 flow: Flow {
@@ -189,6 +212,28 @@ impl<'a> Model<'a> {
             }),
         };
         result.map_err(|stop| self.confirm(dst, stop))
+    }
+
+    /// An echo request (IP header at `l3`, ICMP at `l4`, IP packet ending at `end`) to
+    /// `dst`: answered unless `dst` is the lab's address without `icmp_echo`.
+    fn echo(
+        &self,
+        f: &[u8],
+        l3: usize,
+        l4: usize,
+        end: usize,
+        dst: IpAddr,
+    ) -> Result<Parsed, Stop> {
+        if !self.is_vip_addr(dst) {
+            return Err(Stop::Pass("pass_not_vip"));
+        }
+        if dst == NO_ECHO_ADDR.parse::<IpAddr>().unwrap() {
+            return Err(Stop::Pass("pass_vip_other"));
+        }
+        if l4 + 8 > end {
+            return Err(Stop::Drop("drop_malformed"));
+        }
+        Err(Stop::Reply(echo_reply(f, l3, l4)))
     }
 
     /// The Vip id of a flow: exact (address, port, protocol), else the address's any-port
@@ -220,6 +265,8 @@ impl<'a> Model<'a> {
             Ok(vip) => vip,
             Err(Stop::Pass(c)) => return Decision::Pass(c),
             Err(Stop::Drop(c)) => return Decision::Drop(c, vec![]),
+            Err(Stop::Reply(bytes)) => return Decision::Reply(bytes),
+            Err(Stop::Stateful) => return Decision::Stateful,
         };
         // Counted only on a connection-table miss; a hit of a flow the fuzzer sent before
         // counts a hit instead. The caller allows for both.
@@ -239,7 +286,7 @@ impl<'a> Model<'a> {
             };
         }
         let hash = p.flow.hash(SEED);
-        let backend = self.tables[&vip].lookup(hash);
+        let backend = self.tables[&vip].lookup(p.flow.table_hash(HashMode::of(v.flags), SEED));
         let b = self.backends.iter().find(|b| b.id == backend).unwrap();
         let output = if v.flags & vip_flags::L2_DSR != 0 {
             expect_l2(frame, self.lb_mac, b.mac)
@@ -248,6 +295,11 @@ impl<'a> Model<'a> {
                 IpAddr::V4(dst) => {
                     let src = encap_src4(ENCAP_SRC4, hash);
                     expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, dst.octets())
+                }
+                IpAddr::V6(dst) if p.flow.dst.is_ipv4() => {
+                    // An IPv4 Vip with IPv6 backends: IPv4-in-IPv6.
+                    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                    expect_4in6(frame, l3, self.lb_mac, b.mac, src, dst.octets(), hash)
                 }
                 IpAddr::V6(dst) => {
                     let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
@@ -331,6 +383,44 @@ fn icmp_error(f: &[u8], l4: usize, end: usize, v6: bool) -> Result<Parsed, Stop>
         syn: false,
         icmp_error: true,
     })
+}
+
+/// One's-complement checksum `check` after the 16-bit word `old` became `new` (RFC 1624).
+fn csum_update(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The echo reply to the request in `f`: MACs and addresses swapped, TTL / hop limit 64,
+/// type 0 / 129, both checksums updated for what changed.
+fn echo_reply(f: &[u8], l3: usize, l4: usize) -> Vec<u8> {
+    let mut r = f.to_vec();
+    r[0..6].copy_from_slice(&f[6..12]);
+    r[6..12].copy_from_slice(&f[0..6]);
+    let word = |r: &[u8], at: usize| u16::from_be_bytes([r[at], r[at + 1]]);
+    let put = |r: &mut Vec<u8>, at: usize, v: u16| r[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    let reply_type = if f[l3] >> 4 == 4 {
+        r[l3 + 12..l3 + 16].copy_from_slice(&f[l3 + 16..l3 + 20]);
+        r[l3 + 16..l3 + 20].copy_from_slice(&f[l3 + 12..l3 + 16]);
+        let old = word(f, l3 + 8);
+        r[l3 + 8] = 64;
+        let check = csum_update(word(f, l3 + 10), old, word(&r, l3 + 8));
+        put(&mut r, l3 + 10, check);
+        0
+    } else {
+        r[l3 + 8..l3 + 24].copy_from_slice(&f[l3 + 24..l3 + 40]);
+        r[l3 + 24..l3 + 40].copy_from_slice(&f[l3 + 8..l3 + 24]);
+        r[l3 + 7] = 64;
+        129
+    };
+    let old = word(f, l4);
+    r[l4] = reply_type;
+    let check = csum_update(word(f, l4 + 2), old, word(&r, l4));
+    put(&mut r, l4 + 2, check);
+    r
 }
 
 fn v6_at(f: &[u8], at: usize) -> IpAddr {

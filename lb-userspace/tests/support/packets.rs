@@ -57,13 +57,36 @@ pub fn udp(lb_mac: [u8; 6], src: IpAddr, sport: u16, dst: IpAddr, dport: u16) ->
     out
 }
 
-pub fn icmp4_echo(lb_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+/// An ICMP or ICMPv6 echo request (`reply`: its reply) from `src` to `dst` with `ttl`,
+/// between the given MACs.
+pub fn icmp_echo(
+    macs: ([u8; 6], [u8; 6]),
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    reply: bool,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, lb_mac)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .icmpv4_echo_request(1, 1)
-        .write(&mut out, PAYLOAD)
-        .unwrap();
+    match (src.is_ipv4(), reply) {
+        (true, false) => eth
+            .ipv4(v4(src), v4(dst), ttl)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut out, PAYLOAD),
+        (true, true) => eth
+            .ipv4(v4(src), v4(dst), ttl)
+            .icmpv4_echo_reply(7, 1)
+            .write(&mut out, PAYLOAD),
+        (false, false) => eth
+            .ipv6(v6(src), v6(dst), ttl)
+            .icmpv6_echo_request(7, 1)
+            .write(&mut out, PAYLOAD),
+        (false, true) => eth
+            .ipv6(v6(src), v6(dst), ttl)
+            .icmpv6_echo_reply(7, 1)
+            .write(&mut out, PAYLOAD),
+    }
+    .unwrap();
     out
 }
 
@@ -178,6 +201,54 @@ pub fn as_fragment(pkt: &[u8], more: bool, offset: u16) -> Vec<u8> {
     out
 }
 
+/// A UDP datagram of `len` payload bytes from `src:sport` to `dst:dport` (IPv4 or IPv6),
+/// cut into IP fragments of at most `chunk` bytes of IP payload (a multiple of 8) with
+/// identification `id`, as a host's stack would send it.
+pub fn udp_fragments(
+    lb_mac: [u8; 6],
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
+    len: usize,
+    chunk: usize,
+    id: u32,
+) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, lb_mac);
+    let ip = if src.is_ipv4() {
+        eth.ipv4(v4(src), v4(dst), 64)
+    } else {
+        eth.ipv6(v6(src), v6(dst), 64)
+    };
+    let mut whole = Vec::new();
+    ip.udp(sport, dport).write(&mut whole, &payload).unwrap();
+    let hlen = if src.is_ipv4() { 20 } else { 40 };
+    let (head, body) = whole.split_at(14 + hlen);
+    let pieces: Vec<&[u8]> = body.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let (offset, more) = ((i * chunk / 8) as u16, i + 1 < pieces.len());
+            let mut out = head.to_vec();
+            if src.is_ipv4() {
+                out[16..18].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+                out[18..20].copy_from_slice(&(id as u16).to_be_bytes());
+                let field = if more { 0x2000 } else { 0 } | offset;
+                out[20..22].copy_from_slice(&field.to_be_bytes());
+                fix_ipv4_checksum(&mut out, 14);
+            } else {
+                out[18..20].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+                out[20] = 44;
+                out.extend_from_slice(&[17, 0]);
+                out.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
 /// Inserts an 8-byte IPv6 extension header of type `kind` in front of L4.
 pub fn with_ipv6_ext(pkt: &[u8], kind: u8) -> Vec<u8> {
     let next = pkt[14 + 6];
@@ -253,15 +324,31 @@ pub fn expect_ip6ip6_at(
     let payload = u16::from_be_bytes([inner[4], inner[5]]);
     let vtc = u32::from_be_bytes([inner[0], inner[1], inner[2], inner[3]]);
     let vtc = (vtc & 0xFFF0_0000) | (hash & 0x000F_FFFF);
+    with_outer6(input, l3, (smac, dmac), (src, dst), vtc, payload + 40, 41)
+}
+
+/// `input`'s IP packet (at `l3`) behind a new L2 header (MACs, the input's VLAN tag if
+/// any, EtherType IPv6) and an outer IPv6 header: `vtc` (version, class, flow label),
+/// payload length, next header, hop limit 64, `src` to `dst`.
+fn with_outer6(
+    input: &[u8],
+    l3: usize,
+    (smac, dmac): ([u8; 6], [u8; 6]),
+    (src, dst): ([u8; 16], [u8; 16]),
+    vtc: u32,
+    payload: u16,
+    next: u8,
+) -> Vec<u8> {
     let mut out = dmac.to_vec();
     out.extend_from_slice(&smac);
-    out.extend_from_slice(&input[12..l3]);
+    out.extend_from_slice(&input[12..l3 - 2]);
+    out.extend_from_slice(&[0x86, 0xDD]);
     out.extend_from_slice(&vtc.to_be_bytes());
-    out.extend_from_slice(&(payload + 40).to_be_bytes());
-    out.extend_from_slice(&[41, 64]);
+    out.extend_from_slice(&payload.to_be_bytes());
+    out.extend_from_slice(&[next, 64]);
     out.extend_from_slice(&src);
     out.extend_from_slice(&dst);
-    out.extend_from_slice(inner);
+    out.extend_from_slice(&input[l3..]);
     out
 }
 
@@ -285,4 +372,22 @@ pub fn encap_src6(base: Ipv6Addr, hash: u32) -> [u8; 16] {
     let last = u32::from_ne_bytes(octets[12..16].try_into().unwrap()) ^ hash;
     octets[12..16].copy_from_slice(&last.to_ne_bytes());
     octets
+}
+
+/// The IPv4-in-IPv6 packet for an IPv4 `input` (header at `l3`, behind a VLAN tag that
+/// stays) to an IPv6 backend: EtherType IPv6, an outer header (traffic class = the inner
+/// TOS, flow label from `hash`, next header 4, hop limit 64) from `src` to `dst`, the
+/// client's IPv4 packet unchanged.
+pub fn expect_4in6(
+    input: &[u8],
+    l3: usize,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    hash: u32,
+) -> Vec<u8> {
+    let tot_len = u16::from_be_bytes([input[l3 + 2], input[l3 + 3]]);
+    let vtc = (6 << 28) | (u32::from(input[l3 + 1]) << 20) | (hash & 0x000F_FFFF);
+    with_outer6(input, l3, (smac, dmac), (src, dst), vtc, tot_len, 4)
 }
