@@ -140,7 +140,7 @@ fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let Some(middle) = ipip_at(ctx, l2.l3_off + IPV4_HLEN) else {
-        return deliver(ctx, l2, IPV4_HLEN, DecapCounter::Delivered);
+        return deliver(ctx, l2, IPV4_HLEN, l2.proto, DecapCounter::Delivered);
     };
     // SAFETY: bounds checked by ipip_at.
     let (middle_src, previous) = unsafe { ((*middle).src, (*middle).dst) };
@@ -149,7 +149,7 @@ fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
         return xdp_action::XDP_DROP;
     }
     match local_v4(ctx, l2.l3_off + 2 * IPV4_HLEN) {
-        Some(true) => deliver(ctx, l2, 2 * IPV4_HLEN, DecapCounter::ChainedLocal),
+        Some(true) => deliver(ctx, l2, 2 * IPV4_HLEN, l2.proto, DecapCounter::ChainedLocal),
         Some(false) => forward_on(ctx, l2, IPV4_HLEN, &[previous, 0, 0, 0], false),
         None => {
             count(DecapCounter::DropMalformed);
@@ -161,7 +161,7 @@ fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
 #[inline(always)]
 fn decap_ipv6(ctx: &XdpContext, l2: &Outer) -> u32 {
     let Some(outer) = ip6ip6_at(ctx, l2.l3_off) else {
-        return xdp_action::XDP_PASS;
+        return decap_4in6(ctx, l2);
     };
     // SAFETY: bounds checked by ip6ip6_at.
     if !from_lb_v6(&unsafe { read_addr6(&(*outer).src) }) {
@@ -169,7 +169,7 @@ fn decap_ipv6(ctx: &XdpContext, l2: &Outer) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let Some(middle) = ip6ip6_at(ctx, l2.l3_off + IPV6_HLEN) else {
-        return deliver(ctx, l2, IPV6_HLEN, DecapCounter::Delivered);
+        return deliver(ctx, l2, IPV6_HLEN, l2.proto, DecapCounter::Delivered);
     };
     // SAFETY: bounds checked by ip6ip6_at.
     let (middle_src, previous) =
@@ -179,13 +179,31 @@ fn decap_ipv6(ctx: &XdpContext, l2: &Outer) -> u32 {
         return xdp_action::XDP_DROP;
     }
     match local_v6(ctx, l2.l3_off + 2 * IPV6_HLEN) {
-        Some(true) => deliver(ctx, l2, 2 * IPV6_HLEN, DecapCounter::ChainedLocal),
+        Some(true) => deliver(ctx, l2, 2 * IPV6_HLEN, l2.proto, DecapCounter::ChainedLocal),
         Some(false) => forward_on(ctx, l2, IPV6_HLEN, &previous, true),
         None => {
             count(DecapCounter::DropMalformed);
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// IPv4-in-IPv6 (an IPv4 Vip with IPv6 backends, never chained): delivered as IPv4.
+#[inline(always)]
+fn decap_4in6(ctx: &XdpContext, l2: &Outer) -> u32 {
+    let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*outer).nexthdr } != PROTO_IPIP {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: as above.
+    if !from_lb_v6(&unsafe { read_addr6(&(*outer).src) }) {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    }
+    deliver(ctx, l2, IPV6_HLEN, ETH_P_IP, DecapCounter::Delivered)
 }
 
 /// Whether the IPv4 TCP segment at `off` is this host's: a SYN, or a local socket has its
@@ -305,8 +323,8 @@ fn socket_has_flow(
 
 /// Strips `len` bytes of outer headers and passes the packet to the kernel.
 #[inline(always)]
-fn deliver(ctx: &XdpContext, l2: &Outer, len: usize, counter: DecapCounter) -> u32 {
-    if !strip(ctx, l2, len) {
+fn deliver(ctx: &XdpContext, l2: &Outer, len: usize, inner: u16, counter: DecapCounter) -> u32 {
+    if !strip(ctx, l2, len, inner) {
         return xdp_action::XDP_DROP;
     }
     count(counter);
@@ -314,9 +332,9 @@ fn deliver(ctx: &XdpContext, l2: &Outer, len: usize, counter: DecapCounter) -> u
 }
 
 /// Removes `len` bytes after the L2 header: moves the L2 header up against what follows,
-/// then drops the gap.
+/// with EtherType `inner` (network order) for what is left, then drops the gap.
 #[inline(always)]
-fn strip(ctx: &XdpContext, l2: &Outer, len: usize) -> bool {
+fn strip(ctx: &XdpContext, l2: &Outer, len: usize, inner: u16) -> bool {
     let (Some(old), Some(new)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<EthHdr>(ctx, len)) else {
         return false;
     };
@@ -328,15 +346,18 @@ fn strip(ctx: &XdpContext, l2: &Outer, len: usize) -> bool {
             core::ptr::write_volatile(new.add(i), *old.add(i));
         }
     }
-    if l2.vlan_tci != NO_VLAN {
+    if l2.vlan_tci == NO_VLAN {
+        // SAFETY: bounds checked above.
+        unsafe { (*new).proto = inner };
+    } else {
         let tci = l2.vlan_tci as u16;
         let Some(vlan) = ptr_at::<VlanHdr>(ctx, len + size_of::<EthHdr>()) else {
             return false;
         };
-        // SAFETY: bounds checked by ptr_at; the inner protocol equals the outer one.
+        // SAFETY: bounds checked by ptr_at.
         unsafe {
             (*vlan).tci = tci;
-            (*vlan).proto = l2.proto;
+            (*vlan).proto = inner;
         }
     }
     // SAFETY: shrinking by a length known to be inside the packet.
@@ -349,7 +370,7 @@ fn strip(ctx: &XdpContext, l2: &Outer, len: usize) -> bool {
 /// it (and resolves the neighbour for the next packets).
 #[inline(always)]
 fn forward_on(ctx: &XdpContext, l2: &Outer, len: usize, previous: &[u32; 4], v6: bool) -> u32 {
-    if !strip(ctx, l2, len) {
+    if !strip(ctx, l2, len, l2.proto) {
         return xdp_action::XDP_DROP;
     }
     let Some(params) = FIB_SCRATCH.get_ptr_mut(0) else {

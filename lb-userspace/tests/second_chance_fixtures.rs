@@ -500,6 +500,27 @@ fn lb_decap_delivers_sends_on_or_drops() {
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(got, [("drop_source", 1)]);
 
+    // IPv4-in-IPv6 (an IPv4 Vip with IPv6 backends): delivered as IPv4.
+    let frame = {
+        let mut f = CLIENT_MAC.to_vec();
+        f.extend_from_slice(&lb_mac);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        let payload = (inner.len() - 14) as u16;
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&payload.to_be_bytes());
+        f.extend_from_slice(&[4, 64]);
+        f.extend_from_slice(&lb6.octets());
+        f.extend_from_slice(&me6.octets());
+        f.extend_from_slice(&inner[14..]);
+        f
+    };
+    let (out, got) = decap(&mut lab, &frame);
+    let mut want = frame[..12].to_vec();
+    want.extend_from_slice(&[0x08, 0x00]);
+    want.extend_from_slice(&inner[14..]);
+    assert_eq!((out.action, out.packet), (XDP_PASS, want), "4in6");
+    assert_eq!(got, [("delivered", 1)]);
+
     // With no source configured, nothing encapsulated is accepted.
     lab.dataplane.set_decap_sources(&[]).unwrap();
     let (out, got) = decap(&mut lab, &wrap4(&inner, lb, me));
