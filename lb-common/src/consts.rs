@@ -127,168 +127,115 @@ pub mod backend_flags {
     pub const IPV6: u32 = 1 << 1;
 }
 
-/// Index of each global per-CPU counter in the `STATS` map.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Not IPv4/IPv6 (ARP, LLDP, QinQ, ...): passed.
-    PassNotIp = 0,
-    /// IP, but not for any Vip: passed.
-    PassNotVip,
-    /// Truncated or inconsistent L2/L3 header, destination unknown: passed (the kernel drops it).
-    PassMalformed,
-    /// Packet for a Vip address that no Vip serves (ICMP echo, other protocol/port): passed.
-    PassVipOther,
-    /// No usable backend and the Vip is set to pass: passed.
-    PassNoBackend,
-    /// Truncated or inconsistent L4 header to a Vip: dropped.
-    DropMalformed,
-    /// IPv4 fragment or IPv6 fragment header to a Vip: dropped.
-    DropFragment,
-    /// IPv6 extension headers in front of L4 to a Vip: dropped.
-    DropIpv6Ext,
-    /// MaglevTable empty (no healthy backend): dropped.
-    DropNoBackend,
-    /// `bpf_fib_lookup` found no route or no neighbour for the backend: dropped.
-    DropFib,
-    /// Could not grow the packet for encapsulation: dropped.
-    DropEncap,
-    /// Connection-table hit on an up backend.
-    ConntrackHit,
-    /// Connection-table miss: backend chosen by the MaglevTable.
-    ConntrackMiss,
-    /// Connection-table miss on a TCP packet without SYN (another load balancer's flow,
-    /// or an evicted entry); still forwarded by the table.
-    ConntrackMissNonSyn,
-    /// Connection-table hit whose backend is down or gone: re-steered by the table.
-    ConntrackResteer,
-    /// No room in the connection table: both candidate buckets full of active flows (the
-    /// new flow is forwarded by its table without an entry; no active flow is evicted).
-    ConntrackInsertFail,
-    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" steered to a flow's backend.
-    IcmpToBackend,
-    /// Forwarded with XDP_TX.
-    Tx,
-    /// Forwarded with XDP_REDIRECT (backend behind another interface).
-    Redirect,
-    /// Second chance: a non-SYN TCP packet that missed the connection table, whose slot
-    /// names another Backend in the Vip's previous MaglevTable, sent to the current
-    /// Backend with the previous one attached (a second IPIP header).
-    SecondChance,
-    /// ICMP / ICMPv6 echo request to a Vip address answered from XDP (XDP_TX).
-    IcmpEchoReply,
-    /// Echo request to a Vip address over this CPU's reply budget: dropped.
-    IcmpEchoLimited,
-    /// A fragment to a Vip with `fragments: track`, steered by its datagram's ports.
-    FragmentTracked,
-    /// A later fragment whose first fragment was not seen (lost, reordered, or its entry
-    /// evicted): dropped.
-    DropFragmentUnknown,
+/// Declares a counter enum (`#[repr(u32)]`, indices in declaration order) with its
+/// `COUNT`, `ALL` (index order) and `name()` (a stable snake_case label for metrics and
+/// tests) from one list, so that a new counter cannot miss its name or its place.
+macro_rules! counters {
+    (
+        $(#[$outer:meta])*
+        pub enum $name:ident {
+            $($(#[$meta:meta])* $variant:ident => $label:literal,)+
+        }
+    ) => {
+        $(#[$outer])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$meta])* $variant,)+
+        }
+
+        impl $name {
+            pub const COUNT: u32 = [$($label),+].len() as u32;
+
+            /// Every counter, in index order.
+            pub const ALL: [$name; $name::COUNT as usize] = [$($name::$variant),+];
+
+            /// Stable snake_case name, used in metrics labels and test output.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
 }
 
-impl Counter {
-    pub const COUNT: u32 = Counter::DropFragmentUnknown as u32 + 1;
-
-    /// Every counter, in index order.
-    pub const ALL: [Counter; Counter::COUNT as usize] = [
-        Counter::PassNotIp,
-        Counter::PassNotVip,
-        Counter::PassMalformed,
-        Counter::PassVipOther,
-        Counter::PassNoBackend,
-        Counter::DropMalformed,
-        Counter::DropFragment,
-        Counter::DropIpv6Ext,
-        Counter::DropNoBackend,
-        Counter::DropFib,
-        Counter::DropEncap,
-        Counter::ConntrackHit,
-        Counter::ConntrackMiss,
-        Counter::ConntrackMissNonSyn,
-        Counter::ConntrackResteer,
-        Counter::ConntrackInsertFail,
-        Counter::IcmpToBackend,
-        Counter::Tx,
-        Counter::Redirect,
-        Counter::SecondChance,
-        Counter::IcmpEchoReply,
-        Counter::IcmpEchoLimited,
-        Counter::FragmentTracked,
-        Counter::DropFragmentUnknown,
-    ];
-
-    /// Stable snake_case name, used in metrics labels and test output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::PassNotIp => "pass_not_ip",
-            Counter::PassNotVip => "pass_not_vip",
-            Counter::PassMalformed => "pass_malformed",
-            Counter::PassVipOther => "pass_vip_other",
-            Counter::PassNoBackend => "pass_no_backend",
-            Counter::DropMalformed => "drop_malformed",
-            Counter::DropFragment => "drop_fragment",
-            Counter::DropIpv6Ext => "drop_ipv6_ext",
-            Counter::DropNoBackend => "drop_no_backend",
-            Counter::DropFib => "drop_fib",
-            Counter::DropEncap => "drop_encap",
-            Counter::ConntrackHit => "conntrack_hit",
-            Counter::ConntrackMiss => "conntrack_miss",
-            Counter::ConntrackMissNonSyn => "conntrack_miss_non_syn",
-            Counter::ConntrackResteer => "conntrack_resteer",
-            Counter::ConntrackInsertFail => "conntrack_insert_fail",
-            Counter::IcmpToBackend => "icmp_to_backend",
-            Counter::Tx => "tx",
-            Counter::Redirect => "redirect",
-            Counter::SecondChance => "second_chance",
-            Counter::IcmpEchoReply => "icmp_echo_reply",
-            Counter::IcmpEchoLimited => "icmp_echo_limited",
-            Counter::FragmentTracked => "fragment_tracked",
-            Counter::DropFragmentUnknown => "drop_fragment_unknown",
-        }
+counters! {
+    /// Index of each global per-CPU counter in the `STATS` map.
+    pub enum Counter {
+        /// Not IPv4/IPv6 (ARP, LLDP, QinQ, ...): passed.
+        PassNotIp => "pass_not_ip",
+        /// IP, but not for any Vip: passed.
+        PassNotVip => "pass_not_vip",
+        /// Truncated or inconsistent L2/L3 header, destination unknown: passed (the kernel drops it).
+        PassMalformed => "pass_malformed",
+        /// Packet for a Vip address that no Vip serves (ICMP echo, other protocol/port): passed.
+        PassVipOther => "pass_vip_other",
+        /// No usable backend and the Vip is set to pass: passed.
+        PassNoBackend => "pass_no_backend",
+        /// Truncated or inconsistent L4 header to a Vip: dropped.
+        DropMalformed => "drop_malformed",
+        /// IPv4 fragment or IPv6 fragment header to a Vip: dropped.
+        DropFragment => "drop_fragment",
+        /// IPv6 extension headers in front of L4 to a Vip: dropped.
+        DropIpv6Ext => "drop_ipv6_ext",
+        /// MaglevTable empty (no healthy backend): dropped.
+        DropNoBackend => "drop_no_backend",
+        /// `bpf_fib_lookup` found no route or no neighbour for the backend: dropped.
+        DropFib => "drop_fib",
+        /// Could not grow the packet for encapsulation: dropped.
+        DropEncap => "drop_encap",
+        /// Connection-table hit on an up backend.
+        ConntrackHit => "conntrack_hit",
+        /// Connection-table miss: backend chosen by the MaglevTable.
+        ConntrackMiss => "conntrack_miss",
+        /// Connection-table miss on a TCP packet without SYN (another load balancer's flow,
+        /// or an evicted entry); still forwarded by the table.
+        ConntrackMissNonSyn => "conntrack_miss_non_syn",
+        /// Connection-table hit whose backend is down or gone: re-steered by the table.
+        ConntrackResteer => "conntrack_resteer",
+        /// No room in the connection table: both candidate buckets full of active flows (the
+        /// new flow is forwarded by its table without an entry; no active flow is evicted).
+        ConntrackInsertFail => "conntrack_insert_fail",
+        /// ICMP "fragmentation needed" / ICMPv6 "packet too big" steered to a flow's backend.
+        IcmpToBackend => "icmp_to_backend",
+        /// Forwarded with XDP_TX.
+        Tx => "tx",
+        /// Forwarded with XDP_REDIRECT (backend behind another interface).
+        Redirect => "redirect",
+        /// Second chance: a non-SYN TCP packet that missed the connection table, whose slot
+        /// names another Backend in the Vip's previous MaglevTable, sent to the current
+        /// Backend with the previous one attached (a second IPIP header).
+        SecondChance => "second_chance",
+        /// ICMP / ICMPv6 echo request to a Vip address answered from XDP (XDP_TX).
+        IcmpEchoReply => "icmp_echo_reply",
+        /// Echo request to a Vip address over this CPU's reply budget: dropped.
+        IcmpEchoLimited => "icmp_echo_limited",
+        /// A fragment to a Vip with `fragments: track`, steered by its datagram's ports.
+        FragmentTracked => "fragment_tracked",
+        /// A later fragment whose first fragment was not seen (lost, reordered, or its entry
+        /// evicted): dropped.
+        DropFragmentUnknown => "drop_fragment_unknown",
     }
 }
 
-/// Index of each counter of `lb_decap` (on backends) in its `DECAP_STATS` map.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecapCounter {
-    /// Encapsulated by a load balancer, decapsulated and delivered.
-    Delivered = 0,
-    /// Chained (second chance) and delivered here: a SYN, or a local socket has the flow.
-    ChainedLocal,
-    /// Chained, and no local socket has the flow: sent on to the previous Backend.
-    ChainedForwarded,
-    /// Chained, to be sent on, but the kernel had no neighbour entry for the previous
-    /// Backend yet: handed to the kernel's forwarding (which resolves it).
-    ChainedForwardedByKernel,
-    /// Encapsulated, from a source outside the load balancers' prefixes: dropped.
-    DropSource,
-    /// Chained, but the packet inside is not the TCP segment a load balancer chains
-    /// (truncated, options, another protocol): dropped.
-    DropMalformed,
-}
-
-impl DecapCounter {
-    pub const COUNT: u32 = DecapCounter::DropMalformed as u32 + 1;
-    pub const ALL: [DecapCounter; DecapCounter::COUNT as usize] = [
-        DecapCounter::Delivered,
-        DecapCounter::ChainedLocal,
-        DecapCounter::ChainedForwarded,
-        DecapCounter::ChainedForwardedByKernel,
-        DecapCounter::DropSource,
-        DecapCounter::DropMalformed,
-    ];
-
-    /// Stable snake_case name, used in metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DecapCounter::Delivered => "delivered",
-            DecapCounter::ChainedLocal => "chained_local",
-            DecapCounter::ChainedForwarded => "chained_forwarded",
-            DecapCounter::ChainedForwardedByKernel => "chained_forwarded_by_kernel",
-            DecapCounter::DropSource => "drop_source",
-            DecapCounter::DropMalformed => "drop_malformed",
-        }
+counters! {
+    /// Index of each counter of `lb_decap` (on backends) in its `DECAP_STATS` map.
+    pub enum DecapCounter {
+        /// Encapsulated by a load balancer, decapsulated and delivered.
+        Delivered => "delivered",
+        /// Chained (second chance) and delivered here: a SYN, or a local socket has the flow.
+        ChainedLocal => "chained_local",
+        /// Chained, and no local socket has the flow: sent on to the previous Backend.
+        ChainedForwarded => "chained_forwarded",
+        /// Chained, to be sent on, but the kernel had no neighbour entry for the previous
+        /// Backend yet: handed to the kernel's forwarding (which resolves it).
+        ChainedForwardedByKernel => "chained_forwarded_by_kernel",
+        /// Encapsulated, from a source outside the load balancers' prefixes: dropped.
+        DropSource => "drop_source",
+        /// Chained, but the packet inside is not the TCP segment a load balancer chains
+        /// (truncated, options, another protocol): dropped.
+        DropMalformed => "drop_malformed",
     }
 }
 

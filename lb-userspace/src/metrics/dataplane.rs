@@ -100,6 +100,17 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 10] = [
     ),
 ];
 
+/// The metric a data-plane counter is exported as: family name, and its label and value
+/// within the family (`None` for a family of its own).
+pub fn counter_metric(counter: Counter) -> (&'static str, Option<(&'static str, &'static str)>) {
+    let (k, value) = kind(counter);
+    let (_, family, _, label) = FAMILIES
+        .iter()
+        .find(|(f, ..)| *f == k)
+        .expect("every kind has a family");
+    (family, label.map(|l| (l, value)))
+}
+
 /// Which family a counter feeds, and its label value there.
 fn kind(counter: Counter) -> (Kind, &'static str) {
     let name = counter.name();

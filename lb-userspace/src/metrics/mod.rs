@@ -24,6 +24,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+pub use dataplane::counter_metric;
 use prometheus::{
     Encoder as _, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
