@@ -626,6 +626,11 @@ impl Dataplane {
         }
     }
 
+    /// Vip `id`'s table as the data plane holds it: `(size, slots)`.
+    pub fn table(&self, id: u32) -> Result<Option<(u32, Vec<u32>)>> {
+        read_table(self.map(names::TABLES)?, names::TABLES, id)
+    }
+
     /// Vip `id`'s previous table as the data plane holds it: `(size, slots)`.
     pub fn prev_table(&self, id: u32) -> Result<Option<(u32, Vec<u32>)>> {
         read_table(self.map(names::PREV_TABLES)?, names::PREV_TABLES, id)

@@ -48,6 +48,14 @@ pub trait DataplaneOps {
     fn remove_prev_table(&mut self, _id: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// The table the data plane serves for Vip `id` (a restarted daemon's predecessor's).
+    fn table(&self, _id: u32) -> Option<MaglevTable> {
+        None
+    }
+    /// The previous table the data plane holds for Vip `id`.
+    fn prev_table(&self, _id: u32) -> Option<MaglevTable> {
+        None
+    }
     /// Several Vips' tables at once (each swap atomic; the real data plane makes it one
     /// syscall, one RCU grace period).
     fn install_tables(&mut self, tables: &[(u32, &MaglevTable)]) -> Result<(), DataplaneError> {
@@ -100,6 +108,14 @@ impl DataplaneOps for Dataplane {
     }
     fn remove_prev_table(&mut self, id: u32) -> Result<(), DataplaneError> {
         Dataplane::remove_prev_table(self, id)
+    }
+    fn table(&self, id: u32) -> Option<MaglevTable> {
+        let (_, slots) = Dataplane::table(self, id).ok()??;
+        Some(MaglevTable::from_slots(slots))
+    }
+    fn prev_table(&self, id: u32) -> Option<MaglevTable> {
+        let (_, slots) = Dataplane::prev_table(self, id).ok()??;
+        Some(MaglevTable::from_slots(slots))
     }
     fn reset_traffic(&mut self, vip: bool, id: u32) -> Result<(), DataplaneError> {
         Dataplane::reset_traffic(self, vip, id)
@@ -842,7 +858,12 @@ impl<D: DataplaneOps> Reconciler<D> {
                     }
                     // Unchanged (a forced rewrite) or from no backend: keep what it had.
                     Some(t) => t.previous.clone(),
-                    None => self.restored(&p.endpoint, &p.table)?,
+                    // This daemon's first install: what its predecessor saved, else the
+                    // table the data plane still serves (a restart with a new config).
+                    None => match self.restored(p.id, &p.endpoint, &p.table)? {
+                        Some(restored) => Some(restored),
+                        None => self.adopted(p.id, &p.table, until),
+                    },
                 };
                 if let Some(kept) = kept {
                     previous.insert(p.endpoint.clone(), kept);
@@ -884,7 +905,8 @@ impl<D: DataplaneOps> Reconciler<D> {
             let generation = previous.map_or(1, |t| t.generation + 1);
             report.tables.push((p.endpoint.clone(), diff));
             let kept = previous_tables.remove(&p.endpoint);
-            if kept.is_none() && previous.is_some_and(|t| t.previous.is_some()) {
+            // None to keep: drop what the data plane has (also a predecessor's, expired).
+            if kept.is_none() && previous.is_none_or(|t| t.previous.is_some()) {
                 self.dataplane.remove_prev_table(p.id)?;
             }
             self.tables.insert(
@@ -931,6 +953,33 @@ impl<D: DataplaneOps> Reconciler<D> {
         }
     }
 
+    /// The table the data plane serves for Vip `id` before this daemon's first install, as
+    /// a previous table until `until`, if it differs from `current`. Its weights are not
+    /// known: it is saved without members, which tells a successor to take it from the
+    /// maps (`PREV_TABLES`), and it is lost with them.
+    fn adopted(&self, id: u32, current: &MaglevTable, until: u64) -> Option<PreviousTable> {
+        let table = self.dataplane.table(id)?;
+        if table.is_empty() || table == *current {
+            return None;
+        }
+        let members = table
+            .slot_counts()
+            .into_iter()
+            .map(|(id, _)| (id, self.backend_key_of(id).unwrap_or_default()))
+            .collect();
+        Some(PreviousTable {
+            saved: SavedTable {
+                size: table.size(),
+                seed: 0,
+                members: Vec::new(),
+                until,
+            },
+            table: Arc::new(table),
+            members,
+            until,
+        })
+    }
+
     /// The `pool/address` Backend id `id` stands for (configured or retired).
     fn backend_key_of(&self, id: u32) -> Option<String> {
         let assignments = &self.assignments;
@@ -946,6 +995,7 @@ impl<D: DataplaneOps> Reconciler<D> {
     /// equals `current`.
     fn restored(
         &mut self,
+        id: u32,
         endpoint: &str,
         current: &MaglevTable,
     ) -> Result<Option<PreviousTable>, ReconcileError> {
@@ -953,6 +1003,24 @@ impl<D: DataplaneOps> Reconciler<D> {
         let Some(saved) = self.restore.remove(endpoint).filter(|s| s.until > now) else {
             return Ok(None);
         };
+        if saved.members.is_empty() {
+            // Adopted by the predecessor from its own predecessor's maps: only the maps
+            // hold it.
+            let Some(table) = self.dataplane.prev_table(id).filter(|t| t != current) else {
+                return Ok(None);
+            };
+            let members = table
+                .slot_counts()
+                .into_iter()
+                .map(|(id, _)| (id, self.backend_key_of(id).unwrap_or_default()))
+                .collect();
+            return Ok(Some(PreviousTable {
+                table: Arc::new(table),
+                members,
+                until: saved.until,
+                saved,
+            }));
+        }
         let mut members = Vec::new();
         let mut names = Vec::new();
         for m in &saved.members {
@@ -1097,7 +1165,7 @@ mod tests {
     use super::*;
 
     /// Records every write, in order.
-    #[derive(Default)]
+    #[derive(Clone, Default)]
     struct Recorder {
         ops: Vec<String>,
         backends: BTreeMap<u32, Backend>,
@@ -1152,6 +1220,12 @@ mod tests {
                 self.ops.push(format!("remove prev {id}"));
             }
             Ok(())
+        }
+        fn table(&self, id: u32) -> Option<MaglevTable> {
+            self.tables.get(&id).cloned()
+        }
+        fn prev_table(&self, id: u32) -> Option<MaglevTable> {
+            self.prev.get(&id).cloned()
         }
     }
 
@@ -1295,6 +1369,48 @@ mod tests {
         assert!(r.dataplane().prev.is_empty());
         assert!(r.assignments().retired.is_empty());
         assert!(r.tables().values().all(|t| t.previous.is_none()));
+    }
+
+    #[test]
+    fn a_restart_with_a_new_config_keeps_the_table_the_data_plane_served_as_previous() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let new = [
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+            ("10.0.0.4", 1),
+        ];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        let served = first.dataplane().tables[&0].clone();
+        // The daemon stops; the maps and the assignments stay; it starts on a new config.
+        let mut second = Reconciler::new(first.dataplane().clone(), first.assignments().clone());
+        second.set_clock(test_clock);
+        second.apply(&config_sc(&new)).unwrap();
+        assert_eq!(second.dataplane().prev[&0], served);
+        assert_ne!(second.dataplane().tables[&0], served);
+        // Its weights are unknown: saved without members, to be taken from the maps.
+        let saved = second.saved_previous();
+        assert!(saved["10.200.0.1:80/tcp"].members.is_empty());
+        // A third start on the same config keeps it, from the maps, until its time.
+        let restart = |before: &Reconciler<Recorder>, saved| {
+            let mut r = Reconciler::new(before.dataplane().clone(), before.assignments().clone());
+            r.set_clock(test_clock);
+            r.restore_previous(saved);
+            r.apply(&config_sc(&new)).unwrap();
+            r
+        };
+        let third = restart(&second, saved.clone());
+        assert_eq!(third.dataplane().prev[&0], served);
+        // Past its time, or with nothing saved, the maps' previous table is dropped.
+        advance(301);
+        let fourth = restart(&third, saved);
+        assert!(
+            fourth.dataplane().prev.is_empty(),
+            "{:?}",
+            fourth.dataplane().ops
+        );
     }
 
     #[test]

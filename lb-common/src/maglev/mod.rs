@@ -94,6 +94,11 @@ pub struct MaglevTable {
 }
 
 impl MaglevTable {
+    /// A table as the data plane holds it (read back from its map).
+    pub fn from_slots(slots: Vec<u32>) -> Self {
+        Self { slots }
+    }
+
     /// The slots, as written to the data plane.
     pub fn slots(&self) -> &[u32] {
         &self.slots
