@@ -509,6 +509,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             .set_icmp_rate(icmp_rate_slots::ECHO, config.global.icmp_rate)?;
 
         // 2. Backends (new ones before any table names them).
+        self.make_room_for_new_backends(config)?;
         let mut live_backends = BTreeSet::new();
         for (pool_name, pool) in &config.pools {
             for b in &pool.backends {
@@ -1075,6 +1076,41 @@ impl<D: DataplaneOps> Reconciler<D> {
         Ok(id)
     }
 
+    /// Retired Backends hold ids; when the new ones would not fit under `max_backends`,
+    /// the retirements that end soonest end now (their connections lose second chance
+    /// early, which beats refusing the config).
+    fn make_room_for_new_backends(&mut self, config: &Config) -> Result<(), ReconcileError> {
+        let wanted: BTreeSet<String> = config
+            .pools
+            .iter()
+            .flat_map(|(pool, p)| p.backends.iter().map(move |b| backend_key(pool, b.address)))
+            .collect();
+        let new = wanted
+            .iter()
+            .filter(|k| {
+                !self.assignments.backends.contains_key(*k)
+                    && !self.assignments.retired.contains_key(*k)
+            })
+            .count();
+        // Id 0 is reserved.
+        let capacity = config.global.max_backends.saturating_sub(1) as usize;
+        while self.assignments.backends.len() + self.assignments.retired.len() + new > capacity {
+            let Some(key) = self
+                .assignments
+                .retired
+                .iter()
+                .min_by_key(|(_, r)| r.until)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            let r = self.assignments.retired.remove(&key).expect("listed");
+            tracing::warn!(backend = %key, "second chance: retirement ended early to make room for new backends (max_backends)");
+            self.dataplane.set_backend(r.id, &Backend::default())?;
+        }
+        Ok(())
+    }
+
     /// A Backend id for `key` (`pool/address`), not one a retired Backend still holds;
     /// `true` if it is new.
     fn assign_backend(&mut self, key: &str) -> (Assigned, bool) {
@@ -1330,6 +1366,34 @@ mod tests {
         assert!(r.dataplane().prev.is_empty());
         assert!(r.assignments().retired.is_empty());
         assert!(r.tables()["10.200.0.1:80/tcp"].previous.is_none());
+    }
+
+    #[test]
+    fn retirements_end_early_when_new_backends_need_their_ids() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_clock(test_clock);
+        let small = |backends: &[(&str, u32)]| {
+            let mut c = config_sc(backends);
+            c.global.max_backends = 4; // ids 1..=3
+            c
+        };
+        r.apply(&small(&[("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)]))
+            .unwrap();
+        r.apply(&small(&[("10.0.0.1", 1)])).unwrap();
+        assert_eq!(r.assignments().retired.len(), 2);
+        advance(1);
+        r.apply(&small(&[("10.0.0.1", 1), ("10.0.0.4", 1)]))
+            .unwrap();
+        // One retirement ended to make room; the other stays.
+        assert_eq!(r.assignments().retired.len(), 1);
+        let ids: BTreeSet<u32> = r
+            .assignments()
+            .backends
+            .values()
+            .map(|a| a.id)
+            .chain(r.assignments().retired.values().map(|x| x.id))
+            .collect();
+        assert_eq!(ids, BTreeSet::from([1, 2, 3]));
     }
 
     #[test]
