@@ -14,9 +14,6 @@
 //!
 //! `cargo xtask bench failover [--json FILE] [--rounds N]`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -31,13 +28,13 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::consts::map_names;
+use lb_testbed::daemon::{Attempt, DaemonBed, check_yaml};
 use lb_userspace::{
     config::Config,
     daemon::capacities,
     dataplane::Dataplane,
     reconcile::{Assignments, Reconciler},
 };
-use support::daemon::{Attempt, DaemonBed, check_yaml};
 
 const BACKENDS: usize = 3;
 const INTERVAL_MS: u64 = 100;

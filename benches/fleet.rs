@@ -7,7 +7,7 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use lb_userspace::fleet::{Fleet, HOLD_TIME, scenarios};
+use lb_testbed::fleet::{Fleet, HOLD_TIME, scenarios};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -21,7 +21,7 @@ struct Args {
 }
 
 fn fleet() -> Fleet {
-    let mut fleet = Fleet::new(env!("CARGO_BIN_EXE_mlb").as_ref(), 3, 4).expect("fleet");
+    let mut fleet = Fleet::new(&lb_testbed::mlb_bin(), 3, 4).expect("fleet");
     let pools = fleet.pool_yaml(&[1, 2, 3]);
     for i in 0..3 {
         fleet.write_config(i, &pools).expect("config");

@@ -37,10 +37,8 @@ use lb_common::{
     maglev::{self, MaglevBackend, auto_table_size},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, enable_forwarding},
-    netns::Netns,
-};
+use lb_testbed::netns::Netns;
+use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
 
 const SEED: u32 = 0x5eed_1234;

@@ -19,9 +19,6 @@
 //!
 //! `cargo xtask soak [--minutes N] [--daemon-every SECS] [--json FILE]`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -30,10 +27,10 @@ use std::{
 };
 
 use clap::Parser;
-use lb_userspace::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
+use lb_testbed::daemon::{DaemonBed, check_yaml};
+use lb_testbed::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::{Value, json};
-use support::daemon::{DaemonBed, check_yaml};
 
 #[derive(Parser)]
 struct Args {

@@ -61,10 +61,8 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, enable_forwarding},
-    netns::Netns,
-};
+use lb_testbed::netns::Netns;
+use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
 
 const VIP: &str = "10.200.0.1";

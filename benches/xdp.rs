@@ -12,9 +12,6 @@
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr},
@@ -26,11 +23,11 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::consts::prog_names;
-use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
-use support::{
+use lb_testbed::{
     lab::Lab,
     packets::{tcp, udp},
 };
+use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
 
 const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;

@@ -9,18 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane},
+use lb_userspace::dataplane::{Capacities, Dataplane};
+
+use crate::{
     netns::Netns,
     testbed::{self, Testbed},
 };
 
 pub const VIP: &str = "10.200.0.1";
 pub const VIP6: &str = "fd00:200::1";
-pub const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/support/backend_server.py"
-);
+pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend_server.py");
 
 pub struct DaemonBed {
     pub bed: Testbed,
@@ -134,7 +132,7 @@ impl DaemonBed {
             .bed
             .lb
             .netns
-            .command_net_only(env!("CARGO_BIN_EXE_mlb"))
+            .command_net_only(crate::mlb_bin())
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())
@@ -179,11 +177,7 @@ impl DaemonBed {
 
     /// Runs `mlb ARGS --pin-path <ours>` in the load balancer's namespace.
     pub fn mlb(&self, args: &[&str]) -> Output {
-        let mut command = self
-            .bed
-            .lb
-            .netns
-            .command_net_only(env!("CARGO_BIN_EXE_mlb"));
+        let mut command = self.bed.lb.netns.command_net_only(crate::mlb_bin());
         command.args(args);
         if args[0] != "check" {
             command.arg("--pin-path").arg(&self.pin_dir);

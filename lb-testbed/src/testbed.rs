@@ -14,7 +14,9 @@ use std::{io, net::IpAddr, path::Path};
 use aya::programs::XdpMode;
 use lb_common::consts::prog_names;
 
-use crate::{dataplane::Dataplane, netns::Netns, state};
+use lb_userspace::{dataplane::Dataplane, state};
+
+use crate::netns::Netns;
 
 pub const SUBNET4: &str = "10.100.0";
 pub const SUBNET6: &str = "fd00:100:";

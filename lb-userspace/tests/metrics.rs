@@ -4,8 +4,6 @@
 //! cost of a scrape at 64 Vips x 100 Backends. Needs root (except the HTTP endpoint and
 //! config-file tests).
 
-mod support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
@@ -21,6 +19,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::types::TrafficCounters;
+use lb_testbed::daemon::DaemonBed;
 use lb_userspace::{
     config::Config,
     daemon,
@@ -28,7 +27,6 @@ use lb_userspace::{
     metrics::{Metrics, Server},
     reconcile::{Assignments, Reconciler},
 };
-use support::daemon::DaemonBed;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const DASHBOARD: &str = concat!(

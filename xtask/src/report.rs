@@ -56,8 +56,8 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn steps(root: &Path, quick: bool) -> Vec<Step> {
-    let lb = |bench: &'static str| vec!["-p", "lb-userspace", "--bench", bench];
+fn steps(quick: bool) -> Vec<Step> {
+    let lb = |bench: &'static str| vec!["-p", crate::bench::PACKAGE, "--bench", bench];
     let q = |full: &[&str], short: &[&str]| -> Vec<String> {
         (if quick { short } else { full })
             .iter()
@@ -68,7 +68,7 @@ fn steps(root: &Path, quick: bool) -> Vec<Step> {
         Step {
             name: "maglev",
             title: "MaglevTable build, balance, disruption",
-            cargo: vec!["-p", "lb-common", "--features", "user", "--bench", "maglev"],
+            cargo: lb("maglev"),
             args: q(&[], &["--quick"]),
         },
         Step {
@@ -96,15 +96,12 @@ fn steps(root: &Path, quick: bool) -> Vec<Step> {
             args: q(&[], &["--seconds", "1", "--rounds", "1"]),
         },
     ];
-    // The failover benchmark is another engineer's; run it when it is there.
-    if root.join("lb-userspace/benches/failover.rs").exists() {
-        steps.push(Step {
-            name: "failover",
-            title: "failover on the real daemon",
-            cargo: lb("failover"),
-            args: q(&[], &["--rounds", "2"]),
-        });
-    }
+    steps.push(Step {
+        name: "failover",
+        title: "failover on the real daemon",
+        cargo: lb("failover"),
+        args: q(&[], &["--rounds", "2"]),
+    });
     steps
 }
 
@@ -120,26 +117,27 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     run_with_status(
-        "building the benchmarks (lb-userspace)",
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["bench", "--no-run", "-p", "lb-userspace"]),
+        "building mlb and the benchmarks",
+        Command::new("cargo").current_dir(&root).args([
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "mlb",
+        ]),
     )?;
     run_with_status(
-        "building the benchmarks (lb-common)",
+        "building the benchmarks",
         Command::new("cargo").current_dir(&root).args([
             "bench",
             "--no-run",
             "-p",
-            "lb-common",
-            "--features",
-            "user",
-            "--bench",
-            "maglev",
+            crate::bench::PACKAGE,
         ]),
     )?;
 
-    let steps = steps(&root, quick);
+    let steps = steps(quick);
     let multi = MultiProgress::new();
     let overall = multi.add(ProgressBar::new(steps.len() as u64));
     overall.set_style(
