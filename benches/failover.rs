@@ -28,6 +28,7 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::consts::map_names;
+use lb_testbed::bench::median;
 use lb_testbed::daemon::{Attempt, DaemonBed, check_yaml};
 use lb_userspace::{
     config::Config,
@@ -557,15 +558,6 @@ fn parse_rfc3339_us(stamp: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(((days * 86_400 + h * 3600 + min * 60 + s) * 1_000_000) + micros)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn max(values: &[f64]) -> f64 {

@@ -37,6 +37,7 @@ use lb_common::{
     maglev::{self, MaglevBackend, auto_table_size},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
+use lb_testbed::bench::{fit, pin};
 use lb_testbed::netns::Netns;
 use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
@@ -111,7 +112,7 @@ fn main() {
     let opts = options();
     // Every call on the same CPU: one LRU list and one flow cache hold all the flows.
     let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    pin(cpu);
+    pin(0, cpu);
     let rig = Rig::new();
     let started = Instant::now();
     let max_flows = if opts.quick { 100_000 } else { usize::MAX };
@@ -138,16 +139,6 @@ fn main() {
 fn progress(line: &str) {
     eprint!("\r{line:<72}");
     let _ = std::io::stderr().flush();
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(ok, "pinning to CPU {cpu}");
 }
 
 /// Possible CPUs: the kernel splits an LRU map with per-CPU lists evenly among them.
@@ -516,22 +507,6 @@ fn flow_series(rig: &Rig, opts: &Options, max_flows: usize) -> Series {
         ),
         points,
     }
-}
-
-/// Least squares y = a + b·x: (a, b, R²).
-fn fit(xs: &[f64], ys: &[f64]) -> (f64, f64, f64) {
-    let n = xs.len() as f64;
-    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
-    let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
-    let sxx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
-    let syy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
-    let b = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-    let r2 = if sxx > 0.0 && syy > 0.0 {
-        sxy * sxy / (sxx * syy)
-    } else {
-        0.0
-    };
-    (my - b * mx, b, r2)
 }
 
 /// Flat if the whole range stays within max(5 ns, 15% of the mean, the points' mean

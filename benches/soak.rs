@@ -27,6 +27,7 @@ use std::{
 };
 
 use clap::Parser;
+use lb_testbed::bench::{cpu_model, median};
 use lb_testbed::daemon::{DaemonBed, check_yaml};
 use lb_testbed::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -161,17 +162,6 @@ fn read_rss_kib(pid: u32) -> Option<u64> {
 
 fn count_dir(path: &str) -> Option<usize> {
     Some(std::fs::read_dir(path).ok()?.count())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 impl Soak {
@@ -1048,10 +1038,4 @@ fn main() {
     if !problems.is_empty() {
         std::process::exit(1);
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

@@ -61,6 +61,7 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
+use lb_testbed::bench::pin;
 use lb_testbed::netns::Netns;
 use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
@@ -280,21 +281,6 @@ fn have(command: &str) -> bool {
         .args(["-c", &format!("command -v {command}")])
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// Pins task `pid` (0 = the calling thread) to `cpu`.
-fn pin(pid: i32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(
-        ok,
-        "pinning task {pid} to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// SCHED_FIFO for task `pid`: the load balancer's thread is not preempted by other

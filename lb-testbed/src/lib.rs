@@ -1,8 +1,10 @@
 //! Test scaffolding for `mlb`, never shipped: network namespaces ([`netns`]), the
 //! client / load balancer / backends topology ([`testbed`]) and the real daemon in it
 //! ([`daemon`]), a fleet behind an ECMP router ([`fleet`]), the BPF_PROG_TEST_RUN lab with
-//! its packet builders and model ([`lab`], [`packets`], [`model`]). Used by `lb-userspace`'s tests, `benches/` and the demos.
+//! its packet builders and model ([`lab`], [`packets`], [`model`]), and what the
+//! benchmarks share ([`bench`]: CPU pinning, fit, JSON). Used by `lb-userspace`'s tests, `benches/` and the demos.
 
+pub mod bench;
 pub mod daemon;
 pub mod fleet;
 pub mod lab;
