@@ -7,7 +7,10 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use lb_testbed::fleet::{Fleet, HOLD_TIME, scenarios};
+use lb_testbed::{
+    bench::write_json,
+    fleet::{Fleet, HOLD_TIME, scenarios},
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -147,7 +150,6 @@ fn main() {
             "rolling_restart": rolling,
             "config_skew": skew,
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json")).expect("write JSON");
-        println!("JSON written to {}", path.display());
+        write_json(&path, &body);
     }
 }

@@ -37,7 +37,7 @@ use lb_common::{
     maglev::{self, MaglevBackend, auto_table_size},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
-use lb_testbed::bench::{fit, pin};
+use lb_testbed::bench::{fit, pin, write_json};
 use lb_testbed::netns::Netns;
 use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
@@ -60,28 +60,24 @@ const MAX_BACKENDS: usize = 1000;
 /// Below this R² neither fit is a trend.
 const MIN_R2: f64 = 0.5;
 
+#[derive(clap::Parser)]
 struct Options {
+    /// Calls per point.
+    #[arg(long, default_value_t = 200_000)]
     calls: usize,
+    /// Fewer calls (at most 50,000) and flows (at most 100,000), for a look.
+    #[arg(long)]
     quick: bool,
-    json: Option<String>,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn options() -> Options {
-    let mut opts = Options {
-        calls: 200_000,
-        quick: false,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--calls" => opts.calls = args.next().and_then(|c| c.parse().ok()).expect("--calls N"),
-            "--quick" => opts.quick = true,
-            "--json" => opts.json = Some(args.next().expect("--json FILE")),
-            // `cargo bench` passes `--bench`.
-            _ => {}
-        }
-    }
+    let mut opts: Options = clap::Parser::parse();
     if opts.quick {
         opts.calls = opts.calls.min(50_000);
     }
@@ -127,12 +123,7 @@ fn main() {
     report(&series, &opts, cpu, started.elapsed().as_secs_f64());
     if let Some(path) = &opts.json {
         let body = json_report(&series, &opts, cpu);
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&body).expect("JSON") + "\n",
-        )
-        .unwrap_or_else(|e| panic!("writing {path}: {e}"));
-        println!("JSON written to {path}");
+        write_json(path, &body);
     }
 }
 

@@ -27,7 +27,7 @@ use std::{
 };
 
 use clap::Parser;
-use lb_testbed::bench::{cpu_model, median};
+use lb_testbed::bench::{cpu_model, median, write_json};
 use lb_testbed::daemon::{DaemonBed, check_yaml};
 use lb_testbed::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -1031,8 +1031,7 @@ fn main() {
             "problems": problems,
             "pass": problems.is_empty(),
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&body).expect("json")).expect("write JSON");
-        println!("JSON written to {}", path.display());
+        write_json(path, &body);
     }
     drop(soak);
     if !problems.is_empty() {
