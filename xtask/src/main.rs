@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything beyond `cargo build`, each step installing what it needs.
 
 mod bench;
+mod chart;
 mod demo;
 mod fuzz;
 mod mutants;
