@@ -122,17 +122,28 @@ impl DaemonBed {
 
     /// Starts `mlb run` in the load balancer's namespace and waits until it serves status.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_under(&[]);
+    }
+
+    /// Starts the daemon through `wrapper` (a command that execs its arguments, such as
+    /// `setpriv …`), so that the daemon is the wrapper's pid.
+    pub fn start_daemon_under(&mut self, wrapper: &[&str]) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = self
-            .bed
-            .lb
-            .netns
-            .command_net_only(crate::mlb_bin())
+        let mlb = crate::mlb_bin();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = self.bed.lb.netns.command_net_only(program);
+                command.args(args).arg(mlb);
+                command
+            }
+            None => self.bed.lb.netns.command_net_only(mlb),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())

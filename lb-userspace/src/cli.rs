@@ -104,6 +104,9 @@ pub enum Command {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Write the man pages (mlb.1 and one per command) into DIR: for packaging.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
