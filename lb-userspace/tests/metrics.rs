@@ -643,10 +643,60 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
+/// Prometheus's answer to an instant query: the result vector, or None while it is not
+/// answering yet.
+fn prom_query(bed: &DaemonBed, api: SocketAddr, query: &str) -> Option<Vec<serde_json::Value>> {
+    let path = format!("/api/v1/query?query={}", encode(query));
+    let (status, body) = bed
+        .bed
+        .lb
+        .netns
+        .enter(|| {
+            TcpStream::connect_timeout(&api, TIMEOUT)
+                .is_ok()
+                .then(|| http_get(api, &path))
+        })
+        .ok()??;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    json["data"]["result"].as_array().cloned()
+}
+
+/// Every Grafana panel's PromQL (deploy/grafana-dashboard.json) as Grafana would send it:
+/// `$vip` and `$pool` as "All", `$__rate_interval` as `window`. (title, query) pairs.
+fn dashboard_queries(window: &str) -> Vec<(String, String)> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or("?").to_owned();
+            panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |t| {
+                    let expr = t["expr"].as_str()?;
+                    Some((
+                        title.clone(),
+                        expr.replace("$__rate_interval", window)
+                            .replace("$vip", ".*")
+                            .replace("$pool", ".*"),
+                    ))
+                })
+        })
+        .collect()
+}
+
 #[test]
-fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend() {
+fn a_prometheus_server_sees_a_rate_per_backend_and_data_in_every_dashboard_panel() {
     let _serial = serial();
-    let bed = start(3);
+    let mut bed = start(3);
     let addr = metrics_addr(&bed);
     let dir = bed.dir.join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
@@ -705,7 +755,7 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
                 0
             );
             let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(150) {
                 let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
                 socket.connect(vip).unwrap();
                 socket
@@ -725,37 +775,58 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
     };
 
     let query = "sum by (backend) (rate(mlb_backend_packets_total{pool=\"dns\"}[5s]))";
-    let path = format!("/api/v1/query?query={}", encode(query));
     let started = Instant::now();
-    let mut last = String::new();
+    let mut last = Vec::new();
     let mut rates: BTreeMap<String, f64> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(45) {
         std::thread::sleep(Duration::from_millis(500));
-        let Ok(Some((status, body))) = bed.bed.lb.netns.enter(|| {
-            TcpStream::connect_timeout(&api, TIMEOUT)
-                .is_ok()
-                .then(|| http_get(api, &path))
-        }) else {
+        let Some(result) = prom_query(&bed, api, query) else {
             continue;
         };
-        last = format!("{status} {body}");
-        if status != 200 {
-            continue;
-        }
-        let json: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-        rates = json["data"]["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        rates = result
+            .iter()
             .filter_map(|r| {
                 let backend = r["metric"]["backend"].as_str()?.to_owned();
                 let rate: f64 = r["value"][1].as_str()?.parse().ok()?;
                 Some((backend, rate))
             })
             .collect();
+        last = result;
         if rates.len() == 3 && rates.values().all(|r| *r > 0.0) {
             break;
+        }
+    }
+    let rates_seen = rates.len() == 3 && rates.values().all(|r| *r > 0.0);
+
+    // Every dashboard panel, evaluated by the real server while traffic flows, after a
+    // backend failed (transitions, check failures, table rebuilds): each must return a
+    // series with a number, not an empty result or only NaN.
+    let mut empty = Vec::new();
+    if rates_seen {
+        bed.kill_server(3);
+        // A window longer than the wait below: the failure stays in every range.
+        let queries = dashboard_queries("1m");
+        assert!(queries.len() >= 25, "{queries:?}");
+        let started = Instant::now();
+        loop {
+            empty = queries
+                .iter()
+                .filter(|(_, q)| {
+                    !prom_query(&bed, api, q).is_some_and(|result| {
+                        result.iter().any(|r| {
+                            r["value"][1]
+                                .as_str()
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .is_some_and(f64::is_finite)
+                        })
+                    })
+                })
+                .cloned()
+                .collect::<Vec<_>>();
+            if empty.is_empty() || started.elapsed() > Duration::from_secs(40) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -774,8 +845,12 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
     assert_eq!(
         busy,
         seen,
-        "per-backend rates from Prometheus: {rates:?}\nlast answer: {last}\n--- prometheus log ---\n{}",
+        "per-backend rates from Prometheus: {rates:?}\nlast answer: {last:?}\n--- prometheus log ---\n{}",
         std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+    );
+    assert!(
+        empty.is_empty(),
+        "dashboard panels without data from Prometheus: {empty:#?}"
     );
 }
 
