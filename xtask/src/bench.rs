@@ -140,21 +140,18 @@ fn json_arg(json: Option<PathBuf>) -> Vec<String> {
 /// beside the bench executable): a bench crate gets no `CARGO_BIN_EXE_mlb`.
 pub fn build_mlb(dev: bool) -> anyhow::Result<()> {
     let profile = if dev { "dev" } else { "release" };
-    if !Command::new("cargo")
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "lb-userspace",
-            "--bin",
-            "mlb",
-            "--profile",
-            profile,
-        ])
-        .status()?
-        .success()
-    {
-        bail!("building mlb failed");
-    }
-    Ok(())
+    crate::status::run_with_status(
+        &format!("building mlb ({profile})"),
+        Command::new("cargo")
+            .current_dir(setup::workspace_root())
+            .args([
+                "build",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "mlb",
+                "--profile",
+                profile,
+            ]),
+    )
 }

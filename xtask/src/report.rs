@@ -53,13 +53,6 @@ struct Outcome {
     ok: bool,
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
-}
-
 fn steps(quick: bool) -> Vec<Step> {
     let lb = |bench: &'static str| vec!["-p", crate::bench::PACKAGE, "--bench", bench];
     let q = |full: &[&str], short: &[&str]| -> Vec<String> {
@@ -114,23 +107,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the benchmarks load XDP programs and create network namespaces: run them as root");
     }
-    let root = workspace_root();
+    let root = setup::workspace_root();
     let out = root.join(OUT_DIR);
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
-    run_with_status(
-        "building mlb and the benchmarks",
-        Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "lb-userspace",
-            "--bin",
-            "mlb",
-        ]),
-    )?;
+    crate::bench::build_mlb(false)?;
     run_with_status(
         "building the benchmarks",
         Command::new("cargo").current_dir(&root).args([
