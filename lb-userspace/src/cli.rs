@@ -108,6 +108,9 @@ pub enum Command {
     Backend(BackendCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Write the man pages (mlb.1 and one per command) into DIR: for packaging.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]

@@ -125,6 +125,11 @@ fn run() -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "mlb", &mut std::io::stdout());
             Ok(())
         }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Cli::command(), &dir)?;
+            Ok(())
+        }
     }
 }
 

@@ -1,8 +1,6 @@
 //! The connection table on the real XDP object (BPF_PROG_TEST_RUN): flows sharing a
 //! bucket, floods, idle expiry, two CPUs racing on one bucket. Needs root.
 
-mod support;
-
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
@@ -14,12 +12,12 @@ use lb_common::{
     hash::Flow,
     types::ConntrackBucket,
 };
-use lb_userspace::dataplane::{Capacities, test_run_fd};
-use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-use support::{
+use lb_testbed::{
     lab::{CONNTRACK_SEED, Lab, VIP_TCP, deltas},
     packets::tcp,
 };
+use lb_userspace::dataplane::{Capacities, test_run_fd};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
 const XDP_TX: u32 = 3;
 const VIP: &str = "10.200.0.1";
@@ -293,7 +291,7 @@ fn two_cpus_racing_on_one_bucket_never_misroute() {
     let before_table = lab.tables[&VIP_TCP].clone();
     lab.set_table(VIP_TCP, &[2, 3]);
     let after_table = lab.tables[&VIP_TCP].clone();
-    let seed = support::lab::SEED;
+    let seed = lb_testbed::lab::SEED;
 
     let fd = lab.dataplane.program_fd("lb_ingress").unwrap();
     let (mac, ifindex) = (lab.lb_mac, lab.ifindex);

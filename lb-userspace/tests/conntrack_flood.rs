@@ -4,8 +4,6 @@
 //! --flood` sends them); then a backend is added by reload, which moves the table.
 //! Before the connection table of our own, 3–8 of the 60 broke. Needs root.
 
-mod support;
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -17,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::daemon::{DaemonBed, VIP};
+use lb_testbed::daemon::{DaemonBed, VIP};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS: usize = 60;

@@ -3,8 +3,6 @@
 //! keeps answering `mlb status`, its memory stays put, and its health checks keep running
 //! (a backend killed meanwhile is taken out). Needs root.
 
-mod support;
-
 use std::{
     io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
@@ -12,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::daemon::{DaemonBed, check_yaml};
+use lb_testbed::daemon::{DaemonBed, check_yaml};
 
 const NOBODY: u32 = 65534;
 

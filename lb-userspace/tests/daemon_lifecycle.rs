@@ -1,15 +1,13 @@
 //! The real daemon in the testbed: reload under traffic, bad configs, restart without
 //! dropping flows. Needs root.
 
-mod support;
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
 
-use support::daemon::DaemonBed;
+use lb_testbed::daemon::DaemonBed;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -449,10 +447,8 @@ fn a_killed_daemon_leaves_nothing_once_its_bed_is_dropped() {
 #[test]
 fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
     use lb_common::consts::prog_names;
-    use lb_userspace::{
-        dataplane::{Capacities, Dataplane},
-        testbed::{NIC, SEGMENT_MTU},
-    };
+    use lb_testbed::testbed::{NIC, SEGMENT_MTU};
+    use lb_userspace::dataplane::{Capacities, Dataplane};
     let mut bed = DaemonBed::new(3);
     bed.write_config(&bed.config_yaml(VIPS, &bed.pool_yaml("web", &[(1, 1), (2, 1), (3, 1)], "")));
     bed.start_daemon();
@@ -472,7 +468,7 @@ fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
     let mac = mac.map(|b| format!("{b:02x}")).join(":");
     let switch = &bed.bed.switch;
     switch.ip(&["link", "del", &port]).unwrap();
-    lb_userspace::testbed::plug(switch, lb, SEGMENT_MTU).unwrap();
+    lb_testbed::testbed::plug(switch, lb, SEGMENT_MTU).unwrap();
     lb.netns.ip(&["link", "set", NIC, "down"]).unwrap();
     lb.netns.ip(&["link", "set", NIC, "address", &mac]).unwrap();
     lb.netns.ip(&["link", "set", NIC, "up"]).unwrap();
@@ -522,7 +518,7 @@ fn a_recreated_interface_gets_a_fresh_link_and_keeps_the_maps() {
 #[test]
 fn an_added_backend_waits_for_its_checks_and_drains_last_until_undrain() {
     let mut bed = DaemonBed::new(3);
-    let check = support::daemon::check_yaml("tcp", 80, (100, 50), (3, 2), 0, "");
+    let check = lb_testbed::daemon::check_yaml("tcp", 80, (100, 50), (3, 2), 0, "");
     let yaml = |bed: &DaemonBed, members: &[(usize, u32)]| {
         bed.config_yaml(VIPS, &bed.pool_yaml("web", members, &check))
     };

@@ -5,8 +5,6 @@
 //!
 //! Timing-sensitive: the tests take turns (one testbed at a time).
 
-mod support;
-
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::daemon::{Attempt, DaemonBed, check_yaml, short_connection};
+use lb_testbed::daemon::{Attempt, DaemonBed, check_yaml, short_connection};
 
 const MS: Duration = Duration::from_millis(1);
 const WAIT: Duration = Duration::from_secs(5);

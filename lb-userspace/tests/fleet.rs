@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::fleet::{Fleet, HOLD_TIME, scenarios};
+use lb_testbed::fleet::{Fleet, HOLD_TIME, scenarios};
 
 /// Fleets are heavy (seven namespaces, four BIRDs, three daemons): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -4,8 +4,6 @@
 //! cost of a scrape at 64 Vips x 100 Backends. Needs root (except the HTTP endpoint and
 //! config-file tests).
 
-mod support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
@@ -21,6 +19,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::types::TrafficCounters;
+use lb_testbed::daemon::DaemonBed;
 use lb_userspace::{
     config::Config,
     daemon,
@@ -28,7 +27,6 @@ use lb_userspace::{
     metrics::{Metrics, Server},
     reconcile::{Assignments, Reconciler},
 };
-use support::daemon::DaemonBed;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const DASHBOARD: &str = concat!(
@@ -645,10 +643,60 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
+/// Prometheus's answer to an instant query: the result vector, or None while it is not
+/// answering yet.
+fn prom_query(bed: &DaemonBed, api: SocketAddr, query: &str) -> Option<Vec<serde_json::Value>> {
+    let path = format!("/api/v1/query?query={}", encode(query));
+    let (status, body) = bed
+        .bed
+        .lb
+        .netns
+        .enter(|| {
+            TcpStream::connect_timeout(&api, TIMEOUT)
+                .is_ok()
+                .then(|| http_get(api, &path))
+        })
+        .ok()??;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    json["data"]["result"].as_array().cloned()
+}
+
+/// Every Grafana panel's PromQL (deploy/grafana-dashboard.json) as Grafana would send it:
+/// `$vip` and `$pool` as "All", `$__rate_interval` as `window`. (title, query) pairs.
+fn dashboard_queries(window: &str) -> Vec<(String, String)> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or("?").to_owned();
+            panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |t| {
+                    let expr = t["expr"].as_str()?;
+                    Some((
+                        title.clone(),
+                        expr.replace("$__rate_interval", window)
+                            .replace("$vip", ".*")
+                            .replace("$pool", ".*"),
+                    ))
+                })
+        })
+        .collect()
+}
+
 #[test]
-fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend() {
+fn a_prometheus_server_sees_a_rate_per_backend_and_data_in_every_dashboard_panel() {
     let _serial = serial();
-    let bed = start(3);
+    let mut bed = start(3);
     let addr = metrics_addr(&bed);
     let dir = bed.dir.join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
@@ -707,7 +755,7 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
                 0
             );
             let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(150) {
                 let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
                 socket.connect(vip).unwrap();
                 socket
@@ -727,37 +775,58 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
     };
 
     let query = "sum by (backend) (rate(mlb_backend_packets_total{pool=\"dns\"}[5s]))";
-    let path = format!("/api/v1/query?query={}", encode(query));
     let started = Instant::now();
-    let mut last = String::new();
+    let mut last = Vec::new();
     let mut rates: BTreeMap<String, f64> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(45) {
         std::thread::sleep(Duration::from_millis(500));
-        let Ok(Some((status, body))) = bed.bed.lb.netns.enter(|| {
-            TcpStream::connect_timeout(&api, TIMEOUT)
-                .is_ok()
-                .then(|| http_get(api, &path))
-        }) else {
+        let Some(result) = prom_query(&bed, api, query) else {
             continue;
         };
-        last = format!("{status} {body}");
-        if status != 200 {
-            continue;
-        }
-        let json: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-        rates = json["data"]["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        rates = result
+            .iter()
             .filter_map(|r| {
                 let backend = r["metric"]["backend"].as_str()?.to_owned();
                 let rate: f64 = r["value"][1].as_str()?.parse().ok()?;
                 Some((backend, rate))
             })
             .collect();
+        last = result;
         if rates.len() == 3 && rates.values().all(|r| *r > 0.0) {
             break;
+        }
+    }
+    let rates_seen = rates.len() == 3 && rates.values().all(|r| *r > 0.0);
+
+    // Every dashboard panel, evaluated by the real server while traffic flows, after a
+    // backend failed (transitions, check failures, table rebuilds): each must return a
+    // series with a number, not an empty result or only NaN.
+    let mut empty = Vec::new();
+    if rates_seen {
+        bed.kill_server(3);
+        // A window longer than the wait below: the failure stays in every range.
+        let queries = dashboard_queries("1m");
+        assert!(queries.len() >= 25, "{queries:?}");
+        let started = Instant::now();
+        loop {
+            empty = queries
+                .iter()
+                .filter(|(_, q)| {
+                    !prom_query(&bed, api, q).is_some_and(|result| {
+                        result.iter().any(|r| {
+                            r["value"][1]
+                                .as_str()
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .is_some_and(f64::is_finite)
+                        })
+                    })
+                })
+                .cloned()
+                .collect::<Vec<_>>();
+            if empty.is_empty() || started.elapsed() > Duration::from_secs(40) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -776,8 +845,12 @@ fn a_prometheus_server_scraping_the_daemon_sees_a_packet_rate_for_every_backend(
     assert_eq!(
         busy,
         seen,
-        "per-backend rates from Prometheus: {rates:?}\nlast answer: {last}\n--- prometheus log ---\n{}",
+        "per-backend rates from Prometheus: {rates:?}\nlast answer: {last:?}\n--- prometheus log ---\n{}",
         std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+    );
+    assert!(
+        empty.is_empty(),
+        "dashboard panels without data from Prometheus: {empty:#?}"
     );
 }
 
@@ -902,8 +975,16 @@ fn a_scrape_of_64_vips_with_100_backends_each_takes_under_50ms() {
     let mut reconciler = Reconciler::new(dataplane, Assignments::default());
     let started = Instant::now();
     let report = reconciler.apply(&config).unwrap_or_else(|e| panic!("{e}"));
+    let applied = started.elapsed();
     let metrics = Arc::new(Metrics::new(&pins.0));
-    metrics.reconciled(&reconciler, &report, started.elapsed());
+    let inventory = Instant::now();
+    metrics.reconciled(&reconciler, &report, applied);
+    // README's design notes weigh ahash against these (its maps are keyed here).
+    eprintln!(
+        "first apply of {SCALE_VIPS} x {SCALE_BACKENDS}: {applied:?}; metrics inventory \
+         rebuilt in {:?}",
+        inventory.elapsed()
+    );
     metrics.set_ready();
     // Known traffic in every slot, different on each CPU: slot `id` holds `id * (cpu + 1)`
     // packets and a thousand times that in bytes.
@@ -995,10 +1076,66 @@ fn a_scrape_of_64_vips_with_100_backends_each_takes_under_50ms() {
         body.len(),
         samples.len()
     );
+    let (hand, with_crate) = encoder_against_the_crate(&metrics, &samples);
+    eprintln!(
+        "encoding the same {} samples: the hand encoder (Metrics::encode, counters read from \
+         the maps included) median {hand:?}; the prometheus crate (values set on pre-resolved \
+         handles, gather, TextEncoder) median {with_crate:?}",
+        samples.len()
+    );
     assert!(
         median < SCRAPE_BUDGET,
         "median scrape {median:?} (all {times:?}) exceeds {SCRAPE_BUDGET:?}"
     );
+}
+
+/// The scrape-cost figure beside `metrics/text.rs`: medians of 15 encodings of the same
+/// samples by `Metrics::encode` and by the prometheus crate (one GaugeVec per name, each
+/// sample's handle resolved once, values set at every scrape as fresh map counters would
+/// be, then gather and TextEncoder: the crate's best case).
+fn encoder_against_the_crate(metrics: &Metrics, samples: &[Sample]) -> (Duration, Duration) {
+    let registry = prometheus::Registry::new();
+    let mut families: BTreeMap<(String, Vec<String>), prometheus::GaugeVec> = BTreeMap::new();
+    let mut handles = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        let names: Vec<String> = s.labels.keys().cloned().collect();
+        let family = families
+            .entry((s.name.clone(), names.clone()))
+            .or_insert_with(|| {
+                // Same name, other label names (never in practice): a name of its own.
+                let name = format!("{}_{i}", s.name);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let vec =
+                    prometheus::GaugeVec::new(prometheus::Opts::new(name, "help"), &names).unwrap();
+                registry.register(Box::new(vec.clone())).unwrap();
+                vec
+            });
+        let values: Vec<&str> = s.labels.values().map(String::as_str).collect();
+        handles.push((family.with_label_values(&values), s.value));
+    }
+    let median = |f: &mut dyn FnMut() -> usize| {
+        let mut times: Vec<Duration> = (0..15)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(f());
+                started.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[times.len() / 2]
+    };
+    let hand = median(&mut || metrics.encode().len());
+    let with_crate = median(&mut || {
+        for (gauge, value) in &handles {
+            gauge.set(*value);
+        }
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&registry.gather(), &mut out)
+            .unwrap();
+        out.len()
+    });
+    (hand, with_crate)
 }
 
 /// A config with one Vip whose pool holds the backends at `10.1.0.<n>` for `members`.

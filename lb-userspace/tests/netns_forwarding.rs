@@ -17,10 +17,8 @@ use lb_common::{
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, enable_forwarding},
-    testbed::{NIC, Testbed},
-};
+use lb_testbed::testbed::{NIC, Testbed};
+use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 
 const SEED: u32 = 0xfeed;
 const TABLE_SIZE: u32 = 65_537;
@@ -63,10 +61,7 @@ impl Bed {
         let vips = [ip(VIP4), ip(VIP_DSR), ip(VIP6)];
         let bed = Testbed::new(3, &vips).expect("testbed");
         let mut servers = Vec::new();
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/backend_server.py"
-        );
+        let script = lb_testbed::daemon::SCRIPT;
         for (i, b) in bed.backends.iter().enumerate() {
             servers.push(start_server(
                 &b.netns,
@@ -215,7 +210,7 @@ impl Bed {
 }
 
 fn start_server(
-    netns: &lb_userspace::netns::Netns,
+    netns: &lb_testbed::netns::Netns,
     script: &str,
     name: &str,
     vips: &[&str],

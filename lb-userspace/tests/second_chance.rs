@@ -3,8 +3,6 @@
 //! started under the previous table; without second chance, the moved ones break. Spoofed
 //! encapsulated packets never reach a backend's sockets. Needs root.
 
-mod support;
-
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
@@ -12,7 +10,7 @@ use std::{
 };
 
 use lb_common::consts::DecapCounter;
-use support::daemon::DaemonBed;
+use lb_testbed::daemon::DaemonBed;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS: usize = 60;
@@ -339,7 +337,7 @@ fn encapsulated_packets_from_outside_the_load_balancers_never_reach_a_socket() {
 
 #[test]
 fn mlb_backend_attaches_lb_decap_with_its_sources_and_detaches() {
-    let netns = lb_userspace::netns::Netns::new("mlb-be").unwrap();
+    let netns = lb_testbed::netns::Netns::new("mlb-be").unwrap();
     netns
         .ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",

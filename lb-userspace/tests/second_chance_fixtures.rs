@@ -2,8 +2,6 @@
 //! when a Vip has a previous table (exact bytes, counters), and what `lb_decap` does with
 //! what it receives (deliver, send on, drop). Needs root.
 
-mod support;
-
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv6Addr, TcpListener, TcpStream},
@@ -14,14 +12,14 @@ use lb_common::{
     hash::Flow,
     maglev::{self, MaglevBackend, MaglevTable},
 };
-use lb_userspace::dataplane::TestRunOutcome;
-use support::{
+use lb_testbed::{
     lab::{
         CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, TABLE_SIZE, VIP_ANY_PORT_DSR,
         VIP_SOURCE_HASH, VIP_TCP, VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
 };
+use lb_userspace::dataplane::TestRunOutcome;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

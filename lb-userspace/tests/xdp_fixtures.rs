@@ -1,13 +1,10 @@
 //! BPF_PROG_TEST_RUN on the real XDP object, katran-style: a table of {description, packet
 //! in, expected action, expected packet out, expected counters}. Needs root.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{consts::PROTO_TCP, hash::Flow};
-use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-use support::{
+use lb_testbed::{
     lab::{
         CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, NO_ECHO_ADDR, SEED, VIP_ANY_PORT_DSR,
         VIP_DPORT_HASH, VIP_FRAGMENTS, VIP_FRAGMENTS6, VIP_MIXED, VIP_MIXED_DSR, VIP_SOURCE_HASH,
@@ -15,6 +12,7 @@ use support::{
     },
     packets::*,
 };
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -791,7 +789,7 @@ fn cached_routes_die_with_their_vip() {
         assert_eq!(lab.run(&packet).action, XDP_TX, "warming the flow cache");
     }
     let before = lab.counters();
-    let key = support::lab::vip_key(ip(VIP), 80, PROTO_TCP);
+    let key = lb_testbed::lab::vip_key(ip(VIP), 80, PROTO_TCP);
     lab.dataplane.remove_vip(VIP_TCP, &key).unwrap();
     let out = lab.run(&packet);
     assert_eq!(
@@ -1070,7 +1068,7 @@ fn a_down_backend_gets_no_new_flow_before_the_table_swap() {
 fn a_vip_readded_with_another_pool_drops_its_old_flows_backends() {
     let mut lab = Lab::new();
     let (mac, client, vip) = (lab.lb_mac, ip(CLIENT), ip(VIP));
-    let key = support::lab::vip_key(vip, 80, PROTO_TCP);
+    let key = lb_testbed::lab::vip_key(vip, 80, PROTO_TCP);
     let backend_of = |packet: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(&packet[30..34]).unwrap());
     let flows: Vec<u16> = (46000..46050).collect();
     let mut first = Vec::new();

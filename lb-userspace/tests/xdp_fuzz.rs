@@ -1,15 +1,13 @@
 //! Differential fuzzing of `lb_ingress`: random frames and mutations of well-formed ones
 //! (bit flips, truncations, length and offset edits, IPv4 option and IPv6 extension-header
 //! soup, VLAN stacks, ICMP errors quoting arbitrary packets) run through the real program by
-//! BPF_PROG_TEST_RUN, and held to `support::model`: same action, same output bytes, same
+//! BPF_PROG_TEST_RUN, and held to `lb_testbed::model`: same action, same output bytes, same
 //! counters. A frame the model calls malformed is never forwarded. Forwarded flows run
 //! again once cached, so the fast path is held to the same answers as the full path.
 //!
 //! Budget: `MLB_FUZZ_SECONDS` (default 20; `cargo xtask fuzz xdp --minutes N` sets it), seed
 //! `MLB_FUZZ_SEED` (default: from the clock, printed). Frames under
 //! `tests/data/fuzz/xdp/*.hex` (one hex frame a line) are replayed first. Needs root.
-
-mod support;
 
 use std::{
     collections::BTreeMap,
@@ -18,12 +16,12 @@ use std::{
 };
 
 use lb_common::consts::prog_names;
-use rand::{Rng, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
-use support::{
+use lb_testbed::{
     lab::{Lab, deltas},
     model::{Decision, Model},
     packets::*,
 };
+use rand::{Rng, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -60,7 +58,7 @@ fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
     for dst in [vip, ip("10.200.0.2"), vip6] {
         let src = if dst.is_ipv4() { client } else { client6 };
         out.push(icmp_echo(
-            (support::lab::CLIENT_MAC, mac),
+            (lb_testbed::lab::CLIENT_MAC, mac),
             src,
             dst,
             9,
@@ -231,7 +229,7 @@ fn mutate(rng: &mut StdRng, mut f: Vec<u8>, seeds: &[Vec<u8>], mac: [u8; 6]) -> 
             let body = &body[..rng.random_range(0..=body.len().min(96))];
             f = if qproto == 0x86DD || rng.random_bool(0.3) {
                 let mut out = vec![];
-                etherparse::PacketBuilder::ethernet2(support::lab::CLIENT_MAC, mac)
+                etherparse::PacketBuilder::ethernet2(lb_testbed::lab::CLIENT_MAC, mac)
                     .ipv6(
                         [0xfd, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
                         {
@@ -251,7 +249,7 @@ fn mutate(rng: &mut StdRng, mut f: Vec<u8>, seeds: &[Vec<u8>], mac: [u8; 6]) -> 
                 let vip = *[[10, 200, 0, 1], [10, 200, 0, 2], [10, 200, 0, 9]]
                     .choose(rng)
                     .unwrap();
-                etherparse::PacketBuilder::ethernet2(support::lab::CLIENT_MAC, mac)
+                etherparse::PacketBuilder::ethernet2(lb_testbed::lab::CLIENT_MAC, mac)
                     .ipv4([10, 99, 0, 1], vip, 64)
                     .icmpv4_raw(3, *[4, 4, 3, 1].choose(rng).unwrap(), [0, 0, 5, 0xdc])
                     .write(&mut out, body)

@@ -68,110 +68,93 @@ pub enum Bench {
     },
 }
 
+/// The crate holding every benchmark program (`benches/`).
+pub const PACKAGE: &str = "mlb-benches";
+
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     if let Bench::All { quick } = bench {
         return crate::report::run(quick);
     }
     setup::run()?;
-    let mut cargo = Command::new("cargo");
-    match bench {
+    // (bench target, why it needs root, its own arguments)
+    let (name, root_for, args): (&str, Option<&str>, Vec<String>) = match bench {
         Bench::All { .. } => unreachable!("handled above"),
-        Bench::Throughput { json } => {
-            if !setup::is_root() {
-                bail!(
-                    "the throughput benchmark creates network namespaces and loads XDP programs: \
-                     run it as root"
-                );
-            }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "throughput", "--"]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
-        }
-        Bench::Scaling { json } => {
-            if !setup::is_root() {
-                bail!(
-                    "the scaling benchmark loads the XDP program into the kernel: run it as root"
-                );
-            }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "scaling", "--"]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
-        }
+        Bench::Throughput { json } => (
+            "throughput",
+            Some("creates network namespaces and loads XDP programs"),
+            json_arg(json),
+        ),
+        Bench::Scaling { json } => (
+            "scaling",
+            Some("loads the XDP program into the kernel"),
+            json_arg(json),
+        ),
         Bench::Xdp { json, calls, only } => {
-            if !setup::is_root() {
-                bail!("the XDP benchmark loads the program into the kernel: run it as root");
-            }
-            cargo.args([
-                "bench",
-                "-p",
-                "lb-userspace",
-                "--bench",
-                "xdp",
-                "--",
-                "--calls",
-            ]);
-            cargo.arg(calls.to_string());
+            let mut args = vec!["--calls".to_owned(), calls.to_string()];
             if let Some(only) = only {
-                cargo.arg("--only").arg(only);
+                args.extend(["--only".to_owned(), only]);
             }
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
+            args.extend(json_arg(json));
+            ("xdp", Some("loads the program into the kernel"), args)
         }
-        Bench::Failover { json } => {
-            if !setup::is_root() {
-                bail!(
-                    "the failover benchmark builds network namespaces and runs the daemon: run it as root"
-                );
-            }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "failover", "--"]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
-        }
-        Bench::Fleet { json } => {
-            if !setup::is_root() {
-                bail!(
-                    "the fleet benchmark builds network namespaces and runs daemons: run it as root"
-                );
-            }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "fleet", "--"]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
-        }
-        Bench::Memory { json } => {
-            if !setup::is_root() {
-                bail!("the memory benchmark creates BPF maps: run it as root");
-            }
-            cargo.args(["bench", "-p", "lb-userspace", "--bench", "memory", "--"]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
-        }
+        Bench::Failover { json } => (
+            "failover",
+            Some("builds network namespaces and runs the daemon"),
+            json_arg(json),
+        ),
+        Bench::Fleet { json } => (
+            "fleet",
+            Some("builds network namespaces and runs daemons"),
+            json_arg(json),
+        ),
+        Bench::Memory { json } => ("memory", Some("creates BPF maps"), json_arg(json)),
         Bench::Maglev { json, quick } => {
-            cargo.args([
-                "bench",
-                "-p",
-                "lb-common",
-                "--features",
-                "user",
-                "--bench",
-                "maglev",
-                "--",
-            ]);
-            if let Some(json) = json {
-                cargo.arg("--json").arg(json);
-            }
+            let mut args = json_arg(json);
             if quick {
-                cargo.arg("--quick");
+                args.push("--quick".to_owned());
             }
+            ("maglev", None, args)
         }
+    };
+    if let Some(why) = root_for
+        && !setup::is_root()
+    {
+        bail!("the {name} benchmark {why}: run it as root");
     }
+    // Only these run the daemon binary; the others load the data plane in-process.
+    if matches!(name, "failover" | "fleet") {
+        build_mlb(false)?;
+    }
+    let mut cargo = Command::new("cargo");
+    cargo.args(["bench", "-p", PACKAGE, "--bench", name, "--"]);
+    cargo.args(args);
     if !cargo.status()?.success() {
         bail!("benchmark failed");
     }
     Ok(())
+}
+
+fn json_arg(json: Option<PathBuf>) -> Vec<String> {
+    json.map(|j| vec!["--json".to_owned(), j.display().to_string()])
+        .unwrap_or_default()
+}
+
+/// Builds the `mlb` binary the daemon benchmarks run (`lb_testbed::mlb_bin` finds it
+/// beside the bench executable): a bench crate gets no `CARGO_BIN_EXE_mlb`.
+pub fn build_mlb(dev: bool) -> anyhow::Result<()> {
+    let profile = if dev { "dev" } else { "release" };
+    crate::status::run_with_status(
+        &format!("building mlb ({profile})"),
+        Command::new("cargo")
+            .current_dir(setup::workspace_root())
+            .args([
+                "build",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "mlb",
+                "--profile",
+                profile,
+            ]),
+    )
 }

@@ -20,7 +20,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     run_with_status(
         "building mlb and the demo",
-        Command::new("cargo").args(["build", "-p", "lb-userspace", "--bins"]),
+        Command::new("cargo").args(["build", "-p", "lb-userspace", "-p", "lb-testbed", "--bins"]),
     )?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let mlb = format!("{target}/debug/mlb");

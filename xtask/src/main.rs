@@ -1,9 +1,11 @@
 //! `cargo xtask`: everything beyond `cargo build`, each step installing what it needs.
 
 mod bench;
+mod chart;
 mod demo;
 mod fuzz;
 mod mutants;
+mod package;
 mod report;
 mod setup;
 mod soak;
@@ -44,6 +46,9 @@ enum Command {
     /// cargo-mutants over the Maglev builder, the flow hash, reconcile and health (long;
     /// not in CI).
     Mutants(mutants::Args),
+    /// The Debian package: mlb, its systemd unit, /etc/mlb/lb.yaml (a conffile), shell
+    /// completions and man pages, into target/debian/ (cargo-deb, installed first).
+    Package(package::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,5 +70,6 @@ fn run() -> anyhow::Result<()> {
         Command::Soak(args) => soak::run(args),
         Command::Fuzz(fuzz) => fuzz::run(fuzz),
         Command::Mutants(args) => mutants::run(args),
+        Command::Package(args) => package::run(args),
     }
 }

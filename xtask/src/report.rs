@@ -1,6 +1,6 @@
 //! `cargo xtask bench all`: every benchmark, one after the other under a live display, each
 //! writing its JSON (and its printed table) into `bench-results/`; then one Markdown report,
-//! `bench-results/REPORT.md`, with SVG plots drawn here (no plotting dependency), the
+//! `bench-results/REPORT.md`, with SVG plots (drawn by `chart`, with plotters), the
 //! machine it ran on and the exact commands.
 
 use std::{
@@ -16,7 +16,11 @@ use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::{setup, status::run_with_status};
+use crate::{
+    chart::{BLUE, Bars, GREEN, GREY, Line, ORANGE, bar_chart, line_chart},
+    setup,
+    status::run_with_status,
+};
 
 /// Where the results go, relative to the workspace root (git-ignored).
 const OUT_DIR: &str = "bench-results";
@@ -49,15 +53,8 @@ struct Outcome {
     ok: bool,
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
-}
-
-fn steps(root: &Path, quick: bool) -> Vec<Step> {
-    let lb = |bench: &'static str| vec!["-p", "lb-userspace", "--bench", bench];
+fn steps(quick: bool) -> Vec<Step> {
+    let lb = |bench: &'static str| vec!["-p", crate::bench::PACKAGE, "--bench", bench];
     let q = |full: &[&str], short: &[&str]| -> Vec<String> {
         (if quick { short } else { full })
             .iter()
@@ -68,7 +65,7 @@ fn steps(root: &Path, quick: bool) -> Vec<Step> {
         Step {
             name: "maglev",
             title: "MaglevTable build, balance, disruption",
-            cargo: vec!["-p", "lb-common", "--features", "user", "--bench", "maglev"],
+            cargo: lb("maglev"),
             args: q(&[], &["--quick"]),
         },
         Step {
@@ -96,15 +93,12 @@ fn steps(root: &Path, quick: bool) -> Vec<Step> {
             args: q(&[], &["--seconds", "1", "--rounds", "1"]),
         },
     ];
-    // The failover benchmark is another engineer's; run it when it is there.
-    if root.join("lb-userspace/benches/failover.rs").exists() {
-        steps.push(Step {
-            name: "failover",
-            title: "failover on the real daemon",
-            cargo: lb("failover"),
-            args: q(&[], &["--rounds", "2"]),
-        });
-    }
+    steps.push(Step {
+        name: "failover",
+        title: "failover on the real daemon",
+        cargo: lb("failover"),
+        args: q(&[], &["--rounds", "2"]),
+    });
     steps
 }
 
@@ -113,33 +107,24 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the benchmarks load XDP programs and create network namespaces: run them as root");
     }
-    let root = workspace_root();
+    let root = setup::workspace_root();
     let out = root.join(OUT_DIR);
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
+    crate::bench::build_mlb(false)?;
     run_with_status(
-        "building the benchmarks (lb-userspace)",
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["bench", "--no-run", "-p", "lb-userspace"]),
-    )?;
-    run_with_status(
-        "building the benchmarks (lb-common)",
+        "building the benchmarks",
         Command::new("cargo").current_dir(&root).args([
             "bench",
             "--no-run",
             "-p",
-            "lb-common",
-            "--features",
-            "user",
-            "--bench",
-            "maglev",
+            crate::bench::PACKAGE,
         ]),
     )?;
 
-    let steps = steps(&root, quick);
+    let steps = steps(quick);
     let multi = MultiProgress::new();
     let overall = multi.add(ProgressBar::new(steps.len() as u64));
     overall.set_style(
@@ -900,14 +885,14 @@ impl Report<'_> {
                 true,
             ),
         )?);
-        for l in &lines {
-            let xs: Vec<f64> = l.points.iter().map(|p| p.0.ln()).collect();
-            let ys: Vec<f64> = l.points.iter().map(|p| p.1.max(1e-9).ln()).collect();
-            let (_, k, r2) = fit(&xs, &ys);
+        // The bench fits it (lb_testbed::bench::fit): one least-squares fit, not two.
+        for g in v["growth"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 md,
-                "- {}: build time grows as about N^{k:.2} (log-log fit, R² {r2:.2}).",
-                l.name
+                "- M = {}: build time grows as about N^{:.2} (log-log fit, R² {:.2}).",
+                g["m"],
+                g["exponent"].as_f64().unwrap_or(f64::NAN),
+                g["r2"].as_f64().unwrap_or(f64::NAN)
             );
         }
         if sizes.len() >= 2 {
@@ -1095,393 +1080,5 @@ impl Report<'_> {
             v["failed_per_failure"]["mean"],
             v["failed_per_failure"]["max"]
         );
-    }
-}
-
-/// Least squares y = a + b·x: (a, b, R²).
-fn fit(xs: &[f64], ys: &[f64]) -> (f64, f64, f64) {
-    let n = xs.len().max(1) as f64;
-    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
-    let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
-    let sxx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
-    let syy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
-    let b = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-    let r2 = if sxx > 0.0 && syy > 0.0 {
-        sxy * sxy / (sxx * syy)
-    } else {
-        0.0
-    };
-    (my - b * mx, b, r2)
-}
-
-// ---- SVG, by hand ----------------------------------------------------------------------
-
-const BLUE: &str = "#3b6fb6";
-const ORANGE: &str = "#e0822d";
-const GREEN: &str = "#4a9a4a";
-const GREY: &str = "#9aa3ad";
-const FONT: &str = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\"";
-
-struct Bars {
-    name: &'static str,
-    values: Vec<f64>,
-    color: &'static str,
-}
-
-struct Line {
-    name: String,
-    points: Vec<(f64, f64)>,
-    color: &'static str,
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Ticks 1, 2, 5 × 10^k covering 0..=max.
-fn nice_ticks(max: f64) -> Vec<f64> {
-    if max <= 0.0 || !max.is_finite() {
-        return vec![0.0, 1.0];
-    }
-    let raw = max / 5.0;
-    let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * magnitude)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * magnitude);
-    let mut ticks = vec![0.0];
-    while *ticks.last().expect("not empty") < max {
-        ticks.push(ticks.len() as f64 * step);
-    }
-    ticks
-}
-
-fn label(v: f64) -> String {
-    if v == 0.0 {
-        "0".to_owned()
-    } else if v.abs() >= 1e6 {
-        format!("{:.0}M", v / 1e6)
-    } else if v.abs() >= 1e4 {
-        format!("{:.0}k", v / 1e3)
-    } else if v.abs() >= 10.0 || v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_owned()
-    }
-}
-
-/// Horizontal grouped bars: one row per category, one bar per series, values printed at the
-/// bar ends, an optional target mark per category.
-fn bar_chart(
-    title: &str,
-    categories: &[String],
-    series: &[Bars],
-    targets: &[Option<f64>],
-    unit: &str,
-) -> String {
-    let label_w = 20.0
-        + 6.6
-            * categories
-                .iter()
-                .map(|c| c.chars().count())
-                .max()
-                .unwrap_or(10) as f64;
-    let plot_w = 520.0;
-    let bar_h = 16.0;
-    let row_h = bar_h * series.len() as f64 + 12.0;
-    let top = 46.0;
-    let legend_h = 24.0;
-    let height = top + row_h * categories.len() as f64 + 34.0 + legend_h;
-    let width = (label_w + plot_w + 80.0).max(20.0 + 8.0 * title.chars().count() as f64);
-    let max = series
-        .iter()
-        .flat_map(|s| s.values.iter().copied())
-        .chain(targets.iter().flatten().copied())
-        .fold(0.0, f64::max);
-    let ticks = nice_ticks(max);
-    let top_tick = *ticks.last().expect("ticks");
-    let x = |v: f64| label_w + plot_w * (v.max(0.0) / top_tick);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
-         viewBox=\"0 0 {width:.0} {height:.0}\" {FONT} font-size=\"12\">"
-    );
-    let _ = writeln!(
-        s,
-        "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" \
-         font-size=\"14\" font-weight=\"bold\">{}</text>",
-        esc(title)
-    );
-    let plot_bottom = top + row_h * categories.len() as f64;
-    for t in &ticks {
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{plot_bottom}\" stroke=\"#e3e6ea\"/>\
-             <text x=\"{0:.1}\" y=\"{1:.1}\" text-anchor=\"middle\" fill=\"#555\">{2}</text>",
-            x(*t),
-            plot_bottom + 16.0,
-            label(*t)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-        label_w + plot_w / 2.0,
-        plot_bottom + 30.0,
-        esc(unit)
-    );
-    for (i, category) in categories.iter().enumerate() {
-        let row_top = top + row_h * i as f64 + 6.0;
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            label_w - 8.0,
-            row_top + bar_h * series.len() as f64 / 2.0 + 4.0,
-            esc(category)
-        );
-        for (j, b) in series.iter().enumerate() {
-            let v = b.values.get(i).copied().unwrap_or(0.0);
-            let y = row_top + bar_h * j as f64;
-            let _ = writeln!(
-                s,
-                "<rect x=\"{label_w:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" \
-                 fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#333\">{}</text>",
-                x(v) - label_w,
-                bar_h - 2.0,
-                b.color,
-                x(v) + 4.0,
-                y + bar_h - 5.0,
-                label(v)
-            );
-        }
-        if let Some(Some(t)) = targets.get(i) {
-            let _ = writeln!(
-                s,
-                "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#c0392b\" \
-                 stroke-width=\"2.5\"/>",
-                x(*t),
-                row_top - 3.0,
-                row_top + bar_h * series.len() as f64 + 1.0
-            );
-        }
-    }
-    let mut lx = label_w;
-    let ly = height - 12.0;
-    for b in series {
-        let _ = writeln!(
-            s,
-            "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text \
-             x=\"{:.1}\" y=\"{ly:.1}\">{}</text>",
-            ly - 10.0,
-            b.color,
-            lx + 16.0,
-            esc(b.name)
-        );
-        lx += 30.0 + 7.0 * b.name.len() as f64;
-    }
-    if targets.iter().any(Option::is_some) {
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#c0392b\" \
-             stroke-width=\"2.5\"/><text x=\"{3:.1}\" y=\"{ly:.1}\">target</text>",
-            lx + 6.0,
-            ly - 11.0,
-            ly + 1.0,
-            lx + 14.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-/// Lines with points; log scales by decade.
-fn line_chart(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    lines: &[Line],
-    log_x: bool,
-    log_y: bool,
-) -> String {
-    let (width, height) = (720.0, 420.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 110.0);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
-    let all: Vec<(f64, f64)> = lines
-        .iter()
-        .flat_map(|l| l.points.iter().copied())
-        .collect();
-    let axis = |values: Vec<f64>, log: bool| -> (f64, f64, Vec<f64>) {
-        let lo = values.iter().copied().fold(f64::MAX, f64::min);
-        let hi = values.iter().copied().fold(f64::MIN, f64::max);
-        if log {
-            let lo = 10f64.powf(lo.max(1e-9).log10().floor());
-            let hi = 10f64.powf(hi.max(lo * 10.0).log10().ceil());
-            let mut ticks = vec![lo];
-            while *ticks.last().expect("not empty") < hi * 0.999 {
-                ticks.push(ticks.last().expect("not empty") * 10.0);
-            }
-            (lo.log10(), hi.log10(), ticks)
-        } else {
-            let ticks = nice_ticks(hi.max(0.0));
-            (0.0, *ticks.last().expect("ticks"), ticks)
-        }
-    };
-    let (x0, x1, xticks) = axis(all.iter().map(|p| p.0).collect(), log_x);
-    let (y0, y1, yticks) = axis(all.iter().map(|p| p.1).collect(), log_y);
-    let px = |v: f64| {
-        let v = if log_x { v.max(1e-9).log10() } else { v };
-        left + plot_w * (v - x0) / (x1 - x0).max(1e-12)
-    };
-    let py = |v: f64| {
-        let v = if log_y {
-            v.max(1e-9).log10()
-        } else {
-            v.max(0.0)
-        };
-        top + plot_h - plot_h * (v - y0) / (y1 - y0).max(1e-12)
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
-         viewBox=\"0 0 {width} {height}\" {FONT} font-size=\"12\">\n<rect width=\"100%\" \
-         height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"14\" \
-         font-weight=\"bold\">{}</text>",
-        esc(title)
-    );
-    for t in &xticks {
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#e3e6ea\"/>\
-             <text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\" fill=\"#555\">{3}</text>",
-            px(*t),
-            top + plot_h,
-            top + plot_h + 16.0,
-            label(*t)
-        );
-    }
-    for t in &yticks {
-        let _ = writeln!(
-            s,
-            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#e3e6ea\"/>\
-             <text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"end\" fill=\"#555\">{4}</text>",
-            py(*t),
-            left + plot_w,
-            left - 6.0,
-            py(*t) + 4.0,
-            label(*t)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#333\">{}</text>\
-         <text x=\"16\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#333\" \
-         transform=\"rotate(-90 16 {:.1})\">{}</text>",
-        left + plot_w / 2.0,
-        top + plot_h + 34.0,
-        esc(&format!(
-            "{x_label}{}",
-            if log_x { " (log scale)" } else { "" }
-        )),
-        top + plot_h / 2.0,
-        top + plot_h / 2.0,
-        esc(&format!(
-            "{y_label}{}",
-            if log_y { " (log scale)" } else { "" }
-        ))
-    );
-    for (i, l) in lines.iter().enumerate() {
-        let path: Vec<String> = l
-            .points
-            .iter()
-            .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b)))
-            .collect();
-        let _ = writeln!(
-            s,
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"/>",
-            path.join(" "),
-            l.color
-        );
-        for &(a, b) in &l.points {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{}\"><title>{}: {}</title>\
-                 </circle>",
-                px(a),
-                py(b),
-                l.color,
-                label(a),
-                label(b)
-            );
-        }
-        let ly = height - bottom + 52.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"{2}\" \
-             stroke-width=\"3\"/><text x=\"{3:.1}\" y=\"{4:.1}\">{5}</text>",
-            ly - 4.0,
-            left + 22.0,
-            l.color,
-            left + 28.0,
-            ly,
-            esc(&l.name)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ticks_cover_the_maximum() {
-        for max in [0.3, 1.0, 7.0, 42.0, 999.0, 1234.5] {
-            let t = nice_ticks(max);
-            assert!(*t.last().unwrap() >= max, "{max}: {t:?}");
-            assert!(t.len() <= 12, "{max}: {t:?}");
-        }
-    }
-
-    #[test]
-    fn charts_are_well_formed() {
-        let bars = bar_chart(
-            "t <&>",
-            &["a".into(), "b".into()],
-            &[Bars {
-                name: "x",
-                values: vec![1.0, 2.0],
-                color: BLUE,
-            }],
-            &[Some(1.5), None],
-            "ns",
-        );
-        assert!(bars.starts_with("<svg") && bars.trim_end().ends_with("</svg>"));
-        assert!(bars.contains("t &lt;&amp;&gt;"));
-        let lines = line_chart(
-            "t",
-            "x",
-            "y",
-            &[Line {
-                name: "l".into(),
-                points: vec![(1.0, 5.0), (1000.0, 7.0)],
-                color: BLUE,
-            }],
-            true,
-            false,
-        );
-        assert!(lines.contains("<polyline"));
-        assert!(!lines.contains("NaN"));
     }
 }

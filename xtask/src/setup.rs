@@ -33,6 +33,14 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// Where bpf-linker and its LLVM prefix live: `$MLB_CACHE_DIR`, else `~/.cache/mlb`
 /// (the same rule as lb-userspace/build.rs).
+/// The workspace's root directory (xtask's parent).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
 pub fn cache_dir() -> PathBuf {
     env::var_os("MLB_CACHE_DIR")
         .map(PathBuf::from)

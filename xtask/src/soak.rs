@@ -1,5 +1,5 @@
 //! `cargo xtask soak [--minutes N]`: the real daemon under traffic and faults for a while
-//! (`lb-userspace/benches/soak.rs`); `cargo xtask test` runs a short one.
+//! (`benches/soak.rs`); `cargo xtask test` runs a short one.
 
 use std::{path::PathBuf, process::Command};
 
@@ -37,8 +37,9 @@ pub fn run_soak(args: &Args) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the soak test builds network namespaces and runs the daemon: run it as root");
     }
+    crate::bench::build_mlb(args.dev)?;
     let mut cargo = Command::new("cargo");
-    cargo.args(["bench", "-p", "lb-userspace", "--bench", "soak"]);
+    cargo.args(["bench", "-p", crate::bench::PACKAGE, "--bench", "soak"]);
     if args.dev {
         cargo.args(["--profile", "dev"]);
     }

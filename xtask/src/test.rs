@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{setup, soak};
+use crate::{package, setup, soak};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,6 +36,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("tests failed");
     }
     if args.filter.is_none() {
+        println!("▶ cargo xtask package, then dpkg -i, mlb check, man -l, dpkg --purge");
+        package::check(&package::build()?)?;
         let (minutes, daemon_every) = soak::SHORT;
         println!(
             "▶ cargo xtask soak --minutes {minutes} --daemon-every {daemon_every} (the short soak)"

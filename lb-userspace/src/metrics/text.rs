@@ -1,6 +1,15 @@
 //! Writing the Prometheus text format (version 0.0.4) straight into a string: the
 //! high-cardinality families (per Backend, per Vip and Backend) are written this way, a
 //! few appends per sample, with label sets rendered once when the topology changes.
+//!
+//! Kept instead of the prometheus crate (which encodes the low-cardinality families) by
+//! measurement: 64 Vips × 100 Backends, 38,829 samples, 2.3 MB of text; median of 15
+//! encodings, release build, AMD EPYC (2 vCPUs, loaded by other builds), 2026-12-07:
+//! this encoder 3.4–5.2 ms (`Metrics::encode`, counters read from the maps included);
+//! the crate 74–78 ms for the same samples at its best (one GaugeVec per name, every
+//! handle resolved once, values set, `gather`, `TextEncoder`): ~20× the scrape cost.
+//! `cargo test --release -p lb-userspace --test metrics a_scrape_of_64 -- --nocapture`
+//! prints both.
 
 use std::fmt::Write as _;
 

@@ -14,7 +14,9 @@ use std::{io, net::IpAddr, path::Path};
 use aya::programs::XdpMode;
 use lb_common::consts::prog_names;
 
-use crate::{dataplane::Dataplane, netns::Netns, state};
+use lb_userspace::{dataplane::Dataplane, state};
+
+use crate::netns::Netns;
 
 pub const SUBNET4: &str = "10.100.0";
 pub const SUBNET6: &str = "fd00:100:";
@@ -175,9 +177,9 @@ pub fn backend_decap(dataplane: &mut Dataplane, switch: &Netns, backend: &Host) 
     )?;
     backend
         .netns
-        .enter(|| crate::dataplane::enable_forwarding(NIC))??;
-    let (v4, len4) = crate::config::DEFAULT_ENCAP_SOURCE_V4;
-    let (v6, len6) = crate::config::DEFAULT_ENCAP_SOURCE_V6;
+        .enter(|| lb_userspace::dataplane::enable_forwarding(NIC))??;
+    let (v4, len4) = lb_userspace::config::DEFAULT_ENCAP_SOURCE_V4;
+    let (v6, len6) = lb_userspace::config::DEFAULT_ENCAP_SOURCE_V6;
     dataplane
         .set_decap_sources(&[(v4.into(), len4), (v6.into(), len6)])
         .map_err(io::Error::other)

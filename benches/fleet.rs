@@ -7,7 +7,10 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use lb_userspace::fleet::{Fleet, HOLD_TIME, scenarios};
+use lb_testbed::{
+    bench::write_json,
+    fleet::{Fleet, HOLD_TIME, scenarios},
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -21,7 +24,7 @@ struct Args {
 }
 
 fn fleet() -> Fleet {
-    let mut fleet = Fleet::new(env!("CARGO_BIN_EXE_mlb").as_ref(), 3, 4).expect("fleet");
+    let mut fleet = Fleet::new(&lb_testbed::mlb_bin(), 3, 4).expect("fleet");
     let pools = fleet.pool_yaml(&[1, 2, 3]);
     for i in 0..3 {
         fleet.write_config(i, &pools).expect("config");
@@ -166,7 +169,6 @@ fn main() {
                 "without_second_chance": skew_without,
             },
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json")).expect("write JSON");
-        println!("JSON written to {}", path.display());
+        write_json(&path, &body);
     }
 }

@@ -11,10 +11,9 @@ use lb_common::{
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, TestRunOutcome},
-    netns::Netns,
-};
+use lb_userspace::dataplane::{Capacities, Dataplane, TestRunOutcome};
+
+use crate::netns::Netns;
 
 pub const SEED: u32 = 0x5eed_1234;
 pub const CONNTRACK_SEED: u64 = 0x5eed_c0ff_ee00_1234;
@@ -170,6 +169,10 @@ pub struct Lab {
 }
 
 impl Lab {
+    #[expect(
+        clippy::new_without_default,
+        reason = "loads the XDP object into a new namespace: not a default value"
+    )]
     pub fn new() -> Self {
         Self::with_capacities(Capacities {
             max_vips: 16,

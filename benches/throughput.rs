@@ -61,10 +61,9 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, enable_forwarding},
-    netns::Netns,
-};
+use lb_testbed::bench::{pin, write_json};
+use lb_testbed::netns::Netns;
+use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
 
 const VIP: &str = "10.200.0.1";
@@ -150,47 +149,61 @@ impl Proto {
     }
 }
 
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Rounds over every method and protocol.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Flows (source ports), a power of two up to 32768.
+    #[arg(long, default_value_t = 4096)]
+    flows: u32,
+    /// Traffic kinds.
+    #[arg(long, value_enum, default_value_t = ProtoArg::All)]
+    proto: ProtoArg,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProtoArg {
+    Udp,
+    Tcp,
+    Syn,
+    /// udp and tcp.
+    Both,
+    All,
+}
+
 struct Options {
     seconds: f64,
     rounds: usize,
     flows: u32,
     protos: Vec<Proto>,
-    json: Option<String>,
+    json: Option<std::path::PathBuf>,
 }
 
 fn options() -> Options {
-    let mut opts = Options {
-        seconds: 3.0,
-        rounds: 2,
-        flows: 4096,
-        protos: vec![Proto::Udp, Proto::Tcp, Proto::Syn],
-        json: None,
+    let args: Args = clap::Parser::parse();
+    let opts = Options {
+        seconds: args.seconds,
+        rounds: args.rounds,
+        flows: args.flows,
+        protos: match args.proto {
+            ProtoArg::Udp => vec![Proto::Udp],
+            ProtoArg::Tcp => vec![Proto::Tcp],
+            ProtoArg::Syn => vec![Proto::Syn],
+            ProtoArg::Both => vec![Proto::Udp, Proto::Tcp],
+            ProtoArg::All => vec![Proto::Udp, Proto::Tcp, Proto::Syn],
+        },
+        json: args.json,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--seconds" => opts.seconds = value("--seconds").parse().expect("--seconds S"),
-            "--rounds" => opts.rounds = value("--rounds").parse().expect("--rounds N"),
-            "--flows" => opts.flows = value("--flows").parse().expect("--flows N"),
-            "--proto" => {
-                opts.protos = match value("--proto").as_str() {
-                    "udp" => vec![Proto::Udp],
-                    "tcp" => vec![Proto::Tcp],
-                    "syn" => vec![Proto::Syn],
-                    "both" => vec![Proto::Udp, Proto::Tcp],
-                    "all" => vec![Proto::Udp, Proto::Tcp, Proto::Syn],
-                    other => panic!("--proto udp|tcp|syn|both|all, not {other}"),
-                }
-            }
-            "--json" => opts.json = Some(value("--json")),
-            // `cargo bench` passes `--bench`.
-            _ => {}
-        }
-    }
     assert!(
         opts.flows.is_power_of_two() && opts.flows <= 32_768,
         "--flows must be a power of two up to 32768 (source ports)"
@@ -263,12 +276,7 @@ fn main() {
     report(&summary, &opts, started.elapsed());
     if let Some(path) = &opts.json {
         let body = json_report(&summary, &runs, &opts);
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&body).expect("JSON") + "\n",
-        )
-        .unwrap_or_else(|e| panic!("writing {path}: {e}"));
-        println!("JSON written to {path}");
+        write_json(path, &body);
     }
 }
 
@@ -282,21 +290,6 @@ fn have(command: &str) -> bool {
         .args(["-c", &format!("command -v {command}")])
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// Pins task `pid` (0 = the calling thread) to `cpu`.
-fn pin(pid: i32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(
-        ok,
-        "pinning task {pid} to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// SCHED_FIFO for task `pid`: the load balancer's thread is not preempted by other

@@ -1,17 +1,22 @@
 //! MaglevTable build benchmark: build time, balance and disruption, single core.
 //!
-//! `cargo bench -p lb-common --features user --bench maglev -- [--json FILE] [--quick]`
+//! `cargo bench -p mlb-benches --bench maglev -- [--json FILE] [--quick]`
 //!
 //! Prints an aligned table on stdout (progress on stderr) and, with `--json`, writes the
 //! same figures as JSON. Targets (N = 1000): M = 65537 in ≤ 1.0 ms, M = 655373 in ≤ 15 ms
 //! (the Maglev paper measured 1.8 ms and 22.9 ms).
 
-use std::hint::black_box;
-use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::{
+    hint::black_box,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use lb_common::maglev::{MaglevBackend, MaglevTable, build};
+use lb_testbed::bench::{fit, write_json};
+use serde_json::{Value, json};
 
 const SIZES: [u32; 2] = [65_537, 655_373];
 const POOLS: [usize; 4] = [10, 100, 1000, 10_000];
@@ -23,26 +28,21 @@ const DISRUPTION_TARGETS: [f64; 3] = [0.6, 2.3, 2.9];
 /// Build-time targets for N = 1000, in ms, by entry of `SIZES`.
 const BUILD_TARGETS_MS: [f64; 2] = [1.0, 15.0];
 
+#[derive(clap::Parser)]
 struct Options {
+    /// Fewer repetitions, for a quick look.
+    #[arg(long)]
     quick: bool,
-    json: Option<String>,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn options() -> Options {
-    let mut opts = Options {
-        quick: false,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--quick" => opts.quick = true,
-            "--json" => opts.json = args.next(),
-            // `cargo bench` passes `--bench`; ignore it and anything else unknown.
-            _ => {}
-        }
-    }
-    opts
+    clap::Parser::parse()
 }
 
 fn backends(n: usize) -> Vec<MaglevBackend> {
@@ -300,16 +300,16 @@ fn main() {
     );
 
     if let Some(path) = opts.json {
-        let rows: Vec<String> = builds
+        let rows: Vec<Value> = builds
             .iter()
             .map(|r| {
-                format!(
-                    "    {{\"n\": {}, \"m\": {}, \"runs\": {}, \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_over_mean\": {:.5}}}",
-                    r.n, r.m, r.runs, r.median_ms, r.min_ms, r.max_over_mean
-                )
+                json!({
+                    "n": r.n, "m": r.m, "runs": r.runs, "median_ms": r.median_ms,
+                    "min_ms": r.min_ms, "max_over_mean": r.max_over_mean,
+                })
             })
             .collect();
-        let drows: Vec<String> = disruption
+        let drows: Vec<Value> = disruption
             .iter()
             .enumerate()
             .map(|(i, r)| {
@@ -318,26 +318,41 @@ fn main() {
                 } else {
                     format!("remove {}", r.removed)
                 };
-                let target = DISRUPTION_TARGETS
-                    .get(i)
-                    .map_or("null".to_string(), |t| format!("{t}"));
-                format!(
-                    "    {{\"change\": \"{change}\", \"trials\": {}, \"mean_extra_pct\": {:.4}, \"max_extra_pct\": {:.4}, \"target_mean_extra_pct\": {target}, \"mean_total_pct\": {:.4}}}",
-                    r.trials, r.mean_pct, r.max_pct, r.mean_total_pct
-                )
+                json!({
+                    "change": change, "trials": r.trials, "mean_extra_pct": r.mean_pct,
+                    "max_extra_pct": r.max_pct,
+                    "target_mean_extra_pct": DISRUPTION_TARGETS.get(i),
+                    "mean_total_pct": r.mean_total_pct,
+                })
             })
             .collect();
-        let json = format!(
-            "{{\n  \"quick\": {},\n  \"build_targets_ms\": {{\"n\": 1000, \"m65537\": 1.0, \"m655373\": 15.0}},\n  \"builds\": [\n{}\n  ],\n  \"disruption\": {{\"n\": 1000, \"m\": 65537, \"rows\": [\n{}\n  ]}},\n  \"targets_met\": {}\n}}\n",
-            opts.quick,
-            rows.join(",\n"),
-            drows.join(",\n"),
-            all_met
+        write_json(
+            &path,
+            &json!({
+                "quick": opts.quick,
+                "build_targets_ms": {"n": 1000, "m65537": BUILD_TARGETS_MS[0], "m655373": BUILD_TARGETS_MS[1]},
+                "builds": rows,
+                "growth": growth(&builds),
+                "disruption": {"n": 1000, "m": 65537, "rows": drows},
+                "targets_met": all_met,
+            }),
         );
-        if let Err(e) = std::fs::write(&path, json) {
-            eprintln!("cannot write {path}: {e}");
-            std::process::exit(1);
-        }
-        eprintln!("wrote {path}");
     }
+}
+
+/// Per table size, build time ≈ c·N^k: k and R² of a least-squares fit of log time
+/// against log N, for the report.
+fn growth(builds: &[BuildRow]) -> Vec<Value> {
+    SIZES
+        .iter()
+        .map(|&m| {
+            let (xs, ys): (Vec<f64>, Vec<f64>) = builds
+                .iter()
+                .filter(|b| b.m == m)
+                .map(|b| ((b.n as f64).ln(), b.median_ms.max(1e-9).ln()))
+                .unzip();
+            let (_, exponent, r2) = fit(&xs, &ys);
+            json!({"m": m, "exponent": exponent, "r2": r2})
+        })
+        .collect()
 }

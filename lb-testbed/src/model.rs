@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use lb_common::maglev::MaglevTable;
 
-use super::{
+use crate::{
     lab::{ENCAP_SRC4, ENCAP_SRC6, LabBackend, LabVip, NO_ECHO_ADDR, SEED},
     packets::{encap_src4, encap_src6, expect_4in6, expect_ip6ip6_at, expect_ipip_at, expect_l2},
 };

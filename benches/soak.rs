@@ -19,9 +19,6 @@
 //!
 //! `cargo xtask soak [--minutes N] [--daemon-every SECS] [--json FILE]`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -30,10 +27,11 @@ use std::{
 };
 
 use clap::Parser;
-use lb_userspace::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
+use lb_testbed::bench::{cpu_model, median, write_json};
+use lb_testbed::daemon::{DaemonBed, check_yaml};
+use lb_testbed::fleet::{ConnectionReport, Connections, ShortLoad, TimedResult};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::{Value, json};
-use support::daemon::{DaemonBed, check_yaml};
 
 #[derive(Parser)]
 struct Args {
@@ -164,17 +162,6 @@ fn read_rss_kib(pid: u32) -> Option<u64> {
 
 fn count_dir(path: &str) -> Option<usize> {
     Some(std::fs::read_dir(path).ok()?.count())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 impl Soak {
@@ -1044,17 +1031,10 @@ fn main() {
             "problems": problems,
             "pass": problems.is_empty(),
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&body).expect("json")).expect("write JSON");
-        println!("JSON written to {}", path.display());
+        write_json(path, &body);
     }
     drop(soak);
     if !problems.is_empty() {
         std::process::exit(1);
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::PacketBuilder;
 
-use super::lab::CLIENT_MAC;
+use crate::lab::CLIENT_MAC;
 
 pub const PAYLOAD: &[u8] = b"hello, backend";
 

@@ -32,8 +32,10 @@ use lb_common::consts::prog_names;
 
 pub mod scenarios;
 
+use lb_userspace::dataplane::{Capacities, Dataplane};
+
 use crate::{
-    dataplane::{Capacities, Dataplane},
+    BACKEND_SERVER,
     netns::Netns,
     testbed::{self, Host, NIC, SEGMENT_MTU},
 };
@@ -51,7 +53,6 @@ const CLIENT_ADDR: &str = "10.99.0.2";
 const CLIENT_GATEWAY: &str = "10.99.0.1";
 const BIRD_LB: &str = include_str!("../../../deploy/bird/lb.conf");
 const BIRD_ROUTER: &str = include_str!("../../../deploy/bird/router.conf");
-const BACKEND_SERVER: &str = include_str!("../../tests/support/backend_server.py");
 
 /// A load balancer of the fleet.
 pub struct LbBox {
@@ -351,7 +352,7 @@ impl Fleet {
         let child = lb
             .host
             .netns
-            .command_net_only(&self.mlb.to_string_lossy())
+            .command_net_only(&self.mlb)
             .args(["run", "--config"])
             .arg(&lb.config)
             .stdout(log.try_clone()?)
@@ -394,7 +395,7 @@ impl Fleet {
         self.lbs[i]
             .host
             .netns
-            .command_net_only(&self.mlb.to_string_lossy())
+            .command_net_only(&self.mlb)
             .args(args)
             .arg("--pin-path")
             .arg(&self.lbs[i].pin_dir)

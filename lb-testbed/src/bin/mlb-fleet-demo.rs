@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use lb_userspace::fleet::{Connections, Fleet, HOLD_TIME, ShortLoad};
+use lb_testbed::fleet::{Connections, Fleet, HOLD_TIME, ShortLoad};
 
 #[derive(Parser)]
 #[command(about = "Run the mlb fleet demo (root)")]

@@ -9,18 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane},
+use lb_userspace::dataplane::{Capacities, Dataplane};
+
+use crate::{
     netns::Netns,
     testbed::{self, Testbed},
 };
 
 pub const VIP: &str = "10.200.0.1";
 pub const VIP6: &str = "fd00:200::1";
-pub const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/support/backend_server.py"
-);
+pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend_server.py");
 
 pub struct DaemonBed {
     pub bed: Testbed,
@@ -124,17 +122,28 @@ impl DaemonBed {
 
     /// Starts `mlb run` in the load balancer's namespace and waits until it serves status.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_under(&[]);
+    }
+
+    /// Starts the daemon through `wrapper` (a command that execs its arguments, such as
+    /// `setpriv …`), so that the daemon is the wrapper's pid.
+    pub fn start_daemon_under(&mut self, wrapper: &[&str]) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = self
-            .bed
-            .lb
-            .netns
-            .command_net_only(env!("CARGO_BIN_EXE_mlb"))
+        let mlb = crate::mlb_bin();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = self.bed.lb.netns.command_net_only(program);
+                command.args(args).arg(mlb);
+                command
+            }
+            None => self.bed.lb.netns.command_net_only(mlb),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())
@@ -179,11 +188,7 @@ impl DaemonBed {
 
     /// Runs `mlb ARGS --pin-path <ours>` in the load balancer's namespace.
     pub fn mlb(&self, args: &[&str]) -> Output {
-        let mut command = self
-            .bed
-            .lb
-            .netns
-            .command_net_only(env!("CARGO_BIN_EXE_mlb"));
+        let mut command = self.bed.lb.netns.command_net_only(crate::mlb_bin());
         command.args(args);
         if args[0] != "check" {
             command.arg("--pin-path").arg(&self.pin_dir);

@@ -13,9 +13,6 @@
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one; `MLB_BENCH_BASE_OBJECT=FILE`
 //! measures another build's `lb-ebpf` object beside this one, in the same rounds.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr},
@@ -27,11 +24,13 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::consts::prog_names;
-use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
-use support::{
+use lb_testbed::{
+    bench::write_json,
     lab::Lab,
     packets::{tcp, udp},
 };
+use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
+use serde_json::{Value, json};
 
 const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
@@ -62,18 +61,26 @@ struct Figure {
     target: Option<f64>,
 }
 
+#[derive(clap::Parser)]
+struct Args {
+    /// Calls per path for the one-packet-per-call method.
+    #[arg(long, default_value_t = 200_000)]
+    calls: usize,
+    /// Just the paths whose name contains this (and the baseline), for profiling.
+    #[arg(long)]
+    only: Option<String>,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let calls: usize = arg("--calls").map_or(200_000, |c| c.parse().expect("--calls N"));
-    let json = arg("--json");
-    // `--only TEXT`: just the paths whose name contains TEXT (and the baseline), for profiling.
-    let only = arg("--only");
+    let Args {
+        calls, json, only, ..
+    } = clap::Parser::parse();
 
     let mut lab = Lab::with_capacities(Capacities {
         max_vips: 16,
@@ -131,8 +138,7 @@ fn main() {
     eprintln!("\r{:60}", "");
     report(&figures, calls, started.elapsed().as_secs_f64());
     if let Some(path) = json {
-        write_json(&path, &figures, calls);
-        println!("JSON written to {path}");
+        write_figures(&path, &figures, calls);
     }
 }
 
@@ -301,9 +307,9 @@ fn second_chance_packets(lab: &mut Lab, client: IpAddr, vip: IpAddr) -> (Vec<u8>
         .iter()
         .map(|id| maglev::MaglevBackend::new(*id, lab.backend(*id).addr, 1))
         .collect();
-    let previous = maglev::build(&members, support::lab::TABLE_SIZE, support::lab::SEED);
+    let previous = maglev::build(&members, lb_testbed::lab::TABLE_SIZE, lb_testbed::lab::SEED);
     lab.dataplane
-        .install_prev_tables(&[(support::lab::VIP_TCP, &previous)])
+        .install_prev_tables(&[(lb_testbed::lab::VIP_TCP, &previous)])
         .expect("previous table");
     let sport = (1024..u16::MAX)
         .find(|sport| {
@@ -314,8 +320,8 @@ fn second_chance_packets(lab: &mut Lab, client: IpAddr, vip: IpAddr) -> (Vec<u8>
                 dport: 80,
                 proto: lb_common::consts::PROTO_TCP,
             };
-            let hash = flow.hash(support::lab::SEED);
-            lab.tables[&support::lab::VIP_TCP].lookup(hash) != previous.lookup(hash)
+            let hash = flow.hash(lb_testbed::lab::SEED);
+            lab.tables[&lb_testbed::lab::VIP_TCP].lookup(hash) != previous.lookup(hash)
         })
         .expect("a moved flow");
     let chained = tcp(mac, client, sport, vip, 80, false);
@@ -331,8 +337,9 @@ fn second_chance_packets(lab: &mut Lab, client: IpAddr, vip: IpAddr) -> (Vec<u8>
         .set_decap_sources(&[("172.16.0.0".parse().unwrap(), 16)])
         .expect("decap sources");
     let (lb, me, prev) = ([172, 16, 0, 9], [10, 111, 0, 1], [10, 111, 0, 12]);
-    let wrap =
-        |inner: &[u8], dst| support::packets::expect_ipip(inner, [2, 0, 0, 0, 0, 1], mac, lb, dst);
+    let wrap = |inner: &[u8], dst| {
+        lb_testbed::packets::expect_ipip(inner, [2, 0, 0, 0, 0, 1], mac, lb, dst)
+    };
     // A connection this "backend" has, so that the socket lookup finds it.
     let listener = lab
         .netns
@@ -526,13 +533,7 @@ fn pin_to_last_cpu() {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(ok, "pinning to CPU {cpu}");
+    lb_testbed::bench::pin(0, cpu);
 }
 
 fn report(figures: &[Figure], calls: usize, seconds: f64) {
@@ -580,34 +581,34 @@ fn new_flow_ratio(figures: &[Figure]) -> Option<f64> {
     Some(find(NEW_FLOW)?.above_empty_ns / find(LRU_BASELINE)?.above_empty_ns)
 }
 
-fn write_json(path: &str, figures: &[Figure], calls: usize) {
-    let rows: Vec<String> = figures
+fn write_figures(path: &std::path::Path, figures: &[Figure], calls: usize) {
+    let rows: Vec<Value> = figures
         .iter()
         .map(|f| {
-            format!(
-                "    {{\"path\": \"{}\", \"ns_per_call\": {:.2}, \"ns_above_empty\": {:.2}, \
-                 \"round_iqr_ns\": {:.2}, \"repeat_ns_above_empty\": {}, \"target_ns\": {}, \
-                 \"met\": {}}}",
-                f.name,
-                f.per_call_ns,
-                f.above_empty_ns,
-                f.round_spread_ns,
-                f.repeat_ns.map_or("null".into(), |r| format!("{r:.2}")),
-                f.target.map_or("null".into(), |t| format!("{t}")),
-                f.target
-                    .map_or("null".into(), |t| (f.above_empty_ns <= t).to_string()),
-            )
+            json!({
+                "path": f.name,
+                "ns_per_call": f.per_call_ns,
+                "ns_above_empty": f.above_empty_ns,
+                "round_iqr_ns": f.round_spread_ns,
+                "repeat_ns_above_empty": f.repeat_ns,
+                "target_ns": f.target,
+                "met": f.target.map(|t| f.above_empty_ns <= t),
+            })
         })
         .collect();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let body = format!(
-        "{{\n  \"benchmark\": \"xdp\",\n  \"method\": \"BPF_PROG_TEST_RUN, one packet per call, \
-         mean over calls per round, minus the empty XDP program in the same round, median over rounds\",\n  \"calls\": {calls},\n  \
-         \"rounds\": {ROUNDS},\n  \"kernel\": \"{}\",\n  \"cpus\": {},\n  \"new_flow_over_lru_insert\": {},\n  \"paths\": [\n{}\n  ]\n}}\n",
-        kernel.trim(),
-        online_cpus(),
-        new_flow_ratio(figures).map_or("null".into(), |r| format!("{r:.3}")),
-        rows.join(",\n")
+    write_json(
+        path,
+        &json!({
+            "benchmark": "xdp",
+            "method": "BPF_PROG_TEST_RUN, one packet per call, mean over calls per round, \
+                       minus the empty XDP program in the same round, median over rounds",
+            "calls": calls,
+            "rounds": ROUNDS,
+            "kernel": kernel.trim(),
+            "cpus": online_cpus(),
+            "new_flow_over_lru_insert": new_flow_ratio(figures),
+            "paths": rows,
+        }),
     );
-    std::fs::write(path, body).expect("write JSON");
 }

@@ -50,7 +50,7 @@ impl Netns {
     /// A command that runs in the namespace's network stack but the caller's mount
     /// namespace (`nsenter --net`), unlike [`Netns::command`] (`ip netns exec` remounts
     /// /sys privately, hiding the bpffs where maps are pinned).
-    pub fn command_net_only(&self, program: &str) -> Command {
+    pub fn command_net_only(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/var/run/netns/{}", self.name))

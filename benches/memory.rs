@@ -4,13 +4,18 @@
 //! of the same capacity (what mlb used before); and the per-CPU maps' memory as the CPU
 //! count grows. `cargo xtask bench memory [--json FILE]` (root).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use lb_common::{
     consts::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_TABLE_SIZE},
     maglev::{MaglevBackend, build},
 };
+use lb_testbed::bench::write_json;
 use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
+use serde_json::json;
 
 /// The data plane's per-CPU maps (their memory is per CPU).
 const PER_CPU: [&str; 7] = [
@@ -27,13 +32,18 @@ fn mib(bytes: f64) -> f64 {
     bytes / (1 << 20) as f64
 }
 
+#[derive(clap::Parser)]
+struct Args {
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let json = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let Args { json, .. } = clap::Parser::parse();
     let backends: Vec<MaglevBackend> = (1..=1000)
         .map(|i| MaglevBackend::new(i, IpAddr::V4(Ipv4Addr::from(0x0a64_0000 + i)), 1))
         .collect();
@@ -71,9 +81,10 @@ fn main() {
         let total = sum(&|_| true);
         let other = total - tables - conntrack;
         println!("{vips:>6} {tables:>14.1} {conntrack:>14.1} {other:>10.1} {total:>10.1}");
-        rows.push(format!(
-            "    {{\"vips\": {vips}, \"tables_mib\": {tables:.2}, \"conntrack_mib\": {conntrack:.2}, \"other_mib\": {other:.2}, \"total_mib\": {total:.2}}}"
-        ));
+        rows.push(json!({
+            "vips": vips, "tables_mib": tables, "conntrack_mib": conntrack,
+            "other_mib": other, "total_mib": total,
+        }));
     }
     println!(
         "(conntrack: one table of {DEFAULT_CONNTRACK_ENTRIES} entries for both families; set by conntrack_entries)"
@@ -138,12 +149,12 @@ fn main() {
             mib(before * n),
             mib(shared)
         );
-        cpu_rows.push(format!(
-            "    {{\"cpus\": {n}, \"per_cpu_maps_mib\": {:.2}, \"per_cpu_maps_old_flow_cache_mib\": {:.2}, \"shared_maps_mib\": {:.2}}}",
-            mib(now * n),
-            mib(before * n),
-            mib(shared)
-        ));
+        cpu_rows.push(json!({
+            "cpus": n,
+            "per_cpu_maps_mib": mib(now * n),
+            "per_cpu_maps_old_flow_cache_mib": mib(before * n),
+            "shared_maps_mib": mib(shared),
+        }));
     }
     println!(
         "(measured on {cpus} CPUs, scaled: {:.2} MiB per CPU with flow_cache_entries {DEFAULT_FLOW_CACHE_ENTRIES}, {:.2} with 32,768)",
@@ -151,13 +162,16 @@ fn main() {
         mib(before)
     );
     if let Some(path) = json {
-        let body = format!(
-            "{{\n  \"benchmark\": \"memory\",\n  \"conntrack_bytes_per_flow\": {per_flow:.2},\n  \"lru_hash_bytes_per_flow\": {lru_per_flow:.2},\n  \"per_cpu\": [\n{}\n  ],\n  \"rows\": [\n{}\n  ]\n}}\n",
-            cpu_rows.join(",\n"),
-            rows.join(",\n")
+        write_json(
+            &path,
+            &json!({
+                "benchmark": "memory",
+                "conntrack_bytes_per_flow": per_flow,
+                "lru_hash_bytes_per_flow": lru_per_flow,
+                "per_cpu": cpu_rows,
+                "rows": rows,
+            }),
         );
-        std::fs::write(&path, body).expect("write JSON");
-        println!("JSON written to {path}");
     }
 }
 

@@ -14,13 +14,10 @@
 //!
 //! `cargo xtask bench failover [--json FILE] [--rounds N]`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -31,13 +28,15 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::consts::map_names;
+use lb_testbed::bench::{median, write_json};
+use lb_testbed::daemon::{Attempt, DaemonBed, check_yaml};
 use lb_userspace::{
     config::Config,
     daemon::capacities,
     dataplane::Dataplane,
     reconcile::{Assignments, Reconciler},
 };
-use support::daemon::{Attempt, DaemonBed, check_yaml};
+use serde_json::{Value, json};
 
 const BACKENDS: usize = 3;
 const INTERVAL_MS: u64 = 100;
@@ -79,16 +78,21 @@ struct Figures {
     back_ms: f64,
 }
 
+#[derive(clap::Parser)]
+struct Args {
+    /// Backend kills.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let json = arg("--json");
-    let rounds: usize = arg("--rounds").map_or(6, |r| r.parse().expect("--rounds N"));
+    let Args { rounds, json, .. } = clap::Parser::parse();
     // SAFETY: no arguments, no side effects.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!(
@@ -291,7 +295,7 @@ fn report(
     swap_down: &[f64],
     swap_up: &[f64],
     axis: &[AxisPoint],
-    json: Option<&str>,
+    json: Option<&Path>,
 ) {
     let rate = attempts.len() as f64 / attempts.last().map_or(1.0, |a| a.at.as_secs_f64());
     let live: Vec<f64> = figures.iter().map(|f| f.live_down_us).collect();
@@ -363,53 +367,57 @@ fn report(
         );
     }
     let Some(path) = json else { return };
-    let axis_rows: Vec<String> = axis
+    let axis_rows: Vec<Value> = axis
         .iter()
         .map(|p| {
-            format!(
-                "    {{\"vips\": {}, \"set_health_batched_us\": {:.0}, \"one_swap_per_vip_us\": {:.0}}}",
-                p.vips, p.batched_us, p.one_by_one_us
-            )
+            json!({
+                "vips": p.vips,
+                "set_health_batched_us": p.batched_us,
+                "one_swap_per_vip_us": p.one_by_one_us,
+            })
         })
         .collect();
-    let rows: Vec<String> = figures
+    let rows: Vec<Value> = figures
         .iter()
         .map(|f| {
-            format!(
-                "    {{\"backend\": \"be{}\", \"detect_ms\": {:.2}, \"checker_to_loop_us\": {:.0}, \
-                 \"detect_to_live_us\": {:.0}, \"up_to_live_us\": {:.0}, \"failed\": {}, \"connections\": {}, \
-                 \"failed_after_return\": {}, \"status_down_ms\": {:.0}, \"back_up_ms\": {:.0}}}",
-                f.backend,
-                f.detect_ms,
-                f.hop_us,
-                json_number(f.live_down_us),
-                json_number(f.live_up_us),
-                f.failed,
-                f.attempts,
-                f.failed_after_return,
-                f.seen_down_ms,
-                f.back_ms
-            )
+            json!({
+                "backend": format!("be{}", f.backend),
+                "detect_ms": f.detect_ms,
+                "checker_to_loop_us": f.hop_us,
+                "detect_to_live_us": json_number(f.live_down_us),
+                "up_to_live_us": json_number(f.live_up_us),
+                "failed": f.failed,
+                "connections": f.attempts,
+                "failed_after_return": f.failed_after_return,
+                "status_down_ms": f.seen_down_ms,
+                "back_up_ms": f.back_ms,
+            })
         })
         .collect();
-    let body = format!(
-        "{{\n  \"benchmark\": \"failover\",\n  \"check\": {{\"kind\": \"tcp\", \"interval_ms\": {INTERVAL_MS}, \
-         \"timeout_ms\": {TIMEOUT_MS}, \"rise\": {RISE}, \"fall\": {FALL}, \"jitter_percent\": {JITTER_PERCENT}}},\n  \
-         \"backends\": {BACKENDS},\n  \"load_connections_per_s\": {rate:.0},\n  \"rounds\": [\n{}\n  ],\n  \
-         \"detect_to_live_us\": {{\"median\": {:.0}, \"max\": {:.0}, \"target\": {TARGET_LIVE_US:.0}}},\n  \
-         \"set_health_return_us\": {{\"down_median\": {:.0}, \"up_median\": {:.0}}},\n  \
-         \"failed_per_failure\": {{\"mean\": {failed_mean:.2}, \"max\": {:.0}}},\n  \
-         \"vips_axis\": [\n{}\n  ]\n}}\n",
-        rows.join(",\n"),
-        json_number(median(&live)),
-        json_number(max(&live)),
-        json_number(median(swap_down)),
-        json_number(median(swap_up)),
-        max(&failed),
-        axis_rows.join(",\n"),
+    write_json(
+        path,
+        &json!({
+            "benchmark": "failover",
+            "check": {
+                "kind": "tcp", "interval_ms": INTERVAL_MS, "timeout_ms": TIMEOUT_MS,
+                "rise": RISE, "fall": FALL, "jitter_percent": JITTER_PERCENT,
+            },
+            "backends": BACKENDS,
+            "load_connections_per_s": rate,
+            "rounds": rows,
+            "detect_to_live_us": {
+                "median": json_number(median(&live)),
+                "max": json_number(max(&live)),
+                "target": TARGET_LIVE_US,
+            },
+            "set_health_return_us": {
+                "down_median": json_number(median(swap_down)),
+                "up_median": json_number(median(swap_up)),
+            },
+            "failed_per_failure": {"mean": failed_mean, "max": max(&failed)},
+            "vips_axis": axis_rows,
+        }),
     );
-    std::fs::write(path, body).expect("write JSON");
-    println!("JSON written to {path}");
 }
 
 /// Watches the daemon's pinned outer table map from a thread: the wall-clock time (µs)
@@ -560,15 +568,6 @@ fn parse_rfc3339_us(stamp: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(((days * 86_400 + h * 3600 + min * 60 + s) * 1_000_000) + micros)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn max(values: &[f64]) -> f64 {

@@ -37,10 +37,9 @@ use lb_common::{
     maglev::{self, MaglevBackend, auto_table_size},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
-use lb_userspace::{
-    dataplane::{Capacities, Dataplane, enable_forwarding},
-    netns::Netns,
-};
+use lb_testbed::bench::{fit, pin, write_json};
+use lb_testbed::netns::Netns;
+use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
 
 const SEED: u32 = 0x5eed_1234;
@@ -61,28 +60,24 @@ const MAX_BACKENDS: usize = 1000;
 /// Below this R² neither fit is a trend.
 const MIN_R2: f64 = 0.5;
 
+#[derive(clap::Parser)]
 struct Options {
+    /// Calls per point.
+    #[arg(long, default_value_t = 200_000)]
     calls: usize,
+    /// Fewer calls (at most 50,000) and flows (at most 100,000), for a look.
+    #[arg(long)]
     quick: bool,
-    json: Option<String>,
+    /// Write the figures here as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn options() -> Options {
-    let mut opts = Options {
-        calls: 200_000,
-        quick: false,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--calls" => opts.calls = args.next().and_then(|c| c.parse().ok()).expect("--calls N"),
-            "--quick" => opts.quick = true,
-            "--json" => opts.json = Some(args.next().expect("--json FILE")),
-            // `cargo bench` passes `--bench`.
-            _ => {}
-        }
-    }
+    let mut opts: Options = clap::Parser::parse();
     if opts.quick {
         opts.calls = opts.calls.min(50_000);
     }
@@ -113,7 +108,7 @@ fn main() {
     let opts = options();
     // Every call on the same CPU: one LRU list and one flow cache hold all the flows.
     let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    pin(cpu);
+    pin(0, cpu);
     let rig = Rig::new();
     let started = Instant::now();
     let max_flows = if opts.quick { 100_000 } else { usize::MAX };
@@ -128,28 +123,13 @@ fn main() {
     report(&series, &opts, cpu, started.elapsed().as_secs_f64());
     if let Some(path) = &opts.json {
         let body = json_report(&series, &opts, cpu);
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&body).expect("JSON") + "\n",
-        )
-        .unwrap_or_else(|e| panic!("writing {path}: {e}"));
-        println!("JSON written to {path}");
+        write_json(path, &body);
     }
 }
 
 fn progress(line: &str) {
     eprint!("\r{line:<72}");
     let _ = std::io::stderr().flush();
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    assert!(ok, "pinning to CPU {cpu}");
 }
 
 /// Possible CPUs: the kernel splits an LRU map with per-CPU lists evenly among them.
@@ -518,22 +498,6 @@ fn flow_series(rig: &Rig, opts: &Options, max_flows: usize) -> Series {
         ),
         points,
     }
-}
-
-/// Least squares y = a + b·x: (a, b, R²).
-fn fit(xs: &[f64], ys: &[f64]) -> (f64, f64, f64) {
-    let n = xs.len() as f64;
-    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
-    let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
-    let sxx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
-    let syy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
-    let b = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-    let r2 = if sxx > 0.0 && syy > 0.0 {
-        sxy * sxy / (sxx * syy)
-    } else {
-        0.0
-    };
-    (my - b * mx, b, r2)
 }
 
 /// Flat if the whole range stays within max(5 ns, 15% of the mean, the points' mean

@@ -17,13 +17,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use lb_testbed::{BACKEND_SERVER, testbed::Testbed};
 use lb_userspace::{
     config::Config,
     dataplane::{Capacities, Dataplane},
-    testbed::Testbed,
 };
 
-const BACKEND_SERVER: &str = include_str!("../../tests/support/backend_server.py");
 const PIN_PATH: &str = "/sys/fs/bpf/mlb-demo";
 const REQUESTS: usize = 600;
 
@@ -335,7 +334,7 @@ impl Demo {
 }
 
 fn start_server(
-    netns: &lb_userspace::netns::Netns,
+    netns: &lb_testbed::netns::Netns,
     script: &Path,
     name: &str,
     port: u16,
