@@ -11,7 +11,8 @@
 //!
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one; `MLB_BENCH_BASE_OBJECT=FILE`
-//! measures another build's `lb-ebpf` object beside this one, in the same rounds.
+//! measures another build's `lb-ebpf` object beside this one, in the same rounds
+//! (`MLB_BENCH_BASE_FIRST=1`: in the other order).
 
 use std::{
     io::Write as _,
@@ -82,22 +83,29 @@ fn main() {
         calls, json, only, ..
     } = clap::Parser::parse();
 
-    let mut lab = Lab::with_capacities(Capacities {
-        max_vips: 16,
-        max_backends: 64,
-        // Room for every new flow of the run: inserts, not LRU evictions, are measured.
-        conntrack_entries: (calls as u32 * 2).max(1 << 16),
-        ..Default::default()
-    });
-    // The same, but without the flow cache: every established packet reads the
-    // connection table. Its packets run in the first lab's namespace, whose veth0 has the
-    // same addresses and neighbours.
     // `MLB_BENCH_BASE_OBJECT=FILE`: the second lab runs another build's object (e.g. the
     // base commit's `lb-ebpf`) with the same capacities instead, and the main paths are
-    // measured on both in the same rounds: the A/B of a change.
+    // measured on both in the same rounds: the A/B of a change. The first lab's maps see
+    // more traffic (the 100,000-flow path), so the two places are not alike: with
+    // `MLB_BENCH_BASE_FIRST=1` the objects trade places, and the two orders together
+    // cancel that out.
     let base = std::env::var("MLB_BENCH_BASE_OBJECT").ok().map(|path| {
         std::fs::read(&path).unwrap_or_else(|e| panic!("MLB_BENCH_BASE_OBJECT {path}: {e}"))
     });
+    let swap = base.is_some() && std::env::var_os("MLB_BENCH_BASE_FIRST").is_some();
+    let mut lab = Lab::with_object(
+        Capacities {
+            max_vips: 16,
+            max_backends: 64,
+            // Room for every new flow of the run: inserts, not LRU evictions, are measured.
+            conntrack_entries: (calls as u32 * 2).max(1 << 16),
+            ..Default::default()
+        },
+        base.as_deref().filter(|_| swap),
+    );
+    // The same, but without the flow cache: every established packet reads the
+    // connection table. Its packets run in the first lab's namespace, whose veth0 has the
+    // same addresses and neighbours.
     let mut second = Lab::with_object(
         Capacities {
             max_vips: 16,
@@ -113,11 +121,20 @@ fn main() {
             },
             ..Default::default()
         },
-        base.as_deref(),
+        base.as_deref().filter(|_| !swap),
     );
     let mut paths = paths(&mut lab, calls);
     let extra = match base {
-        Some(_) => base_paths(&mut second, &paths),
+        Some(_) if swap => {
+            for p in paths
+                .iter_mut()
+                .filter(|p| p.program == prog_names::LB_INGRESS)
+            {
+                p.name = Box::leak(format!("{} [base]", p.name).into_boxed_str());
+            }
+            second_paths(&mut second, &paths, "[base]", "[this build]")
+        }
+        Some(_) => second_paths(&mut second, &paths, "", "[base]"),
         None => uncached_paths(&mut second, &paths),
     };
     paths.extend(extra);
@@ -400,14 +417,20 @@ fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
     out
 }
 
-/// The main paths again on `lab`, another build's object (`MLB_BENCH_BASE_OBJECT`),
-/// labelled `[base]`; its established flows primed there.
-fn base_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
+/// The main paths again on the second `lab` (the A/B's other object), their `old` label
+/// suffix replaced by `new`; its established flows primed there.
+fn second_paths(lab: &mut Lab, paths: &[Path], old: &str, new: &str) -> Vec<Path> {
     let out: Vec<Path> = paths
         .iter()
         .filter(|p| p.program == prog_names::LB_INGRESS && !p.name.contains("100,000"))
         .map(|p| Path {
-            name: Box::leak(format!("{} [base]", p.name).into_boxed_str()),
+            name: Box::leak(
+                format!(
+                    "{} {new}",
+                    p.name.strip_suffix(old).unwrap_or(p.name).trim_end()
+                )
+                .into_boxed_str(),
+            ),
             program: p.program,
             second: true,
             packets: p.packets.clone(),

@@ -259,6 +259,7 @@ impl Dataplane {
             error: e.to_string(),
         })?;
         check_pinned_layouts(pin_dir)?;
+        replace_outgrown_stats(pin_dir)?;
         let dataplane = Self::load_with(caps, Some(pin_dir), OBJECT)?;
         for (name, want) in dataplane.map_sizes() {
             let map = dataplane.map(name)?;
@@ -1152,6 +1153,24 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
                 dir: dir.to_owned(),
             });
         }
+    }
+    Ok(())
+}
+
+/// `STATS` grows when a build adds counters. A smaller one pinned under `dir` by an older
+/// build is unpinned, not adopted: the new program would count nothing past its end, and
+/// every scrape would fail reading there. Its counts restart from zero (a counter reset,
+/// which Prometheus handles); the connection table and every flow stay.
+fn replace_outgrown_stats(dir: &Path) -> Result<()> {
+    let path = dir.join(names::STATS);
+    let Ok(map) = MapData::from_pin(&path) else {
+        return Ok(());
+    };
+    if map.info().map_err(map_err(names::STATS))?.max_entries() != Counter::COUNT {
+        std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
+            path: path.clone(),
+            error: e.to_string(),
+        })?;
     }
     Ok(())
 }

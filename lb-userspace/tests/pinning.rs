@@ -82,3 +82,32 @@ fn lru_connection_tables_of_an_older_build_are_refused() {
     assert!(error.contains("map CONNTRACK_V4"), "{error}");
     assert!(error.contains("mlb detach"), "{error}");
 }
+
+/// A `STATS` pinned by a build with fewer counters is replaced by one with room for all
+/// of them (its counts restart), not adopted: the load goes on, flows are kept.
+#[test]
+fn a_smaller_stats_map_of_an_older_build_is_replaced() {
+    ensure_bpffs();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/mlb-test-stats-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pins.0).unwrap();
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY` of u64, 19 counters as before issue 16's.
+    const PERCPU_ARRAY: u32 = 6;
+    let definition = aya_obj::Map::new_from_params(PERCPU_ARRAY, 4, 8, 19, 0);
+    let map = MapData::create(definition, "STATS", None).unwrap_or_else(|e| panic!("{e}"));
+    map.pin(pins.0.join("STATS"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dataplane =
+        Dataplane::load_pinned(Capacities::default(), &pins.0).unwrap_or_else(|e| panic!("{e}"));
+    let stats = MapData::from_pin(pins.0.join("STATS")).unwrap();
+    assert_eq!(
+        stats.info().unwrap().max_entries(),
+        lb_common::consts::Counter::COUNT
+    );
+    assert_eq!(
+        dataplane.counters().unwrap().len(),
+        lb_common::consts::Counter::ALL.len()
+    );
+}
