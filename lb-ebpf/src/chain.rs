@@ -14,16 +14,16 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    consts::{Counter, EMPTY_BACKEND, PROTO_IPIP, PROTO_IPV6, backend_flags, vip_flags},
+    consts::{Counter, EMPTY_BACKEND, PROTO_IPV6, backend_flags, vip_flags},
     hash::table_slot,
     types::GlobalConfig,
 };
 
 use crate::{
-    forward::{OUTER_TTL, ipv4_checksum, push_l2},
+    encap::{OUTER_TTL, ipip_header, push_l2},
     maps::{BACKEND_CHAINED, BACKENDS, PREV_TABLES, VIP_CHAINED},
     parse::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, Verdict, ptr_at},
-    select::Selection,
+    route::Selection,
     stats::count,
 };
 
@@ -112,26 +112,10 @@ fn encap_ipv4(
     let middle: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off + IPV4_HLEN).ok_or(failed)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        *outer = ipip(tos, outer_len, src, sel.backend_addr[0]);
-        *middle = ipip(tos, middle_len, src, previous);
+        *outer = ipip_header(tos, outer_len, src, sel.backend_addr[0]);
+        *middle = ipip_header(tos, middle_len, src, previous);
     }
     Ok(())
-}
-
-#[inline(always)]
-fn ipip(tos: u8, tot_len: u16, src: u32, dst: u32) -> Ipv4Hdr {
-    Ipv4Hdr {
-        vihl: 0x45,
-        tos,
-        tot_len,
-        id: 0,
-        frag_off: 0,
-        ttl: OUTER_TTL,
-        proto: PROTO_IPIP,
-        check: ipv4_checksum(tos, tot_len, src, dst),
-        src,
-        dst,
-    }
 }
 
 #[inline(always)]

@@ -25,12 +25,12 @@ use aya_ebpf::{
 use lb_common::consts::{DECAP_PREFIXES, DecapCounter, PROTO_IPIP, PROTO_IPV6, PROTO_TCP};
 
 use crate::{
-    forward::fib_lookup_to,
     maps::{DECAP_CONFIG, DECAP_STATS, FIB_SCRATCH},
     parse::{
         ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_FLAG_SYN, TcpHdr,
         VlanHdr, parse_l2, ptr_at, read_addr6,
     },
+    route::fib_lookup_to,
 };
 
 const TCP_LISTEN: u32 = 10;

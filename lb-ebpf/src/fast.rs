@@ -17,13 +17,15 @@ use lb_common::{
 };
 
 use crate::{
-    forward::{encap_ipv4, encap_ipv6, finish, set_macs},
+    encap::{encap_ipv4, encap_ipv6, set_macs},
+    forward::finish,
     maps::config,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, L2, Verdict, parse_l4, ptr_at, read_addr6,
     },
-    select::{Flow as _, Selection, cache_hit, table_hit},
+    route::Selection,
+    select::{Flow as _, cache_hit, table_hit},
 };
 
 /// Returned by the fast path for a packet it leaves to the full path.

@@ -6,6 +6,7 @@
 mod chain;
 mod conntrack;
 mod decap;
+mod encap;
 mod fast;
 mod forward;
 mod fragments;
@@ -14,6 +15,7 @@ mod icmp_echo;
 mod maps;
 mod mixed;
 mod parse;
+mod route;
 mod select;
 mod stats;
 
@@ -23,7 +25,8 @@ use lb_common::consts::Counter;
 
 use lb_common::types::{GlobalConfig, Route};
 use parse::{ETH_P_IP, ETH_P_IPV6, Parsed, Verdict, parse_ipv4, parse_ipv6, parse_l2};
-use select::{Flow, Selection, select};
+use route::Selection;
+use select::{Flow, select};
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {

@@ -10,9 +10,9 @@ use lb_common::{
 };
 
 use crate::{
-    forward::push_outer6,
+    encap::push_outer6,
     parse::{Ipv4Hdr, L2, Verdict, ptr_at},
-    select::Selection,
+    route::Selection,
 };
 
 /// IPv4-in-IPv6: outer IPv6 header to the backend, traffic class from the inner TOS.

@@ -20,11 +20,11 @@ use lb_common::{
 
 use crate::{
     chain, conntrack,
-    forward::{cached_next_hop, next_hop},
     maps::{
         BACKENDS, FLOW_CACHE_V4, FLOW_CACHE_V6, TABLES, VIP_ADDRS_V4, VIP_ADDRS_V6, VIP_STATE, VIPS,
     },
     parse::{Parsed, Verdict, copy, zero},
+    route::{Selection, cached_next_hop, next_hop},
     stats::count,
 };
 
@@ -212,19 +212,6 @@ impl Flow for FlowV6 {
         // SAFETY: copied out at once.
         unsafe { VIP_ADDRS_V6.get(self.dst) }.map(|a| a.flags)
     }
-}
-
-/// Where a packet goes: its Route (in the flow cache, or in the full path's scratch space)
-/// and the backend's address.
-pub struct Selection<'a> {
-    pub route: &'a Route,
-    /// Network byte order; IPv4 in word 0.
-    pub backend_addr: [u32; 4],
-    /// The flow hash, reused for the encapsulation source.
-    pub hash: u32,
-    /// Second chance: the Backend id the Vip's previous table named, attached to the
-    /// packet (`EMPTY_BACKEND`: none).
-    pub previous: u32,
 }
 
 #[inline(always)]
