@@ -280,6 +280,18 @@ pub struct Attempt {
     pub took: Duration,
 }
 
+/// A long-lived connection to `addr` and the greeting line of the backend that took it
+/// (its name); panics if it cannot connect within 3 s.
+pub fn connect(addr: SocketAddr) -> (std::net::TcpStream, String) {
+    let timeout = Duration::from_secs(3);
+    let stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    (stream, line.trim().to_owned())
+}
+
 /// A short TCP connection to a backend test server: connect, read its name line, close.
 pub fn short_connection(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     let stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;

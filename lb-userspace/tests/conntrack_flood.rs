@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc,
@@ -15,22 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_testbed::daemon::{DaemonBed, VIP};
+use lb_testbed::daemon::{DaemonBed, VIP, connect};
 
-const TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS: usize = 60;
 const ENTRIES: usize = 4096;
 /// SYNs of the flood: ~60× the table.
 const FLOOD: usize = 250_000;
-
-fn connect(addr: SocketAddr) -> (TcpStream, String) {
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).unwrap();
-    (stream, line.trim().to_owned())
-}
 
 /// One request on every connection: `Err` for each that broke or moved.
 fn requests(conns: &mut [(TcpStream, String)], tag: &str) -> Vec<String> {

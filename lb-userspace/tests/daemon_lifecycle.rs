@@ -3,22 +3,13 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     time::Duration,
 };
 
-use lb_testbed::daemon::DaemonBed;
+use lb_testbed::daemon::{DaemonBed, connect};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-fn connect(addr: SocketAddr) -> (TcpStream, String) {
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).unwrap();
-    (stream, line.trim().to_owned())
-}
 
 /// Sends a line and returns who echoed it; an error means the connection broke.
 fn echo(stream: &mut TcpStream, text: &str) -> std::io::Result<String> {

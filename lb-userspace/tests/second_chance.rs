@@ -5,26 +5,16 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use lb_common::consts::DecapCounter;
-use lb_testbed::daemon::DaemonBed;
+use lb_testbed::daemon::{DaemonBed, connect};
 
-const TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS: usize = 60;
 const VIPS: &str =
     "  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
-
-fn connect(addr: SocketAddr) -> (TcpStream, String) {
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).unwrap();
-    (stream, line.trim().to_owned())
-}
 
 /// Sends a line on each connection; the ones that did not come back from their backend.
 fn broken(bed: &DaemonBed, conns: &mut [(TcpStream, String)], tag: &str) -> Vec<String> {
