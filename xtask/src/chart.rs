@@ -122,7 +122,8 @@ pub fn bar_chart(
             .unwrap_or(10);
     let row_h = 16 * series.len().max(1) + 14;
     let height = 50 + row_h * categories.len() + 80;
-    let width = (label_w + 600).max(24 + 9 * title.chars().count());
+    // A bold 16 px title is about 10.5 px per character; it is centred, so leave room.
+    let width = (label_w + 600).max(40 + 21 * title.chars().count() / 2);
     let max = series
         .iter()
         .flat_map(|s| s.values.iter().copied())
@@ -244,7 +245,8 @@ pub fn line_chart(
     log_x: bool,
     log_y: bool,
 ) -> String {
-    let size = (720, 400 + 20 * lines.len() as u32);
+    let width = 720.max(40 + 21 * title.chars().count() as u32 / 2);
+    let size = (width, 400 + 20 * lines.len() as u32);
     let mut svg = String::new();
     draw_lines(&mut svg, size, title, x_label, y_label, lines, log_x, log_y)
         .expect("drawing into a String cannot fail");
