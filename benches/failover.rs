@@ -83,6 +83,10 @@ struct Args {
     /// Backend kills.
     #[arg(long, default_value_t = 6)]
     rounds: usize,
+    /// Vips sharing the pool (ports 80, 81, …; the load goes to port 80): every one's
+    /// table is rebuilt at each failure.
+    #[arg(long, default_value_t = 1)]
+    vips: u32,
     /// Write the figures here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -92,7 +96,9 @@ struct Args {
 }
 
 fn main() {
-    let Args { rounds, json, .. } = clap::Parser::parse();
+    let Args {
+        rounds, json, vips, ..
+    } = clap::Parser::parse();
     // SAFETY: no arguments, no side effects.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!(
@@ -112,9 +118,20 @@ fn main() {
     );
     let members: Vec<(usize, u32)> = (1..=BACKENDS).map(|i| (i, 1)).collect();
     let pools = bed.pool_yaml("web", &members, &check);
-    let vips =
-        "  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
-    let yaml = bed.config_yaml(vips, &pools);
+    let vips_yaml: String = (0..vips)
+        .map(|i| {
+            format!(
+                "  - name: web{i}\n    address: 10.200.0.1\n    port: {}\n    protocol: tcp\n    \
+                 pool: web\n",
+                80 + i
+            )
+        })
+        .collect();
+    let yaml = bed.config_yaml(&vips_yaml, &pools).replacen(
+        "max_vips: 16",
+        &format!("max_vips: {}", vips.max(16)),
+        1,
+    );
     bed.write_config(&yaml);
     bed.start_daemon();
     let config = Config::parse(&yaml, "failover bench").unwrap_or_else(|e| panic!("{e}"));
@@ -169,6 +186,7 @@ fn main() {
         &swap_down,
         &swap_up,
         &axis,
+        vips,
         json.as_deref(),
     );
 }
@@ -295,6 +313,7 @@ fn report(
     swap_down: &[f64],
     swap_up: &[f64],
     axis: &[AxisPoint],
+    vips: u32,
     json: Option<&Path>,
 ) {
     let rate = attempts.len() as f64 / attempts.last().map_or(1.0, |a| a.at.as_secs_f64());
@@ -304,7 +323,8 @@ fn report(
     let failed_mean = failed.iter().sum::<f64>() / failed.len() as f64;
     println!(
         "Failover: {BACKENDS} backends, tcp check every {INTERVAL_MS}ms ±{JITTER_PERCENT}%, timeout \
-         {TIMEOUT_MS}ms, fall {FALL}, rise {RISE}; load {rate:.0} short connections/s; {} kills",
+         {TIMEOUT_MS}ms, fall {FALL}, rise {RISE}; {vips} Vip(s) sharing the pool; load {rate:.0} \
+         short connections/s; {} kills",
         figures.len()
     );
     println!(
@@ -403,6 +423,7 @@ fn report(
                 "rise": RISE, "fall": FALL, "jitter_percent": JITTER_PERCENT,
             },
             "backends": BACKENDS,
+            "vips_sharing_pool": vips,
             "load_connections_per_s": rate,
             "rounds": rows,
             "detect_to_live_us": {
