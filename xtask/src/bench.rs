@@ -31,6 +31,9 @@ pub enum Bench {
     Failover {
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Vips sharing the failing backend's pool (the load goes to one of them).
+        #[arg(long, default_value_t = 1)]
+        vips: u32,
     },
     /// Forwarding throughput through the real data plane against nftables DNAT and plain
     /// routing in the same run, on veth in network namespaces; ratios per core. Root.
@@ -97,11 +100,15 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             args.extend(json_arg(json));
             ("xdp", Some("loads the program into the kernel"), args)
         }
-        Bench::Failover { json } => (
-            "failover",
-            Some("builds network namespaces and runs the daemon"),
-            json_arg(json),
-        ),
+        Bench::Failover { json, vips } => {
+            let mut args = vec!["--vips".to_owned(), vips.to_string()];
+            args.extend(json_arg(json));
+            (
+                "failover",
+                Some("builds network namespaces and runs the daemon"),
+                args,
+            )
+        }
         Bench::Fleet { json } => (
             "fleet",
             Some("builds network namespaces and runs daemons"),
