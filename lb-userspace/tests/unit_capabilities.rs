@@ -121,7 +121,9 @@ fn the_daemon_runs_with_exactly_the_units_capabilities() {
     // (It stays retired for second chance, named by the previous table: it is no longer
     // a configured backend.)
     bed.wait_for("be2 removed by the reload", Duration::from_secs(10), || {
-        !bed.status_text().lines().any(|l| l.starts_with("backend be2 "))
+        !bed.status_text()
+            .lines()
+            .any(|l| l.starts_with("backend be2 "))
     });
     let names: Vec<String> = (0..10).map(|_| greeting(&bed)).collect();
     assert!(names.iter().all(|n| n == "be1"), "{names:?}");
