@@ -70,6 +70,7 @@ struct Demo {
     mlb: PathBuf,
     vip: SocketAddr,
     names: Vec<String>,
+    config: PathBuf,
 }
 
 impl Drop for Demo {
@@ -85,7 +86,9 @@ impl Drop for Demo {
         let _ = Command::new(&self.mlb)
             .args(["detach", "--pin-path", PIN_PATH])
             .output();
-        let _ = std::fs::remove_dir_all(PIN_PATH);
+        // Pins, and the state and saved previous tables `detach` leaves under /run and
+        // /var/lib.
+        lb_testbed::testbed::remove_daemon_files(Path::new(PIN_PATH));
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces go with self.bed.
     }
@@ -154,6 +157,7 @@ impl Demo {
             mlb: args.mlb.clone(),
             vip: vip_addr,
             names,
+            config: args.config.clone(),
         };
         demo.start_daemon(&args.config)?;
         Ok(demo)
@@ -236,6 +240,9 @@ impl Demo {
         let took = self.wait_for_state(&victim, "DOWN", stop)?;
         println!("  mlb marked {victim} DOWN {took:.1?} after the stop");
         self.traffic(stop)?;
+        // Long-lived (keep-alive) connections opened while the victim is out: phase 4
+        // comes back to them.
+        let mut kept = self.open_kept(KEPT)?;
 
         println!("\nphase 3: {victim} is back; after its rise checks it gets flows again");
         let server = start_server(
@@ -248,6 +255,19 @@ impl Demo {
         let took = self.wait_for_state(&victim, "up", stop)?;
         println!("  mlb marked {victim} up {took:.1?} after the restart");
         self.traffic(stop)?;
+
+        println!(
+            "\nphase 4: the load balancer loses every map (stop, mlb detach, start); the {KEPT} \
+             keep-alive connections opened in phase 2 ask again"
+        );
+        self.lose_maps()?;
+        let before = self.chained();
+        let (kept_ok, moved) = self.ask_kept(&mut kept)?;
+        println!(
+            "  {kept_ok} of {KEPT} kept their backend ({moved} of them were chained to it by second \
+             chance: {} packets with the previous backend attached)",
+            self.chained() - before
+        );
 
         println!("\nmlb status:");
         for line in self.mlb_status()?.lines() {
@@ -352,6 +372,142 @@ fn start_server(
         bail!("backend server {name} did not start");
     }
     Ok(child)
+}
+
+/// Connections phase 4 comes back to.
+const KEPT: usize = 30;
+
+impl Demo {
+    /// `n` keep-alive connections to the Vip, each with the backend that answered it.
+    fn open_kept(&self, n: usize) -> anyhow::Result<Vec<(TcpStream, String)>> {
+        let vip = self.vip;
+        self.bed.client.netns.enter(|| {
+            (0..n)
+                .map(|_| {
+                    let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(1))?;
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let name = keep_alive_get(&mut stream, vip)?;
+                    Ok((stream, name))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?
+    }
+
+    /// Asks again on every kept connection: how many the same backend answered, and how
+    /// many of those the table now sends elsewhere (kept by second chance).
+    fn ask_kept(&self, kept: &mut [(TcpStream, String)]) -> anyhow::Result<(usize, usize)> {
+        let vip = self.vip;
+        let answers: Vec<bool> = self.bed.client.netns.enter(|| {
+            kept.iter_mut()
+                .map(|(stream, name)| keep_alive_get(stream, vip).is_ok_and(|n| n == *name))
+                .collect()
+        })?;
+        let moved = kept
+            .iter()
+            .zip(&answers)
+            .filter(|((stream, name), ok)| {
+                **ok && stream
+                    .local_addr()
+                    .is_ok_and(|local| self.traced(local.port()).is_some_and(|b| b != *name))
+            })
+            .count();
+        Ok((answers.iter().filter(|ok| **ok).count(), moved))
+    }
+
+    /// The backend `mlb trace` says the table gives the client's flow from `port`.
+    fn traced(&self, port: u16) -> Option<String> {
+        let out = self
+            .bed
+            .lb
+            .netns
+            .command_net_only(self.mlb.to_str()?)
+            .args([
+                "trace",
+                "--src",
+                &self.bed.client.addr4.to_string(),
+                "--sport",
+            ])
+            .arg(port.to_string())
+            .args(["--dst", &self.vip.ip().to_string(), "--dport"])
+            .arg(self.vip.port().to_string())
+            .args(["--pin-path", PIN_PATH])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find(|l| l.starts_with("table: slot "))?;
+        Some(
+            line.split("-> ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_owned(),
+        )
+    }
+
+    /// Stops the daemon, removes every map (`mlb detach`), starts it again.
+    fn lose_maps(&mut self) -> anyhow::Result<()> {
+        if let Some(mut daemon) = self.daemon.take() {
+            Command::new("kill").arg(daemon.id().to_string()).status()?;
+            daemon.wait()?;
+        }
+        step("mlb detach (every map and the connection table gone)");
+        let out = self
+            .bed
+            .lb
+            .netns
+            .command_net_only(self.mlb.to_str().context("utf-8 path")?)
+            .args(["detach", "--pin-path", PIN_PATH])
+            .output()?;
+        if !out.status.success() {
+            bail!("mlb detach: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!("ok");
+        let config = self.config.clone();
+        self.start_daemon(&config)
+    }
+
+    /// Packets sent with a previous backend attached, from `mlb status`.
+    fn chained(&self) -> u64 {
+        self.mlb_status()
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("counters:"))?
+                    .split_whitespace()
+                    .find_map(|c| c.strip_prefix("second_chance="))?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// One GET on a keep-alive connection; returns the body (the backend's name).
+fn keep_alive_get(stream: &mut TcpStream, vip: SocketAddr) -> std::io::Result<String> {
+    write!(stream, "GET / HTTP/1.1\r\nHost: {vip}\r\n\r\n")?;
+    let mut reader = BufReader::new(&*stream);
+    let mut length = 0;
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other("not 200"));
+    }
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }
 
 /// One HTTP/1.1 GET on a new connection; returns the body (the backend's name).
