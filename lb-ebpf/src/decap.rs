@@ -22,7 +22,10 @@ use aya_ebpf::{
     },
     programs::XdpContext,
 };
-use lb_common::consts::{DECAP_PREFIXES, DecapCounter, PROTO_IPIP, PROTO_IPV6, PROTO_TCP};
+use lb_common::{
+    consts::{DECAP_PREFIXES, DecapCounter, PROTO_IPIP, PROTO_IPV6, PROTO_TCP},
+    types::DecapConfig,
+};
 
 use crate::{
     maps::{DECAP_CONFIG, DECAP_STATS, FIB_SCRATCH},
@@ -88,11 +91,14 @@ fn ip6ip6_at(ctx: &XdpContext, off: usize) -> Option<*const Ipv6Hdr> {
     unsafe { ((*ip).nexthdr == PROTO_IPV6).then_some(ip) }
 }
 
+/// The load balancers' prefixes (read once per encapsulated packet).
 #[inline(always)]
-fn from_lb_v4(src: u32) -> bool {
-    let Some(c) = DECAP_CONFIG.get(0) else {
-        return false;
-    };
+fn load_balancers() -> Option<&'static DecapConfig> {
+    DECAP_CONFIG.get(0)
+}
+
+#[inline(always)]
+fn from_lb_v4(c: &DecapConfig, src: u32) -> bool {
     let mut i = 0;
     while i < DECAP_PREFIXES {
         if i as u32 >= c.v4_count {
@@ -107,10 +113,7 @@ fn from_lb_v4(src: u32) -> bool {
 }
 
 #[inline(always)]
-fn from_lb_v6(src: &[u32; 4]) -> bool {
-    let Some(c) = DECAP_CONFIG.get(0) else {
-        return false;
-    };
+fn from_lb_v6(c: &DecapConfig, src: &[u32; 4]) -> bool {
     let mut i = 0;
     while i < DECAP_PREFIXES {
         if i as u32 >= c.v6_count {
@@ -134,8 +137,12 @@ fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
     let Some(outer) = ipip_at(ctx, l2.l3_off) else {
         return xdp_action::XDP_PASS;
     };
+    let Some(lbs) = load_balancers() else {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    };
     // SAFETY: bounds checked by ipip_at.
-    if !from_lb_v4(unsafe { (*outer).src }) {
+    if !from_lb_v4(lbs, unsafe { (*outer).src }) {
         count(DecapCounter::DropSource);
         return xdp_action::XDP_DROP;
     }
@@ -144,7 +151,7 @@ fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
     };
     // SAFETY: bounds checked by ipip_at.
     let (middle_src, previous) = unsafe { ((*middle).src, (*middle).dst) };
-    if !from_lb_v4(middle_src) {
+    if !from_lb_v4(lbs, middle_src) {
         count(DecapCounter::DropSource);
         return xdp_action::XDP_DROP;
     }
@@ -163,8 +170,12 @@ fn decap_ipv6(ctx: &XdpContext, l2: &Outer) -> u32 {
     let Some(outer) = ip6ip6_at(ctx, l2.l3_off) else {
         return decap_4in6(ctx, l2);
     };
+    let Some(lbs) = load_balancers() else {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    };
     // SAFETY: bounds checked by ip6ip6_at.
-    if !from_lb_v6(&unsafe { read_addr6(&(*outer).src) }) {
+    if !from_lb_v6(lbs, &unsafe { read_addr6(&(*outer).src) }) {
         count(DecapCounter::DropSource);
         return xdp_action::XDP_DROP;
     }
@@ -174,7 +185,7 @@ fn decap_ipv6(ctx: &XdpContext, l2: &Outer) -> u32 {
     // SAFETY: bounds checked by ip6ip6_at.
     let (middle_src, previous) =
         unsafe { (read_addr6(&(*middle).src), read_addr6(&(*middle).dst)) };
-    if !from_lb_v6(&middle_src) {
+    if !from_lb_v6(lbs, &middle_src) {
         count(DecapCounter::DropSource);
         return xdp_action::XDP_DROP;
     }
@@ -198,8 +209,12 @@ fn decap_4in6(ctx: &XdpContext, l2: &Outer) -> u32 {
     if unsafe { (*outer).nexthdr } != PROTO_IPIP {
         return xdp_action::XDP_PASS;
     }
+    let Some(lbs) = load_balancers() else {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    };
     // SAFETY: as above.
-    if !from_lb_v6(&unsafe { read_addr6(&(*outer).src) }) {
+    if !from_lb_v6(lbs, &unsafe { read_addr6(&(*outer).src) }) {
         count(DecapCounter::DropSource);
         return xdp_action::XDP_DROP;
     }

@@ -15,6 +15,21 @@ pub mod testbed;
 
 use std::path::PathBuf;
 
+/// A data-plane counter from `mlb status` text (its `counters:` line lists the non-zero
+/// ones as `name=value`); 0 when absent.
+pub fn status_counter(status: &str, name: &str) -> u64 {
+    let prefix = format!("{name}=");
+    status
+        .lines()
+        .find(|l| l.starts_with("counters:"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|c| c.strip_prefix(prefix.as_str()))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The backend test server (TCP, HTTP and UDP, with a fail switch) the testbeds run.
 pub const BACKEND_SERVER: &str = include_str!("backend_server.py");
 

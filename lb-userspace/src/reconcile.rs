@@ -856,7 +856,7 @@ impl<D: DataplaneOps> Reconciler<D> {
         report: &mut Report,
         new_previous: bool,
     ) -> Result<(), ReconcileError> {
-        let mut previous = BTreeMap::new();
+        let mut kept_previous = BTreeMap::new();
         if self.second_chance > 0 {
             let until = (self.clock)() + self.second_chance;
             // Previous tables to swap in: new ones, or all of them after a failed write.
@@ -886,19 +886,18 @@ impl<D: DataplaneOps> Reconciler<D> {
                     }
                 };
                 if let Some(kept) = kept {
-                    previous.insert(p.endpoint.clone(), kept);
+                    kept_previous.insert(p.endpoint.clone(), kept);
                 }
             }
             let batch: Vec<(u32, &MaglevTable)> = planned
                 .iter()
                 .filter(|p| changed.contains(&p.endpoint))
-                .filter_map(|p| Some((p.id, &*previous.get(&p.endpoint)?.table)))
+                .filter_map(|p| Some((p.id, &*kept_previous.get(&p.endpoint)?.table)))
                 .collect();
             if !batch.is_empty() {
                 self.dataplane.install_prev_tables(&batch)?;
             }
         }
-        let mut previous_tables = previous;
         let batch: Vec<(u32, &MaglevTable)> = planned.iter().map(|p| (p.id, &*p.table)).collect();
         self.dataplane.install_tables(&batch)?;
         // Vips sharing a pool share their diff too (256 diffs of 65537 slots cost ~20 ms).
@@ -927,7 +926,7 @@ impl<D: DataplaneOps> Reconciler<D> {
             }
             let generation = previous.map_or(1, |t| t.generation + 1);
             report.tables.push((p.endpoint.clone(), diff));
-            let kept = previous_tables.remove(&p.endpoint);
+            let kept = kept_previous.remove(&p.endpoint);
             // None to keep: drop what the data plane has (also a predecessor's, expired).
             if kept.is_none() && previous.is_none_or(|t| t.previous.is_some()) {
                 self.dataplane.remove_prev_table(p.id)?;
@@ -985,22 +984,29 @@ impl<D: DataplaneOps> Reconciler<D> {
         if table.is_empty() || table == *current {
             return None;
         }
+        let saved = SavedTable {
+            size: table.size(),
+            seed: 0,
+            members: Vec::new(),
+            until,
+        };
+        Some(self.held_by_maps(table, saved))
+    }
+
+    /// A previous table only the maps hold (its weights unknown), named by this daemon's
+    /// assignments, kept until `saved.until`.
+    fn held_by_maps(&self, table: MaglevTable, saved: SavedTable) -> PreviousTable {
         let members = table
             .slot_counts()
             .into_iter()
             .map(|(id, _)| (id, self.backend_key_of(id).unwrap_or_default()))
             .collect();
-        Some(PreviousTable {
-            saved: SavedTable {
-                size: table.size(),
-                seed: 0,
-                members: Vec::new(),
-                until,
-            },
+        PreviousTable {
             table: Arc::new(table),
             members,
-            until,
-        })
+            until: saved.until,
+            saved,
+        }
     }
 
     /// The `pool/address` Backend id `id` stands for (configured or retired).
@@ -1029,20 +1035,8 @@ impl<D: DataplaneOps> Reconciler<D> {
         if saved.members.is_empty() {
             // Adopted by the predecessor from its own predecessor's maps: only the maps
             // hold it.
-            let Some(table) = self.dataplane.prev_table(id).filter(|t| t != current) else {
-                return Ok(None);
-            };
-            let members = table
-                .slot_counts()
-                .into_iter()
-                .map(|(id, _)| (id, self.backend_key_of(id).unwrap_or_default()))
-                .collect();
-            return Ok(Some(PreviousTable {
-                table: Arc::new(table),
-                members,
-                until: saved.until,
-                saved,
-            }));
+            let table = self.dataplane.prev_table(id).filter(|t| t != current);
+            return Ok(table.map(|table| self.held_by_maps(table, saved)));
         }
         let mut members = Vec::new();
         let mut names = Vec::new();

@@ -469,16 +469,7 @@ impl Demo {
     /// Packets sent with a previous backend attached, from `mlb status`.
     fn chained(&self) -> u64 {
         self.mlb_status()
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("counters:"))?
-                    .split_whitespace()
-                    .find_map(|c| c.strip_prefix("second_chance="))?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
+            .map_or(0, |s| lb_testbed::status_counter(&s, "second_chance"))
     }
 }
 

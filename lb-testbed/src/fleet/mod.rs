@@ -428,15 +428,7 @@ impl Fleet {
     /// Packets load balancer `i` sent with a previous backend attached (second chance).
     pub fn second_chance_packets(&self, i: usize) -> u64 {
         self.status(i)
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("counters:"))?;
-                line.split_whitespace()
-                    .find_map(|c| c.strip_prefix("second_chance="))?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
+            .map_or(0, |s| crate::status_counter(&s, "second_chance"))
     }
 
     pub fn log_text(&self, i: usize) -> String {
