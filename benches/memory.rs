@@ -92,7 +92,8 @@ fn main() {
 
     // Bytes per tracked flow: the table against a kernel LRU hash of as many entries.
     let dataplane = Dataplane::load(Capacities::default()).unwrap_or_else(|e| panic!("{e}"));
-    let ways = dataplane.capacities().conntrack_buckets() as f64 * 8.0;
+    let ways =
+        dataplane.capacities().conntrack_buckets() as f64 * lb_common::conntrack::WAYS as f64;
     let mut dataplane = dataplane;
     let usage = dataplane.locked_memory().unwrap();
     let table_bytes: f64 = usage

@@ -2,7 +2,10 @@
 //! daemon (`trace`, restart adoption) and the tests' reference model.
 //!
 //! The table is an array of 64-byte buckets (one cache line each: the map is mmap-able, so
-//! the kernel page-aligns its values), 8 ways of one 8-byte word per bucket. A Flow has
+//! the kernel page-aligns its values): 7 ways of one 8-byte word, then one word that holds
+//! nothing (`ConntrackBucket::prefetch`: a new flow writes it to start loading the line
+//! early, since a store waits for no cache miss and a load does; see `lb-ebpf`'s
+//! `conntrack::prefetch`, measured there). A Flow has
 //! two candidate buckets and a tag, all from one seeded 64-bit hash of its 5-tuple; it
 //! lives in whichever of the two had room when it was inserted. Every way is read once
 //! and written with one aligned 8-byte store, so a reader on another CPU sees the old word
@@ -18,16 +21,16 @@
 //! - `52..64` age: the coarse clock (`AGE_BITS`, wrapping) when the flow last sent a packet.
 //!
 //! False matches. A flow is known by (bucket, tag); a flow not in the table matches some
-//! other flow's way with probability ≤ (valid ways in its two buckets) / 2^21 ≤ 16 / 2^21
-//! ≈ 7.6e-6 per lookup. A non-SYN packet of an unknown flow then goes to that way's
+//! other flow's way with probability ≤ (valid ways in its two buckets) / 2^21 ≤ 14 / 2^21
+//! ≈ 6.7e-6 per lookup. A non-SYN packet of an unknown flow then goes to that way's
 //! backend; a new flow's insert takes over that way (the other flow is then steered by its
 //! table on its next packet). The generation digest wraps after 256 generations, but only
 //! an entry idle that long can meet its wrap, and idle entries are the first reused.
 
 use crate::types::ConntrackBucket;
 
-/// Ways per bucket.
-pub const WAYS: usize = 8;
+/// Ways per bucket (the bucket's eighth word is its prefetch word).
+pub const WAYS: usize = 7;
 
 pub const TAG_BITS: u32 = 21;
 pub const BACKEND_BITS: u32 = 13;
@@ -52,7 +55,7 @@ pub const MAX_VIPS: u32 = 1 << VIP_BITS;
 /// Bucket-index bits of each candidate: the tag is taken from bits the indices do not use,
 /// so two flows that share a bucket still have independent tags.
 pub const INDEX_BITS: u32 = 21;
-/// Most buckets a table can have (16,777,216 entries).
+/// Most buckets a table can have (14,680,064 entries).
 pub const MAX_BUCKETS: u32 = 1 << INDEX_BITS;
 
 /// An idle threshold is this many age units at most: the 12-bit age then wraps only after

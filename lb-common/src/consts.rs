@@ -21,8 +21,8 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 /// from its config, so memory grows with what is configured.
 pub const DEFAULT_MAX_VIPS: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
-/// Connection-table ways, both families together: 8 MiB of buckets.
-pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1_048_576;
+/// Connection-table ways, both families together: 131,072 buckets of 7 ways, 8 MiB.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 917_504;
 /// Seconds without a packet after which a connection-table entry may be reused.
 pub const DEFAULT_CONNTRACK_IDLE: u32 = 60;
 /// Per-CPU flow-cache slots (each family): 16 KiB + 26 KiB per CPU, small enough to stay

@@ -100,13 +100,19 @@ pub struct ConntrackEntry {
     pub vip_generation: u32,
 }
 
-/// Value of `CONNTRACK`: one cache line of 8 ways (`conntrack::Way`, packed). The last
-/// element of the map is not a bucket: its word 0 holds the table's hash seed, so that
-/// the seed lives and dies with the entries it placed (restart adoption keeps both).
+/// Value of `CONNTRACK`: one cache line of 7 ways (`conntrack::Way`, packed) and a word
+/// that holds nothing. The last element of the map is not a bucket: its word 0 holds the
+/// table's hash seed, so that the seed lives and dies with the entries it placed (restart
+/// adoption keeps both).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackBucket {
     pub ways: [u64; crate::conntrack::WAYS],
+    /// Written, never read: a new flow's store here starts loading the line before its
+    /// insert reads it. A table pinned by a build of 8 ways keeps its value size; an
+    /// entry such a build left in this word is overwritten, and its flow steered by its
+    /// table (an eighth way filled only in buckets nearly full).
+    pub prefetch: u64,
 }
 
 /// Value of the per-CPU `NEXT_HOPS` cache, indexed by Backend id: the result of

@@ -51,6 +51,21 @@ fn bucket(index: u32) -> Option<*mut ConntrackBucket> {
     CONNTRACK.get_ptr_mut(index & constant(&CT_BUCKET_MASK))
 }
 
+/// Starts loading the first bucket of conntrack hash `h`, for an insert that reads it
+/// later. A load would stall the packet for the whole miss (the table is far larger than
+/// the caches: ~120 ns on AMD EPYC here, most of a new flow's insert); a store waits for
+/// nothing, and the line is on its way while the packet's Vip and table are looked up.
+/// BPF has no prefetch instruction. Measured (`cargo xtask bench xdp`, A/B in one run,
+/// AMD EPYC): a new flow 60–75 ns cheaper; a load in its place saved nothing.
+#[inline(always)]
+pub fn prefetch(h: u64) {
+    let p = place(h, constant(&CT_BUCKET_MASK));
+    if let Some(b) = bucket(p.first) {
+        // SAFETY: a map value; the word is never read, any CPU may write it.
+        unsafe { core::ptr::write_volatile(&raw mut (*b).prefetch, 0) };
+    }
+}
+
 /// A flow's way: where it is and what it held when read.
 pub struct Found {
     way: *mut u64,
@@ -118,7 +133,6 @@ pub fn insert(h: u64, entry: &ConntrackEntry, now: u64) -> bool {
         age: now,
     }
     .pack();
-    // SAFETY: map values, live while the program runs.
     // SAFETY: map values, live while the program runs.
     match unsafe { choose(first, second, p.tag, now, constant(&CT_IDLE) as u64) } {
         Some(index) => {

@@ -77,7 +77,7 @@ pub static PREV_TABLES: ArrayOfMaps<Array<[u32; 2], 1, TABLE_FLAGS>, VIPS_MAX> =
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
 
-/// The connection table, both families: buckets of 8 one-word ways (`lb_common::conntrack`),
+/// The connection table, both families: buckets of 7 one-word ways (`lb_common::conntrack`),
 /// shared by every CPU, then one element holding the table's hash seed. Mmap-able, so the
 /// kernel page-aligns the values and every bucket is exactly one cache line.
 #[btf_map]

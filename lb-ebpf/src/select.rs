@@ -423,6 +423,8 @@ pub fn select<'a, F: Flow>(
     let ct_hash = flow.conntrack_hash(key);
     let now = conntrack::now();
     let known = if pkt.syn {
+        // A SYN's insert comes last: its bucket loads meanwhile.
+        conntrack::prefetch(ct_hash);
         None
     } else {
         known(pkt, ct_hash, now)

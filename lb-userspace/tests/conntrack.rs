@@ -128,6 +128,61 @@ fn two_flows_in_one_bucket_both_keep_their_backends() {
     }
 }
 
+/// A bucket's eighth word is its prefetch word: a SYN writes it (to start loading the line
+/// before its insert reads it), and nothing reads it as a way. An entry planted there for a
+/// flow, naming another backend, is not followed.
+#[test]
+fn prefetch_word_is_written_by_a_syn_and_never_taken_for_a_way() {
+    let mut lab = small_lab(60);
+    let mask = lab.dataplane.capacities().conntrack_buckets() - 1;
+    let a = flow(ip("10.50.0.9"), 41_000);
+    let home = place(a.conntrack_hash(CONNTRACK_SEED), mask);
+    let a_backend = lab.predict(VIP_TCP, &a);
+    let now = lab.dataplane.conntrack_now().expect("the kernel's clock");
+    let planted = Way {
+        tag: home.tag,
+        backend: other_backend(&[a_backend]),
+        vip: 0,
+        generation: 0,
+        age: now,
+    }
+    .pack();
+    let mut bucket = ConntrackBucket {
+        prefetch: planted,
+        ..Default::default()
+    };
+    lab.dataplane
+        .set_conntrack_bucket(home.first, &bucket)
+        .unwrap();
+    // An ACK of the unknown flow: steered by the table, not by the planted word.
+    assert_eq!(send(&mut lab, &a, false), a_backend);
+    assert_eq!(
+        lab.dataplane.conntrack(&a).unwrap().map(|w| w.backend),
+        Some(a_backend)
+    );
+    // A SYN of another flow of that bucket overwrites the prefetch word.
+    bucket = lab.dataplane.conntrack_bucket(home.first).unwrap();
+    bucket.prefetch = planted;
+    lab.dataplane
+        .set_conntrack_bucket(home.first, &bucket)
+        .unwrap();
+    let b = (41_001..u16::MAX)
+        .map(|p| flow(ip("10.50.0.9"), p))
+        .find(|b| place(b.conntrack_hash(CONNTRACK_SEED), mask).first == home.first)
+        .expect("a flow of the same bucket");
+    send(&mut lab, &b, true);
+    let after = lab.dataplane.conntrack_bucket(home.first).unwrap();
+    assert_eq!(
+        after.prefetch, 0,
+        "the SYN wrote the prefetch word: {after:x?}"
+    );
+    assert_eq!(
+        after.ways.iter().filter(|w| **w != 0).count(),
+        2,
+        "{after:x?}"
+    );
+}
+
 /// 60 connections that keep talking, then a flood of 10× the table's capacity in fresh
 /// SYNs: no connection loses its entry (checked by a table change after the flood), the
 /// flood is still forwarded, and what found no room is counted.

@@ -57,8 +57,9 @@ pub const DEFAULT_ENCAP_SOURCE_V6: (Ipv6Addr, u8) =
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mlb";
 /// Smallest `global.conntrack_entries`.
 pub const MIN_CONNTRACK_ENTRIES: u32 = 1024;
-/// Largest `global.conntrack_entries` (2^21 buckets of 8 ways).
-pub const MAX_CONNTRACK_ENTRIES: u32 = lb_common::conntrack::MAX_BUCKETS * 8;
+/// Largest `global.conntrack_entries` (2^21 buckets of 7 ways).
+pub const MAX_CONNTRACK_ENTRIES: u32 =
+    lb_common::conntrack::MAX_BUCKETS * lb_common::conntrack::WAYS as u32;
 /// Largest `global.conntrack_idle`, in seconds.
 pub const MAX_CONNTRACK_IDLE: u32 = 86_400;
 /// Largest `global.flow_cache_entries`.
