@@ -72,11 +72,12 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         .await
         .with_context(|| {
             format!(
-                "{}: global.metrics_listen {} cannot be served (another exporter, such as \
-                 node_exporter on 9100, may hold the port): set global.metrics_listen to a free \
-                 address and port, or port 0 for any",
+                "{}: global.metrics_listen {addr} cannot be served (another process may hold \
+                 the port: `ss -ltnp 'sport = :{port}'` names it): set global.metrics_listen to \
+                 a free address and port, or port 0 for any",
                 options.config.display(),
-                config.global.metrics_listen
+                addr = config.global.metrics_listen,
+                port = config.global.metrics_listen.port(),
             )
         })?;
     info!(addr = %metrics_server.addr(), "metrics listening");

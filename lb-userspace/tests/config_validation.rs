@@ -151,7 +151,7 @@ const BROKEN: &[(&str, &[&str])] = &[
         "several_problems.yaml",
         &[
             "several_problems.yaml:2:14: invalid hash_seed \"0x1_0000_0000\" in global: expected an integer from 0 to 0xffffffff",
-            "several_problems.yaml:3:19: invalid metrics_listen \"localhost\" in global: expected an address and port, such as 127.0.0.1:9100 or [::1]:9100",
+            "several_problems.yaml:3:19: invalid metrics_listen \"localhost\" in global: expected an address and port, such as 127.0.0.1:61100 or [::1]:61100",
             "several_problems.yaml:6:15: invalid xdp_mode \"nativ\" in interface: expected native, generic or auto; did you mean \"native\"?",
             "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
             "several_problems.yaml:14:14: invalid address \"10.200.0.300\" in vip: expected an IPv4 or IPv6 address",
@@ -344,7 +344,7 @@ fn minimal_config_gets_every_default() {
             flow_cache_entries: lb_common::consts::DEFAULT_FLOW_CACHE_ENTRIES,
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
-            metrics_listen: "127.0.0.1:9100".parse::<SocketAddr>().expect("address"),
+            metrics_listen: "127.0.0.1:61100".parse::<SocketAddr>().expect("address"),
             encap_source_v4: (Ipv4Addr::new(172, 16, 0, 0), 16),
             encap_source_v6: ("fd00:ffff::".parse::<Ipv6Addr>().expect("address"), 96),
             pin_path: PathBuf::from("/sys/fs/bpf/mlb"),

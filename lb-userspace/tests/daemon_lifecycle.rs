@@ -4,6 +4,8 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::TcpStream,
+    path::PathBuf,
+    process::Command,
     time::Duration,
 };
 
@@ -561,4 +563,49 @@ fn an_added_backend_waits_for_its_checks_and_drains_last_until_undrain() {
     assert!(!flows.contains_key("be1"), "drained: {flows:?}");
     assert!(bed.mlb(&["undrain", &be1]).status.success());
     assert_eq!(bed.backend_health("be1", "web").as_deref(), Some("up"));
+}
+
+/// A metrics port that another process holds stops the daemon at start, before it touches
+/// the interface or the bpffs, with the file, the address and how to find the holder; it
+/// leaves no lock behind.
+#[test]
+fn a_metrics_port_in_use_stops_the_daemon_with_what_to_change() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("mlb-test-port-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/mlb-test-port-{}", std::process::id()));
+    let config = dir.join("lb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  metrics_listen: 127.0.0.1:{port}\n  pin_path: {}\ninterfaces:\n  - name: lo\n\
+             vips:\n  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    \
+             pool: web\npools:\n  web:\n    backends:\n      - address: 10.100.0.11\n",
+            pin_dir.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(lb_testbed::mlb_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run mlb");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!output.status.success(), "the daemon started: {stderr}");
+    for needle in [
+        config.display().to_string(),
+        format!("global.metrics_listen 127.0.0.1:{port} cannot be served"),
+        format!("ss -ltnp 'sport = :{port}'"),
+        "port 0 for any".to_owned(),
+    ] {
+        assert!(stderr.contains(&needle), "no {needle:?} in: {stderr}");
+    }
+    assert!(!pin_dir.exists(), "the bpffs was touched");
+    assert!(
+        !lb_userspace::state::lock_path(&pin_dir).exists(),
+        "the lock is left behind"
+    );
+    drop(holder);
 }

@@ -38,9 +38,15 @@ pub use lb_common::hash::HashMode;
 pub use describe::describe;
 pub use error::{ConfigError, Pos, Problem};
 
-/// Default `global.metrics_listen`.
-pub const DEFAULT_METRICS_LISTEN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9100));
+/// Default `global.metrics_listen`. Prometheus's exporter range (9100–9999) is fully
+/// allocated, 9100 to node_exporter, which load balancers run too. 61100 is free by two
+/// conventions: IANA never assigns 49152–65535, and Linux's ephemeral ports end at 60999,
+/// so no outgoing connection takes it either.
+pub const DEFAULT_METRICS_PORT: u16 = 61100;
+pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    Ipv4Addr::new(127, 0, 0, 1),
+    DEFAULT_METRICS_PORT,
+));
 /// Default `global.second_chance`: long enough for a rolling config change across a
 /// fleet and a box's restart, short enough that a chain rarely outlives its connections'
 /// idle gaps.

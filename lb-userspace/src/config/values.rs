@@ -133,7 +133,7 @@ pub(crate) fn unicast_address(text: &str) -> Parsed<IpAddr> {
 
 pub(crate) fn socket_address(text: &str) -> Parsed<SocketAddr> {
     text.trim().parse().map_err(|_| {
-        "expected an address and port, such as 127.0.0.1:9100 or [::1]:9100".to_owned()
+        "expected an address and port, such as 127.0.0.1:61100 or [::1]:61100".to_owned()
     })
 }
 
