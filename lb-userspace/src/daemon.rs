@@ -26,6 +26,7 @@ use crate::{
     health::{self, HealthEvent},
     metrics::{self, Metrics},
     netlink::Netlink,
+    next_program,
     reconcile::{Reconciler, Report},
     second_chance,
     state::{self, Snapshot},
@@ -115,6 +116,7 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     metrics.set_attached(&attached);
+    next_program::install(reconciler.dataplane_mut(), &config.interfaces)?;
     let program_id = reconciler
         .dataplane_mut()
         .xdp(lb_common::consts::prog_names::LB_INGRESS)
@@ -329,18 +331,30 @@ impl Daemon {
         if let Some(problem) = needs_restart(&running, &config) {
             return self.refused(&problem);
         }
-        for interface in config
-            .interfaces
-            .iter()
-            .filter(|i| !running.interfaces.contains(i))
-        {
+        // First, as it can fail on its own: nothing has changed yet when it does.
+        if let Err(e) = next_program::install(self.reconciler.dataplane_mut(), &config.interfaces) {
+            return self.refused(&e);
+        }
+        for interface in config.interfaces.iter().filter(|i| {
+            !running
+                .interfaces
+                .iter()
+                .any(|r| r.name == i.name && r.xdp_mode == i.xdp_mode)
+        }) {
             match attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir) {
                 Ok(mode) => {
                     let mode = adopted_mode(interface, mode, &[]);
                     self.attached.insert(interface.name.clone(), mode);
                     self.metrics.set_attached(&self.attached);
                 }
-                Err(e) => return self.refused(&e),
+                Err(e) => {
+                    // Back to the running config's next programs, which installed before.
+                    let dataplane = self.reconciler.dataplane_mut();
+                    if let Err(e) = next_program::install(dataplane, &running.interfaces) {
+                        warn!(error = %e, "restoring the next programs in force");
+                    }
+                    return self.refused(&e);
+                }
             }
         }
         for interface in running
