@@ -133,7 +133,9 @@ const BROKEN: &[(&str, &[&str])] = &[
     ),
     (
         "next_program_relative.yaml",
-        &["next_program_relative.yaml:3:19: invalid next_program \"firewall\" in interface: must be an absolute path"],
+        &[
+            "next_program_relative.yaml:3:19: invalid next_program \"firewall\" in interface: must be an absolute path",
+        ],
     ),
     (
         "no_interfaces.yaml",
