@@ -66,7 +66,11 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::NotVip(Counter::PassMalformed))?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // Read once, passed down: map lookups are not merged by the compiler.
-    let config = maps::config().ok_or(Verdict::NotVip(Counter::PassNotVip))?;
+    let Some(config) = maps::config() else {
+        // CONFIG_INDEX and CONFIG are arrays the loader creates: the lookup cannot fail.
+        aya_log_ebpf::error!(ctx, "no live CONFIG slot");
+        return Err(Verdict::NotVip(Counter::PassNotVip));
+    };
     // Both families meet in one `forward`, so its code exists once in the program.
     let mut scratch = MaybeUninit::uninit();
     let selection = match l2.proto {

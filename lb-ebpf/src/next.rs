@@ -35,6 +35,13 @@ pub fn dispatch(ctx: &XdpContext) -> u32 {
     if let Some(slot) = unsafe { NEXT_SLOTS.get(ifindex) }.copied() {
         // SAFETY: as above.
         unsafe { NEXT_PROGRAMS.tail_call(ctx, slot) };
+        // Only the daemon's own mistake gets here: it fills a slot before naming it.
+        aya_log_ebpf::error!(
+            ctx,
+            "interface {} names empty next program slot {}",
+            ifindex,
+            slot
+        );
     }
     xdp_action::XDP_PASS
 }

@@ -542,7 +542,16 @@ fn from_table<'a, F: Flow>(
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);
     }
-    let backend = BACKENDS.get(backend_id).ok_or(no_backend)?;
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        // The daemon sizes BACKENDS for every id it puts in a table.
+        aya_log_ebpf::error!(
+            ctx,
+            "vip {} table names backend {} beyond BACKENDS",
+            vip_id,
+            backend_id
+        );
+        return Err(no_backend);
+    };
     if !usable(backend) {
         return Err(no_backend);
     }

@@ -82,7 +82,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         })?;
     info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
-    let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
+    let mut dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
+    forward_data_plane_log(&mut dataplane);
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
     let (assignments, down, drained, previous_modes) = previous
@@ -234,6 +235,28 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         info!("exiting; the program stays attached with the last applied state");
     }
     Ok(())
+}
+
+/// Forwards the data plane's rare-event records (aya-log) into the daemon's log.
+fn forward_data_plane_log(dataplane: &mut Dataplane) {
+    let logger = match dataplane.logger() {
+        Ok(logger) => logger,
+        Err(e) => return warn!(error = %e, "the data plane's log is not read"),
+    };
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "the data plane's log is not read"),
+    };
+    tokio::spawn(async move {
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
 }
 
 /// The running daemon's state, between events.

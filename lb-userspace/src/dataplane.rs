@@ -342,6 +342,14 @@ impl Dataplane {
         self.caps
     }
 
+    /// A reader of the data plane's rare-event log (aya-log's `AYA_LOGS` ring buffer),
+    /// which hands its records to the `log` crate, and from there to tracing.
+    pub fn logger(
+        &mut self,
+    ) -> std::result::Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
     /// One of the object's XDP programs (`prog_names`).
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp> {
         let program = self

@@ -1,7 +1,8 @@
 //! `interfaces[].next_program` on the real daemon: a counting XDP program chained after
 //! `lb_ingress` sees the packets not for a Vip (ping and TCP to the load balancer's own
 //! address) and none of a Vip's; a reload to a missing or non-XDP pin is refused and the
-//! chain stays; a reload without the option ends it. Needs root.
+//! chain stays; a reload without the option ends it. And the data plane's rare events
+//! (aya-log) reach the daemon's log. Needs root.
 
 use std::{
     io::{Read as _, Write as _},
@@ -10,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
 use lb_testbed::{
     daemon::{DaemonBed, connect},
     next::CountNext,
@@ -176,6 +178,23 @@ fn a_next_program_counts_the_traffic_not_for_a_vip_until_a_reload_removes_it() {
     let before = next.count();
     ping(&bed, 10);
     assert!(next.count() >= before + 10);
+
+    // A rare event reaches the daemon's log (aya-log): the interface made to name an
+    // empty slot behind the daemon's back, as only a bug of its own could.
+    let ifindex = bed.bed.lb.netns.ifindex("eth0").unwrap();
+    let slots = MapData::from_pin(bed.pin_dir.join("NEXT_SLOTS")).unwrap();
+    let mut slots: HashMap<_, u32, u32> = HashMap::try_from(Map::HashMap(slots)).unwrap();
+    slots.insert(ifindex, 5, 0).unwrap();
+    ping(&bed, 3);
+    bed.wait_for(
+        "the data plane's error in the log",
+        Duration::from_secs(5),
+        || {
+            bed.log_text().contains(&format!(
+                "interface {ifindex} names empty next program slot 5"
+            ))
+        },
+    );
 
     // Removed by a reload: the kernel gets those packets again, the program none.
     reload(&bed, &config(&bed, None), "reloaded");
