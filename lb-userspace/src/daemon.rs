@@ -108,6 +108,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
             warn!(path = %saved.display(), error = %e, "second chance: saved previous tables not read")
         }
     }
+    // Before attaching: a first start it refuses leaves no program on the interfaces.
+    next_program::install(reconciler.dataplane_mut(), &config.interfaces)?;
     let mut attached = BTreeMap::new();
     for interface in &config.interfaces {
         let mode = attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
@@ -117,7 +119,6 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     metrics.set_attached(&attached);
-    next_program::install(reconciler.dataplane_mut(), &config.interfaces)?;
     let program_id = reconciler
         .dataplane_mut()
         .xdp(lb_common::consts::prog_names::LB_INGRESS)

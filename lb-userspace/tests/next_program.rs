@@ -1,7 +1,8 @@
 //! `interfaces[].next_program` on the real daemon: a counting XDP program chained after
 //! `lb_ingress` sees the packets not for a Vip (ping and TCP to the load balancer's own
 //! address) and none of a Vip's; a reload to a missing or non-XDP pin is refused and the
-//! chain stays; a reload without the option ends it. And the data plane's rare events
+//! chain stays, also while the daemon is dead and after its restart; a reload without the
+//! option ends it. And the data plane's rare events
 //! (aya-log) reach the daemon's log. Needs root.
 
 use std::{
@@ -178,6 +179,26 @@ fn a_next_program_counts_the_traffic_not_for_a_vip_until_a_reload_removes_it() {
     let before = next.count();
     ping(&bed, 10);
     assert!(next.count() >= before + 10);
+
+    // The chain is pinned: it runs while the daemon is dead, and a new one keeps it.
+    bed.stop_daemon("-KILL");
+    let before = next.count();
+    ping(&bed, 10);
+    assert!(
+        next.count() >= before + 10,
+        "daemon dead: {}",
+        next.count() - before
+    );
+    // (The file still holds the refused config, which a start refuses too.)
+    bed.write_config(&config(&bed, Some(&pin)));
+    bed.start_daemon();
+    let before = next.count();
+    ping(&bed, 10);
+    assert!(
+        next.count() >= before + 10,
+        "restarted: {}",
+        next.count() - before
+    );
 
     // A rare event reaches the daemon's log (aya-log): the interface made to name an
     // empty slot behind the daemon's back, as only a bug of its own could.
