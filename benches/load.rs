@@ -61,7 +61,7 @@ fn main() {
             times[i][times[i].len() - 1]
         );
         for (name, verified, insns) in &sizes[i] {
-            println!("  {name}: {insns} instructions, {verified} verified (states walked)");
+            println!("  {name}: {insns} instructions, {verified} processed by the verifier");
         }
     }
 }
