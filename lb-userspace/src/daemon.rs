@@ -355,8 +355,13 @@ impl Daemon {
         if let Some(problem) = needs_restart(&running, &config) {
             return self.refused(&problem);
         }
-        // First, as it can fail on its own: nothing has changed yet when it does.
+        // First, as it can fail on its own: nothing else has changed yet when it does.
         if let Err(e) = next_program::install(self.reconciler.dataplane_mut(), &config.interfaces) {
+            // A program the kernel refused may follow others already in place.
+            let dataplane = self.reconciler.dataplane_mut();
+            if let Err(e) = next_program::install(dataplane, &running.interfaces) {
+                warn!(error = %e, "restoring the next programs in force");
+            }
             return self.refused(&e);
         }
         for interface in config.interfaces.iter().filter(|i| {

@@ -29,8 +29,8 @@ pub enum NextProgramError {
     #[error("interface {interface}: {error}")]
     Interface { interface: String, error: String },
     #[error(
-        "next programs: {0}\n  (the kernel refuses a program lb_ingress cannot tail-call: an \
-         XDP program loaded with frags (xdp.frags), or for a devmap or cpumap)"
+        "next programs: {0}\n  (the kernel refuses a program lb_ingress cannot tail-call, such \
+         as one loaded with frags, xdp.frags)"
     )]
     Install(String),
 }
