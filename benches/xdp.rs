@@ -142,12 +142,14 @@ fn main() {
     // The second lab (this build's) also chains its packets not for a Vip to a next
     // program (`interfaces[].next_program`): `count_next`, which counts and passes.
     let next = base.is_none().then(|| {
+        // One interface: the daemon's `set_next_program_everywhere` case (MLB_BENCH_NEXT_PER_INTERFACE=1: `lb_next` dispatching by interface).
         let next = lb_testbed::next::CountNext::load(XDP_PASS);
         let ifindex = lab.with_dataplane(|_, ifindex| ifindex);
-        second
-            .dataplane
-            .set_next_programs(&[(ifindex, next.fd())])
-            .expect("setting the next program");
+        let set = match std::env::var_os("MLB_BENCH_NEXT_PER_INTERFACE") {
+            Some(_) => second.dataplane.set_next_programs(&[(ifindex, next.fd())]),
+            None => second.dataplane.set_next_program_everywhere(next.fd()),
+        };
+        set.expect("setting the next program");
         next
     });
     let mut extra = extra;

@@ -78,9 +78,9 @@ pub const PROTO_IPV6: u8 = 41;
 /// Cilium sizes its own (8192); an entry is 44 bytes.
 pub const FRAGMENT_ENTRIES: u32 = 8192;
 
-/// `NEXT_PROGRAMS` slots: slot 0 is `lb_next` (while some interface has a next program),
-/// slots `1..` the interfaces' next programs, so at most this many minus one interfaces
-/// can have one.
+/// `NEXT_PROGRAMS` slots: slot 0 is `lb_next` (while some interface has a next program;
+/// the program itself when every interface has the same one), slots `1..` the
+/// interfaces' next programs, so at most this many minus one interfaces can have one.
 pub const NEXT_PROGRAM_SLOTS: u32 = 64;
 
 /// Default `global.icmp_rate`: ICMP messages each CPU may send per second, per kind.

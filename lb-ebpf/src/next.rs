@@ -3,9 +3,10 @@
 //!
 //! `lb_ingress` tail-calls slot 0 of `NEXT_PROGRAMS` with a constant index: the kernel
 //! makes that a direct jump, patched when the slot changes, so with no next program
-//! configured the empty slot costs a jump that falls through. While some interface has
-//! a next program the daemon puts `lb_next` in slot 0; it finds the packet's interface
-//! in `NEXT_SLOTS` and tail-calls that interface's slot. One object serves every
+//! configured the empty slot costs a jump that falls through. When every interface has
+//! the same next program the daemon puts it in slot 0 itself. Otherwise, while some
+//! interface has one, slot 0 holds `lb_next`: it finds the packet's interface in
+//! `NEXT_SLOTS` and tail-calls that interface's slot. One object serves every
 //! interface, so the choice per interface is made here, not by attaching.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};

@@ -892,6 +892,29 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Sends the packets not for a Vip of every interface to `program`: it goes straight
+    /// into slot 0 (the one tail call `lb_ingress` makes), then the per-interface entries
+    /// go.
+    pub fn set_next_program_everywhere(&mut self, program: BorrowedFd<'_>) -> Result<()> {
+        let programs = self.map_fd(names::NEXT_PROGRAMS)?;
+        map_update(programs, 0, program.as_raw_fd() as u32)
+            .map_err(next_err(names::NEXT_PROGRAMS))?;
+        let slots = self.map_fd(names::NEXT_SLOTS)?;
+        let map = self.map(names::NEXT_SLOTS)?;
+        let stale: Vec<u32> = HashMap::<_, u32, u32>::try_from(map)
+            .map_err(map_err(names::NEXT_SLOTS))?
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        for ifindex in stale {
+            map_delete(slots, ifindex).map_err(next_err(names::NEXT_SLOTS))?;
+        }
+        for slot in 1..NEXT_PROGRAM_SLOTS {
+            map_delete(programs, slot).map_err(next_err(names::NEXT_PROGRAMS))?;
+        }
+        Ok(())
+    }
+
     /// The file descriptor of map `name`, for the raw `bpf(2)` calls.
     fn map_fd(&self, name: &'static str) -> Result<u32> {
         use aya::maps::Map;

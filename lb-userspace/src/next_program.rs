@@ -56,10 +56,18 @@ pub fn install(
         })?;
         next.push((ifindex, program));
     }
-    let fds: Vec<_> = next.iter().map(|(i, fd)| (*i, fd.as_fd())).collect();
-    dataplane
-        .set_next_programs(&fds)
-        .map_err(|e| NextProgramError::Install(e.to_string()))
+    // Every interface the same program (one NIC, most often): no choice per interface to
+    // make, so it takes `lb_next`'s place and the packet skips one tail call and a lookup.
+    let first = interfaces.first().and_then(|i| i.next_program.as_ref());
+    let everywhere = first.is_some() && interfaces.iter().all(|i| i.next_program.as_ref() == first);
+    let result = match (everywhere, next.first()) {
+        (true, Some((_, fd))) => dataplane.set_next_program_everywhere(fd.as_fd()),
+        _ => {
+            let fds: Vec<_> = next.iter().map(|(i, fd)| (*i, fd.as_fd())).collect();
+            dataplane.set_next_programs(&fds)
+        }
+    };
+    result.map_err(|e| NextProgramError::Install(e.to_string()))
 }
 
 /// The XDP program pinned at `path`, or why it is not one.

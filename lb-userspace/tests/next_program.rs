@@ -45,10 +45,11 @@ fn config(bed: &DaemonBed, next_program: Option<&Path>) -> String {
 
 /// Reloads `yaml` by SIGHUP (the file watcher may be first); waits for `marker` in the log.
 fn reload(bed: &DaemonBed, yaml: &str, marker: &str) {
+    let seen = bed.log_text().matches(marker).count();
     bed.write_config(yaml);
     bed.signal("-HUP");
     bed.wait_for(marker, Duration::from_secs(10), || {
-        bed.log_text().contains(marker)
+        bed.log_text().matches(marker).count() > seen
     });
 }
 
@@ -200,11 +201,31 @@ fn a_next_program_counts_the_traffic_not_for_a_vip_until_a_reload_removes_it() {
         next.count() - before
     );
 
-    // A rare event reaches the daemon's log (aya-log): the interface made to name an
-    // empty slot behind the daemon's back, as only a bug of its own could.
-    let ifindex = bed.bed.lb.netns.ifindex("eth0").unwrap();
+    // One interface, so its program sits in lb_ingress's own slot: nothing per interface.
     let slots = MapData::from_pin(bed.pin_dir.join("NEXT_SLOTS")).unwrap();
     let mut slots: HashMap<_, u32, u32> = HashMap::try_from(Map::HashMap(slots)).unwrap();
+    assert_eq!(slots.keys().count(), 0);
+
+    // A second interface (a veth pair of its own) without one: `lb_next` chooses per interface.
+    let lb = &bed.bed.lb.netns;
+    lb.ip(&["link", "add", "nx0", "type", "veth", "peer", "name", "nx1"])
+        .unwrap();
+    lb.ip(&["link", "set", "nx0", "up"]).unwrap();
+    let two = config(&bed, Some(&pin))
+        .replace("vips:\n", "  - name: nx0\n    xdp_mode: generic\nvips:\n");
+    reload(&bed, &two, "reloaded");
+    let ifindex = bed.bed.lb.netns.ifindex("eth0").unwrap();
+    assert_eq!(slots.get(&ifindex, 0).unwrap(), 1);
+    let before = next.count();
+    ping(&bed, 10);
+    assert!(
+        next.count() >= before + 10,
+        "per interface: {}",
+        next.count() - before
+    );
+
+    // A rare event reaches the daemon's log (aya-log): the interface made to name an
+    // empty slot behind the daemon's back, as only a bug of its own could.
     slots.insert(ifindex, 5, 0).unwrap();
     ping(&bed, 3);
     bed.wait_for(
