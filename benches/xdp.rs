@@ -39,6 +39,8 @@ const MANY_FLOWS: usize = 100_000;
 const LRU_BASELINE: &str = "kernel LRU hash insert alone";
 const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 const FRESH_EMPTY: &str = "empty program, a fresh packet per call";
+const NOT_VIP: &str = "not for a Vip";
+const XDP_PASS: u32 = 2;
 
 struct Path {
     name: &'static str,
@@ -138,6 +140,31 @@ fn main() {
         Some(_) => second_paths(&mut second, &paths, "", "[base]"),
         None => uncached_paths(&mut second, &paths),
     };
+    // The second lab (this build's) also chains its packets not for a Vip to a next
+    // program (`interfaces[].next_program`): `count_next`, which counts and passes.
+    let next = base.is_none().then(|| {
+        // One interface: the daemon's `set_next_program_everywhere` case (MLB_BENCH_NEXT_PER_INTERFACE=1: `lb_next` dispatching by interface).
+        let next = lb_testbed::next::CountNext::load(XDP_PASS);
+        let ifindex = lab.with_dataplane(|_, ifindex| ifindex);
+        let set = match std::env::var_os("MLB_BENCH_NEXT_PER_INTERFACE") {
+            Some(_) => second.dataplane.set_next_programs(&[(ifindex, next.fd())]),
+            None => second.dataplane.set_next_program_everywhere(next.fd()),
+        };
+        set.expect("setting the next program");
+        next
+    });
+    let mut extra = extra;
+    if next.is_some() {
+        let p = paths.iter().find(|p| p.name == NOT_VIP).expect("a path");
+        extra.push(Path {
+            name: "not for a Vip, to a next program (count_next)",
+            program: p.program,
+            second: true,
+            packets: p.packets.clone(),
+            target: None,
+            repeat_valid: true,
+        });
+    }
     paths.extend(extra);
     if let Some(only) = &only {
         let mut i = 0;
@@ -154,6 +181,7 @@ fn main() {
     let figures = lab
         .with_dataplane(|dp, ifindex| measure([dp, dp2], &mut bench, ifindex, &paths, per_round));
     eprintln!("\r{:60}", "");
+    drop(next);
     report(&figures, calls, started.elapsed().as_secs_f64());
     if let Some(path) = json {
         write_figures(&path, &figures, calls);
@@ -279,7 +307,7 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
             false,
         ),
         path(
-            "not for a Vip",
+            NOT_VIP,
             prog_names::LB_INGRESS,
             vec![not_vip],
             Some(15.0),

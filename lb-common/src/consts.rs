@@ -78,6 +78,11 @@ pub const PROTO_IPV6: u8 = 41;
 /// Cilium sizes its own (8192); an entry is 44 bytes.
 pub const FRAGMENT_ENTRIES: u32 = 8192;
 
+/// `NEXT_PROGRAMS` slots: slot 0 is `lb_next` (while some interface has a next program;
+/// the program itself when every interface has the same one), slots `1..` the
+/// interfaces' next programs, so at most this many minus one interfaces can have one.
+pub const NEXT_PROGRAM_SLOTS: u32 = 64;
+
 /// Default `global.icmp_rate`: ICMP messages each CPU may send per second, per kind.
 pub const DEFAULT_ICMP_RATE: u32 = 1000;
 
@@ -266,6 +271,8 @@ pub mod map_names {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const ICMP_RATE: &str = "ICMP_RATE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const NEXT_PROGRAMS: &str = "NEXT_PROGRAMS";
+    pub const NEXT_SLOTS: &str = "NEXT_SLOTS";
 }
 
 /// Program names in the eBPF object.
@@ -276,7 +283,13 @@ pub mod prog_names {
     pub const LB_DECAP: &str = "lb_decap";
     /// XDP_PASS only: needed on a veth peer for XDP_TX to work, and the benchmark baseline.
     pub const LB_PASS: &str = "lb_pass";
+    /// Tail-called by `lb_ingress` for packets not for a Vip while some interface has a
+    /// next program: tail-calls the packet's interface's one.
+    pub const LB_NEXT: &str = "lb_next";
     /// In the separate `lb-bench` object: one kernel LRU hash insert of a fresh key per
     /// call, what Katran and Cilium pay per new flow (a benchmark baseline).
     pub const LRU_INSERT: &str = "lru_insert";
+    /// In the `lb-bench` object, for tests: counts the packets it sees and returns the
+    /// verdict it was loaded with (a next program chained after `lb_ingress`).
+    pub const COUNT_NEXT: &str = "count_next";
 }

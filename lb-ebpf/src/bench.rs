@@ -1,7 +1,8 @@
 //! Benchmark baselines, in an object of their own so that the daemon never loads them:
 //! `lru_insert` does only what a kernel LRU hash connection table costs a new flow (what
 //! Katran and Cilium pay, and what mlb paid before its own table): one
-//! `bpf_map_update_elem` of a fresh key per call.
+//! `bpf_map_update_elem` of a fresh key per call. And, for tests, `count_next`: a next
+//! program to chain after `lb_ingress` (`interfaces[].next_program`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -25,6 +26,25 @@ static LRU: LruHashMap<FlowV4, ConntrackEntry, 65_536, { BPF_F_NO_COMMON_LRU as 
 /// Per-CPU call counter: the fresh key of each call.
 #[btf_map]
 static CALLS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// The verdict `count_next` returns, set at load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static NEXT_VERDICT: u32 = xdp_action::XDP_PASS;
+
+/// Packets `count_next` saw, per CPU.
+#[btf_map]
+static COUNTED: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Counts the packet and returns `NEXT_VERDICT`.
+#[xdp]
+pub fn count_next(_ctx: XdpContext) -> u32 {
+    if let Some(n) = COUNTED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *n += 1 };
+    }
+    // SAFETY: a global the loader may have set; read it as such, not as a constant.
+    unsafe { core::ptr::read_volatile(&NEXT_VERDICT) }
+}
 
 #[xdp]
 pub fn lru_insert(_ctx: XdpContext) -> u32 {

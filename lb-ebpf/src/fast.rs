@@ -69,7 +69,7 @@ fn fast_ipv4(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     }
     let config = config()?;
     if !config.vip_filter.contains(vip_filter_bit_v4(dst)) {
-        return Some(Err(Verdict::Pass(Counter::PassNotVip)));
+        return Some(Err(Verdict::NotVip(Counter::PassNotVip)));
     }
     if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
         return None;
@@ -105,7 +105,7 @@ fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     }
     let config = config()?;
     if !config.vip_filter.contains(vip_filter_bit_v6(&dst)) {
-        return Some(Err(Verdict::Pass(Counter::PassNotVip)));
+        return Some(Err(Verdict::NotVip(Counter::PassNotVip)));
     }
     let (sport, dport) = ports(ctx, nexthdr, ETH_HLEN + IPV6_HLEN, l3_end)?;
     let flow = FlowV6 {

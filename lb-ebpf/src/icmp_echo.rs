@@ -40,9 +40,9 @@ fn reply(
 ) -> Verdict {
     let malformed = Verdict::Drop(Counter::DropMalformed);
     match flags {
-        None => return Verdict::Pass(Counter::PassNotVip),
+        None => return Verdict::NotVip(Counter::PassNotVip),
         Some(f) if f & vip_addr_flags::ICMP_ECHO == 0 => {
-            return Verdict::Pass(Counter::PassVipOther);
+            return Verdict::NotVip(Counter::PassVipOther);
         }
         Some(_) => {}
     }

@@ -1,5 +1,6 @@
-//! The XDP programs: `lb_ingress` (the load balancer), `lb_decap` (for backends) and
-//! `lb_pass` (a no-op for veth peers and the benchmark baseline).
+//! The XDP programs: `lb_ingress` (the load balancer), `lb_next` (its packets not for a
+//! Vip to the interface's next program), `lb_decap` (for backends) and `lb_pass` (a no-op
+//! for veth peers and the benchmark baseline).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -14,6 +15,7 @@ mod icmp;
 mod icmp_echo;
 mod maps;
 mod mixed;
+mod next;
 mod parse;
 mod route;
 mod select;
@@ -30,10 +32,17 @@ use select::{Flow, select};
 
 #[xdp]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
-    match fast_path(&ctx) {
-        fast::NOT_HANDLED => full_path(ctx),
+    let action = match fast_path(&ctx) {
+        // By value: one register, not a pointer to a stack copy.
+        fast::NOT_HANDLED => full_path(XdpContext::new(ctx.ctx)),
         action => action,
+    };
+    // Here, not in the paths: a tail call from the entry function leaves the verifier's
+    // stack limits of subprograms alone, and both paths' decisions meet here.
+    if action == next::NOT_VIP {
+        return next::not_for_a_vip(&ctx);
     }
+    action
 }
 
 /// The fast path, a BPF subprogram of its own, so that its stack frame and the full
@@ -54,10 +63,14 @@ fn full_path(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
-    let l2 = parse_l2(ctx).ok_or(Verdict::Pass(Counter::PassMalformed))?;
+    let l2 = parse_l2(ctx).ok_or(Verdict::NotVip(Counter::PassMalformed))?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // Read once, passed down: map lookups are not merged by the compiler.
-    let config = maps::config().ok_or(Verdict::Pass(Counter::PassNotVip))?;
+    let Some(config) = maps::config() else {
+        // CONFIG_INDEX and CONFIG are arrays the loader creates: the lookup cannot fail.
+        aya_log_ebpf::error!(ctx, "no live CONFIG slot");
+        return Err(Verdict::NotVip(Counter::PassNotVip));
+    };
     // Both families meet in one `forward`, so its code exists once in the program.
     let mut scratch = MaybeUninit::uninit();
     let selection = match l2.proto {
@@ -73,7 +86,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
             config,
             &mut scratch,
         )?,
-        _ => return Err(Verdict::Pass(Counter::PassNotIp)),
+        _ => return Err(Verdict::NotVip(Counter::PassNotIp)),
     };
     forward::forward(ctx, &l2, &selection, bytes, config)
 }
@@ -90,6 +103,11 @@ fn steer<'a, F: Flow>(
         stats::count(Counter::IcmpToBackend);
     }
     Ok(selection)
+}
+
+#[xdp]
+pub fn lb_next(ctx: XdpContext) -> u32 {
+    next::dispatch(&ctx)
 }
 
 #[xdp]

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -12,7 +12,7 @@ use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_FLOW_CACHE_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter,
-        FRAGMENT_ENTRIES, icmp_rate_slots,
+        FRAGMENT_ENTRIES, NEXT_PROGRAM_SLOTS, icmp_rate_slots,
     },
     types::{
         Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, FragmentKey,
@@ -143,3 +143,12 @@ pub static ICMP_RATE: PerCpuArray<IcmpRate, { icmp_rate_slots::COUNT as usize }>
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENT_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// Next XDP programs for packets not for a Vip (`next`): slot 0 `lb_next` while some
+/// interface has one, the others each such interface's program.
+#[btf_map]
+pub static NEXT_PROGRAMS: ProgramArray<{ NEXT_PROGRAM_SLOTS as usize }> = ProgramArray::new();
+
+/// Interface index to its `NEXT_PROGRAMS` slot, for the interfaces that have a next program.
+#[btf_map]
+pub static NEXT_SLOTS: HashMap<u32, u32, { NEXT_PROGRAM_SLOTS as usize }> = HashMap::new();

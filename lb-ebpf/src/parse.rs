@@ -194,7 +194,10 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
 #[repr(u32)]
 pub enum Verdict {
     Drop(Counter) = xdp_action::XDP_DROP,
+    /// A Vip's packet for the local stack (a Vip without backends that passes).
     Pass(Counter) = xdp_action::XDP_PASS,
+    /// Not for a Vip: to the interface's next program if it has one, else the kernel.
+    NotVip(Counter) = crate::next::NOT_VIP,
     /// The program rewrote the packet into its own answer (an ICMP echo reply).
     Tx(Counter) = xdp_action::XDP_TX,
 }
@@ -206,6 +209,7 @@ impl Verdict {
         match self {
             Verdict::Drop(c) => (xdp_action::XDP_DROP, c),
             Verdict::Pass(c) => (xdp_action::XDP_PASS, c),
+            Verdict::NotVip(c) => (crate::next::NOT_VIP, c),
             Verdict::Tx(c) => (xdp_action::XDP_TX, c),
         }
     }
@@ -258,19 +262,19 @@ pub fn parse_l4(
             }
             Ok((Ports { sport, dport }, false))
         }
-        _ => Err(Verdict::Pass(Counter::PassVipOther)),
+        _ => Err(Verdict::NotVip(Counter::PassVipOther)),
     }
 }
 
 /// Parses an IPv4 packet to its Flow. Packets not for a Vip address come back as
-/// `Verdict::Pass` before anything past the IP header is read.
+/// `Verdict::NotVip` before anything past the IP header is read.
 #[inline(always)]
 pub fn parse_ipv4(
     ctx: &XdpContext,
     l3: usize,
     filter: &VipFilter,
 ) -> Result<Parsed<FlowV4>, Verdict> {
-    let bad_l3 = Verdict::Pass(Counter::PassMalformed);
+    let bad_l3 = Verdict::NotVip(Counter::PassMalformed);
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
     let (vihl, tot_len, id, frag_off, proto, src, dst) = unsafe {
@@ -294,15 +298,15 @@ pub fn parse_ipv4(
         return Err(bad_l3);
     }
     if !filter.contains(vip_filter_bit_v4(dst)) {
-        return Err(Verdict::Pass(Counter::PassNotVip));
+        return Err(Verdict::NotVip(Counter::PassNotVip));
     }
     // Past the filter, decisions that drop are confirmed against the exact address set.
     let confirm = |verdict: Verdict| match verdict {
         // SAFETY: presence check only.
-        Verdict::Drop(_) | Verdict::Pass(Counter::PassVipOther)
+        Verdict::Drop(_) | Verdict::NotVip(Counter::PassVipOther)
             if unsafe { VIP_ADDRS_V4.get(dst) }.is_none() =>
         {
-            Verdict::Pass(Counter::PassNotVip)
+            Verdict::NotVip(Counter::PassNotVip)
         }
         other => other,
     };
@@ -356,7 +360,7 @@ fn parse_icmpv4_error(
         return Err(icmp_echo::reply_v4(ctx, l3, l4, l3_end, dst));
     }
     if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
-        return Err(Verdict::Pass(Counter::PassVipOther));
+        return Err(Verdict::NotVip(Counter::PassVipOther));
     }
     let inner_l3 = l4 + ICMP_HLEN;
     let inner: *const Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(malformed)?;
@@ -398,7 +402,7 @@ pub fn parse_ipv6(
     l3: usize,
     filter: &VipFilter,
 ) -> Result<Parsed<FlowV6>, Verdict> {
-    let bad_l3 = Verdict::Pass(Counter::PassMalformed);
+    let bad_l3 = Verdict::NotVip(Counter::PassMalformed);
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(bad_l3)?;
     // SAFETY: bounds checked by ptr_at.
     let (vtc_flow, payload_len, nexthdr) =
@@ -410,14 +414,14 @@ pub fn parse_ipv6(
     // SAFETY: bounds checked by ptr_at; the map value is copied out at once.
     let dst = unsafe { (*ip).dst };
     if !filter.contains(vip_filter_bit_v6(&dst)) {
-        return Err(Verdict::Pass(Counter::PassNotVip));
+        return Err(Verdict::NotVip(Counter::PassNotVip));
     }
     let confirm = |verdict: Verdict| match verdict {
         // SAFETY: presence check only.
-        Verdict::Drop(_) | Verdict::Pass(Counter::PassVipOther)
+        Verdict::Drop(_) | Verdict::NotVip(Counter::PassVipOther)
             if unsafe { VIP_ADDRS_V6.get(dst) }.is_none() =>
         {
-            Verdict::Pass(Counter::PassNotVip)
+            Verdict::NotVip(Counter::PassNotVip)
         }
         other => other,
     };
@@ -469,7 +473,7 @@ fn parse_icmpv6_error(
         return Err(icmp_echo::reply_v6(ctx, l3, l4, l3_end, dst));
     }
     if kind != ICMPV6_PKT_TOOBIG {
-        return Err(Verdict::Pass(Counter::PassVipOther));
+        return Err(Verdict::NotVip(Counter::PassVipOther));
     }
     let inner_l3 = l4 + ICMP_HLEN;
     let inner: *const Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(malformed)?;

@@ -490,13 +490,13 @@ pub fn lookup_vip<F: Flow>(flow: &F) -> Result<u32, Verdict> {
     // The pre-filter can be wrong; the exact address set is not.
     let addr_flags = flow
         .vip_addr_flags()
-        .ok_or(Verdict::Pass(Counter::PassNotVip))?;
+        .ok_or(Verdict::NotVip(Counter::PassNotVip))?;
     if addr_flags & any_port != 0
         && let Some(id) = unsafe { VIPS.get(flow.vip_key(0)) }
     {
         return Ok(*id);
     }
-    Err(Verdict::Pass(Counter::PassVipOther))
+    Err(Verdict::NotVip(Counter::PassVipOther))
 }
 
 /// Slot `1 + table_slot(h, M)` of the Vip's MaglevTable (slot 0 holds M), `h` the hash
@@ -520,9 +520,9 @@ fn from_table<'a, F: Flow>(
 ) -> Result<Selection<'a>, Verdict> {
     let vip = VIP_STATE
         .get(vip_id)
-        .ok_or(Verdict::Pass(Counter::PassVipOther))?;
+        .ok_or(Verdict::NotVip(Counter::PassVipOther))?;
     if vip.flags & vip_flags::ACTIVE == 0 {
-        return Err(Verdict::Pass(Counter::PassVipOther));
+        return Err(Verdict::NotVip(Counter::PassVipOther));
     }
     let no_backend = if vip.flags & vip_flags::PASS_WHEN_EMPTY != 0 {
         Verdict::Pass(Counter::PassNoBackend)
@@ -544,7 +544,16 @@ fn from_table<'a, F: Flow>(
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);
     }
-    let backend = BACKENDS.get(backend_id).ok_or(no_backend)?;
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        // The daemon sizes BACKENDS for every id it puts in a table.
+        aya_log_ebpf::error!(
+            ctx,
+            "vip {} table names backend {} beyond BACKENDS",
+            vip_id,
+            backend_id
+        );
+        return Err(no_backend);
+    };
     if !usable(backend) {
         return Err(no_backend);
     }

@@ -1,7 +1,8 @@
 //! Test scaffolding for `mlb`, never shipped: network namespaces ([`netns`]), the
 //! client / load balancer / backends topology ([`testbed`]) and the real daemon in it
 //! ([`daemon`]), a fleet behind an ECMP router ([`fleet`]), the BPF_PROG_TEST_RUN lab with
-//! its packet builders and model ([`lab`], [`packets`], [`model`]), and what the
+//! its packet builders and model ([`lab`], [`packets`], [`model`]), a next program to chain
+//! after `lb_ingress` ([`next`]), and what the
 //! benchmarks share ([`bench`]: CPU pinning, fit, JSON). Used by `lb-userspace`'s tests, `benches/` and the demos.
 
 pub mod bench;
@@ -10,6 +11,7 @@ pub mod fleet;
 pub mod lab;
 pub mod model;
 pub mod netns;
+pub mod next;
 pub mod packets;
 pub mod testbed;
 

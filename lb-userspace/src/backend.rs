@@ -56,6 +56,7 @@ pub fn attach(
     let target = Interface {
         name: interface.to_owned(),
         xdp_mode,
+        next_program: None,
     };
     let mode = attach::attach_program(&mut dataplane, prog_names::LB_DECAP, &target, pin_dir)?;
     let sources: Vec<String> = sources.iter().map(|(a, l)| format!("{a}/{l}")).collect();

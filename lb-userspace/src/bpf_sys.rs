@@ -1,11 +1,14 @@
 //! The few `bpf(2)` commands aya 0.14 does not wrap (batch operations, a per-CPU lookup
-//! into a caller's buffer, a test run on a bare program fd): command numbers and attribute layouts from `union bpf_attr`
+//! into a caller's buffer, a test run on a bare program fd, a pinned object of any kind,
+//! a program array slot set from a bare fd): command numbers and attribute layouts from `union bpf_attr`
 //! in linux/bpf.h.
 
 use std::io;
 
 pub const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 pub const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -22,6 +25,17 @@ pub struct LookupAttr {
     pub key: u64,
     pub value: u64,
     pub flags: u64,
+}
+
+/// `BPF_OBJ_GET`.
+#[repr(C)]
+#[derive(Default)]
+pub struct ObjGetAttr {
+    pub pathname: u64,
+    pub bpf_fd: u32,
+    pub file_flags: u32,
+    pub path_fd: i32,
+    pub _pad: u32,
 }
 
 /// `BPF_MAP_*_BATCH`.
@@ -71,4 +85,15 @@ pub fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// [`bpf`] for a command that returns a new file descriptor.
+pub fn bpf_fd<T>(command: libc::c_long, attr: &mut T) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: as in `bpf`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, ours alone.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(rc as i32) })
 }

@@ -26,6 +26,7 @@ use crate::{
     health::{self, HealthEvent},
     metrics::{self, Metrics},
     netlink::Netlink,
+    next_program,
     reconcile::{Reconciler, Report},
     second_chance,
     state::{self, Snapshot},
@@ -82,7 +83,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
         })?;
     info!(addr = %metrics_server.addr(), "metrics listening");
     ensure_bpffs()?;
-    let dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
+    let mut dataplane = Dataplane::load_pinned(capacities(&config), &pin_dir)?;
+    forward_data_plane_log(&mut dataplane);
     let previous = state::previous(&pin_dir)?;
     let adopting = previous.is_some();
     let (assignments, down, drained, previous_modes) = previous
@@ -107,6 +109,8 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
             warn!(path = %saved.display(), error = %e, "second chance: saved previous tables not read")
         }
     }
+    // Before attaching: a first start it refuses leaves no program on the interfaces.
+    next_program::install(reconciler.dataplane_mut(), &config.interfaces)?;
     let mut attached = BTreeMap::new();
     for interface in &config.interfaces {
         let mode = attach::attach(reconciler.dataplane_mut(), interface, &pin_dir)?;
@@ -235,6 +239,28 @@ pub async fn run(options: Options, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(())
 }
 
+/// Forwards the data plane's rare-event records (aya-log) into the daemon's log.
+fn forward_data_plane_log(dataplane: &mut Dataplane) {
+    let logger = match dataplane.logger() {
+        Ok(logger) => logger,
+        Err(e) => return warn!(error = %e, "the data plane's log is not read"),
+    };
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "the data plane's log is not read"),
+    };
+    tokio::spawn(async move {
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
 /// The running daemon's state, between events.
 struct Daemon {
     config_path: PathBuf,
@@ -330,18 +356,35 @@ impl Daemon {
         if let Some(problem) = needs_restart(&running, &config) {
             return self.refused(&problem);
         }
-        for interface in config
-            .interfaces
-            .iter()
-            .filter(|i| !running.interfaces.contains(i))
-        {
+        // First, as it can fail on its own: nothing else has changed yet when it does.
+        if let Err(e) = next_program::install(self.reconciler.dataplane_mut(), &config.interfaces) {
+            // A program the kernel refused may follow others already in place.
+            let dataplane = self.reconciler.dataplane_mut();
+            if let Err(e) = next_program::install(dataplane, &running.interfaces) {
+                warn!(error = %e, "restoring the next programs in force");
+            }
+            return self.refused(&e);
+        }
+        for interface in config.interfaces.iter().filter(|i| {
+            !running
+                .interfaces
+                .iter()
+                .any(|r| r.name == i.name && r.xdp_mode == i.xdp_mode)
+        }) {
             match attach::attach(self.reconciler.dataplane_mut(), interface, &self.pin_dir) {
                 Ok(mode) => {
                     let mode = adopted_mode(interface, mode, &[]);
                     self.attached.insert(interface.name.clone(), mode);
                     self.metrics.set_attached(&self.attached);
                 }
-                Err(e) => return self.refused(&e),
+                Err(e) => {
+                    // Back to the running config's next programs, which installed before.
+                    let dataplane = self.reconciler.dataplane_mut();
+                    if let Err(e) = next_program::install(dataplane, &running.interfaces) {
+                        warn!(error = %e, "restoring the next programs in force");
+                    }
+                    return self.refused(&e);
+                }
             }
         }
         for interface in running

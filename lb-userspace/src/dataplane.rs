@@ -4,13 +4,13 @@
 
 use std::{
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
 };
 
 use crate::bpf_sys::{
-    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_BATCH, BPF_PROG_TEST_RUN, BatchAttr, ENOTSUPP, LookupAttr,
-    TestAttr, bpf,
+    BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, BPF_PROG_TEST_RUN, BatchAttr,
+    ENOTSUPP, LookupAttr, TestAttr, bpf,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,8 +22,8 @@ use lb_common::{
     consts::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DECAP_PREFIXES,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES,
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter, flow_cache_slots, map_names as names,
-        prog_names, table_entries,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter, NEXT_PROGRAM_SLOTS, flow_cache_slots,
+        map_names as names, prog_names, table_entries,
     },
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
@@ -34,7 +34,7 @@ use lb_common::{
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 22] = [
+const ALL_MAPS: [&str; 24] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -57,6 +57,10 @@ const ALL_MAPS: [&str; 22] = [
     names::DECAP_STATS,
     names::ICMP_RATE,
     names::FRAGMENTS,
+    // Pinned too: a program array loses its entries with its last file descriptor or pin,
+    // and the next programs must keep running while the daemon is down.
+    names::NEXT_PROGRAMS,
+    names::NEXT_SLOTS,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -319,6 +323,13 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        // Absent from the objects of builds before it (the benchmark's A/B).
+        if let Ok(next) = dataplane.xdp(prog_names::LB_NEXT) {
+            next.load().map_err(|source| DataplaneError::Program {
+                name: prog_names::LB_NEXT,
+                source,
+            })?;
+        }
         Ok(dataplane)
     }
 
@@ -329,6 +340,14 @@ impl Dataplane {
 
     pub fn capacities(&self) -> Capacities {
         self.caps
+    }
+
+    /// A reader of the data plane's rare-event log (aya-log's `AYA_LOGS` ring buffer),
+    /// which hands its records to the `log` crate, and from there to tracing.
+    pub fn logger(
+        &mut self,
+    ) -> std::result::Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
     }
 
     /// One of the object's XDP programs (`prog_names`).
@@ -823,6 +842,90 @@ impl Dataplane {
             }))
     }
 
+    /// Sends the packets not for a Vip that arrive on each `(ifindex, program)`'s
+    /// interface to its program (a tail call); every other interface's to the kernel.
+    /// Programs are in place before `lb_next` is, and `lb_next` goes first when none is
+    /// left, so a packet meets either the old or the new choice of its interface. The
+    /// kernel refuses a program `lb_ingress` cannot tail-call (another type, or XDP with
+    /// frags).
+    pub fn set_next_programs(&mut self, next: &[(u32, BorrowedFd<'_>)]) -> Result<()> {
+        self.check(
+            "interfaces with a next program",
+            next.len() as u32,
+            NEXT_PROGRAM_SLOTS,
+        )?;
+        let programs = self.map_fd(names::NEXT_PROGRAMS)?;
+        let slots = self.map_fd(names::NEXT_SLOTS)?;
+        let dispatch = self
+            .xdp(prog_names::LB_NEXT)?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                name: prog_names::LB_NEXT,
+                source,
+            })?
+            .as_fd()
+            .as_raw_fd() as u32;
+        if next.is_empty() {
+            map_delete(programs, 0).map_err(next_err(names::NEXT_PROGRAMS))?;
+        }
+        for (slot, (ifindex, fd)) in (1..).zip(next) {
+            map_update(programs, slot, fd.as_raw_fd() as u32)
+                .map_err(next_err(names::NEXT_PROGRAMS))?;
+            map_update(slots, *ifindex, slot).map_err(next_err(names::NEXT_SLOTS))?;
+        }
+        let map = self.map(names::NEXT_SLOTS)?;
+        let stale: Vec<u32> = HashMap::<_, u32, u32>::try_from(map)
+            .map_err(map_err(names::NEXT_SLOTS))?
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !next.iter().any(|(ifindex, _)| ifindex == k))
+            .collect();
+        for ifindex in stale {
+            map_delete(slots, ifindex).map_err(next_err(names::NEXT_SLOTS))?;
+        }
+        for slot in next.len() as u32 + 1..NEXT_PROGRAM_SLOTS {
+            map_delete(programs, slot).map_err(next_err(names::NEXT_PROGRAMS))?;
+        }
+        if !next.is_empty() {
+            map_update(programs, 0, dispatch).map_err(next_err(names::NEXT_PROGRAMS))?;
+        }
+        Ok(())
+    }
+
+    /// Sends the packets not for a Vip of every interface to `program`: it goes straight
+    /// into slot 0 (the one tail call `lb_ingress` makes), then the per-interface entries
+    /// go.
+    pub fn set_next_program_everywhere(&mut self, program: BorrowedFd<'_>) -> Result<()> {
+        let programs = self.map_fd(names::NEXT_PROGRAMS)?;
+        map_update(programs, 0, program.as_raw_fd() as u32)
+            .map_err(next_err(names::NEXT_PROGRAMS))?;
+        let slots = self.map_fd(names::NEXT_SLOTS)?;
+        let map = self.map(names::NEXT_SLOTS)?;
+        let stale: Vec<u32> = HashMap::<_, u32, u32>::try_from(map)
+            .map_err(map_err(names::NEXT_SLOTS))?
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        for ifindex in stale {
+            map_delete(slots, ifindex).map_err(next_err(names::NEXT_SLOTS))?;
+        }
+        for slot in 1..NEXT_PROGRAM_SLOTS {
+            map_delete(programs, slot).map_err(next_err(names::NEXT_PROGRAMS))?;
+        }
+        Ok(())
+    }
+
+    /// The file descriptor of map `name`, for the raw `bpf(2)` calls.
+    fn map_fd(&self, name: &'static str) -> Result<u32> {
+        use aya::maps::Map;
+        match self.map(name)? {
+            Map::HashMap(data) | Map::ProgramArray(data) => {
+                Ok(data.fd().as_fd().as_raw_fd() as u32)
+            }
+            _ => Err(DataplaneError::MissingMap(name)),
+        }
+    }
+
     /// Runs program `name` once on `packet` with BPF_PROG_TEST_RUN. `ingress_ifindex`
     /// (0 = loopback) is the device the packet pretends to arrive on, which is where
     /// `bpf_fib_lookup` starts. Returns the action and the packet as the program left it.
@@ -1044,6 +1147,42 @@ fn write_table(fd: std::os::fd::BorrowedFd<'_>, entries: u32, table: &MaglevTabl
     Ok(())
 }
 
+/// One `u32` → `u32` element (a program array's value is the program's file descriptor).
+fn map_update(map_fd: u32, key: u32, value: u32) -> std::io::Result<()> {
+    let mut attr = LookupAttr {
+        map_fd,
+        key: &key as *const u32 as u64,
+        value: &value as *const u32 as u64,
+        ..LookupAttr::default()
+    };
+    // `key` and `value` are live u32s for the call.
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// Deletes `key`; a missing one is no error.
+fn map_delete(map_fd: u32, key: u32) -> std::io::Result<()> {
+    let mut attr = LookupAttr {
+        map_fd,
+        key: &key as *const u32 as u64,
+        ..LookupAttr::default()
+    };
+    // `key` is a live u32 for the call.
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn next_err(name: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    move |io_error| DataplaneError::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error,
+        }),
+    }
+}
+
 fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
@@ -1116,6 +1255,8 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
             size_of::<lb_common::types::FragmentKey>(),
             size_of::<lb_common::types::FragmentPorts>(),
         ),
+        (names::NEXT_PROGRAMS, 4, 4),
+        (names::NEXT_SLOTS, 4, 4),
     ]
 }
 

@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod netlink;
+pub mod next_program;
 pub mod pinned;
 pub mod reconcile;
 pub mod second_chance;

@@ -132,6 +132,12 @@ const BROKEN: &[(&str, &[&str])] = &[
         &["missing_port.yaml:4:5: missing key \"port\" in vip"],
     ),
     (
+        "next_program_relative.yaml",
+        &[
+            "next_program_relative.yaml:3:19: invalid next_program \"firewall\" in interface: must be an absolute path",
+        ],
+    ),
+    (
         "no_interfaces.yaml",
         &["no_interfaces.yaml:1:1: interfaces must list at least one interface"],
     ),
@@ -561,7 +567,7 @@ pools:
         parse_err(text),
         [
             "test.yaml:1:1: unknown key \"globl\" at the top level, did you mean \"global\"?",
-            "test.yaml:2:27: unknown key \"mode\" in interface; valid keys are name, xdp_mode",
+            "test.yaml:2:27: unknown key \"mode\" in interface; valid keys are name, xdp_mode, next_program",
             "test.yaml:6:5: unknown key \"backend\" in pool \"p\", did you mean \"backends\"?",
         ]
     );

@@ -1280,3 +1280,81 @@ fn hash_modes_keep_a_client_or_a_port_on_one_backend_and_spread_the_rest() {
     let distinct: std::collections::BTreeSet<u32> = got.iter().map(|&(k, _)| k).collect();
     assert_eq!(distinct.len(), 3, "{got:?}");
 }
+
+/// The counters of a packet `lb_ingress` passes because it is not for a Vip.
+const NOT_FOR_A_VIP: [&str; 4] = [
+    "pass_not_ip",
+    "pass_not_vip",
+    "pass_malformed",
+    "pass_vip_other",
+];
+
+#[test]
+fn a_next_program_gets_exactly_the_packets_not_for_a_vip() {
+    let mut lab = Lab::new();
+    // XDP_DROP: a verdict lb_ingress never gives these packets, so seeing it proves the
+    // next program's verdict is what comes back.
+    let next = lb_testbed::next::CountNext::load(XDP_DROP);
+    let fixtures = fixtures(&lab);
+    let chained = |f: &Fixture| {
+        f.action == XDP_PASS && f.counters.iter().any(|(c, _)| NOT_FOR_A_VIP.contains(c))
+    };
+    let kinds: Vec<_> = fixtures
+        .iter()
+        .filter(|f| chained(f))
+        .flat_map(|f| f.counters.iter().map(|(c, _)| *c))
+        .collect();
+    for kind in NOT_FOR_A_VIP {
+        assert!(kinds.contains(&kind), "no fixture of {kind}");
+    }
+    lab.with_dataplane(|dataplane, ifindex| {
+        dataplane
+            .set_next_programs(&[(ifindex, next.fd())])
+            .unwrap()
+    });
+    let mut failures = Vec::new();
+    for fixture in &fixtures {
+        let before = (lab.counters(), next.count());
+        let out = lab.run(&fixture.input);
+        let after = (lab.counters(), next.count());
+        let (want_action, want_count) = match chained(fixture) {
+            true => (XDP_DROP, 1),
+            false => (fixture.action, 0),
+        };
+        let mut counters = deltas(&before.0, &after.0);
+        let mut want_counters = fixture.counters.clone();
+        counters.sort();
+        want_counters.sort();
+        let got = (out.action, after.1 - before.1, counters);
+        if got != (want_action, want_count, want_counters.clone()) {
+            failures.push(format!(
+                "{}: action {}, counted {}, counters {:?} (want {}, {}, {:?})",
+                fixture.description,
+                action_name(got.0),
+                got.1,
+                got.2,
+                action_name(want_action),
+                want_count,
+                want_counters
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Another interface (loopback) has no next program: its packets go to the kernel.
+    let arp_in = arp(lab.lb_mac);
+    let (action, counted) = (
+        lab.with_dataplane(|dataplane, _| {
+            dataplane
+                .test_run(lb_common::consts::prog_names::LB_INGRESS, &arp_in, 1, 1)
+                .unwrap()
+                .action
+        }),
+        next.count(),
+    );
+    assert_eq!((action, counted), (XDP_PASS, kinds.len() as u64));
+    // Removed: the kernel gets them again.
+    lab.with_dataplane(|dataplane, _| dataplane.set_next_programs(&[]).unwrap());
+    assert_eq!(lab.run(&arp_in).action, XDP_PASS);
+    assert_eq!(next.count(), kinds.len() as u64);
+}

@@ -52,7 +52,11 @@ pub fn describe(config: &Config) -> String {
 
     let _ = writeln!(s, "interfaces:");
     for interface in &config.interfaces {
-        let _ = writeln!(s, "  {}  xdp {}", interface.name, interface.xdp_mode);
+        let _ = write!(s, "  {}  xdp {}", interface.name, interface.xdp_mode);
+        if let Some(next) = &interface.next_program {
+            let _ = write!(s, "  not for a Vip: {}", next.display());
+        }
+        let _ = writeln!(s);
     }
 
     let _ = writeln!(s, "vips:");

@@ -164,6 +164,9 @@ pub struct Announce {
 pub struct Interface {
     pub name: String,
     pub xdp_mode: XdpModeConfig,
+    /// A pinned XDP program that gets this interface's packets not for a Vip (else the
+    /// kernel does).
+    pub next_program: Option<PathBuf>,
 }
 
 /// How the XDP program is attached.

@@ -39,7 +39,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "icmp_echo",
     "icmp_rate",
 ];
-const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode"];
+const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode", "next_program"];
 const VIP_KEYS: &[&str] = &[
     "name",
     "address",
@@ -156,6 +156,7 @@ pub(crate) struct Global {
 pub(crate) struct InterfaceEntry {
     pub name: Option<At<String>>,
     pub xdp_mode: Field<XdpModeConfig>,
+    pub next_program: Field<PathBuf>,
 }
 
 pub(crate) struct VipEntry {
@@ -321,6 +322,7 @@ fn read_interface(s: &Section<'_>, out: &mut Vec<Problem>) -> InterfaceEntry {
     InterfaceEntry {
         name: s.required("name", out, values::interface_name),
         xdp_mode: s.optional("xdp_mode", out, |t| values::keyword(t, XDP_MODES)),
+        next_program: s.optional("next_program", out, values::absolute_path),
     }
 }
 

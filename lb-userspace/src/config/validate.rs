@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use lb_common::maglev::{auto_table_size, check_table_size};
+use lb_common::{
+    consts::NEXT_PROGRAM_SLOTS,
+    maglev::{auto_table_size, check_table_size},
+};
 
 use super::{
     Announce, BackendConfig, CheckKind, Config, Forwarding, Global, HashMode, HealthCheck,
@@ -82,6 +85,7 @@ fn interfaces(document: &Document, out: &mut Vec<Problem>) -> Vec<Interface> {
     }
     let mut seen: HashMap<&str, Pos> = HashMap::new();
     let mut interfaces = Vec::new();
+    let mut chained = 0;
     for entry in entries {
         let Some(name) = &entry.name else { continue };
         if let Some(first) = seen.get(name.value.as_str()) {
@@ -96,9 +100,23 @@ fn interfaces(document: &Document, out: &mut Vec<Problem>) -> Vec<Interface> {
         } else {
             seen.insert(&name.value, name.pos);
         }
+        let next_program = entry.next_program.given();
+        if let Some(at) = next_program {
+            chained += 1;
+            if chained >= NEXT_PROGRAM_SLOTS {
+                out.push(Problem::new(
+                    at.pos,
+                    format!(
+                        "at most {} interfaces can have a next_program",
+                        NEXT_PROGRAM_SLOTS - 1
+                    ),
+                ));
+            }
+        }
         interfaces.push(Interface {
             name: name.value.clone(),
             xdp_mode: or(&entry.xdp_mode, Default::default()),
+            next_program: next_program.map(|at| at.value.clone()),
         });
     }
     interfaces
