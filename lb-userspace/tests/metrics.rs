@@ -999,13 +999,21 @@ fn scale(name: &str) -> Scale {
     }
 }
 
-/// The daemon's runtime: two workers, shared by the health probes and the metrics server.
-fn daemon_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// The daemon's runtime (two workers, shared by the health probes and the metrics
+/// server) serving `metrics` on a free port.
+fn serve(metrics: &Arc<Metrics>) -> (tokio::runtime::Runtime, Server) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap()
+        .unwrap();
+    let server = runtime
+        .block_on(Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(metrics),
+        ))
+        .unwrap();
+    (runtime, server)
 }
 
 #[test]
@@ -1031,13 +1039,7 @@ fn a_scrape_of_64_vips_with_100_backends_each_takes_under_50ms() {
         assignments.backends.values().map(|a| a.id),
     );
 
-    let runtime = daemon_runtime();
-    let server = runtime
-        .block_on(Server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&metrics),
-        ))
-        .unwrap();
+    let (runtime, server) = serve(&metrics);
     let mut times = Vec::new();
     let mut body = String::new();
     for _ in 0..7 {
@@ -1151,13 +1153,7 @@ fn scrapes_in_a_tight_loop_never_fail_a_health_check() {
         "checked.yaml",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let runtime = daemon_runtime();
-    let server = runtime
-        .block_on(Server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&metrics),
-        ))
-        .unwrap();
+    let (runtime, server) = serve(&metrics);
     let probes = Arc::new(Mutex::new(Vec::new()));
     let (events_tx, mut events) = tokio::sync::mpsc::channel(64);
     let observed = Arc::clone(&probes);
