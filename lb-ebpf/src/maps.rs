@@ -16,7 +16,8 @@ use lb_common::{
     },
     types::{
         Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, FragmentKey,
-        FragmentPorts, GlobalConfig, IcmpRate, NextHop, TrafficCounters, VipAddr, VipKey, VipState,
+        FragmentPorts, GlobalConfig, IcmpRate, NextHop, TrafficCounters, TunnelConfig, VipAddr,
+        VipKey, VipState,
     },
 };
 
@@ -143,3 +144,8 @@ pub static ICMP_RATE: PerCpuArray<IcmpRate, { icmp_rate_slots::COUNT as usize }>
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENT_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The GUE destination port and the largest frame the interfaces send (one entry): read by
+/// GUE packets and by packets large enough to be near the MTU.
+#[btf_map]
+pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();

@@ -93,7 +93,7 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "family_mismatch.yaml",
         &[
-            "family_mismatch.yaml:5:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 12): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "family_mismatch.yaml:5:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 12): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
         ],
     ),
     (
@@ -153,7 +153,7 @@ const BROKEN: &[(&str, &[&str])] = &[
             "several_problems.yaml:2:14: invalid hash_seed \"0x1_0000_0000\" in global: expected an integer from 0 to 0xffffffff",
             "several_problems.yaml:3:19: invalid metrics_listen \"localhost\" in global: expected an address and port, such as 127.0.0.1:9100 or [::1]:9100",
             "several_problems.yaml:6:15: invalid xdp_mode \"nativ\" in interface: expected native, generic or auto; did you mean \"native\"?",
-            "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
             "several_problems.yaml:14:14: invalid address \"10.200.0.300\" in vip: expected an IPv4 or IPv6 address",
             "several_problems.yaml:17:11: vip \"dns\" uses unknown pool \"missing\"; pools are \"web6\"",
             "several_problems.yaml:22:17: invalid weight \"-1\" in backend: expected an integer from 0 to 4294967295",
@@ -352,6 +352,7 @@ fn minimal_config_gets_every_default() {
             control_group: None,
             icmp_echo: true,
             icmp_rate: 1000,
+            gue_port: 6080,
         }
     );
     assert_eq!(config.interfaces.len(), 1);
