@@ -5,13 +5,14 @@
 //! (measured: 552 of 512 bytes). Anything else — a SYN, an unknown flow, a re-steer, a
 //! VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — is
 //! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
-//! decides exactly as if this path did not exist.
+//! decides exactly as if this path did not exist. A packet that would not fit the MTU
+//! once encapsulated is answered here with the ICMP error, as the full path does.
 
 use core::{hint::cold_path, mem::MaybeUninit};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    consts::{Counter, encap_overhead, vip_flags},
+    consts::{Counter, vip_flags},
     hash::{vip_filter_bit_v4, vip_filter_bit_v6},
     types::{FlowV4, FlowV6, GlobalConfig, Route},
 };
@@ -20,13 +21,14 @@ use crate::{
     encap::{encap_ipv4, encap_ipv6, set_macs},
     forward::finish,
     gue::encap_gue,
-    maps::{TUNNEL, config},
+    maps::config,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, L2, Verdict, parse_l4, ptr_at, read_addr6,
     },
     route::Selection,
     select::{Flow as _, cache_hit, table_hit},
+    too_big,
 };
 
 /// Returned by the fast path for a packet it leaves to the full path.
@@ -72,7 +74,7 @@ fn fast_ipv4(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     if !config.vip_filter.contains(vip_filter_bit_v4(dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }
-    if u16::from_be(frag_off) & IP_MF_OFFSET != 0 || near_mtu(tot_len, encap_overhead::GUE_V4) {
+    if u16::from_be(frag_off) & IP_MF_OFFSET != 0 {
         return None;
     }
     let (sport, dport) = ports(ctx, proto, ETH_HLEN + IPV4_HLEN, ETH_HLEN + tot_len)?;
@@ -108,9 +110,6 @@ fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
     if !config.vip_filter.contains(vip_filter_bit_v6(&dst)) {
         return Some(Err(Verdict::Pass(Counter::PassNotVip)));
     }
-    if near_mtu(l3_end - ETH_HLEN, encap_overhead::GUE_V6) {
-        return None;
-    }
     let (sport, dport) = ports(ctx, nexthdr, ETH_HLEN + IPV6_HLEN, l3_end)?;
     let flow = FlowV6 {
         // SAFETY: bounds checked by ptr_at.
@@ -128,18 +127,6 @@ fn fast_ipv6(ctx: &XdpContext, scratch: &mut MaybeUninit<Route>) -> Option<Resul
         None => table_hit(&flow, hash, config, scratch)?,
     };
     Some(send(ctx, ETH_P_IPV6, &selection, bytes, config))
-}
-
-/// Whether an IP packet of `l3_len` bytes might not fit the interfaces' MTU with the
-/// largest encapsulation of its family the fast path sends (`overhead`): then the full
-/// path decides exactly, and answers with ICMP "too big" if it does not fit.
-#[inline(always)]
-fn near_mtu(l3_len: usize, overhead: u32) -> bool {
-    match TUNNEL.get(0) {
-        // `mtu - 1` wraps for 0 (unknown): never near.
-        Some(t) => l3_len as u32 + overhead - 1 > t.mtu.wrapping_sub(1),
-        None => false,
-    }
 }
 
 /// Ports of a well-formed TCP (not SYN) or UDP header at `l4`; `None` for anything else.
@@ -168,6 +155,8 @@ fn send(
         proto,
         vlan_tci: None,
     };
+    // A packet that will not fit the MTU once encapsulated: the ICMP error in its place.
+    too_big::check(ctx, &l2, selection, bytes)?;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
     } else if route.vip_flags & vip_flags::GUE != 0 {

@@ -225,6 +225,27 @@ fn an_established_flows_large_packet_is_answered_too() {
     assert_eq!(action, XDP_TX);
     assert_eq!(hex(&out), hex(&expect_frag_needed(&big, 1480)));
     assert_eq!(counters, [("conntrack_hit", 1), ("icmp_too_big", 1)]);
+
+    // L2 DSR adds nothing: a full-size packet of a cached flow is forwarded.
+    for syn in [true, false] {
+        let p = tcp(mac, ip(CLIENT), 6001, ip("10.200.0.2"), 80, syn);
+        assert_eq!(lab.run(&p).action, XDP_TX);
+    }
+    let full = big_tcp(mac, CLIENT, "10.200.0.2", 6001, 1500, true);
+    let (action, out, counters) = run(&mut lab, &full);
+    assert_eq!((action, out.len()), (XDP_TX, full.len()));
+    assert_eq!(counters, [("conntrack_hit", 1), ("tx", 1)]);
+
+    // A cached GUE flow: told 1472.
+    for syn in [true, false] {
+        let p = tcp(mac, ip(CLIENT), 6002, ip(GUE_ADDR), 80, syn);
+        assert_eq!(lab.run(&p).action, XDP_TX);
+    }
+    let big = big_tcp(mac, CLIENT, GUE_ADDR, 6002, 1473, true);
+    let (action, out, counters) = run(&mut lab, &big);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(hex(&out), hex(&expect_frag_needed(&big, 1472)));
+    assert_eq!(counters, [("conntrack_hit", 1), ("icmp_too_big", 1)]);
 }
 
 #[test]
