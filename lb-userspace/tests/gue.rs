@@ -196,7 +196,7 @@ fn gue_outer_headers_are_consistent() {
     let mut lab = gue_lab();
     let mac = lab.lb_mac;
     for sport in 1000..1100u16 {
-        let p = udp_or_tcp(mac, sport);
+        let p = syn_or_ack(mac, sport);
         let out = lab.run(&p);
         assert_eq!(out.action, XDP_TX);
         let o = &out.packet;
@@ -210,8 +210,15 @@ fn gue_outer_headers_are_consistent() {
     }
 }
 
-fn udp_or_tcp(mac: [u8; 6], sport: u16) -> Vec<u8> {
-    tcp(mac, ip(CLIENT), sport, ip(GUE_ADDR), 80, sport % 2 == 0)
+fn syn_or_ack(mac: [u8; 6], sport: u16) -> Vec<u8> {
+    tcp(
+        mac,
+        ip(CLIENT),
+        sport,
+        ip(GUE_ADDR),
+        80,
+        sport.is_multiple_of(2),
+    )
 }
 
 /// The source port carries the flow's entropy: 200 flows use many ports, as a backend
