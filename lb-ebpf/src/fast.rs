@@ -161,7 +161,9 @@ fn send(
         set_macs(ctx, route)?;
     } else if route.vip_flags & vip_flags::GUE != 0 {
         cold_path();
-        encap_gue(ctx, &l2, selection, config)?;
+        // Mixed-family Routes are never cached: the packet's family is both.
+        let v6 = proto == ETH_P_IPV6;
+        encap_gue(ctx, &l2, selection, config, (v6, v6))?;
     } else if proto == ETH_P_IPV6 {
         encap_ipv6(ctx, &l2, selection, config)?;
     } else {

@@ -38,7 +38,9 @@ pub fn forward(
         chain::encap_chained(ctx, l2, sel, bytes, config)?;
     } else if route.vip_flags & vip_flags::GUE != 0 {
         cold_path();
-        crate::gue::encap_gue(ctx, l2, sel, config)?;
+        let flags = route.vip_flags;
+        let families = (flags & vip_flags::IPV6 != 0, crate::gue::outer_v6(flags));
+        crate::gue::encap_gue(ctx, l2, sel, config, families)?;
     } else if route.vip_flags & route_flags::MIXED_FAMILY != 0 {
         cold_path();
         crate::mixed::encap_4in6(ctx, l2, sel, config)?;

@@ -39,19 +39,21 @@ pub fn outer_v6(flags: u32) -> bool {
     flags & (vip_flags::IPV6 | route_flags::MIXED_FAMILY) != 0
 }
 
-/// Puts the client's packet in UDP to the backend's GUE port.
+/// Puts the client's packet (IPv6 if `inner_v6`) in UDP over IPv6 (`outer_v6`) or IPv4 to
+/// the backend's GUE port. The families are arguments so that the fast path, which knows
+/// them, carries only its own case.
 #[inline(always)]
 pub fn encap_gue(
     ctx: &XdpContext,
     l2: &L2,
     sel: &Selection,
     config: &GlobalConfig,
+    (inner_v6, outer_v6): (bool, bool),
 ) -> Result<(), Verdict> {
     let failed = Verdict::Drop(Counter::DropEncap);
     let dport = TUNNEL.get(0).ok_or(failed)?.gue_port;
-    let flags = sel.route.vip_flags;
     // The inner packet's traffic class and length.
-    let (tos, inner_len) = if flags & vip_flags::IPV6 != 0 {
+    let (tos, inner_len) = if inner_v6 {
         let inner: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(failed)?;
         // SAFETY: bounds checked by ptr_at.
         let (vtc_flow, payload) = unsafe { ((*inner).vtc_flow, (*inner).payload_len) };
@@ -65,7 +67,7 @@ pub fn encap_gue(
         unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) }
     };
     let udp_len = inner_len.wrapping_add(UDP_HLEN as u16);
-    let udp_off = if outer_v6(flags) {
+    let udp_off = if outer_v6 {
         let vtc_flow = (6 << 28) | ((tos as u32) << 20) | (sel.hash & 0x000F_FFFF);
         push_outer6(ctx, l2, sel, config, vtc_flow, udp_len, PROTO_UDP, UDP_HLEN)?;
         l2.l3_off + IPV6_HLEN

@@ -16,6 +16,7 @@
 use core::hint::cold_path;
 
 use aya_ebpf::{
+    bindings::xdp_md,
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -70,33 +71,67 @@ fn overhead(sel: &Selection) -> u32 {
     }
 }
 
+/// The most any Route adds: a chained IPv6 packet's two headers.
+const MAX_OVERHEAD: u32 = 2 * encap_overhead::IPV6;
+
 /// `Ok` if the packet (`bytes` long, IP header at `l2.l3_off`) fits the interfaces' MTU
 /// once encapsulated along `sel`; else the verdict for it: the ICMP error in its place
-/// (`Verdict::Tx`), or a drop.
+/// (`Verdict::Tx`), or a drop. Inlined where packets are sent, the fast path included, so
+/// it costs those one map read and one compare: a packet below the MTU by more than any
+/// encapsulation adds fits whatever its Route (an unknown MTU, 0, wraps to the largest);
+/// the rest is decided, and answered, out of line.
 #[inline(always)]
 pub fn check(ctx: &XdpContext, l2: &L2, sel: &Selection, bytes: u64) -> Result<(), Verdict> {
     let Some(tunnel) = TUNNEL.get(0) else {
         return Ok(());
     };
-    let mtu = tunnel.mtu;
-    let overhead = overhead(sel);
     let l3_len = bytes as u32 - l2.l3_off as u32;
-    if mtu == 0 || l3_len + overhead <= mtu {
+    if l3_len + MAX_OVERHEAD - 1 <= tunnel.mtu.wrapping_sub(1) {
         return Ok(());
     }
     cold_path();
-    let allowed = mtu.saturating_sub(overhead);
-    Err(if sel.route.vip_flags & vip_flags::IPV6 != 0 {
-        too_big_v6(ctx, l2, l3_len, allowed)
-    } else {
-        frag_needed_v4(ctx, l2, l3_len, allowed)
+    let overhead = overhead(sel);
+    let mtu = tunnel.mtu;
+    if l3_len + overhead <= mtu {
+        return Ok(());
+    }
+    let v6 = sel.route.vip_flags & vip_flags::IPV6 != 0;
+    let answer = answer(ctx.ctx, l2.l3_off, l3_len, mtu.saturating_sub(overhead), v6);
+    Err(match answer {
+        ANSWERED => Verdict::Tx(Counter::IcmpTooBig),
+        LIMITED => Verdict::Drop(Counter::IcmpTooBigLimited),
+        _ => Verdict::Drop(Counter::DropTooBig),
     })
 }
 
-/// Grows the packet by `grow` bytes in front and moves the L2 header (and its VLAN tag)
-/// there with the MACs swapped: the answer goes back where the packet came from.
+const ANSWERED: u32 = 0;
+const LIMITED: u32 = 1;
+const NOT_ANSWERED: u32 = 2;
+
+/// Turns the packet (IP header at `l3_off`, `l3_len` bytes) into its ICMP error with MTU
+/// `allowed`: `ANSWERED`, `LIMITED` (over the rate) or `NOT_ANSWERED`. A BPF subprogram
+/// of its own, so that its code stays out of the fast path's way; plain scalars only
+/// cross the call.
+#[inline(never)]
+fn answer(ctx: *mut xdp_md, l3_off: usize, l3_len: u32, allowed: u32, v6: bool) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let verdict = if v6 {
+        too_big_v6(&ctx, l3_off, l3_len, allowed)
+    } else {
+        frag_needed_v4(&ctx, l3_off, l3_len, allowed)
+    };
+    match verdict {
+        Verdict::Tx(_) => ANSWERED,
+        Verdict::Drop(Counter::IcmpTooBigLimited) => LIMITED,
+        _ => NOT_ANSWERED,
+    }
+}
+
+/// Grows the packet by `grow` bytes in front and moves the L2 header (and its VLAN tag,
+/// when the IP header is at `l3` > 14) there with the MACs swapped: the answer goes back
+/// where the packet came from.
 #[inline(always)]
-fn turn_around(ctx: &XdpContext, l2: &L2, grow: usize) -> Option<()> {
+fn turn_around(ctx: &XdpContext, l3: usize, grow: usize) -> Option<()> {
     // SAFETY: the helper only moves data; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return None;
@@ -113,7 +148,7 @@ fn turn_around(ctx: &XdpContext, l2: &L2, grow: usize) -> Option<()> {
         }
         *new.add(6) = *old.add(6);
     }
-    if l2.l3_off > ETH_HLEN {
+    if l3 > ETH_HLEN {
         let new: *mut [u16; 2] = ptr_at(ctx, ETH_HLEN)?;
         let old: *const [u16; 2] = ptr_at(ctx, grow + ETH_HLEN)?;
         // SAFETY: as above.
@@ -148,9 +183,9 @@ fn fold(sum: u32) -> u16 {
 
 /// ICMP "fragmentation needed" with next-hop MTU `allowed`, in place of the IPv4 packet.
 #[inline(always)]
-fn frag_needed_v4(ctx: &XdpContext, l2: &L2, l3_len: u32, allowed: u32) -> Verdict {
+fn frag_needed_v4(ctx: &XdpContext, l3: usize, l3_len: u32, allowed: u32) -> Verdict {
     let failed = Verdict::Drop(Counter::DropTooBig);
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return failed;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -163,8 +198,7 @@ fn frag_needed_v4(ctx: &XdpContext, l2: &L2, l3_len: u32, allowed: u32) -> Verdi
         return Verdict::Drop(Counter::IcmpTooBigLimited);
     }
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
-    let l3 = l2.l3_off;
-    if turn_around(ctx, l2, GROW).is_none() || cut(ctx, l3_len - QUOTE_V4 as u32).is_none() {
+    if turn_around(ctx, l3, GROW).is_none() || cut(ctx, l3_len - QUOTE_V4 as u32).is_none() {
         return failed;
     }
     let (Some(ip), Some(icmp)) = (
@@ -194,9 +228,9 @@ fn frag_needed_v4(ctx: &XdpContext, l2: &L2, l3_len: u32, allowed: u32) -> Verdi
 
 /// ICMPv6 "packet too big" with MTU `allowed`, in place of the IPv6 packet.
 #[inline(always)]
-fn too_big_v6(ctx: &XdpContext, l2: &L2, l3_len: u32, allowed: u32) -> Verdict {
+fn too_big_v6(ctx: &XdpContext, l3: usize, l3_len: u32, allowed: u32) -> Verdict {
     let failed = Verdict::Drop(Counter::DropTooBig);
-    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
         return failed;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -209,8 +243,7 @@ fn too_big_v6(ctx: &XdpContext, l2: &L2, l3_len: u32, allowed: u32) -> Verdict {
     }
     const GROW: usize = IPV6_HLEN + ICMP_HLEN;
     const MESSAGE: usize = ICMP_HLEN + QUOTE_V6;
-    let l3 = l2.l3_off;
-    if turn_around(ctx, l2, GROW).is_none() || cut(ctx, l3_len - QUOTE_V6 as u32).is_none() {
+    if turn_around(ctx, l3, GROW).is_none() || cut(ctx, l3_len - QUOTE_V6 as u32).is_none() {
         return failed;
     }
     let (Some(ip), Some(icmp)) = (

@@ -768,8 +768,15 @@ impl Dataplane {
             .collect()
     }
 
+    /// One counter, read alone (so it also reads an older object's smaller `STATS`).
     pub fn counter(&self, counter: Counter) -> Result<u64> {
-        Ok(self.counters()?[counter as usize])
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
+        Ok(map
+            .get(&(counter as u32), 0)
+            .map_err(map_err(names::STATS))?
+            .iter()
+            .sum())
     }
 
     /// Zeroes the per-CPU traffic counters of Vip (`vip`) or Backend `id`: an id given to

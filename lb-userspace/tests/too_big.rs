@@ -274,49 +274,66 @@ fn too_big_errors_stop_at_the_rate() {
 
 /// Path MTU discovery through the load balancer, for real: the client and the load
 /// balancer's link have MTU 1500, so the client's full-size segments (1500 bytes) do not
-/// fit once encapsulated (1520). The load balancer tells it so; the client's kernel lowers
-/// its path MTU to the Vip, and a 20 kB line is echoed back whole. Without the error the
-/// segments would vanish and the exchange time out.
+/// fit once encapsulated (1520 in IPIP, 1540 in IPv6-in-IPv6). The load balancer tells it
+/// so; the client's kernel lowers its path MTU to the Vip, and a 20 kB line is echoed
+/// back whole, in both families. Without the error the segments would vanish and the
+/// exchange time out.
 #[test]
 fn a_clients_tcp_connection_learns_the_path_mtu_and_completes() {
     let mut bed = DaemonBed::new(2);
     for (netns, dev) in [(&bed.bed.lb.netns, "eth0"), (&bed.bed.switch, "p-lb")] {
         netns.ip(&["link", "set", dev, "mtu", "1500"]).unwrap();
     }
-    let vips = "  - { address: 10.200.0.1, port: 80, protocol: tcp, pool: web }\n";
-    let pools = bed.pool_yaml("web", &[(1, 1), (2, 1)], "");
+    let vips = "  - { address: 10.200.0.1, port: 80, protocol: tcp, pool: web }\n\
+                \x20 - { address: \"fd00:200::1\", port: 80, protocol: tcp, pool: web6 }\n";
+    let mut pools = bed.pool_yaml("web", &[(1, 1), (2, 1)], "");
+    pools += "  web6:\n    backends:\n";
+    for (i, b) in bed.bed.backends.iter().enumerate() {
+        pools += &format!(
+            "      - address: {}\n        name: be{}-6\n",
+            b.addr6,
+            i + 1
+        );
+    }
     bed.write_config(&bed.config_yaml(vips, &pools));
     bed.start_daemon();
     let line: String = (0..20_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
-    let (echo, pmtu) = bed
-        .bed
-        .client
-        .netns
-        .enter(|| {
-            let (mut stream, name) = connect(bed.vip(80));
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            writeln!(stream, "{line}").unwrap();
-            let mut echo = String::new();
-            BufReader::new(&stream).read_line(&mut echo).unwrap();
-            let pmtu = std::process::Command::new("ip")
-                .args(["route", "get", "10.200.0.1"])
-                .output()
-                .unwrap();
-            (
-                echo.trim().strip_prefix(&format!("{name} ")).map(str::len),
-                String::from_utf8_lossy(&pmtu.stdout).into_owned(),
-            )
-        })
-        .unwrap();
-    assert_eq!(echo, Some(line.len()), "the whole line came back");
-    assert!(
-        pmtu.contains("mtu 1480"),
-        "the client learnt the path MTU: {pmtu}"
-    );
+    for (vip, want_mtu) in [("10.200.0.1", "mtu 1480"), ("fd00:200::1", "mtu 1460")] {
+        let addr = std::net::SocketAddr::new(ip(vip), 80);
+        let (echo, pmtu) = bed
+            .bed
+            .client
+            .netns
+            .enter(|| {
+                let (mut stream, name) = connect(addr);
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                writeln!(stream, "{line}").unwrap();
+                let mut echo = String::new();
+                let read = BufReader::new(&stream).read_line(&mut echo);
+                let pmtu = std::process::Command::new("ip")
+                    .args(["route", "get", vip])
+                    .output()
+                    .unwrap();
+                (
+                    read.map(|_| echo.trim().strip_prefix(&format!("{name} ")).map(str::len)),
+                    String::from_utf8_lossy(&pmtu.stdout).into_owned(),
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            echo.map_err(|e| e.kind()),
+            Ok(Some(line.len())),
+            "{vip}: the whole line came back"
+        );
+        assert!(
+            pmtu.contains(want_mtu),
+            "{vip}: the client learnt the path MTU: {pmtu}"
+        );
+    }
     let status = bed.status_text();
     assert!(status.contains("icmp_too_big"), "{status}");
 }
