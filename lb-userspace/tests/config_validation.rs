@@ -97,6 +97,14 @@ const BROKEN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "gue_options.yaml",
+        &[
+            "gue_options.yaml:2:13: invalid gue_port \"0\" in global: expected an integer from 1 to 65535",
+            "gue_options.yaml:6:14: vip \"[fd00:200::1]:80/tcp\" is IPv6 but pool \"web\" has IPv4 backend 10.100.0.11 (line 19): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "gue_options.yaml:14:17: invalid forwarding \"geu\" in vip: expected ipip, l2_dsr or gue; did you mean \"gue\"?",
+        ],
+    ),
+    (
         "hash_modes.yaml",
         &[
             "hash_modes.yaml:8:11: vip \"10.200.0.1:80/tcp\" has port 80: hash dport would send every flow to one backend; it is for any-port vips (port 0)",
@@ -480,6 +488,23 @@ fn auto_table_size_grows_with_the_pool() {
     let config = parse_ok(&text);
     assert_eq!(config.vips[0].table_size, 131_071);
     assert!(config.vips[0].table_size_auto);
+}
+
+#[test]
+fn gue_forwarding_and_its_port() {
+    let text = format!(
+        "global:\n  gue_port: 5555\n{}    forwarding: gue\npools:\n  web:\n    backends:\n      - address: fd00:100::11\n",
+        ONE_VIP
+    );
+    let config = parse_ok(&text);
+    assert_eq!(config.global.gue_port, 5555);
+    assert_eq!(config.vips[0].forwarding, Forwarding::Gue);
+    // An IPv4 Vip may have IPv6 backends in GUE (IPv4 in UDP over IPv6).
+    assert_eq!(
+        config.vips[0].flags() & lb_common::consts::vip_flags::GUE,
+        lb_common::consts::vip_flags::GUE
+    );
+    assert!(describe(&config).contains("gue"), "{}", describe(&config));
 }
 
 #[test]
