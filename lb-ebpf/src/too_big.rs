@@ -8,8 +8,8 @@
 //! client may use (the interface's less the encapsulation), then the start of the
 //! client's packet, cut to a fixed length (a fixed length keeps the checksum one helper
 //! call): 68 bytes in IPv4 (RFC 792's IP header and 64 bits of data, with the longest IP
-//! options), 200 in IPv6 (as Katran; RFC 4443 asks for as much as fits in 1280 bytes, which
-//! the receiver needs only 48 of). IPv4 packets without DF are dropped and counted: XDP
+//! options), 200 in IPv6 (RFC 4443 asks for as much as fits in 1280 bytes, of which the
+//! receiver needs 48). IPv4 packets without DF are dropped and counted: XDP
 //! cannot fragment them. No error answers an ICMP error. Rate-limited per CPU
 //! (`icmp_rate_slots::TOO_BIG`, `global.icmp_rate`).
 
