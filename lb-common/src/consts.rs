@@ -91,8 +91,10 @@ pub const DEFAULT_ICMP_RATE: u32 = 1000;
 pub mod icmp_rate_slots {
     /// Echo replies for Vip addresses.
     pub const ECHO: u32 = 0;
+    /// "Fragmentation needed" / "packet too big" to clients (`too_big.rs`).
+    pub const TOO_BIG: u32 = 1;
     /// Number of slots.
-    pub const COUNT: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// `VipState::flags` bits.
@@ -114,6 +116,24 @@ pub mod vip_flags {
     /// Fragments are tracked (`fragments: track`): the first one's ports are remembered
     /// by (source, destination, IP id, protocol), and later ones follow it.
     pub const FRAGMENTS_TRACK: u32 = 1 << 6;
+    /// Forward in UDP (`forwarding: gue`): outer IP and UDP headers, the client's packet
+    /// right after the UDP header (GUE variant 1, as the kernel's `fou` and Katran).
+    pub const GUE: u32 = 1 << 7;
+}
+
+/// Default `global.gue_port`: the UDP destination port of GUE packets. Katran's and
+/// GLB's examples use it, so backends set up for them (`ip fou add port 6080 …`) work as
+/// they are; IANA assigns no port to GUE.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+/// Bytes each forwarding mode puts in front of the client's IP packet.
+pub mod encap_overhead {
+    pub const IPIP: u32 = 20;
+    pub const IPV6: u32 = 40;
+    /// Outer IPv4 and UDP.
+    pub const GUE_V4: u32 = 28;
+    /// Outer IPv6 and UDP.
+    pub const GUE_V6: u32 = 48;
 }
 
 /// Bits the data plane adds to `Route::vip_flags` (never set in `VipState::flags`).
@@ -221,6 +241,14 @@ counters! {
         /// A later fragment whose first fragment was not seen (lost, reordered, or its entry
         /// evicted): dropped.
         DropFragmentUnknown => "drop_fragment_unknown",
+        /// A packet that would not fit the interface's MTU once encapsulated, answered with
+        /// ICMP "fragmentation needed" (IPv4 with DF) / ICMPv6 "packet too big" (XDP_TX).
+        IcmpTooBig => "icmp_too_big",
+        /// Too big, over this CPU's budget of those ICMP messages: dropped.
+        IcmpTooBigLimited => "icmp_too_big_limited",
+        /// Too big and not answered: IPv4 without DF (XDP cannot fragment) or an ICMP
+        /// error itself (never answered with another): dropped.
+        DropTooBig => "drop_too_big",
     }
 }
 
@@ -273,6 +301,7 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const NEXT_PROGRAMS: &str = "NEXT_PROGRAMS";
     pub const NEXT_SLOTS: &str = "NEXT_SLOTS";
+    pub const TUNNEL: &str = "TUNNEL";
 }
 
 /// Program names in the eBPF object.

@@ -248,6 +248,22 @@ pub struct DecapConfig {
     pub v6_count: u32,
 }
 
+/// Value of `TUNNEL` (one entry): what encapsulation needs beyond `GlobalConfig`, in a
+/// map of its own so that no pinned map's layout changes with it. On backends `lb_decap`
+/// reads `gue_port` from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// The smallest MTU of the interfaces the program is attached to, as the daemon last
+    /// read it: a packet whose IP packet would outgrow it once encapsulated is answered
+    /// with ICMP "too big". 0 = unknown, no check.
+    pub mtu: u32,
+    /// UDP destination port of GUE packets, network byte order (0 on a backend: GUE is
+    /// not taken off).
+    pub gue_port: u16,
+    pub _pad: u16,
+}
+
 /// Key of the `FRAGMENTS` LRU map: one fragmented datagram, as every fragment of it
 /// carries it. Network byte order; IPv4 addresses in word 0.
 #[repr(C)]
@@ -312,6 +328,7 @@ const _: () = {
     assert!(size_of::<FlowCacheV6>() == 104);
     assert!(size_of::<TrafficCounters>() == 16);
     assert!(size_of::<DecapConfig>() == 8 + 8 * 8 + 32 * 8);
+    assert!(size_of::<TunnelConfig>() == 8);
     assert!(size_of::<IcmpRate>() == 16);
     assert!(size_of::<FragmentKey>() == 40);
     assert!(size_of::<FragmentPorts>() == 4);
@@ -339,4 +356,5 @@ mod pod {
     unsafe impl aya::Pod for IcmpRate {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for TunnelConfig {}
 }

@@ -1,6 +1,7 @@
-//! `lb_decap`, for backends: strips the outer IPIP / IPv6-in-IPv6 header a load balancer
-//! added and hands the client's packet to the kernel. (The kernel this project targets has
-//! no IPIP module, so backends need this.)
+//! `lb_decap`, for backends: strips the outer IPIP / IPv6-in-IPv6 header (or the outer IP
+//! and UDP headers of GUE, to `TUNNEL`'s port) a load balancer added and hands the
+//! client's packet to the kernel. (The kernel this project targets has no IPIP or FOU
+//! module, so backends need this.)
 //!
 //! - Only load balancers may send encapsulated packets: an outer source outside
 //!   `DECAP_CONFIG`'s prefixes is dropped and counted (with none configured, every
@@ -23,15 +24,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    consts::{DECAP_PREFIXES, DecapCounter, PROTO_IPIP, PROTO_IPV6, PROTO_TCP},
+    consts::{DECAP_PREFIXES, DecapCounter, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP},
     types::DecapConfig,
 };
 
 use crate::{
-    maps::{DECAP_CONFIG, DECAP_STATS, FIB_SCRATCH},
+    gue::UDP_HLEN,
+    maps::{DECAP_CONFIG, DECAP_STATS, FIB_SCRATCH, TUNNEL},
     parse::{
         ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_FLAG_SYN, TcpHdr,
-        VlanHdr, parse_l2, ptr_at, read_addr6,
+        UdpHdr, VlanHdr, parse_l2, ptr_at, read_addr6,
     },
     route::fib_lookup_to,
 };
@@ -132,10 +134,71 @@ fn from_lb_v6(c: &DecapConfig, src: &[u32; 4]) -> bool {
     false
 }
 
+/// The EtherType of the GUE payload at `off` (GUE variant 1: the IP version in the first
+/// nibble), if the UDP header before it (at `off - 8`) is to the GUE port.
+#[inline(always)]
+fn gue_at(ctx: &XdpContext, off: usize) -> Option<u16> {
+    let udp: *const UdpHdr = ptr_at(ctx, off - UDP_HLEN)?;
+    let port = TUNNEL.get(0)?.gue_port;
+    // SAFETY: bounds checked by ptr_at.
+    if port == 0 || unsafe { (*udp).dport } != port {
+        return None;
+    }
+    let version: *const u8 = ptr_at(ctx, off)?;
+    // SAFETY: as above.
+    match unsafe { *version } >> 4 {
+        4 => Some(ETH_P_IP),
+        6 => Some(ETH_P_IPV6),
+        _ => None,
+    }
+}
+
+/// GUE over IPv4 (the outer header at `l2.l3_off` carries UDP): from a load balancer, to
+/// the GUE port, it is delivered as the packet inside; anything else is not ours.
+#[inline(always)]
+fn decap_gue_v4(ctx: &XdpContext, l2: &Outer) -> u32 {
+    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (vihl, proto, src) = unsafe { ((*outer).vihl, (*outer).proto, (*outer).src) };
+    if vihl != 0x45 || proto != PROTO_UDP {
+        return xdp_action::XDP_PASS;
+    }
+    const LEN: usize = IPV4_HLEN + UDP_HLEN;
+    let Some(inner) = gue_at(ctx, l2.l3_off + LEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !load_balancers().is_some_and(|lbs| from_lb_v4(lbs, src)) {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    }
+    deliver(ctx, l2, LEN, inner, DecapCounter::Delivered)
+}
+
+/// GUE over IPv6, as `decap_gue_v4`.
+#[inline(always)]
+fn decap_gue_v6(ctx: &XdpContext, l2: &Outer) -> u32 {
+    let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    const LEN: usize = IPV6_HLEN + UDP_HLEN;
+    let Some(inner) = gue_at(ctx, l2.l3_off + LEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let src = unsafe { read_addr6(&(*outer).src) };
+    if !load_balancers().is_some_and(|lbs| from_lb_v6(lbs, &src)) {
+        count(DecapCounter::DropSource);
+        return xdp_action::XDP_DROP;
+    }
+    deliver(ctx, l2, LEN, inner, DecapCounter::Delivered)
+}
+
 #[inline(always)]
 fn decap_ipv4(ctx: &XdpContext, l2: &Outer) -> u32 {
     let Some(outer) = ipip_at(ctx, l2.l3_off) else {
-        return xdp_action::XDP_PASS;
+        return decap_gue_v4(ctx, l2);
     };
     let Some(lbs) = load_balancers() else {
         count(DecapCounter::DropSource);
@@ -206,8 +269,10 @@ fn decap_4in6(ctx: &XdpContext, l2: &Outer) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*outer).nexthdr } != PROTO_IPIP {
-        return xdp_action::XDP_PASS;
+    match unsafe { (*outer).nexthdr } {
+        PROTO_IPIP => {}
+        PROTO_UDP => return decap_gue_v6(ctx, l2),
+        _ => return xdp_action::XDP_PASS,
     }
     let Some(lbs) = load_balancers() else {
         count(DecapCounter::DropSource);

@@ -115,12 +115,16 @@ pub fn encap_ipv6(
     // Keep the traffic class, take the flow label from the flow hash.
     let vtc_flow = (u32::from_be(vtc_flow) & 0xFFF0_0000) | (sel.hash & 0x000F_FFFF);
     let payload_len = inner_payload + IPV6_HLEN as u16;
-    push_outer6(ctx, l2, sel, config, vtc_flow, payload_len, PROTO_IPV6)
+    push_outer6(ctx, l2, sel, config, vtc_flow, payload_len, PROTO_IPV6, 0)
 }
 
-/// Grows the packet and writes an outer IPv6 header (`vtc_flow` in host order) from the
-/// RSS-spreading source (the base with its last word xor-ed with the flow hash) to the
-/// backend, in front of the client's packet.
+/// Grows the packet by an outer IPv6 header and `extra` bytes after it (for the caller to
+/// fill), and writes the header (`vtc_flow` in host order) from the RSS-spreading source
+/// (the base with its last word xor-ed with the flow hash) to the backend.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; constants at every call"
+)]
 #[inline(always)]
 pub(crate) fn push_outer6(
     ctx: &XdpContext,
@@ -130,10 +134,11 @@ pub(crate) fn push_outer6(
     vtc_flow: u32,
     payload_len: u16,
     nexthdr: u8,
+    extra: usize,
 ) -> Result<(), Verdict> {
     let base = &config.encap_src6_base;
     let src = [base[0], base[1], base[2], base[3] ^ sel.hash];
-    push_l2(ctx, l2, sel.route, IPV6_HLEN, ETH_P_IPV6)?;
+    push_l2(ctx, l2, sel.route, IPV6_HLEN + extra, ETH_P_IPV6)?;
     let outer: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Verdict::Drop(Counter::DropEncap))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -152,6 +157,12 @@ pub(crate) fn push_outer6(
 /// An outer IPIP header (fields in network order), checksum included.
 #[inline(always)]
 pub fn ipip_header(tos: u8, tot_len: u16, src: u32, dst: u32) -> Ipv4Hdr {
+    outer_ipv4(tos, tot_len, src, dst, PROTO_IPIP)
+}
+
+/// An outer IPv4 header carrying `proto` (fields in network order), checksum included.
+#[inline(always)]
+pub fn outer_ipv4(tos: u8, tot_len: u16, src: u32, dst: u32, proto: u8) -> Ipv4Hdr {
     Ipv4Hdr {
         vihl: 0x45,
         tos,
@@ -159,8 +170,8 @@ pub fn ipip_header(tos: u8, tot_len: u16, src: u32, dst: u32) -> Ipv4Hdr {
         id: 0,
         frag_off: 0,
         ttl: OUTER_TTL,
-        proto: PROTO_IPIP,
-        check: ipv4_checksum(tos, tot_len, src, dst),
+        proto,
+        check: ipv4_checksum(tos, tot_len, src, dst, proto),
         src,
         dst,
     }
@@ -171,9 +182,9 @@ pub fn ipip_header(tos: u8, tot_len: u16, src: u32, dst: u32) -> Ipv4Hdr {
 /// stores of other widths stalls store forwarding. Fields are as stored (network order);
 /// the one's-complement sum of 16-bit words is the same in either byte order.
 #[inline(always)]
-pub fn ipv4_checksum(tos: u8, tot_len_be: u16, src_be: u32, dst_be: u32) -> u16 {
+pub fn ipv4_checksum(tos: u8, tot_len_be: u16, src_be: u32, dst_be: u32, proto: u8) -> u16 {
     let first = u16::from_ne_bytes([0x45, tos]) as u32;
-    let ttl_proto = u16::from_ne_bytes([OUTER_TTL, PROTO_IPIP]) as u32;
+    let ttl_proto = u16::from_ne_bytes([OUTER_TTL, proto]) as u32;
     let mut sum = first
         + tot_len_be as u32
         + ttl_proto

@@ -5,9 +5,10 @@
 //! (measured: 552 of 512 bytes). Anything else — a SYN, an unknown flow, a re-steer, a
 //! VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — is
 //! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
-//! decides exactly as if this path did not exist.
+//! decides exactly as if this path did not exist. A packet that would not fit the MTU
+//! once encapsulated is answered here with the ICMP error, as the full path does.
 
-use core::mem::MaybeUninit;
+use core::{hint::cold_path, mem::MaybeUninit};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
@@ -19,6 +20,7 @@ use lb_common::{
 use crate::{
     encap::{encap_ipv4, encap_ipv6, set_macs},
     forward::finish,
+    gue::encap_gue,
     maps::config,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
@@ -26,6 +28,7 @@ use crate::{
     },
     route::Selection,
     select::{Flow as _, cache_hit, table_hit},
+    too_big,
 };
 
 /// Returned by the fast path for a packet it leaves to the full path.
@@ -152,8 +155,15 @@ fn send(
         proto,
         vlan_tci: None,
     };
+    // A packet that will not fit the MTU once encapsulated: the ICMP error in its place.
+    too_big::check(ctx, &l2, selection, bytes)?;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
+    } else if route.vip_flags & vip_flags::GUE != 0 {
+        cold_path();
+        // Mixed-family Routes are never cached: the packet's family is both.
+        let v6 = proto == ETH_P_IPV6;
+        encap_gue(ctx, &l2, selection, config, (v6, v6))?;
     } else if proto == ETH_P_IPV6 {
         encap_ipv6(ctx, &l2, selection, config)?;
     } else {

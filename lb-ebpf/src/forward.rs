@@ -1,6 +1,7 @@
 //! Sending a packet to its backend, the last step of `parse → select → route → forward`:
-//! the encapsulation its Route asks for (`encap`, or `chain`'s two headers, or `mixed`'s
-//! IPv4-in-IPv6), then XDP_TX or XDP_REDIRECT.
+//! the encapsulation its Route asks for (`encap`, or `chain`'s two headers, `gue`'s UDP, or
+//! `mixed`'s IPv4-in-IPv6), then XDP_TX or XDP_REDIRECT; or, if it would not fit the MTU
+//! once encapsulated, the ICMP error in its place (`too_big`).
 
 use core::hint::cold_path;
 
@@ -16,6 +17,7 @@ use crate::{
     parse::{L2, Verdict},
     route::Selection,
     stats::{count, count_forwarded},
+    too_big,
 };
 
 /// Forwards the packet along `sel`'s Route; `bytes` is what the client sent.
@@ -28,11 +30,17 @@ pub fn forward(
     config: &GlobalConfig,
 ) -> Result<u32, Verdict> {
     let route = sel.route;
+    too_big::check(ctx, l2, sel, bytes)?;
     if route.vip_flags & vip_flags::L2_DSR != 0 {
         set_macs(ctx, route)?;
     } else if sel.previous != EMPTY_BACKEND {
         cold_path();
         chain::encap_chained(ctx, l2, sel, bytes, config)?;
+    } else if route.vip_flags & vip_flags::GUE != 0 {
+        cold_path();
+        let flags = route.vip_flags;
+        let families = (flags & vip_flags::IPV6 != 0, crate::gue::outer_v6(flags));
+        crate::gue::encap_gue(ctx, l2, sel, config, families)?;
     } else if route.vip_flags & route_flags::MIXED_FAMILY != 0 {
         cold_path();
         crate::mixed::encap_4in6(ctx, l2, sel, config)?;

@@ -11,6 +11,7 @@ mod encap;
 mod fast;
 mod forward;
 mod fragments;
+mod gue;
 mod icmp;
 mod icmp_echo;
 mod maps;
@@ -20,6 +21,7 @@ mod parse;
 mod route;
 mod select;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use core::mem::MaybeUninit;

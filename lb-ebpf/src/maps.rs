@@ -16,7 +16,8 @@ use lb_common::{
     },
     types::{
         Backend, ConntrackBucket, DecapConfig, FlowCacheV4, FlowCacheV6, FragmentKey,
-        FragmentPorts, GlobalConfig, IcmpRate, NextHop, TrafficCounters, VipAddr, VipKey, VipState,
+        FragmentPorts, GlobalConfig, IcmpRate, NextHop, TrafficCounters, TunnelConfig, VipAddr,
+        VipKey, VipState,
     },
 };
 
@@ -152,3 +153,8 @@ pub static NEXT_PROGRAMS: ProgramArray<{ NEXT_PROGRAM_SLOTS as usize }> = Progra
 /// Interface index to its `NEXT_PROGRAMS` slot, for the interfaces that have a next program.
 #[btf_map]
 pub static NEXT_SLOTS: HashMap<u32, u32, { NEXT_PROGRAM_SLOTS as usize }> = HashMap::new();
+
+/// The GUE destination port and the largest frame the interfaces send (one entry): read by
+/// GUE packets and by packets large enough to be near the MTU.
+#[btf_map]
+pub static TUNNEL: Array<TunnelConfig, 1> = Array::new();

@@ -27,5 +27,5 @@ pub fn encap_4in6(
     // SAFETY: bounds checked by ptr_at.
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be((*inner).tot_len)) };
     let vtc_flow = (6 << 28) | ((tos as u32) << 20) | (sel.hash & 0x000F_FFFF);
-    push_outer6(ctx, l2, sel, config, vtc_flow, inner_len, PROTO_IPIP)
+    push_outer6(ctx, l2, sel, config, vtc_flow, inner_len, PROTO_IPIP, 0)
 }

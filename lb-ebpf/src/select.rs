@@ -564,11 +564,12 @@ fn from_table<'a, F: Flow>(
         vip_generation: vip.generation,
     };
     // Second chance: only a TCP packet that is not a SYN can belong to a connection that
-    // started under the previous table; L2 DSR has no header to carry the previous hop.
+    // started under the previous table; L2 DSR has no header to carry the previous hop,
+    // and GUE Vips are not chained (`lb_decap` chains by IPIP headers only).
     let previous = if pkt.syn
         || pkt.icmp_error
         || pkt.flow.proto() != PROTO_TCP
-        || vip.flags & vip_flags::L2_DSR != 0
+        || vip.flags & (vip_flags::L2_DSR | vip_flags::GUE) != 0
     {
         EMPTY_BACKEND
     } else {

@@ -280,11 +280,10 @@ impl Lab {
                 )
                 .unwrap();
         }
-        if let Err(e) = self
-            .dataplane
-            .set_icmp_rate(icmp_rate_slots::ECHO, ICMP_RATE)
-        {
-            assert!(self.other_object, "{e}");
+        for slot in [icmp_rate_slots::ECHO, icmp_rate_slots::TOO_BIG] {
+            if let Err(e) = self.dataplane.set_icmp_rate(slot, ICMP_RATE) {
+                assert!(self.other_object, "{e}");
+            }
         }
         let mut addr_flags: HashMap<IpAddr, u32> = HashMap::new();
         let no_echo: IpAddr = NO_ECHO_ADDR.parse().unwrap();
@@ -333,6 +332,33 @@ impl Lab {
                 )
                 .unwrap();
         }
+    }
+
+    /// Adds Vip `vip` (a free id below `max_vips`) to the data plane: its address (ICMP
+    /// echo on), the pre-filter, its table and state. For tests of options the shared
+    /// fixture Vips leave out.
+    pub fn add_vip(&mut self, vip: LabVip) {
+        let mut addrs: Vec<IpAddr> = self.vips.iter().map(|v| v.addr).collect();
+        addrs.push(vip.addr);
+        self.dataplane.set_vip_filter(addrs).unwrap();
+        if !self.vips.iter().any(|v| v.addr == vip.addr) {
+            self.dataplane
+                .set_vip_addr(
+                    vip.addr,
+                    Some(VipAddr {
+                        flags: vip_addr_flags::ICMP_ECHO,
+                    }),
+                )
+                .unwrap();
+        }
+        self.set_table(vip.id, &vip.backends.clone());
+        let key = vip_key(vip.addr, vip.port, vip.proto);
+        let state = VipState {
+            flags: vip.flags | vip_flags::ACTIVE,
+            generation: 1,
+        };
+        self.dataplane.set_vip(vip.id, &key, &state).unwrap();
+        self.vips.push(vip);
     }
 
     /// Builds and installs Vip `id`'s table from the given backend ids.

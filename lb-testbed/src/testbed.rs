@@ -182,6 +182,14 @@ pub fn backend_decap(dataplane: &mut Dataplane, switch: &Netns, backend: &Host) 
     let (v6, len6) = lb_userspace::config::DEFAULT_ENCAP_SOURCE_V6;
     dataplane
         .set_decap_sources(&[(v4.into(), len4), (v6.into(), len6)])
+        .map_err(io::Error::other)?;
+    // GUE on the default port too (the load balancer's own writes, when it shares this
+    // object, say the same).
+    dataplane
+        .set_tunnel(&lb_common::types::TunnelConfig {
+            gue_port: lb_common::consts::DEFAULT_GUE_PORT.to_be(),
+            ..Default::default()
+        })
         .map_err(io::Error::other)
 }
 

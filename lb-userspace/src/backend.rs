@@ -1,5 +1,5 @@
 //! `mlb backend`: what a backend host runs. `lb_decap` on its NIC strips the outer IPIP /
-//! IPv6-in-IPv6 header the load balancers add, accepts encapsulated packets only from the
+//! IPv6-in-IPv6 header (or IP and UDP, for GUE) the load balancers add, accepts encapsulated packets only from the
 //! load balancers' source prefixes, and makes second chance's decision for chained
 //! packets (deliver here, or send on to the previous backend). The link and the two small
 //! maps it needs are pinned, so it outlives the command.
@@ -7,7 +7,10 @@
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::Context as _;
-use lb_common::consts::{DecapCounter, prog_names};
+use lb_common::{
+    consts::{DecapCounter, prog_names},
+    types::TunnelConfig,
+};
 
 use crate::{
     attach,
@@ -30,11 +33,12 @@ fn capacities() -> Capacities {
 }
 
 /// Attaches `lb_decap` to `interface` (or swaps the running one for this build's),
-/// accepting encapsulated packets from `sources` only. Run again to change the sources:
-/// the counters and the attachment stay.
+/// accepting encapsulated packets from `sources` only, GUE on UDP port `gue_port` (0:
+/// none). Run again to change them: the counters and the attachment stay.
 pub fn attach(
     interface: &str,
     sources: &[(IpAddr, u8)],
+    gue_port: u16,
     xdp_mode: XdpModeConfig,
     pin_dir: &Path,
 ) -> anyhow::Result<String> {
@@ -49,6 +53,12 @@ pub fn attach(
     dataplane
         .set_decap_sources(sources)
         .context("setting the load balancers' source prefixes")?;
+    dataplane
+        .set_tunnel(&TunnelConfig {
+            gue_port: gue_port.to_be(),
+            ..TunnelConfig::default()
+        })
+        .context("setting the GUE port")?;
     // Second chance sends chained packets on with `bpf_fib_lookup`, which answers only
     // for forwarding devices; the kernel forwards what it cannot resolve yet.
     enable_forwarding(interface)
@@ -60,8 +70,12 @@ pub fn attach(
     };
     let mode = attach::attach_program(&mut dataplane, prog_names::LB_DECAP, &target, pin_dir)?;
     let sources: Vec<String> = sources.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+    let gue = match gue_port {
+        0 => "no GUE".to_owned(),
+        port => format!("GUE on UDP port {port}"),
+    };
     Ok(format!(
-        "lb_decap {} on {interface}, accepting encapsulated packets from {}",
+        "lb_decap {} on {interface}, accepting encapsulated packets from {} ({gue})",
         mode.map_or("kept (program swapped in place)".to_owned(), |m| format!(
             "attached ({m})"
         )),

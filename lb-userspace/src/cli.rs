@@ -125,6 +125,10 @@ pub enum BackendCommand {
         /// e.g. 172.16.0.0/16; repeat for more (at most 8 per family).
         #[arg(long = "lb-source", required = true, value_parser = parse_prefix)]
         lb_sources: Vec<(IpAddr, u8)>,
+        /// The load balancers' `gue_port`: UDP to it from their source prefixes is GUE,
+        /// taken off like IPIP; 0 = take no GUE off.
+        #[arg(long, default_value_t = lb_common::consts::DEFAULT_GUE_PORT)]
+        gue_port: u16,
         /// native, generic or auto.
         #[arg(long, default_value = "auto", value_parser = parse_xdp_mode)]
         xdp_mode: crate::config::XdpModeConfig,

@@ -23,18 +23,18 @@ use lb_common::{
         BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONFIG_SLOTS, Counter, DECAP_PREFIXES,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_IDLE, DEFAULT_FLOW_CACHE_ENTRIES,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DecapCounter, NEXT_PROGRAM_SLOTS, flow_cache_slots,
-        map_names as names, prog_names, table_entries,
+        icmp_rate_slots, map_names as names, prog_names, table_entries,
     },
     hash::{Flow, addr_words, vip_filter_bit},
     maglev::MaglevTable,
     types::{
         Backend, ConntrackBucket, DecapConfig, GlobalConfig, IcmpRate, Prefix4, Prefix6,
-        TrafficCounters, VipAddr, VipFilter, VipKey, VipState,
+        TrafficCounters, TunnelConfig, VipAddr, VipFilter, VipKey, VipState,
     },
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 24] = [
+const ALL_MAPS: [&str; 25] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -61,6 +61,7 @@ const ALL_MAPS: [&str; 24] = [
     // and the next programs must keep running while the daemon is down.
     names::NEXT_PROGRAMS,
     names::NEXT_SLOTS,
+    names::TUNNEL,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -786,8 +787,15 @@ impl Dataplane {
             .collect()
     }
 
+    /// One counter, read alone (so it also reads an older object's smaller `STATS`).
     pub fn counter(&self, counter: Counter) -> Result<u64> {
-        Ok(self.counters()?[counter as usize])
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
+        Ok(map
+            .get(&(counter as u32), 0)
+            .map_err(map_err(names::STATS))?
+            .iter()
+            .sum())
     }
 
     /// Zeroes the per-CPU traffic counters of Vip (`vip`) or Backend `id`: an id given to
@@ -820,6 +828,13 @@ impl Dataplane {
         let values = aya::maps::PerCpuValues::try_from(vec![rate; cpus])
             .map_err(|e| DataplaneError::Os(std::io::Error::other(e)))?;
         map.set(slot, values, 0).map_err(map_err(name))
+    }
+
+    /// Writes the GUE port and the interfaces' MTU (`TUNNEL`).
+    pub fn set_tunnel(&mut self, tunnel: &TunnelConfig) -> Result<()> {
+        let mut map: Array<_, TunnelConfig> =
+            Array::try_from(self.map_mut(names::TUNNEL)?).map_err(map_err(names::TUNNEL))?;
+        map.set(0, tunnel, 0).map_err(map_err(names::TUNNEL))
     }
 
     pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounters> {
@@ -1193,6 +1208,32 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
 /// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
 /// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
 /// devices that forward.
+/// The MTU of interface `name` in this network namespace (`SIOCGIFMTU`: sysfs shows the
+/// namespace it was mounted in, not necessarily ours).
+pub fn interface_mtu(name: &str) -> Option<u32> {
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a plain socket, closed by OwnedFd; `ifreq` is zeroed plain data with a
+    // NUL-terminated name, and SIOCGIFMTU fills its `ifru_mtu`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) != 0 {
+            return None;
+        }
+        u32::try_from(req.ifr_ifru.ifru_mtu).ok()
+    }
+}
+
 pub fn enable_forwarding(interface: &str) -> std::io::Result<()> {
     for family in ["ipv4", "ipv6"] {
         let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
@@ -1257,6 +1298,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         ),
         (names::NEXT_PROGRAMS, 4, 4),
         (names::NEXT_SLOTS, 4, 4),
+        (names::TUNNEL, 4, size_of::<TunnelConfig>()),
     ]
 }
 
@@ -1303,15 +1345,22 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
 /// every scrape would fail reading there. Its counts restart from zero (a counter reset,
 /// which Prometheus handles); the connection table and every flow stay.
 fn replace_outgrown_stats(dir: &Path) -> Result<()> {
-    let path = dir.join(names::STATS);
-    let Ok(map) = MapData::from_pin(&path) else {
-        return Ok(());
-    };
-    if map.info().map_err(map_err(names::STATS))?.max_entries() != Counter::COUNT {
-        std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
-            path: path.clone(),
-            error: e.to_string(),
-        })?;
+    // `ICMP_RATE` likewise grows with the kinds of ICMP message the program sends; its
+    // budgets are written again by every reconcile.
+    for (name, entries) in [
+        (names::STATS, Counter::COUNT),
+        (names::ICMP_RATE, icmp_rate_slots::COUNT),
+    ] {
+        let path = dir.join(name);
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
+        if map.info().map_err(map_err(name))?.max_entries() != entries {
+            std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                error: e.to_string(),
+            })?;
+        }
     }
     Ok(())
 }

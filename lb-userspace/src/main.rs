@@ -44,9 +44,10 @@ fn run() -> anyhow::Result<()> {
                 BackendCommand::Attach {
                     interface,
                     lb_sources,
+                    gue_port,
                     xdp_mode,
                     pin_path,
-                } => backend::attach(&interface, &lb_sources, xdp_mode, &pin_path)?,
+                } => backend::attach(&interface, &lb_sources, gue_port, xdp_mode, &pin_path)?,
                 BackendCommand::Status {
                     prometheus,
                     pin_path,

@@ -18,7 +18,7 @@ use lb_common::{
     consts::{FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots},
     hash::addr_words,
     maglev::{self, MaglevBackend, MaglevTable},
-    types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
+    types::{Backend, GlobalConfig, TunnelConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,10 @@ pub trait DataplaneOps {
     fn set_icmp_rate(&mut self, _slot: u32, _per_second: u32) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// Sets the GUE port and the interfaces' MTU.
+    fn set_tunnel(&mut self, _tunnel: &TunnelConfig) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl DataplaneOps for Dataplane {
@@ -78,6 +82,9 @@ impl DataplaneOps for Dataplane {
     }
     fn set_icmp_rate(&mut self, slot: u32, per_second: u32) -> Result<(), DataplaneError> {
         Dataplane::set_icmp_rate(self, slot, per_second)
+    }
+    fn set_tunnel(&mut self, tunnel: &TunnelConfig) -> Result<(), DataplaneError> {
+        Dataplane::set_tunnel(self, tunnel)
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         Dataplane::set_backend(self, id, backend)
@@ -505,8 +512,11 @@ impl<D: DataplaneOps> Reconciler<D> {
         self.assignments.fib_generation = self.assignments.fib_generation.wrapping_add(1).max(1);
         self.dataplane
             .set_global(&global_config(config, self.assignments.fib_generation))?;
-        self.dataplane
-            .set_icmp_rate(icmp_rate_slots::ECHO, config.global.icmp_rate)?;
+        for slot in [icmp_rate_slots::ECHO, icmp_rate_slots::TOO_BIG] {
+            self.dataplane
+                .set_icmp_rate(slot, config.global.icmp_rate)?;
+        }
+        self.dataplane.set_tunnel(&tunnel_config(config))?;
 
         // 2. Backends (new ones before any table names them).
         self.make_room_for_new_backends(config)?;
@@ -766,6 +776,8 @@ impl<D: DataplaneOps> Reconciler<D> {
                 self.assignments.fib_generation.wrapping_add(1).max(1);
             self.dataplane
                 .set_global(&global_config(config, self.assignments.fib_generation))?;
+            // An interface's MTU may have changed too.
+            self.dataplane.set_tunnel(&tunnel_config(config))?;
         }
         Ok(())
     }
@@ -1179,6 +1191,22 @@ pub fn global_config(config: &Config, fib_generation: u32) -> GlobalConfig {
         flow_cache_mask: 0,             // set by Dataplane::set_global
         cache_epoch: 0,                 // set by Dataplane::set_global
         vip_filter: Default::default(), // set by Dataplane::set_vip_filter
+    }
+}
+
+/// The data plane's `TUNNEL` entry for `config`: its GUE port, and the smallest MTU of
+/// its interfaces as the kernel has them now (0, no "too big" check, if none can be read).
+pub fn tunnel_config(config: &Config) -> TunnelConfig {
+    let mtu = config
+        .interfaces
+        .iter()
+        .filter_map(|i| crate::dataplane::interface_mtu(&i.name))
+        .min()
+        .unwrap_or(0);
+    TunnelConfig {
+        mtu,
+        gue_port: config.global.gue_port.to_be(),
+        _pad: 0,
     }
 }
 

@@ -93,7 +93,15 @@ const BROKEN: &[(&str, &[&str])] = &[
     (
         "family_mismatch.yaml",
         &[
-            "family_mismatch.yaml:5:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 12): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "family_mismatch.yaml:5:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 12): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+        ],
+    ),
+    (
+        "gue_options.yaml",
+        &[
+            "gue_options.yaml:2:13: invalid gue_port \"0\" in global: expected an integer from 1 to 65535",
+            "gue_options.yaml:6:14: vip \"[fd00:200::1]:80/tcp\" is IPv6 but pool \"web\" has IPv4 backend 10.100.0.11 (line 19): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "gue_options.yaml:14:17: invalid forwarding \"geu\" in vip: expected ipip, l2_dsr or gue; did you mean \"gue\"?",
         ],
     ),
     (
@@ -159,7 +167,7 @@ const BROKEN: &[(&str, &[&str])] = &[
             "several_problems.yaml:2:14: invalid hash_seed \"0x1_0000_0000\" in global: expected an integer from 0 to 0xffffffff",
             "several_problems.yaml:3:19: invalid metrics_listen \"localhost\" in global: expected an address and port, such as 127.0.0.1:61100 or [::1]:61100",
             "several_problems.yaml:6:15: invalid xdp_mode \"nativ\" in interface: expected native, generic or auto; did you mean \"native\"?",
-            "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+            "several_problems.yaml:9:14: vip \"web\" is IPv6 but pool \"web6\" has IPv4 backend 10.100.0.11 (line 21): IPIP and GUE cannot carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
             "several_problems.yaml:14:14: invalid address \"10.200.0.300\" in vip: expected an IPv4 or IPv6 address",
             "several_problems.yaml:17:11: vip \"dns\" uses unknown pool \"missing\"; pools are \"web6\"",
             "several_problems.yaml:22:17: invalid weight \"-1\" in backend: expected an integer from 0 to 4294967295",
@@ -358,6 +366,7 @@ fn minimal_config_gets_every_default() {
             control_group: None,
             icmp_echo: true,
             icmp_rate: 1000,
+            gue_port: 6080,
         }
     );
     assert_eq!(config.interfaces.len(), 1);
@@ -485,6 +494,23 @@ fn auto_table_size_grows_with_the_pool() {
     let config = parse_ok(&text);
     assert_eq!(config.vips[0].table_size, 131_071);
     assert!(config.vips[0].table_size_auto);
+}
+
+#[test]
+fn gue_forwarding_and_its_port() {
+    let text = format!(
+        "global:\n  gue_port: 5555\n{}    forwarding: gue\npools:\n  web:\n    backends:\n      - address: fd00:100::11\n",
+        ONE_VIP
+    );
+    let config = parse_ok(&text);
+    assert_eq!(config.global.gue_port, 5555);
+    assert_eq!(config.vips[0].forwarding, Forwarding::Gue);
+    // An IPv4 Vip may have IPv6 backends in GUE (IPv4 in UDP over IPv6).
+    assert_eq!(
+        config.vips[0].flags() & lb_common::consts::vip_flags::GUE,
+        lb_common::consts::vip_flags::GUE
+    );
+    assert!(describe(&config).contains("gue"), "{}", describe(&config));
 }
 
 #[test]

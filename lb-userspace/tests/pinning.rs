@@ -111,3 +111,31 @@ fn a_smaller_stats_map_of_an_older_build_is_replaced() {
         lb_common::consts::Counter::ALL.len()
     );
 }
+
+/// An `ICMP_RATE` pinned by a build with fewer kinds of ICMP message (echo replies only,
+/// before "too big") is replaced likewise: the new kind gets its budget.
+#[test]
+fn a_smaller_icmp_rate_map_of_an_older_build_is_replaced() {
+    ensure_bpffs();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/mlb-test-icmp-rate-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pins.0).unwrap();
+    const PERCPU_ARRAY: u32 = 6;
+    let value = size_of::<lb_common::types::IcmpRate>() as u32;
+    let definition = aya_obj::Map::new_from_params(PERCPU_ARRAY, 4, value, 1, 0);
+    let map = MapData::create(definition, "ICMP_RATE", None).unwrap_or_else(|e| panic!("{e}"));
+    map.pin(pins.0.join("ICMP_RATE"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut dataplane =
+        Dataplane::load_pinned(Capacities::default(), &pins.0).unwrap_or_else(|e| panic!("{e}"));
+    let rate = MapData::from_pin(pins.0.join("ICMP_RATE")).unwrap();
+    assert_eq!(
+        rate.info().unwrap().max_entries(),
+        lb_common::consts::icmp_rate_slots::COUNT
+    );
+    dataplane
+        .set_icmp_rate(lb_common::consts::icmp_rate_slots::TOO_BIG, 10)
+        .unwrap();
+}

@@ -374,7 +374,7 @@ fn mlb_backend_attaches_lb_decap_with_its_sources_and_detaches() {
     ]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("accepting encapsulated packets from 172.16.0.0/16"),
+        text.contains("accepting encapsulated packets from 172.16.0.0/16 (GUE on UDP port 6080)"),
         "{text}"
     );
     assert!(xdp_on());
@@ -387,8 +387,11 @@ fn mlb_backend_attaches_lb_decap_with_its_sources_and_detaches() {
         "172.16.0.0/16",
         "--lb-source",
         "fd00:ffff::/96",
+        "--gue-port",
+        "0",
     ]);
     assert!(ok && text.contains("swapped in place"), "{text}");
+    assert!(text.contains("(no GUE)"), "{text}");
     let (ok, text) = mlb(&["status", "--prometheus"]);
     assert!(ok, "{text}");
     assert!(

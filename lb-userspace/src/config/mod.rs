@@ -126,8 +126,10 @@ pub struct Global {
     pub control_group: Option<(String, u32)>,
     /// Default of `vips[].icmp_echo`: answer pings to Vip addresses from XDP.
     pub icmp_echo: bool,
-    /// ICMP messages each CPU may send per second, per kind (echo replies).
+    /// ICMP messages each CPU may send per second, per kind (echo replies, "too big").
     pub icmp_rate: u32,
+    /// UDP destination port of GUE packets (`forwarding: gue`).
+    pub gue_port: u16,
 }
 
 impl Default for Global {
@@ -147,6 +149,7 @@ impl Default for Global {
             control_group: None,
             icmp_echo: true,
             icmp_rate: lb_common::consts::DEFAULT_ICMP_RATE,
+            gue_port: lb_common::consts::DEFAULT_GUE_PORT,
         }
     }
 }
@@ -221,8 +224,10 @@ impl VipConfig {
         if self.address.is_ipv6() {
             flags |= vip_flags::IPV6;
         }
-        if self.forwarding == Forwarding::L2Dsr {
-            flags |= vip_flags::L2_DSR;
+        match self.forwarding {
+            Forwarding::Ipip => {}
+            Forwarding::L2Dsr => flags |= vip_flags::L2_DSR,
+            Forwarding::Gue => flags |= vip_flags::GUE,
         }
         if self.when_no_backend == WhenNoBackend::Pass {
             flags |= vip_flags::PASS_WHEN_EMPTY;
@@ -267,6 +272,9 @@ pub enum Forwarding {
     /// Destination MAC rewritten (L2 direct server return): Backends on the same L2 segment,
     /// with the Vip on a loopback interface.
     L2Dsr,
+    /// Encapsulated in UDP (GUE variant 1: outer IP and UDP to `global.gue_port`, the
+    /// source port from the flow hash), for backends whose NICs spread flows by UDP ports.
+    Gue,
 }
 
 /// What a Vip does with a new flow when no Backend is up.
@@ -461,6 +469,7 @@ impl fmt::Display for Forwarding {
         f.write_str(match self {
             Forwarding::Ipip => "ipip",
             Forwarding::L2Dsr => "l2_dsr",
+            Forwarding::Gue => "gue",
         })
     }
 }

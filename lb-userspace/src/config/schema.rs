@@ -38,6 +38,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "control_group",
     "icmp_echo",
     "icmp_rate",
+    "gue_port",
 ];
 const INTERFACE_KEYS: &[&str] = &["name", "xdp_mode", "next_program"];
 const VIP_KEYS: &[&str] = &[
@@ -67,8 +68,11 @@ const XDP_MODES: &[(&str, XdpModeConfig)] = &[
     ("auto", XdpModeConfig::Auto),
 ];
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
-const FORWARDINGS: &[(&str, Forwarding)] =
-    &[("ipip", Forwarding::Ipip), ("l2_dsr", Forwarding::L2Dsr)];
+const FORWARDINGS: &[(&str, Forwarding)] = &[
+    ("ipip", Forwarding::Ipip),
+    ("l2_dsr", Forwarding::L2Dsr),
+    ("gue", Forwarding::Gue),
+];
 const HASH_MODES: &[(&str, HashMode)] = &[
     (HashMode::FiveTuple.keyword(), HashMode::FiveTuple),
     (HashMode::SourceAddress.keyword(), HashMode::SourceAddress),
@@ -151,6 +155,7 @@ pub(crate) struct Global {
     pub control_group: Field<(String, u32)>,
     pub icmp_echo: Field<bool>,
     pub icmp_rate: Field<u32>,
+    pub gue_port: Field<u16>,
 }
 
 pub(crate) struct InterfaceEntry {
@@ -315,6 +320,7 @@ fn read_global(s: &Section<'_>, out: &mut Vec<Problem>) -> Global {
         icmp_rate: s.optional("icmp_rate", out, |t| {
             values::uint(t, 1..=super::MAX_ICMP_RATE)
         }),
+        gue_port: s.optional("gue_port", out, values::check_port),
     }
 }
 

@@ -66,6 +66,7 @@ fn global(g: &schema::Global) -> Global {
         control_group: g.control_group.given().map(|at| at.value.clone()),
         icmp_echo: or(&g.icmp_echo, d.icmp_echo),
         icmp_rate: or(&g.icmp_rate, d.icmp_rate),
+        gue_port: or(&g.gue_port, d.gue_port),
     }
 }
 
@@ -399,7 +400,7 @@ fn vips(document: &Document, icmp_echo: bool, out: &mut Vec<Problem>) -> Vec<Vip
             found
         });
         if let (Some(pool), Some(address)) = (pool, &entry.address)
-            && or(&entry.forwarding, Forwarding::Ipip) == Forwarding::Ipip
+            && or(&entry.forwarding, Forwarding::Ipip) != Forwarding::L2Dsr
         {
             family_check(&label, address, pool, out);
         }
@@ -468,10 +469,10 @@ fn unknown_pool(document: &Document, vip: &str, pool: &At<String>) -> Problem {
 }
 
 /// A Vip forwards to Backends of its own address family only (`vip`: as messages name it).
-/// The one mix IPIP forwarding cannot carry: an IPv6 Vip's packets to an IPv4 backend
-/// (IPv6-in-IPv4 has no decapsulation here: `lb_decap` and this kernel lack it). An IPv4
-/// Vip may have IPv6 backends (IPv4-in-IPv6, Katran's "v4 VIP and v6 real"), and L2 DSR
-/// rewrites only MACs, so it takes any mix.
+/// The one mix IPIP and GUE forwarding cannot carry: an IPv6 Vip's packets to an IPv4
+/// backend (IPv6-in-IPv4 has no decapsulation here: `lb_decap` and this kernel lack it).
+/// An IPv4 Vip may have IPv6 backends (IPv4-in-IPv6, Katran's "v4 VIP and v6 real"; in
+/// GUE, IPv4 in UDP over IPv6), and L2 DSR rewrites only MACs, so it takes any mix.
 fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec<Problem>) {
     let other = pool
         .backends
@@ -482,8 +483,8 @@ fn family_check(vip: &str, address: &At<IpAddr>, pool: &PoolEntry, out: &mut Vec
         out.push(Problem::new(
             address.pos,
             format!(
-                "{vip} is IPv6 but pool {} has IPv4 backend {} (line {}): IPIP cannot carry \
-                 IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
+                "{vip} is IPv6 but pool {} has IPv4 backend {} (line {}): IPIP and GUE cannot \
+                 carry IPv6 in IPv4; use IPv6 backends, or forwarding l2_dsr",
                 quote(&pool.name.value),
                 backend.value,
                 backend.pos.line

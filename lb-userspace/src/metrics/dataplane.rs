@@ -77,7 +77,7 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 10] = [
     (
         Kind::IcmpSent,
         "mlb_icmp_sent_total",
-        "ICMP messages the XDP program answered with itself, by type (echo_reply).",
+        "ICMP messages the XDP program answered with itself, by type (echo_reply, too_big).",
         Some("type"),
     ),
     (
@@ -127,9 +127,10 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         | Counter::DropNoBackend
         | Counter::DropFib
         | Counter::DropEncap
-        | Counter::DropFragmentUnknown => (Kind::Dropped, strip("drop_")),
-        Counter::IcmpEchoLimited => (Kind::Dropped, name),
-        Counter::IcmpEchoReply => (Kind::IcmpSent, strip("icmp_")),
+        | Counter::DropFragmentUnknown
+        | Counter::DropTooBig => (Kind::Dropped, strip("drop_")),
+        Counter::IcmpEchoLimited | Counter::IcmpTooBigLimited => (Kind::Dropped, name),
+        Counter::IcmpEchoReply | Counter::IcmpTooBig => (Kind::IcmpSent, strip("icmp_")),
         Counter::ConntrackHit | Counter::ConntrackMiss | Counter::ConntrackResteer => {
             (Kind::Lookups, strip("conntrack_"))
         }
