@@ -553,11 +553,13 @@ fn from_table<'a, F: Flow>(
         vip_generation: vip.generation,
     };
     // Second chance: only a TCP packet that is not a SYN can belong to a connection that
-    // started under the previous table; L2 DSR has no header to carry the previous hop.
+    // started under the previous table; L2 DSR has no header to carry the previous hop, and
+    // chaining builds headers of the Vip's family (an IPv4 Vip's IPv6 Backend gets none).
     let previous = if pkt.syn
         || pkt.icmp_error
         || pkt.flow.proto() != PROTO_TCP
         || vip.flags & vip_flags::L2_DSR != 0
+        || (backend.flags & backend_flags::IPV6 != 0) != (vip.flags & vip_flags::IPV6 != 0)
     {
         EMPTY_BACKEND
     } else {
