@@ -1220,13 +1220,16 @@ mod tests {
     #[derive(Clone, Default)]
     struct Recorder {
         ops: Vec<String>,
+        /// The next-hop generation of each `set_global`, in order.
+        fib_generations: Vec<u32>,
         backends: BTreeMap<u32, Backend>,
         tables: BTreeMap<u32, MaglevTable>,
         prev: BTreeMap<u32, MaglevTable>,
     }
 
     impl DataplaneOps for Recorder {
-        fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+        fn set_global(&mut self, config: &GlobalConfig) -> Result<(), DataplaneError> {
+            self.fib_generations.push(config.fib_generation);
             Ok(())
         }
         fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
@@ -1549,6 +1552,207 @@ mod tests {
         third.restore_previous(saved);
         third.apply(&config_sc(&new)).unwrap();
         assert!(third.dataplane().prev.is_empty());
+    }
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn web(address: &str) -> (String, IpAddr) {
+        ("web".to_owned(), addr(address))
+    }
+
+    /// The ids holding slots in Vip 0's table, as the data plane has it.
+    fn members(r: &Reconciler<Recorder>) -> BTreeSet<u32> {
+        r.dataplane().tables[&0].slots().iter().copied().collect()
+    }
+
+    fn up(r: &Reconciler<Recorder>, id: u32) -> bool {
+        r.dataplane().backends[&id].flags & backend_flags::UP != 0
+    }
+
+    #[test]
+    fn a_report_is_empty_only_without_changes_and_says_what_changed() {
+        let empty = Report::default();
+        assert!(empty.is_empty());
+        assert_eq!(empty.to_string(), "no change\n");
+        // A Vip left without backends is not a change by itself.
+        let only_empty_vips = Report {
+            empty_vips: vec!["v".into()],
+            ..Report::default()
+        };
+        assert!(only_empty_vips.is_empty());
+        let diff = maglev::diff(
+            &maglev::build(&[], 7, 0),
+            &maglev::build(&[MaglevBackend::new(1, addr("10.0.0.1"), 1)], 7, 0),
+        );
+        let each: [fn(&mut Report, &maglev::TableDiff); 6] = [
+            |r, _| r.vips_added.push("va".into()),
+            |r, _| r.vips_removed.push("vr".into()),
+            |r, _| r.vips_changed.push("vc".into()),
+            |r, _| r.backends_added.push("ba".into()),
+            |r, _| r.backends_removed.push("br".into()),
+            |r, d| r.tables.push(("vt".into(), d.clone())),
+        ];
+        let mut all = Report::default();
+        for (i, add) in each.iter().enumerate() {
+            let mut one = Report::default();
+            add(&mut one, &diff);
+            assert!(!one.is_empty(), "change {i}");
+            add(&mut all, &diff);
+        }
+        all.empty_vips.push("ve".into());
+        assert_eq!(
+            all.to_string(),
+            format!(
+                "vips added: va\nvips removed: vr\nvips changed: vc\nbackends added: ba\n\
+                 backends removed: br\ntable vt: {diff}\nvips with no usable backend: ve\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_run_time_drain_empties_its_slots_keeps_it_up_and_lasts_until_undrained() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let backends = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        r.apply(&config(&backends)).unwrap();
+        let id2 = ids(&r)["web/10.0.0.2"];
+        assert!(!r.is_drained("web", addr("10.0.0.2")));
+
+        let (pools, report) = r.set_drained(addr("10.0.0.2"), true).unwrap();
+        assert_eq!(pools, ["web"]);
+        assert_eq!(report.tables.len(), 1);
+        assert!(
+            !members(&r).contains(&id2),
+            "no new flow to a drained backend"
+        );
+        assert!(up(&r, id2), "its connections keep it");
+        assert!(r.is_drained("web", addr("10.0.0.2")));
+        assert!(!r.is_drained("web", addr("10.0.0.1")));
+        assert_eq!(members(&r).len(), 2);
+
+        // A reload keeps the drain.
+        r.apply(&config(&backends)).unwrap();
+        assert!(!members(&r).contains(&id2));
+        // An address no pool has: nothing to drain.
+        let (pools, report) = r.set_drained(addr("10.9.9.9"), true).unwrap();
+        assert!(pools.is_empty() && report.is_empty());
+
+        let (pools, _) = r.set_drained(addr("10.0.0.2"), false).unwrap();
+        assert_eq!(pools, ["web"]);
+        assert!(members(&r).contains(&id2));
+        assert!(!r.is_drained("web", addr("10.0.0.2")));
+
+        // A drained backend removed from the config comes back undrained.
+        r.set_drained(addr("10.0.0.3"), true).unwrap();
+        r.apply(&config(&backends[..2])).unwrap();
+        r.apply(&config(&backends)).unwrap();
+        assert!(!r.is_drained("web", addr("10.0.0.3")));
+        assert!(members(&r).contains(&ids(&r)["web/10.0.0.3"]));
+    }
+
+    #[test]
+    fn backends_a_former_daemon_had_down_or_drained_start_so() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_initially_down(&[web("10.0.0.1")]);
+        r.set_initially_drained(&[web("10.0.0.2")]);
+        assert!(r.down_backends().is_empty(), "no config yet");
+        r.apply(&config(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        let ids = ids(&r);
+        let (id1, id2, id3) = (
+            ids["web/10.0.0.1"],
+            ids["web/10.0.0.2"],
+            ids["web/10.0.0.3"],
+        );
+        assert_eq!(members(&r), BTreeSet::from([id3]));
+        assert!(!up(&r, id1) && up(&r, id2) && up(&r, id3));
+        assert_eq!(r.down_backends(), [web("10.0.0.1")]);
+        assert!(!r.is_up("web", addr("10.0.0.1")));
+        assert!(r.is_up("web", addr("10.0.0.2")));
+        assert!(r.is_drained("web", addr("10.0.0.2")));
+        // Health says it is back: it gets its slots again.
+        r.set_health(&[("web".into(), addr("10.0.0.1"), true)])
+            .unwrap();
+        assert!(members(&r).contains(&id1) && up(&r, id1));
+        assert!(r.down_backends().is_empty());
+    }
+
+    #[test]
+    fn backends_a_reload_adds_to_checked_pools_start_down_once_gated() {
+        let checked = |backends: &[(&str, u32)]| {
+            let mut c = config(backends);
+            c.pools.get_mut("web").unwrap().health_check.kind = CheckKind::Tcp;
+            c
+        };
+        for gated in [false, true] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            if gated {
+                r.gate_new_backends_on_health();
+            }
+            // At a first start, every backend starts up.
+            r.apply(&checked(&[("10.0.0.1", 1)])).unwrap();
+            assert!(r.down_backends().is_empty());
+            r.apply(&checked(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+                .unwrap();
+            let id2 = ids(&r)["web/10.0.0.2"];
+            assert_eq!(up(&r, id2), !gated, "gated {gated}");
+            assert_eq!(members(&r).contains(&id2), !gated, "gated {gated}");
+            // A pool without checks has nothing to wait for.
+            r.apply(&config(&[
+                ("10.0.0.1", 1),
+                ("10.0.0.2", 1),
+                ("10.0.0.3", 1),
+            ]))
+            .unwrap();
+            assert!(up(&r, ids(&r)["web/10.0.0.3"]), "gated {gated}");
+        }
+    }
+
+    #[test]
+    fn refreshing_next_hops_writes_a_new_fib_generation() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.refresh_next_hops().unwrap();
+        assert!(r.dataplane().fib_generations.is_empty(), "no config yet");
+        r.apply(&config(&[("10.0.0.1", 1)])).unwrap();
+        let first = *r.dataplane().fib_generations.last().unwrap();
+        r.refresh_next_hops().unwrap();
+        r.refresh_next_hops().unwrap();
+        assert_eq!(r.dataplane().fib_generations[1..], [first + 1, first + 2]);
+        assert_eq!(r.assignments().fib_generation, first + 2);
+        // It never wraps to 0 (the data plane's "never looked up").
+        r.assignments.fib_generation = u32::MAX;
+        r.refresh_next_hops().unwrap();
+        assert_eq!(r.dataplane().fib_generations.last(), Some(&1));
+    }
+
+    #[test]
+    fn a_config_over_capacity_is_refused_before_anything_is_written() {
+        let backends = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let with = |max_backends: u32, max_vips: u32| {
+            let mut c = config(&backends);
+            c.global.max_backends = max_backends;
+            c.global.max_vips = max_vips;
+            c
+        };
+        // Three members and id 0 reserved: four ids; one Vip.
+        for (max_backends, max_vips, fits) in [(4, 1, true), (3, 1, false), (4, 0, false)] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            match r.apply(&with(max_backends, max_vips)) {
+                Ok(_) => assert!(fits, "{max_backends} {max_vips}"),
+                Err(ReconcileError::Capacity(message)) => {
+                    assert!(!fits, "{max_backends} {max_vips}: {message}");
+                    assert!(r.dataplane().ops.is_empty());
+                    assert!(r.dataplane().fib_generations.is_empty());
+                    assert!(r.config().is_none());
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn config(backends: &[(&str, u32)]) -> Config {
