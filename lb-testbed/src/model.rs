@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
+    conntrack::Way,
     consts::vip_flags,
     hash::{Flow, HashMode, vip_filter_bit},
     types::VipFilter,
@@ -43,6 +44,8 @@ pub enum Decision {
         flow: Option<Flow>,
         /// What second chance sends instead when the flow has no connection-table entry.
         chained: Option<Chained>,
+        /// Decided by a connection-table way (counted as a hit).
+        entry: bool,
     },
 }
 
@@ -128,13 +131,21 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// The decision for `frame` when the connection table holds no way of its flow.
     pub fn decide(&self, frame: &[u8]) -> Decision {
+        self.decide_with(frame, &|_| None)
+    }
+
+    /// The decision for `frame`, `entry` giving the way the connection table holds for a
+    /// Flow (`Dataplane::conntrack`: whichever way has its tag in one of its two buckets,
+    /// which may be another flow's, the table's documented false match).
+    pub fn decide_with(&self, frame: &[u8], entry: &dyn Fn(&Flow) -> Option<Way>) -> Decision {
         match self.parse(frame) {
             Err(Stop::Pass(c)) => Decision::Pass(c),
             Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
             Err(Stop::Reply(bytes)) => Decision::Reply(bytes),
             Err(Stop::Stateful) => Decision::Stateful,
-            Ok((l3, parsed)) => self.select(frame, l3, &parsed),
+            Ok((l3, parsed)) => self.select(frame, l3, &parsed, entry),
         }
     }
 
@@ -276,7 +287,22 @@ impl<'a> Model<'a> {
             .ok_or(Stop::Pass("pass_vip_other"))
     }
 
-    fn select(&self, frame: &[u8], l3: usize, p: &Parsed) -> Decision {
+    fn select(
+        &self,
+        frame: &[u8],
+        l3: usize,
+        p: &Parsed,
+        entry: &dyn Fn(&Flow) -> Option<Way>,
+    ) -> Decision {
+        // A way that holds (its Vip and Backend there, the Backend up) decides before the
+        // Vip is looked up; a SYN starts afresh.
+        if let Some(decision) = (!p.syn)
+            .then(|| entry(&p.flow))
+            .flatten()
+            .and_then(|way| self.by_way(frame, l3, p, &way))
+        {
+            return decision;
+        }
         let vip = match self.vip_of(&p.flow) {
             Ok(vip) => vip,
             Err(Stop::Pass(c)) => return Decision::Pass(c),
@@ -317,7 +343,24 @@ impl<'a> Model<'a> {
             icmp_error: p.icmp_error,
             flow: (!p.icmp_error).then_some(p.flow),
             chained,
+            entry: false,
         }
+    }
+
+    /// Forwarding along a connection-table way, by its Vip's flags to its Backend; `None`
+    /// if the way does not hold (the lab never changes generations: only up matters).
+    fn by_way(&self, frame: &[u8], l3: usize, p: &Parsed, way: &Way) -> Option<Decision> {
+        let v = self.vips.iter().find(|v| v.id == way.vip)?;
+        let b = self.backends.iter().find(|b| b.id == way.backend && b.up)?;
+        let hash = p.flow.hash(SEED);
+        Some(Decision::Forward {
+            backend: b.id,
+            output: self.encapsulate(frame, l3, v, b, hash, v.addr),
+            icmp_error: p.icmp_error,
+            flow: (!p.icmp_error).then_some(p.flow),
+            chained: None,
+            entry: true,
+        })
     }
 
     fn backend(&self, id: u32) -> &LabBackend {

@@ -285,8 +285,8 @@ struct Tally {
     executions: u64,
     by_outcome: BTreeMap<String, u64>,
     failures: Vec<String>,
-    /// Flows forwarded unchained, so that the connection table may hold them (it may also
-    /// have evicted them): a flow not here has no entry, and is chained where it can be.
+    /// Flows forwarded unchained, so that this CPU's flow cache may hold them after their
+    /// connection-table way is gone: then they are not chained.
     tracked: HashSet<Flow>,
 }
 
@@ -329,7 +329,8 @@ fn check(
     frame: &[u8],
     tally: &mut Tally,
 ) -> Option<()> {
-    let want = model.decide(frame);
+    // What the connection table holds for the frame's flow, as the program will find it.
+    let want = model.decide_with(frame, &|flow| dp.conntrack(flow).unwrap());
     let chain = match &want {
         Decision::Forward {
             chained: Some(c), ..
@@ -380,9 +381,12 @@ fn check(
             icmp_error,
             flow,
             chained,
+            entry,
         } => {
             let plain = if *icmp_error {
                 vec![ones(vec!["icmp_to_backend", "tx"])]
+            } else if *entry {
+                vec![ones(vec!["conntrack_hit", "tx"])]
             } else if chained.is_some() {
                 // Only a connection-table entry (or the flow cache) keeps it unchained.
                 vec![ones(vec!["conntrack_hit", "tx"])]
@@ -413,7 +417,7 @@ fn check(
                      (the flow {}), out {}",
                     c.previous,
                     if tracked {
-                        "may have an entry: or plain, [conntrack_hit, tx]"
+                        "may be in the flow cache: or plain, [conntrack_hit, tx]"
                     } else {
                         "has no entry"
                     },
