@@ -1731,6 +1731,44 @@ mod tests {
     }
 
     #[test]
+    fn backends_are_flagged_with_their_family() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[("10.0.0.1", 1), ("fd00::1", 1)]))
+            .unwrap();
+        let ids = ids(&r);
+        let flags = |key: &str| r.dataplane().backends[&ids[key]].flags;
+        assert_eq!(flags("web/10.0.0.1"), backend_flags::UP);
+        assert_eq!(
+            flags("web/fd00::1"),
+            backend_flags::UP | backend_flags::IPV6
+        );
+    }
+
+    #[test]
+    fn a_reload_reports_the_vips_whose_settings_changed_and_only_those() {
+        let two = |echo: bool| {
+            let mut c = config(&[("10.0.0.1", 1)]);
+            let mut other = c.vips[0].clone();
+            other.port = 81;
+            other.icmp_echo = echo;
+            c.vips.push(other);
+            c
+        };
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let report = r.apply(&two(true)).unwrap();
+        assert_eq!(report.vips_added.len(), 2);
+        assert!(report.vips_changed.is_empty());
+        let report = r.apply(&two(true)).unwrap();
+        assert!(
+            report.vips_changed.is_empty() && report.is_empty(),
+            "{report}"
+        );
+        let report = r.apply(&two(false)).unwrap();
+        assert_eq!(report.vips_changed, ["10.200.0.1:81/tcp"]);
+        assert!(report.vips_added.is_empty());
+    }
+
+    #[test]
     fn a_config_over_capacity_is_refused_before_anything_is_written() {
         let backends = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
         let with = |max_backends: u32, max_vips: u32| {
