@@ -1736,12 +1736,45 @@ mod tests {
         r.apply(&config(&[("10.0.0.1", 1), ("fd00::1", 1)]))
             .unwrap();
         let ids = ids(&r);
-        let flags = |key: &str| r.dataplane().backends[&ids[key]].flags;
-        assert_eq!(flags("web/10.0.0.1"), backend_flags::UP);
+        let flags = |r: &Reconciler<Recorder>, key: &str| r.dataplane().backends[&ids[key]].flags;
+        assert_eq!(flags(&r, "web/10.0.0.1"), backend_flags::UP);
+        let v6 = backend_flags::IPV6;
+        assert_eq!(flags(&r, "web/fd00::1"), backend_flags::UP | v6);
+        // Health transitions keep the family.
+        for up in [false, true] {
+            r.set_health(&[("web".into(), addr("fd00::1"), up)])
+                .unwrap();
+            let want = if up { backend_flags::UP } else { 0 };
+            assert_eq!(flags(&r, "web/fd00::1"), want | v6, "up {up}");
+        }
+    }
+
+    #[test]
+    fn an_installed_table_names_exactly_the_backends_holding_slots() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let mut c = config(&[("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.3", 2)]);
+        for (i, b) in c
+            .pools
+            .get_mut("web")
+            .unwrap()
+            .backends
+            .iter_mut()
+            .enumerate()
+        {
+            b.name = format!("be{}", i + 1);
+        }
+        r.apply(&c).unwrap();
+        let ids = ids(&r);
+        let named = &r.tables()["10.200.0.1:80/tcp"].members;
         assert_eq!(
-            flags("web/fd00::1"),
-            backend_flags::UP | backend_flags::IPV6
+            *named,
+            [
+                (ids["web/10.0.0.1"], "be1".to_owned()),
+                (ids["web/10.0.0.3"], "be3".to_owned())
+            ]
         );
+        let holding: BTreeSet<u32> = named.iter().map(|(id, _)| *id).collect();
+        assert_eq!(holding, members(&r));
     }
 
     #[test]
