@@ -1554,6 +1554,72 @@ mod tests {
         assert!(third.dataplane().prev.is_empty());
     }
 
+    #[test]
+    fn a_saved_previous_table_keeps_its_slot_holders_by_key_until_its_time() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.3", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.4", 1)];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        first.apply(&config_sc(&new)).unwrap();
+        assert_eq!(first.tables()["10.200.0.1:80/tcp"].generation, 2);
+        let saved = first.saved_previous();
+        let table = &saved["10.200.0.1:80/tcp"];
+        // The drained 10.0.0.2 held no slot; the removed 10.0.0.3 is named by its key.
+        let members: Vec<(&str, IpAddr)> = table
+            .members
+            .iter()
+            .map(|m| (m.key.as_str(), m.address))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                ("web/10.0.0.1", addr("10.0.0.1")),
+                ("web/10.0.0.3", addr("10.0.0.3"))
+            ]
+        );
+        // A successor restores it while its time is not up, and not from its time on.
+        for (now, restored) in [(table.until - 1, true), (table.until, false)] {
+            NOW.with(|n| n.set(now));
+            let mut next = Reconciler::new(Recorder::default(), Assignments::default());
+            next.set_clock(test_clock);
+            next.restore_previous(saved.clone());
+            next.apply(&config_sc(&new)).unwrap();
+            assert_eq!(!next.dataplane().prev.is_empty(), restored, "at {now}");
+        }
+        NOW.with(|n| n.set(1_000));
+    }
+
+    #[test]
+    fn each_vip_reports_the_diff_of_its_own_tables() {
+        // Two Vips of one pool, with table sizes of their own.
+        let two = |backends: &[(&str, u32)], sizes: [u32; 2]| {
+            let mut c = config(backends);
+            c.vips[0].table_size = sizes[0];
+            let mut other = c.vips[0].clone();
+            other.port = 81;
+            other.table_size = sizes[1];
+            c.vips.push(other);
+            c
+        };
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        // The same tables before and different ones after; then different ones before and
+        // the same one after: neither Vip may take the other's diff.
+        for (before, after) in [([251, 251], [251, 257]), ([251, 257], [257, 257])] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            r.apply(&two(&old, before)).unwrap();
+            let old_tables = r.dataplane().tables.clone();
+            let report = r.apply(&two(&new, after)).unwrap();
+            assert_eq!(report.tables.len(), 2);
+            for (endpoint, diff) in &report.tables {
+                let id = r.assignments().vips[endpoint].id;
+                let want = maglev::diff(&old_tables[&id], &r.dataplane().tables[&id]);
+                assert_eq!(*diff, want, "{endpoint}: {before:?} then {after:?}");
+            }
+        }
+    }
+
     fn addr(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
