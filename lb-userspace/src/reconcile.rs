@@ -1426,6 +1426,9 @@ mod tests {
             .unwrap();
         r.apply(&small(&[("10.0.0.1", 1)])).unwrap();
         assert_eq!(r.assignments().retired.len(), 2);
+        // A reload that adds nothing ends no retirement.
+        r.apply(&small(&[("10.0.0.1", 1)])).unwrap();
+        assert_eq!(r.assignments().retired.len(), 2);
         advance(1);
         r.apply(&small(&[("10.0.0.1", 1), ("10.0.0.4", 1)]))
             .unwrap();
@@ -1556,7 +1559,7 @@ mod tests {
 
     #[test]
     fn a_saved_previous_table_keeps_its_slot_holders_by_key_until_its_time() {
-        let old = [("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.3", 1)];
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 0), ("fd00::3", 1)];
         let new = [("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.4", 1)];
         let mut first = Reconciler::new(Recorder::default(), Assignments::default());
         first.set_clock(test_clock);
@@ -1565,7 +1568,7 @@ mod tests {
         assert_eq!(first.tables()["10.200.0.1:80/tcp"].generation, 2);
         let saved = first.saved_previous();
         let table = &saved["10.200.0.1:80/tcp"];
-        // The drained 10.0.0.2 held no slot; the removed 10.0.0.3 is named by its key.
+        // The drained 10.0.0.2 held no slot; the removed fd00::3 is named by its key.
         let members: Vec<(&str, IpAddr)> = table
             .members
             .iter()
@@ -1575,7 +1578,7 @@ mod tests {
             members,
             [
                 ("web/10.0.0.1", addr("10.0.0.1")),
-                ("web/10.0.0.3", addr("10.0.0.3"))
+                ("web/fd00::3", addr("fd00::3"))
             ]
         );
         // A successor restores it while its time is not up, and not from its time on.
@@ -1586,6 +1589,12 @@ mod tests {
             next.restore_previous(saved.clone());
             next.apply(&config_sc(&new)).unwrap();
             assert_eq!(!next.dataplane().prev.is_empty(), restored, "at {now}");
+            if restored {
+                // Back as retired, up, with its family.
+                let id = next.assignments().retired["web/fd00::3"].id;
+                let flags = next.dataplane().backends[&id].flags;
+                assert_eq!(flags, backend_flags::UP | backend_flags::IPV6);
+            }
         }
         NOW.with(|n| n.set(1_000));
     }
