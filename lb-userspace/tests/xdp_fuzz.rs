@@ -412,7 +412,7 @@ fn check(
                 None if !sent_plain => {
                     Some(format!("want TX to backend {backend}, one of {plain:?}"))
                 }
-                Some(c) if !was_chained && !(tracked && sent_plain) => Some(format!(
+                Some(c) if !(was_chained || tracked && sent_plain) => Some(format!(
                     "want TX to backend {backend} chained to {} {CHAINED_COUNTERS:?} \
                      (the flow {}), out {}",
                     c.previous,
