@@ -425,6 +425,9 @@ mod tests {
             .map(|a| vip_filter_bit(a.parse().unwrap()))
             .collect();
         assert_eq!(bits, [867, 3487, 3755, 3230]);
+        // Every word of an IPv6 address counts (the ones above have zero middle words).
+        let full = vip_filter_bit("2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff".parse().unwrap());
+        assert_eq!(full, 2813);
         for v6 in [false, true] {
             let distinct: std::collections::HashSet<u32> = (0..2000u32)
                 .map(|i| {
