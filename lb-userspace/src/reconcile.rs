@@ -1526,6 +1526,34 @@ mod tests {
     }
 
     #[test]
+    fn a_previous_table_from_the_maps_names_a_retired_backend_by_its_key() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 1)];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        let id3 = ids(&first)["web/10.0.0.3"];
+        // Restarted on a config without 10.0.0.3: it is retired, the served table kept.
+        let restart = |before: &Reconciler<Recorder>, saved| {
+            let mut r = Reconciler::new(before.dataplane().clone(), before.assignments().clone());
+            r.set_clock(test_clock);
+            r.restore_previous(saved);
+            r.apply(&config_sc(&new)).unwrap();
+            r
+        };
+        let second = restart(&first, BTreeMap::new());
+        assert!(second.assignments().retired.contains_key("web/10.0.0.3"));
+        // Started again: the previous table comes from the maps, 10.0.0.3 by its key.
+        let third = restart(&second, second.saved_previous());
+        let previous = third.tables()["10.200.0.1:80/tcp"].previous.as_ref();
+        let members = &previous.expect("kept from the maps").members;
+        assert!(
+            members.contains(&(id3, "web/10.0.0.3".to_owned())),
+            "{members:?}"
+        );
+    }
+
+    #[test]
     fn a_daemon_with_fresh_maps_rebuilds_the_saved_previous_table() {
         let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
         let new = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.4", 1)];
@@ -1589,6 +1617,9 @@ mod tests {
             next.restore_previous(saved.clone());
             next.apply(&config_sc(&new)).unwrap();
             assert_eq!(!next.dataplane().prev.is_empty(), restored, "at {now}");
+            // Expired, it is never written, not even until the write's end drops it.
+            let written = next.dataplane().ops.iter().any(|o| o.starts_with("prev"));
+            assert_eq!(written, restored, "at {now}");
             if restored {
                 // Back as retired, up, with its family.
                 let id = next.assignments().retired["web/fd00::3"].id;
