@@ -569,6 +569,7 @@ mod tests {
             modes(&f, u32::MAX),
             modes(&g, 0xdead_beef),
             modes(&g, u32::MAX),
+            modes(&g, 0),
         ];
         assert_eq!(got, KNOWN_MODES);
         let keys = [0x5eed_c0ff_ee00_1234, u64::MAX];
@@ -585,11 +586,12 @@ mod tests {
         );
     }
 
-    const KNOWN_MODES: [(u32, u32); 4] = [
+    const KNOWN_MODES: [(u32, u32); 5] = [
         (1644414815, 1061975086),
         (2817116721, 2295132091),
         (2404969393, 727976684),
         (1059963599, 1302634715),
+        (1192561312, 2296187967),
     ];
     const KNOWN_CONNTRACK: [(u64, u64); 2] = [
         (4887310144621212683, 13318899554788811975),
