@@ -357,11 +357,114 @@ mod tests {
     }
 
     #[test]
+    fn buckets_are_the_power_of_two_that_holds_the_entries_within_bounds() {
+        // (entries, buckets): 8 ways a bucket, at least 2 buckets, at most MAX_BUCKETS.
+        for (entries, want) in [
+            (0, 2),
+            (16, 2),
+            (17, 4),
+            (40, 8),
+            (65_536, 8192),
+            (65_537, 16_384),
+            (1 << 24, 1 << 21),
+            (u32::MAX, 1 << 21),
+        ] {
+            assert_eq!(buckets(entries), want, "{entries} entries");
+        }
+        assert_eq!(MAX_BUCKETS, 1 << 21);
+    }
+
+    #[test]
+    fn a_generation_step_always_changes_the_eight_bit_digest() {
+        // The daemon voids a Backend's (or a Vip's) entries by bumping its generation by
+        // one: the digest a way keeps must change then, whatever the other generation.
+        for g in 0..300 {
+            for v in 0..300 {
+                let d = generation_digest(g, v);
+                assert!(d < 1 << GENERATION_BITS, "{g} {v}: {d:#x}");
+                assert_ne!(d, generation_digest(g + 1, v), "backend {g}, vip {v}");
+                assert_ne!(d, generation_digest(g, v + 1), "backend {g}, vip {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn idle_time_wraps_with_the_clock_and_a_few_units_ahead_count_as_now() {
+        assert_eq!(idle_for(100, 100), 0);
+        assert_eq!(idle_for(90, 100), 10);
+        // Across the wrap of the 12-bit clock.
+        assert_eq!(idle_for(AGE_MASK - 5, 5), 11);
+        // Another CPU's store read after this CPU read the clock: up to FUTURE ahead.
+        for ahead in 1..=FUTURE {
+            assert_eq!(idle_for(100 + ahead, 100), 0, "{ahead} ahead");
+        }
+        // Further ahead is a whole wrap ago, less that.
+        assert_eq!(idle_for(100 + FUTURE + 1, 100), AGE_MASK - FUTURE);
+    }
+
+    #[test]
+    fn a_way_is_reusable_when_empty_or_idle_past_the_threshold() {
+        let word = |age| {
+            Way {
+                tag: 1,
+                backend: 1,
+                vip: 0,
+                generation: 0,
+                age,
+            }
+            .pack()
+        };
+        assert!(reusable(0, 50, 5), "empty");
+        assert!(!reusable(word(50), 50, 5), "active now");
+        assert!(!reusable(word(45), 50, 5), "idle exactly the threshold");
+        assert!(reusable(word(44), 50, 5), "idle one unit more");
+    }
+
+    #[test]
+    fn a_first_bucket_with_room_takes_the_entry_until_three_quarters_full() {
+        let filled = |n: usize| {
+            let mut b = ConntrackBucket::default();
+            for (i, way) in b.ways.iter_mut().take(n).enumerate() {
+                *way = Way {
+                    tag: 100 + i as u64,
+                    backend: 1,
+                    age: 10,
+                    ..Way::default()
+                }
+                .pack();
+            }
+            b
+        };
+        // (ways used in the first bucket, in the second, the way chosen).
+        for (first, second, want) in [
+            (0, 0, 0),
+            (3, 0, 3),
+            (ONE_LINE_FILL, 0, ONE_LINE_FILL),
+            (ONE_LINE_FILL + 1, 0, WAYS),
+            (ONE_LINE_FILL + 1, ONE_LINE_FILL + 1, ONE_LINE_FILL + 1),
+            (WAYS, 2, WAYS + 2),
+        ] {
+            let (mut a, mut b) = (filled(first), filled(second));
+            // SAFETY: buckets we own.
+            let got = unsafe { choose(&mut a, &mut b, 7, 10, 100) };
+            assert_eq!(got, Some(want), "{first} and {second} used");
+        }
+        assert_eq!(ONE_LINE_FILL, 5);
+    }
+
+    #[test]
     fn age_units_never_expire_early() {
         for (hz, idle) in [(250, 60), (1000, 60), (100, 1), (250, 3600), (1000, 1)] {
             let (shift, units) = age_units(hz, idle);
             assert!(units <= MAX_IDLE_UNITS);
             assert!((units as u64) << shift >= hz as u64 * idle as u64);
         }
+        // The smallest unit that fits: a threshold of exactly MAX_IDLE_UNITS ticks needs
+        // no shift, one more tick does.
+        assert_eq!(age_units(MAX_IDLE_UNITS, 1), (0, MAX_IDLE_UNITS));
+        assert_eq!(age_units(MAX_IDLE_UNITS + 1, 1), (1, 64));
+        assert_eq!(age_units(1000, 60), (9, 118));
+        // The search is bounded, whatever it is given.
+        assert!(age_units(u32::MAX, u32::MAX).0 <= 40);
     }
 }

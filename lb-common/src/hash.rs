@@ -425,6 +425,9 @@ mod tests {
             .map(|a| vip_filter_bit(a.parse().unwrap()))
             .collect();
         assert_eq!(bits, [867, 3487, 3755, 3230]);
+        // Every word of an IPv6 address counts (the ones above have zero middle words).
+        let full = vip_filter_bit("2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff".parse().unwrap());
+        assert_eq!(full, 2813);
         for v6 in [false, true] {
             let distinct: std::collections::HashSet<u32> = (0..2000u32)
                 .map(|i| {
@@ -547,6 +550,53 @@ mod tests {
         );
     }
 
+    #[test]
+    fn one_field_and_connection_table_hashes_stay_fixed() {
+        // Seeds and keys that share bits with the constants they are mixed with, so that
+        // `^` and `|` disagree. The one-field hashes must agree across a fleet's builds
+        // (as the flow hash); the connection table's across an upgrade that keeps the
+        // pinned table, or every entry is lost.
+        let f = client_flow("10.1.2.3", 40000, "10.9.8.7", 80);
+        let g = client_flow("2001:db8::1", 5353, "2001:db8::2", 53);
+        let modes = |flow: &Flow, seed| {
+            (
+                flow.table_hash(HashMode::SourceAddress, seed),
+                flow.table_hash(HashMode::DestinationPort, seed),
+            )
+        };
+        let got = [
+            modes(&f, 0xdead_beef),
+            modes(&f, u32::MAX),
+            modes(&g, 0xdead_beef),
+            modes(&g, u32::MAX),
+            modes(&g, 0),
+        ];
+        assert_eq!(got, KNOWN_MODES);
+        let keys = [0x5eed_c0ff_ee00_1234, u64::MAX];
+        let got = keys.map(|k| (f.conntrack_hash(k), g.conntrack_hash(k)));
+        assert_eq!(got, KNOWN_CONNTRACK);
+        assert_eq!(
+            [
+                HashMode::FiveTuple.keyword(),
+                HashMode::SourceAddress.keyword(),
+                HashMode::DestinationPort.keyword()
+            ],
+            ["5-tuple", "source", "dport"],
+            "the config's words"
+        );
+    }
+
+    const KNOWN_MODES: [(u32, u32); 5] = [
+        (1644414815, 1061975086),
+        (2817116721, 2295132091),
+        (2404969393, 727976684),
+        (1059963599, 1302634715),
+        (1192561312, 2296187967),
+    ];
+    const KNOWN_CONNTRACK: [(u64, u64); 2] = [
+        (4887310144621212683, 13318899554788811975),
+        (9136678045348699516, 2546805123783563241),
+    ];
     const KNOWN_SOURCE_0: u32 = 75_322_443;
     const KNOWN_DPORT_0: u32 = 3_148_850_587;
     const KNOWN_V4_0: u32 = 3_387_779_994;

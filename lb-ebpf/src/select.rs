@@ -565,11 +565,13 @@ fn from_table<'a, F: Flow>(
     };
     // Second chance: only a TCP packet that is not a SYN can belong to a connection that
     // started under the previous table; L2 DSR has no header to carry the previous hop,
-    // and GUE Vips are not chained (`lb_decap` chains by IPIP headers only).
+    // GUE Vips are not chained (`lb_decap` chains by IPIP headers only), and chaining
+    // builds headers of the Vip's family (an IPv4 Vip's IPv6 Backend gets none).
     let previous = if pkt.syn
         || pkt.icmp_error
         || pkt.flow.proto() != PROTO_TCP
         || vip.flags & (vip_flags::L2_DSR | vip_flags::GUE) != 0
+        || (backend.flags & backend_flags::IPV6 != 0) != (vip.flags & vip_flags::IPV6 != 0)
     {
         EMPTY_BACKEND
     } else {

@@ -164,6 +164,8 @@ pub struct Lab {
     pub backends: Vec<LabBackend>,
     pub vips: Vec<LabVip>,
     pub tables: HashMap<u32, MaglevTable>,
+    /// The Vips' previous tables (second chance): none unless a test installs them.
+    pub prev_tables: HashMap<u32, MaglevTable>,
     /// Loaded from another build's object (`with_object`).
     pub other_object: bool,
 }
@@ -242,6 +244,7 @@ impl Lab {
             backends,
             vips: vips(),
             tables: HashMap::new(),
+            prev_tables: HashMap::new(),
             other_object: object.is_some(),
         };
         lab.configure();
@@ -363,6 +366,13 @@ impl Lab {
 
     /// Builds and installs Vip `id`'s table from the given backend ids.
     pub fn set_table(&mut self, id: u32, members: &[u32]) {
+        let table = self.build_table(members);
+        self.dataplane.install_table(id, &table).unwrap();
+        self.tables.insert(id, table);
+    }
+
+    /// The table of the given backend ids, built as the daemon builds it.
+    pub fn build_table(&self, members: &[u32]) -> MaglevTable {
         let members: Vec<MaglevBackend> = members
             .iter()
             .map(|m| {
@@ -370,12 +380,25 @@ impl Lab {
                 MaglevBackend::new(b.id, b.addr, 1)
             })
             .collect();
-        let table = maglev::build(&members, TABLE_SIZE, SEED);
-        self.dataplane.install_table(id, &table).unwrap();
-        self.tables.insert(id, table);
+        maglev::build(&members, TABLE_SIZE, SEED)
     }
 
-    /// Marks backend `id` up or down in the data plane.
+    /// Builds and installs Vip `id`'s previous table (second chance) from the given backend
+    /// ids, as if its pool had been `members` before; `None` removes it (expired).
+    pub fn set_prev_table(&mut self, id: u32, members: Option<&[u32]>) {
+        match members {
+            Some(members) => {
+                let table = self.build_table(members);
+                self.dataplane.install_prev_tables(&[(id, &table)]).unwrap();
+                self.prev_tables.insert(id, table);
+            }
+            None => {
+                self.dataplane.remove_prev_table(id).unwrap();
+                self.prev_tables.remove(&id);
+            }
+        }
+    }
+
     /// Marks backend `id` up or down in the data plane, as the daemon does: going down
     /// takes a new generation, voiding the connection entries made while it was up.
     pub fn set_backend_up(&mut self, id: u32, up: bool) {

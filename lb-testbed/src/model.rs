@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
+    conntrack::Way,
     consts::vip_flags,
     hash::{Flow, HashMode, vip_filter_bit},
     types::VipFilter,
@@ -39,7 +40,22 @@ pub enum Decision {
         backend: u32,
         output: Vec<u8>,
         icmp_error: bool,
+        /// The Flow a connection-table entry is made for (none for an ICMP error).
+        flow: Option<Flow>,
+        /// What second chance sends instead when the flow has no connection-table entry.
+        chained: Option<Chained>,
+        /// Decided by a connection-table way (counted as a hit).
+        entry: bool,
     },
+}
+
+/// A packet sent to its current Backend with its previous one attached (second chance).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chained {
+    pub previous: u32,
+    pub vip: u32,
+    /// Outer header to the current Backend, middle one to `previous`, then the packet.
+    pub output: Vec<u8>,
 }
 
 impl Decision {
@@ -78,6 +94,9 @@ pub struct Model<'a> {
     pub vips: &'a [LabVip],
     pub backends: &'a [LabBackend],
     pub tables: &'a HashMap<u32, MaglevTable>,
+    /// The previous tables the data plane holds now (second chance); the fuzzer adds and
+    /// removes them as it goes.
+    pub prev_tables: HashMap<u32, MaglevTable>,
     pub lb_mac: [u8; 6],
     pub filter: VipFilter,
 }
@@ -112,13 +131,21 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// The decision for `frame` when the connection table holds no way of its flow.
     pub fn decide(&self, frame: &[u8]) -> Decision {
+        self.decide_with(frame, &|_| None)
+    }
+
+    /// The decision for `frame`, `entry` giving the way the connection table holds for a
+    /// Flow (`Dataplane::conntrack`: whichever way has its tag in one of its two buckets,
+    /// which may be another flow's, the table's documented false match).
+    pub fn decide_with(&self, frame: &[u8], entry: &dyn Fn(&Flow) -> Option<Way>) -> Decision {
         match self.parse(frame) {
             Err(Stop::Pass(c)) => Decision::Pass(c),
             Err(Stop::Drop(c)) => Decision::Drop(c, vec![]),
             Err(Stop::Reply(bytes)) => Decision::Reply(bytes),
             Err(Stop::Stateful) => Decision::Stateful,
-            Ok((l3, parsed)) => self.select(frame, l3, &parsed),
+            Ok((l3, parsed)) => self.select(frame, l3, &parsed, entry),
         }
     }
 
@@ -260,7 +287,22 @@ impl<'a> Model<'a> {
             .ok_or(Stop::Pass("pass_vip_other"))
     }
 
-    fn select(&self, frame: &[u8], l3: usize, p: &Parsed) -> Decision {
+    fn select(
+        &self,
+        frame: &[u8],
+        l3: usize,
+        p: &Parsed,
+        entry: &dyn Fn(&Flow) -> Option<Way>,
+    ) -> Decision {
+        // A way that holds (its Vip and Backend there, the Backend up) decides before the
+        // Vip is looked up; a SYN starts afresh.
+        if let Some(decision) = (!p.syn)
+            .then(|| entry(&p.flow))
+            .flatten()
+            .and_then(|way| self.by_way(frame, l3, p, &way))
+        {
+            return decision;
+        }
         let vip = match self.vip_of(&p.flow) {
             Ok(vip) => vip,
             Err(Stop::Pass(c)) => return Decision::Pass(c),
@@ -286,31 +328,122 @@ impl<'a> Model<'a> {
             };
         }
         let hash = p.flow.hash(SEED);
-        let backend = self.tables[&vip].lookup(p.flow.table_hash(HashMode::of(v.flags), SEED));
-        let b = self.backends.iter().find(|b| b.id == backend).unwrap();
-        let output = if v.flags & vip_flags::L2_DSR != 0 {
-            expect_l2(frame, self.lb_mac, b.mac)
-        } else {
-            match b.addr {
-                IpAddr::V4(dst) => {
-                    let src = encap_src4(ENCAP_SRC4, hash);
-                    expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, dst.octets())
-                }
-                IpAddr::V6(dst) if p.flow.dst.is_ipv4() => {
-                    // An IPv4 Vip with IPv6 backends: IPv4-in-IPv6.
-                    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
-                    expect_4in6(frame, l3, self.lb_mac, b.mac, src, dst.octets(), hash)
-                }
-                IpAddr::V6(dst) => {
-                    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
-                    expect_ip6ip6_at(frame, l3, self.lb_mac, b.mac, src, dst.octets(), hash)
-                }
-            }
-        };
+        let slot_hash = p.flow.table_hash(HashMode::of(v.flags), SEED);
+        let backend = self.tables[&vip].lookup(slot_hash);
+        let b = self.backend(backend);
+        let output = self.encapsulate(frame, l3, v, b, hash, p.flow.dst);
+        let chained = self.previous(v, b, slot_hash, p).map(|previous| Chained {
+            previous: previous.id,
+            vip,
+            output: self.chain(frame, l3, b, previous, hash),
+        });
         Decision::Forward {
             backend,
             output,
             icmp_error: p.icmp_error,
+            flow: (!p.icmp_error).then_some(p.flow),
+            chained,
+            entry: false,
+        }
+    }
+
+    /// Forwarding along a connection-table way, by its Vip's flags to its Backend; `None`
+    /// if the way does not hold (the lab never changes generations: only up matters).
+    fn by_way(&self, frame: &[u8], l3: usize, p: &Parsed, way: &Way) -> Option<Decision> {
+        let v = self.vips.iter().find(|v| v.id == way.vip)?;
+        let b = self.backends.iter().find(|b| b.id == way.backend && b.up)?;
+        let hash = p.flow.hash(SEED);
+        Some(Decision::Forward {
+            backend: b.id,
+            output: self.encapsulate(frame, l3, v, b, hash, v.addr),
+            icmp_error: p.icmp_error,
+            flow: (!p.icmp_error).then_some(p.flow),
+            chained: None,
+            entry: true,
+        })
+    }
+
+    fn backend(&self, id: u32) -> &LabBackend {
+        self.backends.iter().find(|b| b.id == id).unwrap()
+    }
+
+    /// The frame as sent to backend `b` of Vip `v` (to `dst`, the Vip's address).
+    fn encapsulate(
+        &self,
+        frame: &[u8],
+        l3: usize,
+        v: &LabVip,
+        b: &LabBackend,
+        hash: u32,
+        dst: IpAddr,
+    ) -> Vec<u8> {
+        if v.flags & vip_flags::L2_DSR != 0 {
+            return expect_l2(frame, self.lb_mac, b.mac);
+        }
+        match b.addr {
+            IpAddr::V4(to) => {
+                let src = encap_src4(ENCAP_SRC4, hash);
+                expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, to.octets())
+            }
+            IpAddr::V6(to) if dst.is_ipv4() => {
+                // An IPv4 Vip with IPv6 backends: IPv4-in-IPv6.
+                let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                expect_4in6(frame, l3, self.lb_mac, b.mac, src, to.octets(), hash)
+            }
+            IpAddr::V6(to) => {
+                let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                expect_ip6ip6_at(frame, l3, self.lb_mac, b.mac, src, to.octets(), hash)
+            }
+        }
+    }
+
+    /// Second chance (README "Running a fleet"): the Backend that Vip `v`'s previous table
+    /// gives a TCP packet that is not a SYN nor an ICMP error, when the Vip encapsulates,
+    /// the Backend differs from the current one `b`, is up, and both are of the Vip's
+    /// family (an IPv4 Vip's IPv6 Backend has no IPv4 header to chain in).
+    fn previous(
+        &self,
+        v: &LabVip,
+        b: &LabBackend,
+        slot_hash: u32,
+        p: &Parsed,
+    ) -> Option<&LabBackend> {
+        if p.flow.proto != 6 || p.syn || p.icmp_error || v.flags & vip_flags::L2_DSR != 0 {
+            return None;
+        }
+        let id = self.prev_tables.get(&v.id)?.lookup(slot_hash);
+        let previous = self.backends.iter().find(|b| b.id == id)?;
+        let family = |a: IpAddr| a.is_ipv6();
+        (previous.id != b.id
+            && previous.up
+            && family(previous.addr) == family(v.addr)
+            && family(b.addr) == family(v.addr))
+        .then_some(previous)
+    }
+
+    /// The chained frame: an outer header to the current Backend `b`, a middle one to
+    /// `previous`, both from the flow's encapsulation source, then the client's packet.
+    fn chain(
+        &self,
+        frame: &[u8],
+        l3: usize,
+        b: &LabBackend,
+        previous: &LabBackend,
+        hash: u32,
+    ) -> Vec<u8> {
+        match (b.addr, previous.addr) {
+            (IpAddr::V4(to), IpAddr::V4(via)) => {
+                let src = encap_src4(ENCAP_SRC4, hash);
+                let middle = expect_ipip_at(frame, l3, self.lb_mac, b.mac, src, via.octets());
+                expect_ipip_at(&middle, l3, self.lb_mac, b.mac, src, to.octets())
+            }
+            (IpAddr::V6(to), IpAddr::V6(via)) => {
+                let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+                let middle =
+                    expect_ip6ip6_at(frame, l3, self.lb_mac, b.mac, src, via.octets(), hash);
+                expect_ip6ip6_at(&middle, l3, self.lb_mac, b.mac, src, to.octets(), hash)
+            }
+            _ => unreachable!("chained only within the Vip's family"),
         }
     }
 }

@@ -322,11 +322,10 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
         (table, pinned.prev_table_slot(vip_id, slot_hash))
     {
         let state = pinned.vip_state(vip_id)?;
-        let up = |id: u32| {
-            pinned
-                .backend(id)
-                .is_ok_and(|b| b.flags & lb_common::consts::backend_flags::UP != 0)
-        };
+        let flag = |id: u32, bit: u32| pinned.backend(id).is_ok_and(|b| b.flags & bit != 0);
+        let up = |id: u32| flag(id, lb_common::consts::backend_flags::UP);
+        let vip_v6 = state.flags & lb_common::consts::vip_flags::IPV6 != 0;
+        let other_family = |id: u32| flag(id, lb_common::consts::backend_flags::IPV6) != vip_v6;
         let why_not = if before == now || before == 0 {
             Some("the previous table names the same backend")
         } else if flow.proto != lb_common::consts::PROTO_TCP {
@@ -335,6 +334,8 @@ pub fn trace(flow: &Flow, pin_dir: &Path) -> anyhow::Result<String> {
             Some("l2_dsr has no header to carry it")
         } else if !up(before) {
             Some("that backend is down")
+        } else if other_family(now) || other_family(before) {
+            Some("a backend of the other family than the Vip's (chained headers are the Vip's)")
         } else if entry.is_some() {
             Some("the connection-table entry decides")
         } else {

@@ -1248,13 +1248,16 @@ mod tests {
     #[derive(Clone, Default)]
     struct Recorder {
         ops: Vec<String>,
+        /// The next-hop generation of each `set_global`, in order.
+        fib_generations: Vec<u32>,
         backends: BTreeMap<u32, Backend>,
         tables: BTreeMap<u32, MaglevTable>,
         prev: BTreeMap<u32, MaglevTable>,
     }
 
     impl DataplaneOps for Recorder {
-        fn set_global(&mut self, _: &GlobalConfig) -> Result<(), DataplaneError> {
+        fn set_global(&mut self, config: &GlobalConfig) -> Result<(), DataplaneError> {
+            self.fib_generations.push(config.fib_generation);
             Ok(())
         }
         fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
@@ -1451,6 +1454,9 @@ mod tests {
             .unwrap();
         r.apply(&small(&[("10.0.0.1", 1)])).unwrap();
         assert_eq!(r.assignments().retired.len(), 2);
+        // A reload that adds nothing ends no retirement.
+        r.apply(&small(&[("10.0.0.1", 1)])).unwrap();
+        assert_eq!(r.assignments().retired.len(), 2);
         advance(1);
         r.apply(&small(&[("10.0.0.1", 1), ("10.0.0.4", 1)]))
             .unwrap();
@@ -1548,6 +1554,34 @@ mod tests {
     }
 
     #[test]
+    fn a_previous_table_from_the_maps_names_a_retired_backend_by_its_key() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 1)];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        let id3 = ids(&first)["web/10.0.0.3"];
+        // Restarted on a config without 10.0.0.3: it is retired, the served table kept.
+        let restart = |before: &Reconciler<Recorder>, saved| {
+            let mut r = Reconciler::new(before.dataplane().clone(), before.assignments().clone());
+            r.set_clock(test_clock);
+            r.restore_previous(saved);
+            r.apply(&config_sc(&new)).unwrap();
+            r
+        };
+        let second = restart(&first, BTreeMap::new());
+        assert!(second.assignments().retired.contains_key("web/10.0.0.3"));
+        // Started again: the previous table comes from the maps, 10.0.0.3 by its key.
+        let third = restart(&second, second.saved_previous());
+        let previous = third.tables()["10.200.0.1:80/tcp"].previous.as_ref();
+        let members = &previous.expect("kept from the maps").members;
+        assert!(
+            members.contains(&(id3, "web/10.0.0.3".to_owned())),
+            "{members:?}"
+        );
+    }
+
+    #[test]
     fn a_daemon_with_fresh_maps_rebuilds_the_saved_previous_table() {
         let old = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
         let new = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.4", 1)];
@@ -1577,6 +1611,353 @@ mod tests {
         third.restore_previous(saved);
         third.apply(&config_sc(&new)).unwrap();
         assert!(third.dataplane().prev.is_empty());
+    }
+
+    #[test]
+    fn a_saved_previous_table_keeps_its_slot_holders_by_key_until_its_time() {
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 0), ("fd00::3", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.4", 1)];
+        let mut first = Reconciler::new(Recorder::default(), Assignments::default());
+        first.set_clock(test_clock);
+        first.apply(&config_sc(&old)).unwrap();
+        first.apply(&config_sc(&new)).unwrap();
+        assert_eq!(first.tables()["10.200.0.1:80/tcp"].generation, 2);
+        let saved = first.saved_previous();
+        let table = &saved["10.200.0.1:80/tcp"];
+        // The drained 10.0.0.2 held no slot; the removed fd00::3 is named by its key.
+        let members: Vec<(&str, IpAddr)> = table
+            .members
+            .iter()
+            .map(|m| (m.key.as_str(), m.address))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                ("web/10.0.0.1", addr("10.0.0.1")),
+                ("web/fd00::3", addr("fd00::3"))
+            ]
+        );
+        // A successor restores it while its time is not up, and not from its time on.
+        for (now, restored) in [(table.until - 1, true), (table.until, false)] {
+            NOW.with(|n| n.set(now));
+            let mut next = Reconciler::new(Recorder::default(), Assignments::default());
+            next.set_clock(test_clock);
+            next.restore_previous(saved.clone());
+            next.apply(&config_sc(&new)).unwrap();
+            assert_eq!(!next.dataplane().prev.is_empty(), restored, "at {now}");
+            // Expired, it is never written, not even until the write's end drops it.
+            let written = next.dataplane().ops.iter().any(|o| o.starts_with("prev"));
+            assert_eq!(written, restored, "at {now}");
+            if restored {
+                // Back as retired, up, with its family.
+                let id = next.assignments().retired["web/fd00::3"].id;
+                let flags = next.dataplane().backends[&id].flags;
+                assert_eq!(flags, backend_flags::UP | backend_flags::IPV6);
+            }
+        }
+        NOW.with(|n| n.set(1_000));
+    }
+
+    #[test]
+    fn each_vip_reports_the_diff_of_its_own_tables() {
+        // Two Vips of one pool, with table sizes of their own.
+        let two = |backends: &[(&str, u32)], sizes: [u32; 2]| {
+            let mut c = config(backends);
+            c.vips[0].table_size = sizes[0];
+            let mut other = c.vips[0].clone();
+            other.port = 81;
+            other.table_size = sizes[1];
+            c.vips.push(other);
+            c
+        };
+        let old = [("10.0.0.1", 1), ("10.0.0.2", 1)];
+        let new = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        // The same tables before and different ones after; then different ones before and
+        // the same one after: neither Vip may take the other's diff.
+        for (before, after) in [([251, 251], [251, 257]), ([251, 257], [257, 257])] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            r.apply(&two(&old, before)).unwrap();
+            let old_tables = r.dataplane().tables.clone();
+            let report = r.apply(&two(&new, after)).unwrap();
+            assert_eq!(report.tables.len(), 2);
+            for (endpoint, diff) in &report.tables {
+                let id = r.assignments().vips[endpoint].id;
+                let want = maglev::diff(&old_tables[&id], &r.dataplane().tables[&id]);
+                assert_eq!(*diff, want, "{endpoint}: {before:?} then {after:?}");
+            }
+        }
+    }
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn web(address: &str) -> (String, IpAddr) {
+        ("web".to_owned(), addr(address))
+    }
+
+    /// The ids holding slots in Vip 0's table, as the data plane has it.
+    fn members(r: &Reconciler<Recorder>) -> BTreeSet<u32> {
+        r.dataplane().tables[&0].slots().iter().copied().collect()
+    }
+
+    fn up(r: &Reconciler<Recorder>, id: u32) -> bool {
+        r.dataplane().backends[&id].flags & backend_flags::UP != 0
+    }
+
+    #[test]
+    fn a_report_is_empty_only_without_changes_and_says_what_changed() {
+        let empty = Report::default();
+        assert!(empty.is_empty());
+        assert_eq!(empty.to_string(), "no change\n");
+        // A Vip left without backends is not a change by itself.
+        let only_empty_vips = Report {
+            empty_vips: vec!["v".into()],
+            ..Report::default()
+        };
+        assert!(only_empty_vips.is_empty());
+        let diff = maglev::diff(
+            &maglev::build(&[], 7, 0),
+            &maglev::build(&[MaglevBackend::new(1, addr("10.0.0.1"), 1)], 7, 0),
+        );
+        let each: [fn(&mut Report, &maglev::TableDiff); 6] = [
+            |r, _| r.vips_added.push("va".into()),
+            |r, _| r.vips_removed.push("vr".into()),
+            |r, _| r.vips_changed.push("vc".into()),
+            |r, _| r.backends_added.push("ba".into()),
+            |r, _| r.backends_removed.push("br".into()),
+            |r, d| r.tables.push(("vt".into(), d.clone())),
+        ];
+        let mut all = Report::default();
+        for (i, add) in each.iter().enumerate() {
+            let mut one = Report::default();
+            add(&mut one, &diff);
+            assert!(!one.is_empty(), "change {i}");
+            add(&mut all, &diff);
+        }
+        all.empty_vips.push("ve".into());
+        assert_eq!(
+            all.to_string(),
+            format!(
+                "vips added: va\nvips removed: vr\nvips changed: vc\nbackends added: ba\n\
+                 backends removed: br\ntable vt: {diff}\nvips with no usable backend: ve\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_run_time_drain_empties_its_slots_keeps_it_up_and_lasts_until_undrained() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let backends = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        r.apply(&config(&backends)).unwrap();
+        let id2 = ids(&r)["web/10.0.0.2"];
+        assert!(!r.is_drained("web", addr("10.0.0.2")));
+
+        let (pools, report) = r.set_drained(addr("10.0.0.2"), true).unwrap();
+        assert_eq!(pools, ["web"]);
+        assert_eq!(report.tables.len(), 1);
+        assert!(
+            !members(&r).contains(&id2),
+            "no new flow to a drained backend"
+        );
+        assert!(up(&r, id2), "its connections keep it");
+        assert!(r.is_drained("web", addr("10.0.0.2")));
+        assert!(!r.is_drained("web", addr("10.0.0.1")));
+        assert_eq!(members(&r).len(), 2);
+
+        // A reload keeps the drain.
+        r.apply(&config(&backends)).unwrap();
+        assert!(!members(&r).contains(&id2));
+        // An address no pool has: nothing to drain.
+        let (pools, report) = r.set_drained(addr("10.9.9.9"), true).unwrap();
+        assert!(pools.is_empty() && report.is_empty());
+
+        let (pools, _) = r.set_drained(addr("10.0.0.2"), false).unwrap();
+        assert_eq!(pools, ["web"]);
+        assert!(members(&r).contains(&id2));
+        assert!(!r.is_drained("web", addr("10.0.0.2")));
+
+        // A drained backend removed from the config comes back undrained.
+        r.set_drained(addr("10.0.0.3"), true).unwrap();
+        r.apply(&config(&backends[..2])).unwrap();
+        r.apply(&config(&backends)).unwrap();
+        assert!(!r.is_drained("web", addr("10.0.0.3")));
+        assert!(members(&r).contains(&ids(&r)["web/10.0.0.3"]));
+    }
+
+    #[test]
+    fn backends_a_former_daemon_had_down_or_drained_start_so() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.set_initially_down(&[web("10.0.0.1")]);
+        r.set_initially_drained(&[web("10.0.0.2")]);
+        assert!(r.down_backends().is_empty(), "no config yet");
+        r.apply(&config(&[
+            ("10.0.0.1", 1),
+            ("10.0.0.2", 1),
+            ("10.0.0.3", 1),
+        ]))
+        .unwrap();
+        let ids = ids(&r);
+        let (id1, id2, id3) = (
+            ids["web/10.0.0.1"],
+            ids["web/10.0.0.2"],
+            ids["web/10.0.0.3"],
+        );
+        assert_eq!(members(&r), BTreeSet::from([id3]));
+        assert!(!up(&r, id1) && up(&r, id2) && up(&r, id3));
+        assert_eq!(r.down_backends(), [web("10.0.0.1")]);
+        assert!(!r.is_up("web", addr("10.0.0.1")));
+        assert!(r.is_up("web", addr("10.0.0.2")));
+        assert!(r.is_drained("web", addr("10.0.0.2")));
+        // Health says it is back: it gets its slots again.
+        r.set_health(&[("web".into(), addr("10.0.0.1"), true)])
+            .unwrap();
+        assert!(members(&r).contains(&id1) && up(&r, id1));
+        assert!(r.down_backends().is_empty());
+    }
+
+    #[test]
+    fn backends_a_reload_adds_to_checked_pools_start_down_once_gated() {
+        let checked = |backends: &[(&str, u32)]| {
+            let mut c = config(backends);
+            c.pools.get_mut("web").unwrap().health_check.kind = CheckKind::Tcp;
+            c
+        };
+        for gated in [false, true] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            if gated {
+                r.gate_new_backends_on_health();
+            }
+            // At a first start, every backend starts up.
+            r.apply(&checked(&[("10.0.0.1", 1)])).unwrap();
+            assert!(r.down_backends().is_empty());
+            r.apply(&checked(&[("10.0.0.1", 1), ("10.0.0.2", 1)]))
+                .unwrap();
+            let id2 = ids(&r)["web/10.0.0.2"];
+            assert_eq!(up(&r, id2), !gated, "gated {gated}");
+            assert_eq!(members(&r).contains(&id2), !gated, "gated {gated}");
+            // A pool without checks has nothing to wait for.
+            r.apply(&config(&[
+                ("10.0.0.1", 1),
+                ("10.0.0.2", 1),
+                ("10.0.0.3", 1),
+            ]))
+            .unwrap();
+            assert!(up(&r, ids(&r)["web/10.0.0.3"]), "gated {gated}");
+        }
+    }
+
+    #[test]
+    fn refreshing_next_hops_writes_a_new_fib_generation() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.refresh_next_hops().unwrap();
+        assert!(r.dataplane().fib_generations.is_empty(), "no config yet");
+        r.apply(&config(&[("10.0.0.1", 1)])).unwrap();
+        let first = *r.dataplane().fib_generations.last().unwrap();
+        r.refresh_next_hops().unwrap();
+        r.refresh_next_hops().unwrap();
+        assert_eq!(r.dataplane().fib_generations[1..], [first + 1, first + 2]);
+        assert_eq!(r.assignments().fib_generation, first + 2);
+        // It never wraps to 0 (the data plane's "never looked up").
+        r.assignments.fib_generation = u32::MAX;
+        r.refresh_next_hops().unwrap();
+        assert_eq!(r.dataplane().fib_generations.last(), Some(&1));
+    }
+
+    #[test]
+    fn backends_are_flagged_with_their_family() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        r.apply(&config(&[("10.0.0.1", 1), ("fd00::1", 1)]))
+            .unwrap();
+        let ids = ids(&r);
+        let flags = |r: &Reconciler<Recorder>, key: &str| r.dataplane().backends[&ids[key]].flags;
+        assert_eq!(flags(&r, "web/10.0.0.1"), backend_flags::UP);
+        let v6 = backend_flags::IPV6;
+        assert_eq!(flags(&r, "web/fd00::1"), backend_flags::UP | v6);
+        // Health transitions keep the family.
+        for up in [false, true] {
+            r.set_health(&[("web".into(), addr("fd00::1"), up)])
+                .unwrap();
+            let want = if up { backend_flags::UP } else { 0 };
+            assert_eq!(flags(&r, "web/fd00::1"), want | v6, "up {up}");
+        }
+    }
+
+    #[test]
+    fn an_installed_table_names_exactly_the_backends_holding_slots() {
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let mut c = config(&[("10.0.0.1", 1), ("10.0.0.2", 0), ("10.0.0.3", 2)]);
+        for (i, b) in c
+            .pools
+            .get_mut("web")
+            .unwrap()
+            .backends
+            .iter_mut()
+            .enumerate()
+        {
+            b.name = format!("be{}", i + 1);
+        }
+        r.apply(&c).unwrap();
+        let ids = ids(&r);
+        let named = &r.tables()["10.200.0.1:80/tcp"].members;
+        assert_eq!(
+            *named,
+            [
+                (ids["web/10.0.0.1"], "be1".to_owned()),
+                (ids["web/10.0.0.3"], "be3".to_owned())
+            ]
+        );
+        let holding: BTreeSet<u32> = named.iter().map(|(id, _)| *id).collect();
+        assert_eq!(holding, members(&r));
+    }
+
+    #[test]
+    fn a_reload_reports_the_vips_whose_settings_changed_and_only_those() {
+        let two = |echo: bool| {
+            let mut c = config(&[("10.0.0.1", 1)]);
+            let mut other = c.vips[0].clone();
+            other.port = 81;
+            other.icmp_echo = echo;
+            c.vips.push(other);
+            c
+        };
+        let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+        let report = r.apply(&two(true)).unwrap();
+        assert_eq!(report.vips_added.len(), 2);
+        assert!(report.vips_changed.is_empty());
+        let report = r.apply(&two(true)).unwrap();
+        assert!(
+            report.vips_changed.is_empty() && report.is_empty(),
+            "{report}"
+        );
+        let report = r.apply(&two(false)).unwrap();
+        assert_eq!(report.vips_changed, ["10.200.0.1:81/tcp"]);
+        assert!(report.vips_added.is_empty());
+    }
+
+    #[test]
+    fn a_config_over_capacity_is_refused_before_anything_is_written() {
+        let backends = [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)];
+        let with = |max_backends: u32, max_vips: u32| {
+            let mut c = config(&backends);
+            c.global.max_backends = max_backends;
+            c.global.max_vips = max_vips;
+            c
+        };
+        // Three members and id 0 reserved: four ids; one Vip.
+        for (max_backends, max_vips, fits) in [(4, 1, true), (3, 1, false), (4, 0, false)] {
+            let mut r = Reconciler::new(Recorder::default(), Assignments::default());
+            match r.apply(&with(max_backends, max_vips)) {
+                Ok(_) => assert!(fits, "{max_backends} {max_vips}"),
+                Err(ReconcileError::Capacity(message)) => {
+                    assert!(!fits, "{max_backends} {max_vips}: {message}");
+                    assert!(r.dataplane().ops.is_empty());
+                    assert!(r.dataplane().fib_generations.is_empty());
+                    assert!(r.config().is_none());
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn config(backends: &[(&str, u32)]) -> Config {

@@ -14,7 +14,7 @@ use lb_common::{
 };
 use lb_testbed::{
     lab::{
-        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, TABLE_SIZE, VIP_ANY_PORT_DSR,
+        CLIENT_MAC, ENCAP_SRC4, ENCAP_SRC6, Lab, SEED, TABLE_SIZE, VIP_ANY_PORT_DSR, VIP_MIXED,
         VIP_SOURCE_HASH, VIP_TCP, VIP_UDP, VIP_V6, deltas,
     },
     packets::*,
@@ -182,6 +182,44 @@ fn a_moved_non_syn_tcp_packet_goes_to_its_backend_with_the_previous_one_attached
         expect_ipip(&input, lab.lb_mac, cur.mac, src, v4(cur.addr))
     );
     assert_eq!(got, counters(&["conntrack_hit", "tx"]));
+}
+
+/// Chained headers are of the Vip's family, so an IPv4 Vip's IPv6 backend (IPv4-in-IPv6)
+/// is never chained: a moved flow goes to it alone, as without second chance. Found by the
+/// differential fuzzer: it went out as IPv4 to the first 32 bits of the IPv6 address.
+#[test]
+fn a_moved_flow_to_an_ipv4_vips_ipv6_backend_is_not_chained() {
+    let mut lab = Lab::new();
+    // The Vip's pool was IPv4 backends 1 and 2; it is IPv6 backends 4 and 5 now.
+    let previous = table(&lab, &[1, 2]);
+    lab.dataplane
+        .install_prev_tables(&[(VIP_MIXED, &previous)])
+        .unwrap();
+    let (sport, flow) = port_where(
+        &lab,
+        VIP_MIXED,
+        &previous,
+        CLIENT,
+        "10.200.0.8",
+        80,
+        PROTO_TCP,
+        true,
+    );
+    let input = tcp(lab.lb_mac, ip(CLIENT), sport, ip("10.200.0.8"), 80, false);
+    let hash = flow.hash(SEED);
+    let cur = hop(&lab, lab.predict(VIP_MIXED, &flow));
+    let src = encap_src6(ENCAP_SRC6.parse().unwrap(), hash);
+    let want = expect_4in6(&input, 14, lab.lb_mac, cur.mac, src, v6(cur.addr), hash);
+    let (out, got) = run(&mut lab, &input);
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!(
+        out.packet, want,
+        "IPv4-in-IPv6 to the current backend alone"
+    );
+    assert_eq!(
+        got,
+        counters(&["conntrack_miss", "conntrack_miss_non_syn", "tx"])
+    );
 }
 
 #[test]

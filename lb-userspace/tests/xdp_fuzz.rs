@@ -4,21 +4,26 @@
 //! BPF_PROG_TEST_RUN, and held to `lb_testbed::model`: same action, same output bytes, same
 //! counters. A frame the model calls malformed is never forwarded. Forwarded flows run
 //! again once cached, so the fast path is held to the same answers as the full path.
+//! Some Vips have a previous table (second chance; one of them expires and comes back as
+//! the run goes), so moved TCP flows are chained, and the model says exactly when and how.
 //!
 //! Budget: `MLB_FUZZ_SECONDS` (default 20; `cargo xtask fuzz xdp --minutes N` sets it), seed
 //! `MLB_FUZZ_SEED` (default: from the clock, printed). Frames under
 //! `tests/data/fuzz/xdp/*.hex` (one hex frame a line) are replayed first. Needs root.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
-use lb_common::consts::prog_names;
+use lb_common::{conntrack, consts::prog_names, hash::Flow};
 use lb_testbed::{
-    lab::{Lab, deltas},
-    model::{Decision, Model},
+    lab::{
+        Lab, VIP_ANY_PORT_DSR, VIP_EMPTY_DROP, VIP_MIXED, VIP_SOURCE_HASH, VIP_SOURCE_HASH6,
+        VIP_TCP, VIP_UDP, VIP_V6, deltas,
+    },
+    model::{Chained, Decision, Model},
     packets::*,
 };
 use rand::{Rng, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
@@ -51,8 +56,8 @@ fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
     out.push(tcp(mac, client, port, ip("10.200.0.8"), 80, rng.random()));
     out.push(tcp(mac, client, port, ip("10.200.0.9"), 80, rng.random()));
     // The hash-mode Vips: source (v4, v6) and destination port.
-    out.push(tcp(mac, client, port, ip("10.200.0.5"), 80, true));
-    out.push(tcp(mac, client6, port, ip("fd00:200::2"), 80, true));
+    out.push(tcp(mac, client, port, ip("10.200.0.5"), 80, rng.random()));
+    out.push(tcp(mac, client6, port, ip("fd00:200::2"), 80, rng.random()));
     out.push(udp(mac, client, port, ip("10.200.0.6"), rng.random()));
     out.push(udp(mac, client6, port, vip6, 53));
     for dst in [vip, ip("10.200.0.2"), vip6] {
@@ -280,6 +285,52 @@ struct Tally {
     executions: u64,
     by_outcome: BTreeMap<String, u64>,
     failures: Vec<String>,
+    /// Flows forwarded unchained, so that this CPU's flow cache may hold them after their
+    /// connection-table way is gone: then they are not chained.
+    tracked: HashSet<Flow>,
+}
+
+/// Previous tables (second chance), as backend ids of the lab, for the Vips the model
+/// must judge: a moved slot whose previous Backend is up (1, 2), down (6), of the other
+/// family (4 for an IPv4 Vip, 1 for an IPv6 one); Vips that never chain (UDP, L2 DSR, no
+/// current Backend); an IPv4 Vip whose current Backends are IPv6. `VIP_V6`'s expires and
+/// comes back during the run.
+const PREVIOUS: &[(u32, &[u32])] = &[
+    (VIP_TCP, &[1, 2, 6]),
+    (VIP_UDP, &[1, 2]),
+    (VIP_ANY_PORT_DSR, &[1]),
+    (VIP_V6, &[4]),
+    (VIP_EMPTY_DROP, &[1, 2]),
+    (VIP_SOURCE_HASH, &[2, 4]),
+    (VIP_SOURCE_HASH6, &[5, 1]),
+    (VIP_MIXED, &[1, 2]),
+];
+
+const CHAINED_COUNTERS: [&str; 4] = [
+    "conntrack_miss",
+    "conntrack_miss_non_syn",
+    "second_chance",
+    "tx",
+];
+
+/// Whether both buckets `flow` may live in are full (no way left for a new entry).
+fn buckets_full(dp: &lb_userspace::dataplane::Dataplane, flow: &Flow) -> bool {
+    let seed = dp.conntrack_seed().unwrap();
+    let place = conntrack::place(
+        flow.conntrack_hash(seed),
+        dp.capacities().conntrack_buckets() - 1,
+    );
+    [place.first, place.second]
+        .iter()
+        .all(|&i| dp.conntrack_bucket(i).unwrap().ways.iter().all(|&w| w != 0))
+}
+
+/// Packets chained for Vip `vip` and for previous Backend `previous` so far.
+fn chained_counts(dp: &lb_userspace::dataplane::Dataplane, c: &Chained) -> (u64, u64) {
+    (
+        dp.chained(true, c.vip + 1).unwrap()[c.vip as usize],
+        dp.chained(false, c.previous + 1).unwrap()[c.previous as usize],
+    )
 }
 
 /// Runs one frame and holds it to the model; `Some` if it was forwarded.
@@ -290,12 +341,21 @@ fn check(
     frame: &[u8],
     tally: &mut Tally,
 ) -> Option<()> {
-    let want = model.decide(frame);
+    // What the connection table holds for the frame's flow, as the program will find it.
+    let want = model.decide_with(frame, &|flow| dp.conntrack(flow).unwrap());
+    let chain = match &want {
+        Decision::Forward {
+            chained: Some(c), ..
+        } => Some(c),
+        _ => None,
+    };
+    let chained_before = chain.map(|c| chained_counts(dp, c));
     let before = dp.counters().unwrap();
     let out = dp
         .test_run(prog_names::LB_INGRESS, frame, ifindex, 1)
         .unwrap();
     let after = dp.counters().unwrap();
+    let chained_after = chain.map(|c| chained_counts(dp, c));
     tally.executions += 1;
     let mut got = deltas(&before, &after);
     got.sort();
@@ -304,6 +364,7 @@ fn check(
         v
     };
     let ones = |names: Vec<&'static str>| sorted(names.into_iter().map(|n| (n, 1)).collect());
+    let mut was_chained = false;
     let problem = match &want {
         Decision::Pass(counter) => {
             (out.action != XDP_PASS || out.packet != frame || got != ones(vec![counter]))
@@ -330,9 +391,17 @@ fn check(
             backend,
             output,
             icmp_error,
+            flow,
+            chained,
+            entry,
         } => {
-            let allowed = if *icmp_error {
+            let plain = if *icmp_error {
                 vec![ones(vec!["icmp_to_backend", "tx"])]
+            } else if *entry {
+                vec![ones(vec!["conntrack_hit", "tx"])]
+            } else if chained.is_some() {
+                // Only a connection-table entry (or the flow cache) keeps it unchained.
+                vec![ones(vec!["conntrack_hit", "tx"])]
             } else {
                 vec![
                     ones(vec!["conntrack_hit", "tx"]),
@@ -340,8 +409,53 @@ fn check(
                     ones(vec!["conntrack_miss", "conntrack_miss_non_syn", "tx"]),
                 ]
             };
-            (out.action != XDP_TX || out.packet != *output || !allowed.contains(&got))
-                .then(|| format!("want TX to backend {backend}, one of {allowed:?}"))
+            // A miss whose two candidate buckets are full of active flows is sent without an
+            // entry, and counted (README: the connection table).
+            let insert_failed = !*icmp_error
+                && !*entry
+                && got.contains(&("conntrack_insert_fail", 1))
+                && flow.is_some_and(|f| buckets_full(dp, &f))
+                && plain.contains(
+                    &got.iter()
+                        .copied()
+                        .filter(|(c, _)| *c != "conntrack_insert_fail")
+                        .collect(),
+                );
+            let sent_plain = out.action == XDP_TX
+                && out.packet == *output
+                && (plain.contains(&got) || insert_failed);
+            // Chained: both headers exact, counted once globally, for its Vip and for the
+            // previous Backend.
+            was_chained = chained.as_ref().is_some_and(|c| {
+                out.action == XDP_TX
+                    && out.packet == c.output
+                    && got == ones(CHAINED_COUNTERS.to_vec())
+                    && chained_after
+                        == chained_before.map(|(vip, previous)| (vip + 1, previous + 1))
+            });
+            let tracked = flow.is_some_and(|f| tally.tracked.contains(&f));
+            match chained {
+                None if !sent_plain => {
+                    Some(format!("want TX to backend {backend}, one of {plain:?}"))
+                }
+                Some(c) if !(was_chained || tracked && sent_plain) => Some(format!(
+                    "want TX to backend {backend} chained to {} {CHAINED_COUNTERS:?} \
+                     (the flow {}), out {}",
+                    c.previous,
+                    if tracked {
+                        "may be in the flow cache: or plain, [conntrack_hit, tx]"
+                    } else {
+                        "has no entry"
+                    },
+                    hex(&c.output)
+                )),
+                _ => {
+                    if !was_chained && let Some(f) = flow {
+                        tally.tracked.insert(*f);
+                    }
+                    None
+                }
+            }
         }
     };
     if want.malformed() && out.action == XDP_TX {
@@ -355,6 +469,7 @@ fn check(
         Decision::Drop(c, _) => format!("drop {c}"),
         Decision::Reply(_) => "tx echo_reply".into(),
         Decision::Stateful => "stateful fragment (not checked)".into(),
+        Decision::Forward { .. } if was_chained => "tx chained".into(),
         Decision::Forward { icmp_error, .. } => {
             format!("tx{}", if *icmp_error { " icmp" } else { "" })
         }
@@ -417,11 +532,16 @@ fn xdp_program_matches_the_model_on_random_and_mutated_frames() {
         });
     eprintln!("xdp fuzz: seed {seed} (MLB_FUZZ_SEED), {seconds} s (MLB_FUZZ_SECONDS)");
     let mut lab = Lab::new();
+    for (vip, members) in PREVIOUS {
+        lab.set_prev_table(*vip, Some(members));
+    }
+    let v6_previous = lab.prev_tables[&VIP_V6].clone();
     let filter = lab.dataplane.global().unwrap().vip_filter;
-    let model = Model {
+    let mut model = Model {
         vips: &lab.vips,
         backends: &lab.backends,
         tables: &lab.tables,
+        prev_tables: lab.prev_tables.clone(),
         lb_mac: lab.lb_mac,
         filter,
     };
@@ -438,6 +558,18 @@ fn xdp_program_matches_the_model_on_random_and_mutated_frames() {
             }
             let deadline = started + Duration::from_secs(seconds);
             while Instant::now() < deadline && tally.failures.len() < 20 {
+                // Now and then VIP_V6's previous table expires, or is back (a swap costs a
+                // grace period: not every round).
+                if rng.random_ratio(1, 8) {
+                    if model.prev_tables.remove(&VIP_V6).is_some() {
+                        dataplane.remove_prev_table(VIP_V6).unwrap();
+                    } else {
+                        dataplane
+                            .install_prev_tables(&[(VIP_V6, &v6_previous)])
+                            .unwrap();
+                        model.prev_tables.insert(VIP_V6, v6_previous.clone());
+                    }
+                }
                 let seeds = seeds(mac, &mut rng);
                 for _ in 0..64 {
                     let base = seeds.choose(&mut rng).unwrap();
@@ -492,6 +624,7 @@ fn xdp_program_matches_the_model_on_random_and_mutated_frames() {
         "drop drop_no_backend",
         "tx",
         "tx icmp",
+        "tx chained",
     ] {
         assert!(
             tally.by_outcome.contains_key(outcome),

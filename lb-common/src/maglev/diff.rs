@@ -197,3 +197,49 @@ impl Hasher for IdHasher {
         self.0 = h ^ (h >> 32);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_counts_backends_that_only_lose_or_only_gain_as_others() {
+        let b = |id, old_slots, new_slots, lost, gained| BackendDiff {
+            id,
+            old_slots,
+            new_slots,
+            lost,
+            gained,
+        };
+        let diff = TableDiff {
+            old_size: 7,
+            new_size: 7,
+            changed_slots: 4,
+            moved_fraction: 4.0 / 7.0,
+            backends: vec![
+                b(1, 3, 1, 2, 0), // loses some
+                b(2, 2, 3, 1, 2), // gains and loses
+                b(3, 2, 0, 2, 0), // loses all
+                b(4, 0, 2, 0, 2), // gains its first
+                b(5, 0, 1, 0, 1), // gains its first
+            ],
+        };
+        assert_eq!(
+            diff.to_string(),
+            "4/7 slots change, 57.14% of flows move: 1 backend loses all its slots, 2 gain \
+             their first, 2 others gain or lose some"
+        );
+        // One that only gains.
+        let diff = TableDiff {
+            backends: vec![b(1, 1, 3, 0, 2), b(2, 3, 3, 0, 0)],
+            changed_slots: 2,
+            moved_fraction: 2.0 / 7.0,
+            ..diff
+        };
+        assert_eq!(
+            diff.to_string(),
+            "2/7 slots change, 28.57% of flows move: 0 backends lose all their slots, 0 gain \
+             their first, 1 other gains or loses some"
+        );
+    }
+}

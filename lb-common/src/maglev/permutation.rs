@@ -89,6 +89,22 @@ mod tests {
         assert_eq!(key_hash(&key, 7, OFFSET_STREAM), KEY_HASH_SEQ_SEED7);
     }
 
+    #[test]
+    fn a_composite_size_moves_skip_up_to_the_next_coprime_value() {
+        // Not a valid table size (validation refuses it), but `build` must still fill the
+        // table: the skip the hash gives is moved up to the next value coprime with `m`.
+        let coprime = |s: u32, m: u32| (2..=s).all(|d| s % d != 0 || m % d != 0);
+        for m in [4u32, 6, 12, 256, 1000] {
+            for k in 0..50u8 {
+                let key = [k; 16];
+                let raw = (key_hash(&key, 3, SKIP_STREAM) % u64::from(m - 1) + 1) as u32;
+                let want = (raw..m).find(|&s| coprime(s, m)).expect("m - 1 is coprime");
+                assert_eq!(offset_skip(&key, 3, m, false).1, want, "m={m} raw={raw}");
+            }
+        }
+        assert_eq!((gcd(12, 18), gcd(7, 12), gcd(5, 0)), (6, 1, 5));
+    }
+
     // Computed by an independent Python implementation of the same definition.
     const KEY_HASH_ZERO_OFFSET: u64 = 0x3f49_3ec4_acf1_c698;
     const KEY_HASH_ZERO_SKIP: u64 = 0x82e9_7814_38e8_7bfd;

@@ -199,6 +199,22 @@ mod tests {
     }
 
     #[test]
+    fn carmichael_numbers_beyond_the_sieve_are_composite() {
+        // Fermat pseudoprimes to every base coprime with them, with no factor the trial
+        // division knows: only the strong test (Miller–Rabin's squarings) rejects them.
+        for (n, factors) in [
+            (410_041, [41, 73, 137]),
+            (1_152_271, [43, 127, 211]),
+            (10_024_561, [71, 271, 521]),
+        ] {
+            assert_eq!(factors.iter().product::<u32>(), n);
+            assert!(!is_prime(n), "{n}");
+        }
+        // And primes of table sizes well past the sieve still are.
+        assert!(is_prime(655_373) && is_prime(4_294_967_291));
+    }
+
+    #[test]
     fn is_prime_is_exact_on_known_large_values() {
         // Largest u32 prime, strong pseudoprimes to single bases, Carmichael numbers.
         assert!(is_prime(4_294_967_291));

@@ -269,6 +269,7 @@ mod tests {
         t += 100 * MS;
         let step = h.observe(t, Err(fail()));
         assert_eq!(step.hold_started, Some(Duration::from_secs(10)));
+        assert_eq!(step.flaps, 5);
         assert!(step.transition.unwrap().reason.contains("flapping"));
         // Passing checks during the hold change nothing.
         for _ in 0..50 {
@@ -305,6 +306,8 @@ mod tests {
         let step = h.observe(t + MS, Ok(()));
         assert_eq!(step.transition, None);
         assert_eq!(step.hold_started, Some(damping.hold));
+        // The log counts the refused rise with the fall: 2 changes, over the limit of 1.
+        assert_eq!(step.flaps, 2);
         assert!(!h.is_up());
     }
 
