@@ -217,7 +217,7 @@ unsafe fn scan(bucket: *mut ConntrackBucket, tag: u64) -> (usize, usize) {
 /// A first bucket whose first empty way is at most this index takes the new entry without
 /// the second bucket being read: most inserts then cost one cache line (measured in one
 /// sitting: a new flow 271 ns above empty reading both, 248 reading one), and the choice
-/// between the two only starts once the first is three-quarters full, where it matters.
+/// between the two only starts once five of the first's seven ways are used, where it matters.
 pub const ONE_LINE_FILL: usize = WAYS - 3;
 
 /// The way a new entry of `tag` goes to, across its two buckets, as an index (`0..WAYS`
@@ -358,15 +358,15 @@ mod tests {
 
     #[test]
     fn buckets_are_the_power_of_two_that_holds_the_entries_within_bounds() {
-        // (entries, buckets): 8 ways a bucket, at least 2 buckets, at most MAX_BUCKETS.
+        // (entries, buckets): 7 ways a bucket, at least 2 buckets, at most MAX_BUCKETS.
         for (entries, want) in [
             (0, 2),
-            (16, 2),
-            (17, 4),
+            (14, 2),
+            (15, 4),
             (40, 8),
-            (65_536, 8192),
-            (65_537, 16_384),
-            (1 << 24, 1 << 21),
+            (57_344, 8192),
+            (57_345, 16_384),
+            (7 << 21, 1 << 21),
             (u32::MAX, 1 << 21),
         ] {
             assert_eq!(buckets(entries), want, "{entries} entries");
@@ -421,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn a_first_bucket_with_room_takes_the_entry_until_three_quarters_full() {
+    fn a_first_bucket_with_room_takes_the_entry_until_five_of_its_seven_ways_are_used() {
         let filled = |n: usize| {
             let mut b = ConntrackBucket::default();
             for (i, way) in b.ways.iter_mut().take(n).enumerate() {
@@ -449,7 +449,7 @@ mod tests {
             let got = unsafe { choose(&mut a, &mut b, 7, 10, 100) };
             assert_eq!(got, Some(want), "{first} and {second} used");
         }
-        assert_eq!(ONE_LINE_FILL, 5);
+        assert_eq!(ONE_LINE_FILL, 4);
     }
 
     #[test]
