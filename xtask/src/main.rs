@@ -43,7 +43,7 @@ enum Command {
     /// Fuzzers with a longer budget than the test suite gives them.
     #[command(subcommand)]
     Fuzz(fuzz::Fuzz),
-    /// cargo-mutants over the Maglev builder, the flow hash, reconcile and health (long;
+    /// cargo-mutants over the Maglev builder, the flow hash, the connection-table rules, reconcile and health (long;
     /// not in CI).
     Mutants(mutants::Args),
     /// The Debian package: mlb, its systemd unit, /etc/mlb/lb.yaml (a conffile), shell

@@ -93,7 +93,8 @@ mod tests {
     fn a_composite_size_moves_skip_up_to_the_next_coprime_value() {
         // Not a valid table size (validation refuses it), but `build` must still fill the
         // table: the skip the hash gives is moved up to the next value coprime with `m`.
-        let coprime = |s: u32, m: u32| (2..=s).all(|d| s % d != 0 || m % d != 0);
+        let coprime =
+            |s: u32, m: u32| (2..=s).all(|d| !s.is_multiple_of(d) || !m.is_multiple_of(d));
         for m in [4u32, 6, 12, 256, 1000] {
             for k in 0..50u8 {
                 let key = [k; 16];
