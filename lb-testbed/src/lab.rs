@@ -5,7 +5,8 @@ use std::{collections::HashMap, net::IpAddr};
 
 use lb_common::{
     consts::{
-        Counter, FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots, prog_names, vip_flags,
+        Counter, DecapCounter, FAMILY_V4, FAMILY_V6, backend_flags, icmp_rate_slots, prog_names,
+        vip_flags,
     },
     hash::{Flow, HashMode, addr_words},
     maglev::{self, MaglevBackend, MaglevTable},
@@ -442,6 +443,28 @@ impl Lab {
             .enter(|| dataplane.test_run(prog_names::LB_INGRESS, packet, ifindex, 1))
             .unwrap()
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `lb_decap` once on `packet`, as if it arrived on veth0, and the decap counters'
+    /// deltas by name.
+    pub fn run_decap(&mut self, packet: &[u8]) -> (TestRunOutcome, Vec<(&'static str, u64)>) {
+        let before = self.dataplane.decap_counters().unwrap();
+        let ifindex = self.ifindex;
+        let dataplane = &mut self.dataplane;
+        let out = self
+            .netns
+            .enter(|| dataplane.test_run(prog_names::LB_DECAP, packet, ifindex, 1))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let after = self.dataplane.decap_counters().unwrap();
+        let deltas = DecapCounter::ALL
+            .iter()
+            .filter_map(|c| {
+                let d = after[*c as usize] - before[*c as usize];
+                (d != 0).then_some((c.name(), d))
+            })
+            .collect();
+        (out, deltas)
     }
 
     /// Runs `f` inside the lab's namespace with the data plane (for many packets at once).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{
-    consts::{DEFAULT_GUE_PORT, DecapCounter, prog_names, vip_flags},
+    consts::{DEFAULT_GUE_PORT, DecapCounter, vip_flags},
     hash::Flow,
     maglev::{self, MaglevBackend},
     types::TunnelConfig,
@@ -295,26 +295,6 @@ fn gue_vips_are_not_chained() {
     );
 }
 
-fn decap(lab: &mut Lab, packet: &[u8]) -> (TestRunOutcome, Vec<(&'static str, u64)>) {
-    let before = lab.dataplane.decap_counters().unwrap();
-    let ifindex = lab.ifindex;
-    let dataplane = &mut lab.dataplane;
-    let out = lab
-        .netns
-        .enter(|| dataplane.test_run(prog_names::LB_DECAP, packet, ifindex, 1))
-        .unwrap()
-        .unwrap();
-    let after = lab.dataplane.decap_counters().unwrap();
-    let counters = DecapCounter::ALL
-        .iter()
-        .filter_map(|c| {
-            let d = after[*c as usize] - before[*c as usize];
-            (d != 0).then_some((c.name(), d))
-        })
-        .collect();
-    (out, counters)
-}
-
 /// `lb_decap` takes GUE off (both outer families, both inner ones) when it comes from a
 /// load balancer's prefix to the GUE port: the client's packet is delivered as it was
 /// sent. From elsewhere it is dropped and counted; UDP to another port is not GUE.
@@ -335,7 +315,7 @@ fn lb_decap_takes_gue_off_from_load_balancers_only() {
         let inner = tcp(CLIENT_MAC, ip(client), 5555, ip(vip), 80, false);
         let hash = 0x1234_5678;
         let packet = expect_gue(&inner, (mac, be_mac), backend, hash);
-        let (out, counters) = decap(&mut lab, &packet);
+        let (out, counters) = lab.run_decap(&packet);
         assert_eq!(out.action, XDP_PASS, "{vip}");
         let mut want = packet[..12].to_vec();
         want.extend_from_slice(&inner[12..]);
@@ -349,7 +329,7 @@ fn lb_decap_takes_gue_off_from_load_balancers_only() {
         if backend.is_ipv4() {
             fix_ipv4_checksum(&mut spoofed, 14);
         }
-        let (out, counters) = decap(&mut lab, &spoofed);
+        let (out, counters) = lab.run_decap(&spoofed);
         assert_eq!(out.action, XDP_DROP, "{vip} spoofed");
         assert_eq!(counters, [("drop_source", 1)], "{vip} spoofed");
 
@@ -357,7 +337,7 @@ fn lb_decap_takes_gue_off_from_load_balancers_only() {
         let mut other = packet.clone();
         let dport = if backend.is_ipv4() { 36 } else { 56 };
         other[dport..dport + 2].copy_from_slice(&6081u16.to_be_bytes());
-        let (out, counters) = decap(&mut lab, &other);
+        let (out, counters) = lab.run_decap(&other);
         assert_eq!((out.action, &out.packet), (XDP_PASS, &other), "{vip} port");
         assert!(counters.is_empty(), "{vip} port: {counters:?}");
     }

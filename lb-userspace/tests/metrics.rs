@@ -1039,7 +1039,7 @@ fn a_scrape_of_64_vips_with_100_backends_each_takes_under_50ms() {
         assignments.backends.values().map(|a| a.id),
     );
 
-    let (runtime, server) = serve(&metrics);
+    let (_runtime, server) = serve(&metrics);
     let mut times = Vec::new();
     let mut body = String::new();
     for _ in 0..7 {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use lb_common::{
-    consts::{DecapCounter, PROTO_TCP, PROTO_UDP, prog_names},
+    consts::{PROTO_TCP, PROTO_UDP},
     hash::Flow,
     maglev::{self, MaglevBackend, MaglevTable},
 };
@@ -370,28 +370,6 @@ fn only_moved_tcp_flows_of_encapsulating_vips_with_an_up_previous_backend_are_ch
     assert_eq!(got, plain, "expired");
 }
 
-/// Runs `lb_decap` once on `packet`, arriving on the lab's veth, and the decap counters'
-/// deltas by name.
-fn decap(lab: &mut Lab, packet: &[u8]) -> (TestRunOutcome, Vec<(&'static str, u64)>) {
-    let before = lab.dataplane.decap_counters().unwrap();
-    let ifindex = lab.ifindex;
-    let dataplane = &mut lab.dataplane;
-    let out = lab
-        .netns
-        .enter(|| dataplane.test_run(prog_names::LB_DECAP, packet, ifindex, 1))
-        .unwrap()
-        .unwrap();
-    let after = lab.dataplane.decap_counters().unwrap();
-    let d = DecapCounter::ALL
-        .iter()
-        .filter_map(|c| {
-            let d = after[*c as usize] - before[*c as usize];
-            (d != 0).then_some((c.name(), d))
-        })
-        .collect();
-    (out, d)
-}
-
 /// `inner` (an Ethernet frame) inside IPIP from `src` to `dst`, at the backend's MAC.
 fn wrap4(inner: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     expect_ipip(inner, CLIENT_MAC, [0x02, 0, 0, 0, 0, 0xbb], src, dst)
@@ -453,7 +431,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
     // Plain IPIP from a load balancer: delivered.
     let inner = inner_of(peer_port, 8080, false);
     let frame = wrap4(&inner, lb, me);
-    let (out, got) = decap(&mut lab, &frame);
+    let (out, got) = lab.run_decap(&frame);
     assert_eq!(
         (out.action, out.packet),
         (XDP_PASS, delivered(&frame, &inner))
@@ -465,14 +443,14 @@ fn lb_decap_delivers_sends_on_or_drops() {
         wrap4(&inner, [10, 9, 9, 9], me),
         wrap4(&wrap4(&inner, [10, 9, 9, 9], prev_addr), lb, me),
     ] {
-        let (out, got) = decap(&mut lab, &spoofed);
+        let (out, got) = lab.run_decap(&spoofed);
         assert_eq!(out.action, XDP_DROP);
         assert_eq!(got, [("drop_source", 1)]);
     }
 
     // Chained, and the established socket here has the flow: delivered, both headers off.
     let frame = chained(&inner);
-    let (out, got) = decap(&mut lab, &frame);
+    let (out, got) = lab.run_decap(&frame);
     assert_eq!(
         (out.action, out.packet),
         (XDP_PASS, delivered(&frame, &inner))
@@ -482,7 +460,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
     // Chained SYN: a new connection is always this backend's.
     let syn = inner_of(40_000, 8080, true);
     let frame = chained(&syn);
-    let (out, got) = decap(&mut lab, &frame);
+    let (out, got) = lab.run_decap(&frame);
     assert_eq!(
         (out.action, out.packet),
         (XDP_PASS, delivered(&frame, &syn))
@@ -494,7 +472,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
     for dport in [8080, 9090] {
         let stray = inner_of(40_001, dport, false);
         let frame = chained(&stray);
-        let (out, got) = decap(&mut lab, &frame);
+        let (out, got) = lab.run_decap(&frame);
         let mut want = prev_mac.to_vec();
         want.extend_from_slice(&lb_mac);
         want.extend_from_slice(&frame[12..14]);
@@ -505,7 +483,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
 
     // Chained, but not a TCP segment inside: dropped.
     let junk = udp(lb_mac, IpAddr::V4(peer_ip), 5000, ip("10.111.0.1"), 53);
-    let (out, got) = decap(&mut lab, &chained(&junk));
+    let (out, got) = lab.run_decap(&chained(&junk));
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(got, [("drop_malformed", 1)]);
 
@@ -519,7 +497,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
         lb6.octets(),
         me6.octets(),
     );
-    let (out, got) = decap(&mut lab, &frame);
+    let (out, got) = lab.run_decap(&frame);
     let mut want = prev6_mac.to_vec();
     want.extend_from_slice(&lab.lb_mac);
     want.extend_from_slice(&frame[12..14]);
@@ -532,7 +510,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
         "fd00:1::1".parse::<Ipv6Addr>().unwrap().octets(),
         me6.octets(),
     );
-    let (out, got) = decap(&mut lab, &spoofed);
+    let (out, got) = lab.run_decap(&spoofed);
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(got, [("drop_source", 1)]);
 
@@ -550,7 +528,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
         f.extend_from_slice(&inner[14..]);
         f
     };
-    let (out, got) = decap(&mut lab, &frame);
+    let (out, got) = lab.run_decap(&frame);
     let mut want = frame[..12].to_vec();
     want.extend_from_slice(&[0x08, 0x00]);
     want.extend_from_slice(&inner[14..]);
@@ -559,7 +537,7 @@ fn lb_decap_delivers_sends_on_or_drops() {
 
     // With no source configured, nothing encapsulated is accepted.
     lab.dataplane.set_decap_sources(&[]).unwrap();
-    let (out, got) = decap(&mut lab, &wrap4(&inner, lb, me));
+    let (out, got) = lab.run_decap(&wrap4(&inner, lb, me));
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(got, [("drop_source", 1)]);
 }
