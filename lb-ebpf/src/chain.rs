@@ -21,10 +21,10 @@ use lb_common::{
 
 use crate::{
     encap::{OUTER_TTL, ipip_header, push_l2},
-    maps::{BACKEND_CHAINED, BACKENDS, PREV_TABLES, VIP_CHAINED},
+    maps::{BACKENDS, PREV_TABLES},
     parse::{ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, Verdict, ptr_at},
     route::Selection,
-    stats::count,
+    stats::count_chained,
 };
 
 /// The Backend id the Vip's previous table gives the flow of `hash`, when there is one, it
@@ -75,20 +75,7 @@ pub fn encap_chained(
     } else {
         encap_ipv4(ctx, l2, sel, previous[0], config)?;
     }
-    count(Counter::SecondChance);
-    // SAFETY: per-CPU slots, only this CPU writes them while the program runs.
-    if let Some(c) = VIP_CHAINED.get_ptr_mut(sel.route.entry.vip) {
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
-    if let Some(c) = BACKEND_CHAINED.get_ptr_mut(sel.previous) {
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
+    count_chained(sel.route.entry.vip, sel.previous, bytes);
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 
 use lb_common::consts::Counter;
 
-use crate::maps::{BACKEND_STATS, STATS, VIP_STATS};
+use lb_common::types::TrafficCounters;
+
+use crate::maps::{BACKEND_CHAINED, BACKEND_STATS, STATS, VIP_CHAINED, VIP_STATS};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -15,15 +17,22 @@ pub fn count(counter: Counter) {
 /// Accounts one forwarded packet of `bytes` to its Vip and Backend.
 #[inline(always)]
 pub fn count_forwarded(vip: u32, backend: u32, bytes: u64) {
-    if let Some(c) = VIP_STATS.get_ptr_mut(vip) {
-        // SAFETY: as above.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
-    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
-        // SAFETY: as above.
+    add(VIP_STATS.get_ptr_mut(vip), bytes);
+    add(BACKEND_STATS.get_ptr_mut(backend), bytes);
+}
+
+/// Accounts one chained packet of `bytes` to its Vip and its previous Backend.
+#[inline(always)]
+pub fn count_chained(vip: u32, previous: u32, bytes: u64) {
+    count(Counter::SecondChance);
+    add(VIP_CHAINED.get_ptr_mut(vip), bytes);
+    add(BACKEND_CHAINED.get_ptr_mut(previous), bytes);
+}
+
+#[inline(always)]
+fn add(slot: Option<*mut TrafficCounters>, bytes: u64) {
+    if let Some(c) = slot {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
