@@ -1201,6 +1201,24 @@ mod packet_socket {
         let not_csum =
             !u16::from_be_bytes([template[spread.csum_at], template[spread.csum_at + 1]]);
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        // One set of headers for the whole run: the frames are rewritten in place.
+        let mut iovecs: Vec<libc::iovec> = frames
+            .iter_mut()
+            .map(|f| libc::iovec {
+                iov_base: f.as_mut_ptr().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        // SAFETY: zeroed headers, each naming one iovec of a live frame.
+        let mut headers: Vec<libc::mmsghdr> = iovecs
+            .iter_mut()
+            .map(|iov| {
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
         while !STOP.load(Ordering::Relaxed) && !INTERRUPTED.load(Ordering::Relaxed) {
             for frame in &mut frames {
                 // xorshift64*: any spread will do, as the XDP generator's prandom does.
@@ -1220,23 +1238,6 @@ mod packet_socket {
                     frame[at..at + 4].copy_from_slice(&((r >> 32) as u32).to_ne_bytes());
                 }
             }
-            let mut iovecs: Vec<libc::iovec> = frames
-                .iter_mut()
-                .map(|f| libc::iovec {
-                    iov_base: f.as_mut_ptr().cast(),
-                    iov_len: f.len(),
-                })
-                .collect();
-            // SAFETY: zeroed headers, each naming one iovec of a live frame.
-            let mut headers: Vec<libc::mmsghdr> = iovecs
-                .iter_mut()
-                .map(|iov| {
-                    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    h.msg_hdr.msg_iov = iov;
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
             // SAFETY: BATCH valid headers.
             let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), BATCH as u32, 0) };
             if sent < 0 {
