@@ -23,8 +23,10 @@
 //! False matches. A flow is known by (bucket, tag); a flow not in the table matches some
 //! other flow's way with probability ≤ (valid ways in its two buckets) / 2^21 ≤ 14 / 2^21
 //! ≈ 6.7e-6 per lookup. A non-SYN packet of an unknown flow then goes to that way's
-//! backend; a new flow's insert takes over that way (the other flow is then steered by its
-//! table on its next packet). The generation digest wraps after 256 generations, but only
+//! backend. A new flow never takes such a way from a live flow: it follows the way's
+//! Backend if the flow is of its Vip, else goes without an entry (`lb-ebpf`'s
+//! `conntrack::Insert::Held`); a flood of fresh SYNs meets live flows' tags at that rate,
+//! and taking their ways would move them. The generation digest wraps after 256 generations, but only
 //! an entry idle that long can meet its wrap, and idle entries are the first reused.
 
 use crate::types::ConntrackBucket;
@@ -160,6 +162,12 @@ pub const fn idle_for(age: u64, now: u64) -> u64 {
 /// See [`idle_for`].
 pub const FUTURE: u64 = 4;
 
+/// Whether two words name the same flow going to the same place, whenever last seen.
+#[inline(always)]
+pub const fn same_but_age(a: u64, b: u64) -> bool {
+    (a ^ b) & !(AGE_MASK << AGE_SHIFT) == 0
+}
+
 /// Whether a way may be reused: empty, or idle for more than `idle` units.
 #[inline(always)]
 pub const fn reusable(word: u64, now: u64, idle: u64) -> bool {
@@ -221,7 +229,8 @@ unsafe fn scan(bucket: *mut ConntrackBucket, tag: u64) -> (usize, usize) {
 pub const ONE_LINE_FILL: usize = WAYS - 3;
 
 /// The way a new entry of `tag` goes to, across its two buckets, as an index (`0..WAYS`
-/// in `first`, `WAYS..2 * WAYS` in `second`): the way already holding `tag`; else the
+/// in `first`, `WAYS..2 * WAYS` in `second`): the way already holding `tag` (the caller
+/// decides whether to take it from a live flow); else the
 /// first empty way of the first bucket while it is not nearly full (`ONE_LINE_FILL`),
 /// else of the emptier bucket; else the way idle longest, if it has been idle more than
 /// `idle` units; else `None` (every way is an active flow: the new flow is steered

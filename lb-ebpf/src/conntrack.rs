@@ -5,7 +5,8 @@
 use aya_ebpf::helpers::generated::bpf_jiffies64;
 use lb_common::{
     conntrack::{
-        AGE_MASK, Way, age_of, choose, find, generation_digest, place, store, way_at, with_age,
+        AGE_MASK, TAG_MASK, Way, age_of, choose, find, generation_digest, place, reusable,
+        same_but_age, store, way_at, with_age,
     },
     types::{ConntrackBucket, ConntrackEntry},
 };
@@ -115,31 +116,67 @@ pub fn refresh(h: u64, entry: &ConntrackEntry, now: u64) {
     }
 }
 
-/// Records that the flow of conntrack hash `h` goes where `entry` says; `false` when both
-/// of its buckets are full of active flows (none is evicted). A subprogram: its three
-/// passes over two buckets are verified once, not at every call site, and kept off the
-/// callers' stack.
-#[inline(never)]
-pub fn insert(h: u64, entry: &ConntrackEntry, now: u64) -> bool {
-    let p = place(h, constant(&CT_BUCKET_MASK));
-    let (Some(first), Some(second)) = (bucket(p.first), bucket(p.second)) else {
-        return false;
-    };
-    let word = Way {
-        tag: p.tag,
+/// What [`insert`] did.
+pub enum Insert {
+    Done,
+    /// Both buckets full of active flows: nothing written, none evicted.
+    Full,
+    /// The way of the flow's tag is active and names another Backend or Vip: nothing
+    /// written. It is another flow's (tags are 21 bits) or this flow's own from before (a
+    /// retransmitted SYN, a reused port); the caller follows it, keeps it or replaces it.
+    Held(u64),
+}
+
+/// The way word of the flow at `p` going where `entry` says, active at `now`.
+#[inline(always)]
+fn word_of(tag: u64, entry: &ConntrackEntry, now: u64) -> u64 {
+    Way {
+        tag,
         backend: entry.backend,
         vip: entry.vip,
         generation: generation_digest(entry.backend_generation, entry.vip_generation),
         age: now,
     }
-    .pack();
+    .pack()
+}
+
+/// Records that the flow of conntrack hash `h` goes where `entry` says, unless both of its
+/// buckets are full of active flows or an active way of its tag says otherwise (see
+/// [`Insert`]). A subprogram: its three passes over two buckets are verified once, not at
+/// every call site, and kept off the callers' stack.
+#[inline(never)]
+pub fn insert(h: u64, entry: &ConntrackEntry, now: u64) -> Insert {
+    let p = place(h, constant(&CT_BUCKET_MASK));
+    let (Some(first), Some(second)) = (bucket(p.first), bucket(p.second)) else {
+        return Insert::Full;
+    };
+    let word = word_of(p.tag, entry, now);
+    let idle = constant(&CT_IDLE) as u64;
     // SAFETY: map values, live while the program runs.
-    match unsafe { choose(first, second, p.tag, now, constant(&CT_IDLE) as u64) } {
-        Some(index) => {
-            // SAFETY: the way `choose` named.
-            unsafe { store(way_at(first, second, index), word) };
-            true
+    let Some(index) = (unsafe { choose(first, second, p.tag, now, idle) }) else {
+        return Insert::Full;
+    };
+    // SAFETY: the way `choose` named; read once.
+    let way = unsafe { way_at(first, second, index) };
+    let old = unsafe { core::ptr::read_volatile(way) };
+    if old & TAG_MASK == p.tag && !same_but_age(old, word) && !reusable(old, now, idle) {
+        return Insert::Held(old);
+    }
+    // SAFETY: as above.
+    unsafe { store(way, word) };
+    Insert::Done
+}
+
+/// Makes the way of the flow of conntrack hash `h` say what `entry` says, whatever it held
+/// (for a way [`insert`] found `Held` by a flow that no longer holds).
+#[inline(never)]
+pub fn replace(h: u64, entry: &ConntrackEntry, now: u64) {
+    let p = place(h, constant(&CT_BUCKET_MASK));
+    match lookup(h) {
+        // SAFETY: a way returned by `find`.
+        Some(found) => unsafe { store(found.way, word_of(p.tag, entry, now)) },
+        None => {
+            insert(h, entry, now);
         }
-        None => false,
     }
 }

@@ -13,7 +13,7 @@ use lb_common::{
         table_slot,
     },
     types::{
-        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey,
+        Backend, ConntrackEntry, FlowV4, FlowV6, GlobalConfig, NextHop, Route, VipKey, VipState,
         vip_addr_flags,
     },
 };
@@ -227,6 +227,19 @@ fn usable(backend: &Backend) -> bool {
 /// `Err(None)` when its Vip is gone.
 #[inline(always)]
 fn established(way: &Way) -> Result<(ConntrackEntry, u32, Backend), Option<u32>> {
+    let (vip, backend) = holding(way)?;
+    let entry = ConntrackEntry {
+        backend: way.backend,
+        backend_generation: backend.generation,
+        vip: way.vip,
+        vip_generation: vip.generation,
+    };
+    Ok((entry, vip.flags, *backend))
+}
+
+/// [`established`]'s test, giving the Vip's state and the Backend in their maps.
+#[inline(always)]
+fn holding(way: &Way) -> Result<(&'static VipState, &'static Backend), Option<u32>> {
     let Some(vip) = VIP_STATE.get(way.vip) else {
         return Err(None);
     };
@@ -238,13 +251,7 @@ fn established(way: &Way) -> Result<(ConntrackEntry, u32, Backend), Option<u32>>
             if usable(backend)
                 && generation_digest(backend.generation, vip.generation) == way.generation =>
         {
-            let entry = ConntrackEntry {
-                backend: way.backend,
-                backend_generation: backend.generation,
-                vip: way.vip,
-                vip_generation: vip.generation,
-            };
-            Ok((entry, vip.flags, *backend))
+            Ok((vip, backend))
         }
         // Its Backend went down or away: re-steer (invariant 2).
         _ => Err(Some(way.vip)),
@@ -399,8 +406,8 @@ pub fn table_hit<'a, F: Flow>(
 
 /// Picks the backend for a parsed packet: this CPU's flow cache, then the connection
 /// table, then the Vip's MaglevTable. A TCP SYN starts a new connection, so it goes
-/// straight to the table (as in Katran); its insert takes over the flow's own way if one
-/// is left (a retransmitted SYN).
+/// straight to the table (as in Katran); if its insert finds its way held by a live flow
+/// (its own from an earlier SYN, or another's with the same tag), it follows that way.
 #[inline(always)]
 pub fn select<'a, F: Flow>(
     ctx: &XdpContext,
@@ -577,6 +584,34 @@ fn from_table<'a, F: Flow>(
     } else {
         chain::previous_backend(vip_id, slot_hash, backend_id, vip.flags)
     };
+    // No entry for a chained packet: each is judged again, and stops being chained when
+    // the previous table expires. An entry would send it to the current Backend alone.
+    let remember = previous == EMPTY_BACKEND && !pkt.icmp_error;
+    let (mut entry, mut backend) = (entry, backend);
+    if remember {
+        match conntrack::insert(ct_hash, &entry, now) {
+            conntrack::Insert::Done => {}
+            conntrack::Insert::Full => count(Counter::ConntrackInsertFail),
+            conntrack::Insert::Held(word) => {
+                cold_path();
+                let held = Way::unpack(word);
+                match holding(&held) {
+                    // A live flow of this Vip holds the way: follow its Backend, so that
+                    // neither flow moves (a flood cannot take ways from live flows).
+                    Ok((_, b)) if held.vip == vip_id => {
+                        count(Counter::ConntrackShared);
+                        entry.backend = held.backend;
+                        entry.backend_generation = b.generation;
+                        backend = b;
+                    }
+                    // Another Vip's live flow: it keeps its way; this one goes without.
+                    Ok(_) => count(Counter::ConntrackInsertFail),
+                    // Its Backend went down or away: the way is free to take.
+                    Err(_) => conntrack::replace(ct_hash, &entry, now),
+                }
+            }
+        }
+    }
     let mut selection = route(
         ctx,
         entry,
@@ -587,21 +622,14 @@ fn from_table<'a, F: Flow>(
         scratch,
     )?;
     if previous != EMPTY_BACKEND {
-        // No entry and no cache: each packet is judged again, and stops being chained when
-        // the previous table expires. An entry would send it to the current Backend alone.
         cold_path();
         selection.previous = previous;
         return Ok(selection);
     }
-    if !pkt.icmp_error {
-        if !conntrack::insert(ct_hash, &entry, now) {
-            count(Counter::ConntrackInsertFail);
-        }
-        // A SYN is cached by its flow's next packet, from the connection table: SYN floods
-        // and scans that never complete do not evict established flows from the cache.
-        if !pkt.syn {
-            cache_unless_mixed(&pkt.flow, cache_slot, config.cache_epoch, &selection, now);
-        }
+    // A SYN is cached by its flow's next packet, from the connection table: SYN floods and
+    // scans that never complete do not evict established flows from the cache.
+    if remember && !pkt.syn {
+        cache_unless_mixed(&pkt.flow, cache_slot, config.cache_epoch, &selection, now);
     }
     Ok(selection)
 }

@@ -417,3 +417,99 @@ fn two_cpus_racing_on_one_bucket_never_misroute() {
         "the table change moved none of the old flows"
     );
 }
+
+/// A SYN whose bucket and tag a live flow already holds (tags are 21 bits, so a flood of
+/// fresh SYNs meets some) never takes the way from it: it follows that flow's Backend when
+/// the flow is of its Vip, goes without an entry when it is another Vip's, and takes the
+/// way only when its Backend is down.
+#[test]
+fn a_syn_never_takes_the_way_of_a_live_flow() {
+    let mut lab = small_lab(60);
+    let mask = lab.dataplane.capacities().conntrack_buckets() - 1;
+    let client = ip("10.50.0.11");
+    let now = lab.dataplane.conntrack_now().expect("the kernel's clock");
+    // Plants `way` with `f`'s tag as the only word of `f`'s first bucket.
+    let plant = |lab: &mut Lab, f: &Flow, way: Way| {
+        let home = place(f.conntrack_hash(CONNTRACK_SEED), mask);
+        let mut bucket = ConntrackBucket::default();
+        bucket.ways[0] = Way {
+            tag: home.tag,
+            age: now,
+            ..way
+        }
+        .pack();
+        lab.dataplane
+            .set_conntrack_bucket(home.first, &bucket)
+            .unwrap();
+    };
+    let counted = |lab: &Lab, before: &[u64], name: &str| {
+        deltas(before, &lab.counters())
+            .iter()
+            .find(|(c, _)| *c == name)
+            .map_or(0, |(_, n)| *n)
+    };
+
+    // A live flow T of the Vip, on another backend than S's table slot.
+    let s = flow(client, 42_000);
+    let s_backend = lab.predict(VIP_TCP, &s);
+    let t = (42_001..u16::MAX)
+        .map(|p| flow(client, p))
+        .find(|t| lab.predict(VIP_TCP, t) != s_backend)
+        .expect("a flow on another backend");
+    let t_backend = send(&mut lab, &t, true);
+    let t_way = lab.dataplane.conntrack(&t).unwrap().expect("T's way");
+    plant(&mut lab, &s, t_way);
+    let before = lab.counters();
+    assert_eq!(send(&mut lab, &s, true), t_backend, "S follows the way");
+    assert_eq!(send(&mut lab, &s, false), t_backend, "and stays");
+    assert_eq!(counted(&lab, &before, "conntrack_shared"), 1);
+    assert_eq!(
+        lab.dataplane.conntrack(&s).unwrap().map(|w| w.backend),
+        Some(t_backend),
+        "T keeps its way"
+    );
+
+    // A live flow of another Vip (10.200.0.5:80, hashed by source) under S2's tag.
+    let other = Flow {
+        dst: ip("10.200.0.5"),
+        ..flow(ip("10.50.0.12"), 43_000)
+    };
+    let out = lab.run(&tcp(
+        lab.lb_mac,
+        other.src,
+        other.sport,
+        other.dst,
+        80,
+        true,
+    ));
+    assert_eq!(out.action, XDP_TX);
+    let other_way = lab.dataplane.conntrack(&other).unwrap().expect("its way");
+    let s2 = flow(client, 44_000);
+    plant(&mut lab, &s2, other_way);
+    let before = lab.counters();
+    assert_eq!(send(&mut lab, &s2, true), lab.predict(VIP_TCP, &s2));
+    assert_eq!(counted(&lab, &before, "conntrack_insert_fail"), 1);
+    assert_eq!(
+        lab.dataplane.conntrack(&s2).unwrap(),
+        Some(Way {
+            tag: place(s2.conntrack_hash(CONNTRACK_SEED), mask).tag,
+            age: now,
+            ..other_way
+        }),
+        "the other Vip's flow keeps its way"
+    );
+
+    // T's backend down: its way is dead, and S3's SYN takes it.
+    let s3 = (45_000..u16::MAX)
+        .map(|p| flow(client, p))
+        .find(|f| lab.predict(VIP_TCP, f) != t_backend)
+        .expect("a flow off T's backend");
+    plant(&mut lab, &s3, t_way);
+    lab.set_backend_up(t_backend, false);
+    let s3_backend = send(&mut lab, &s3, true);
+    assert_ne!(s3_backend, t_backend);
+    assert_eq!(
+        lab.dataplane.conntrack(&s3).unwrap().map(|w| w.backend),
+        Some(s3_backend)
+    );
+}

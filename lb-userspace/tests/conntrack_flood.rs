@@ -22,6 +22,33 @@ const ENTRIES: usize = 4096;
 /// SYNs of the flood: ~60× the table.
 const FLOOD: usize = 250_000;
 
+/// What the daemon knows of the connections that broke: `mlb trace` of each (its
+/// connection-table way and table slot), `mlb status` and the daemon's log, for a failure
+/// message.
+fn report(bed: &DaemonBed, conns: &[(TcpStream, String)], broken: &[String]) -> String {
+    let mut text = format!("{broken:?}\n");
+    for line in broken {
+        let Some(i) = line.split(' ').next().and_then(|i| i.parse::<usize>().ok()) else {
+            continue;
+        };
+        let Ok(local) = conns[i].0.local_addr() else {
+            continue;
+        };
+        let (src, sport) = (local.ip().to_string(), local.port().to_string());
+        let args = [
+            "trace", "--src", &src, "--sport", &sport, "--dst", VIP, "--dport", "80",
+        ];
+        let out = bed.mlb(&args);
+        text += &format!(
+            "mlb trace of {i} ({local}):\n{}{}\n",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text += &String::from_utf8_lossy(&bed.mlb(&["status"]).stdout);
+    text + "\ndaemon log:\n" + &bed.log_text()
+}
+
 /// One request on every connection: `Err` for each that broke or moved.
 fn requests(conns: &mut [(TcpStream, String)], tag: &str) -> Vec<String> {
     let mut broken = Vec::new();
@@ -171,7 +198,8 @@ fn syn_flood_then_reload_breaks_no_connection() {
     );
     assert!(
         broken_during.is_empty(),
-        "during the flood: {broken_during:?}"
+        "during the flood: {}",
+        report(&bed, &conns, &broken_during)
     );
     let status = String::from_utf8_lossy(&bed.mlb(&["status"]).stdout).into_owned();
     let failed: u64 = status
@@ -198,8 +226,9 @@ fn syn_flood_then_reload_breaks_no_connection() {
     assert!(
         broken.is_empty(),
         "{} of {CONNECTIONS} connections broke after a flood of {sent} SYNs ({seconds:.1} s) \
-         and a reload: {broken:?}",
-        broken.len()
+         and a reload: {}",
+        broken.len(),
+        report(&bed, &conns, &broken)
     );
     // And the reload took: new connections reach the new backend once its checks pass.
     bed.wait_for("new flows on be3", Duration::from_secs(10), || {
@@ -208,5 +237,9 @@ fn syn_flood_then_reload_breaks_no_connection() {
             .unwrap()
     });
     let broken = client.enter(|| requests(&mut conns, "later")).unwrap();
-    assert!(broken.is_empty(), "after be3 came up: {broken:?}");
+    assert!(
+        broken.is_empty(),
+        "after be3 came up: {}",
+        report(&bed, &conns, &broken)
+    );
 }

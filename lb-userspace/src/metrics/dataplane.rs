@@ -28,6 +28,7 @@ enum Kind {
     Lookups,
     MissNonSyn,
     InsertFailures,
+    Shared,
     IcmpToBackend,
     IcmpSent,
     FragmentsTracked,
@@ -36,7 +37,7 @@ enum Kind {
 }
 
 /// Every family of the global counters: kind, name, help, label name (if any).
-const FAMILIES: [(Kind, &str, &str, Option<&str>); 10] = [
+const FAMILIES: [(Kind, &str, &str, Option<&str>); 11] = [
     (
         Kind::Passed,
         "mlb_packets_passed_total",
@@ -66,6 +67,12 @@ const FAMILIES: [(Kind, &str, &str, Option<&str>); 10] = [
         Kind::InsertFailures,
         "mlb_conntrack_insert_failures_total",
         "Connection-table inserts that failed (the packet was still forwarded).",
+        None,
+    ),
+    (
+        Kind::Shared,
+        "mlb_conntrack_shared_total",
+        "New flows that found their connection-table way held by a live flow of the same Vip and followed its Backend (no flow evicted).",
         None,
     ),
     (
@@ -136,6 +143,7 @@ fn kind(counter: Counter) -> (Kind, &'static str) {
         }
         Counter::ConntrackMissNonSyn => (Kind::MissNonSyn, ""),
         Counter::ConntrackInsertFail => (Kind::InsertFailures, ""),
+        Counter::ConntrackShared => (Kind::Shared, ""),
         Counter::IcmpToBackend => (Kind::IcmpToBackend, ""),
         Counter::FragmentTracked => (Kind::FragmentsTracked, ""),
         Counter::Tx | Counter::Redirect => (Kind::Forwarded, name),
