@@ -18,10 +18,19 @@
 //!   client to Vip, checksum updated) and returns XDP_TX, so every copy really goes to the
 //!   load balancer, at kernel speed. It offers more than the kernel paths forward; whatever
 //!   the load balancer's receive ring cannot take is counted by the wire.
-//! - **Sink** (on the generator CPU): an XDP program returning XDP_DROP on `wire0`; veth
-//!   counts what it drops (`rx_queue_0_xdp_drops`): the forwarded packets, the same counter
-//!   for every method. It polls on a 20 µs timer while traffic flows, so the load balancer
-//!   never pays a wake-up of the sink per packet it transmits.
+//! - **Reflector** (on the generator CPU): while XDP runs, an XDP program on `wire0` turns
+//!   every frame the load balancer forwards back into a fresh client-to-Vip frame (the
+//!   generator's template and spread, cut to its length) and returns XDP_TX. The
+//!   frames in flight circulate at the pace of the slower end, which is the load balancer
+//!   (the reflector does a few stores), so it is saturated whatever primed the loop, also
+//!   where live frames are refused and a packet socket offers less than XDP forwards.
+//!   Only for XDP: sent into the load balancer's veth while it has no XDP program (the
+//!   kernel paths), such frames were mostly lost here
+//!   (`rx_queue_0_xdp_tx_errors`) and the loop died, so the kernel paths get the generator
+//!   alone and an XDP_DROP sink on the wire. veth counts what was reflected
+//!   (`rx_queue_0_xdp_tx`) and dropped (`rx_queue_0_xdp_drops`): the forwarded packets.
+//!   The wire polls on a 20 µs timer while traffic flows, so the load balancer never pays
+//!   a wake-up of it per packet it transmits.
 //! - **The load balancer's work** is its veth's **threaded NAPI** thread (GRO on for the stack
 //!   paths, as a physical NIC has; the XDP program for xdp), pinned to the *lb CPU* with
 //!   SCHED_FIFO so that other processes do not take its CPU: that thread runs everything
@@ -31,8 +40,8 @@
 //!
 //! Packets per second per core = forwarded packets / the load balancer's CPU seconds. A
 //! thread busy less than 90% of the time was not saturated: its time then includes being
-//! woken up, so its per-core figure is a lower bound (this happens to the fastest method
-//! when the generator, which shares its CPU with the sink, cannot offer enough). veth is a
+//! woken up, so its per-core figure is a lower bound (this happens to the kernel paths when
+//! the generator is a packet socket, which cannot offer enough). veth is a
 //! software NIC: its per-packet driver work (frame to skb, ring handover) is in every
 //! figure, so absolute rates are far below a physical NIC's; compare ratios.
 //!
@@ -163,6 +172,9 @@ struct Args {
     /// Traffic kinds.
     #[arg(long, value_enum, default_value_t = ProtoArg::All)]
     proto: ProtoArg,
+    /// Only these methods (xdp, nft, plain; comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
     /// Write the figures here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -187,6 +199,7 @@ struct Options {
     flows: u32,
     protos: Vec<Proto>,
     json: Option<std::path::PathBuf>,
+    methods: Vec<String>,
 }
 
 fn options() -> Options {
@@ -203,6 +216,7 @@ fn options() -> Options {
             ProtoArg::All => vec![Proto::Udp, Proto::Tcp, Proto::Syn],
         },
         json: args.json,
+        methods: args.methods,
     };
     assert!(
         opts.flows.is_power_of_two() && opts.flows <= 32_768,
@@ -240,6 +254,7 @@ fn main() {
         Method::ALL
             .into_iter()
             .filter(move |&m| proto != Proto::Syn || m == Method::Xdp)
+            .filter(|m| opts.methods.is_empty() || opts.methods.iter().any(|n| n == m.name()))
     };
     let total = opts.rounds
         * opts
@@ -457,6 +472,7 @@ mod bpf {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
     const BPF_PROG_TYPE_XDP: u32 = 6;
     const BPF_XDP: u32 = 37;
     const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
@@ -464,6 +480,7 @@ mod bpf {
     pub const XDP_DROP: i32 = 1;
     pub const XDP_TX: i32 = 3;
     const HELPER_GET_PRANDOM_U32: i32 = 7;
+    const HELPER_XDP_ADJUST_HEAD: i32 = 44;
 
     /// The attribute block, zero-padded (the kernel accepts a larger block if the tail is 0).
     type Attr = [u32; 32];
@@ -562,6 +579,44 @@ mod bpf {
         p
     }
 
+    /// The reflector: the sink end of the wire turned into a second generator. Every frame
+    /// the load balancer forwards comes back as a fresh client-to-Vip frame of the
+    /// template (cut to its length, then as `port_spreader` writes it), sent back with
+    /// XDP_TX. The frames in flight then circulate at the rate of the slower end, and the
+    /// load balancer's end is the slower (its program does more than a few stores), so it
+    /// stays saturated whichever generator primed the loop: a generator alone offers what
+    /// one CPU can produce, which on a packet socket is less than XDP forwards.
+    pub fn reflector(
+        template: &[u8],
+        flows: u32,
+        sport_at: i16,
+        csum_at: i16,
+        src_at: Option<i16>,
+    ) -> Vec<u64> {
+        let len = template.len() as i32;
+        let mut p = vec![
+            insn(0xbf, 7, 1, 0, 0),   // r7 = ctx
+            insn(0x61, 2, 1, 0, 0),   // r2 = ctx->data
+            insn(0x61, 3, 1, 4, 0),   // r3 = ctx->data_end
+            insn(0x1f, 3, 2, 0, 0),   // r3 -= r2: the frame's length
+            insn(0xb5, 3, 0, 4, len), // if r3 <= len goto trimmed
+            insn(0x17, 3, 0, 0, len), // r2 = r3 - len: what to take off the front
+            insn(0xbf, 2, 3, 0, 0),
+            // r0 = adjust_head(ctx, r2): from the front, so that the headroom the load
+            // balancer's encapsulation took comes back (cut from the tail, a frame would
+            // lose 20 bytes of headroom a lap until its encapsulation failed).
+            insn(0x85, 0, 0, 0, HELPER_XDP_ADJUST_HEAD),
+            0,                      // if r0 != 0 goto drop (below)
+            insn(0xbf, 1, 7, 0, 0), // trimmed: r1 = ctx
+        ];
+        let failed = p.len() - 2;
+        let body = port_spreader(template, flows, sport_at, csum_at, src_at);
+        let drop = p.len() + body.len() - 2;
+        p[failed] = insn(0x55, 0, 0, (drop - failed - 1) as i16, 0);
+        p.extend(body);
+        p
+    }
+
     /// Loads an XDP program; a verifier rejection carries the verifier's log.
     pub fn load(instructions: &[u64]) -> io::Result<OwnedFd> {
         let license = c"GPL";
@@ -601,6 +656,14 @@ mod bpf {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
+    /// Makes `link` run `program` instead of its current one.
+    pub fn update_link(link: &OwnedFd, program: &OwnedFd) -> io::Result<()> {
+        let mut attr: Attr = [0; 32];
+        attr[0] = link.as_raw_fd() as u32;
+        attr[1] = program.as_raw_fd() as u32;
+        call(BPF_LINK_UPDATE, &attr).map(|_| ())
+    }
+
     /// Runs `program` `repeat` times on `frame` in live-frames mode, as if the frame
     /// arrived on `ifindex` (of the calling thread's namespace): what it returns XDP_TX for
     /// is really transmitted out of that interface.
@@ -623,8 +686,9 @@ mod bpf {
 /// switched on and off around their runs.
 struct Bench {
     dataplane: Dataplane,
-    /// The sink's program and its link on the wire.
-    _sink: (OwnedFd, OwnedFd),
+    /// The program at the wire's end and its link: the XDP_DROP sink, or while a method
+    /// runs, the reflector.
+    sink: std::sync::Mutex<Option<(OwnedFd, OwnedFd)>>,
     wire: Netns,
     lb: Netns,
     lb_mac: [u8; 6],
@@ -785,7 +849,7 @@ impl Bench {
             lb_mac: lb.mac(NIC).expect("lb MAC"),
             wire_mac: wire.mac(WIRE).expect("wire MAC"),
             dataplane,
-            _sink: sink,
+            sink: std::sync::Mutex::new(Some(sink)),
             wire,
             lb,
             wire_ifindex,
@@ -796,6 +860,17 @@ impl Bench {
         };
         bench.configure_dataplane();
         bench
+    }
+
+    /// Puts `program` at the wire's end in place of what was there, in the same link (a
+    /// veth without a program would stop its NAPI thread, which is pinned).
+    fn set_sink(&self, program: &[u64]) {
+        let mut sink = self.sink.lock().unwrap();
+        let (old, link) = sink.take().expect("a sink");
+        let new = bpf::load(program).unwrap_or_else(|e| panic!("loading the wire's sink: {e}"));
+        bpf::update_link(&link, &new).unwrap_or_else(|e| panic!("replacing the wire's sink: {e}"));
+        drop(old);
+        *sink = Some((new, link));
     }
 
     fn configure_dataplane(&mut self) {
@@ -926,7 +1001,8 @@ impl Bench {
 
     /// The generator's template frame (client to Vip, source port 0) and its program,
     /// which gives every copy a random source port out of the flows.
-    fn generator(&self, proto: Proto) -> (Vec<u8>, Vec<u64>, Spread) {
+    /// And the reflector of the same frames.
+    fn generator(&self, proto: Proto) -> (Vec<u8>, Vec<u64>, Vec<u64>, Spread) {
         let client: std::net::Ipv4Addr = CLIENT_ADDR.parse().unwrap();
         let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
         let ip = etherparse::PacketBuilder::ethernet2(self.wire_mac, self.lb_mac).ipv4(
@@ -962,13 +1038,14 @@ impl Bench {
         // A SYN flood: the source address too, at 14 + 12.
         let src_at = (proto == Proto::Syn).then_some(26);
         let program = bpf::port_spreader(&frame, self.flows, 34, csum_at as i16, src_at);
+        let reflector = bpf::reflector(&frame, self.flows, 34, csum_at as i16, src_at);
         let spread = Spread {
             flows: self.flows,
             sport_at: 34,
             csum_at,
             src_at: src_at.map(|s| s as usize),
         };
-        (frame, program, spread)
+        (frame, program, reflector, spread)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -978,9 +1055,19 @@ impl Bench {
         let lb_cpu = cpu_ticks(LB_CPU);
         let gen_cpu = cpu_ticks(GEN_CPU);
         let wire_stats = ethtool_stats(&self.wire, WIRE);
-        let sink = *wire_stats
-            .get("rx_queue_0_xdp_drops")
-            .expect("veth counter rx_queue_0_xdp_drops");
+        // What came back from the load balancer: dropped by the sink, or reflected.
+        let sink = [
+            "rx_queue_0_xdp_drops",
+            "rx_queue_0_xdp_tx",
+            "rx_queue_0_xdp_tx_errors",
+        ]
+        .iter()
+        .map(|k| {
+            *wire_stats
+                .get(*k)
+                .unwrap_or_else(|| panic!("veth counter {k}"))
+        })
+        .sum();
         Snapshot {
             at,
             // Frames the wire took towards the load balancer, and those its ring refused.
@@ -1009,7 +1096,14 @@ impl Bench {
     fn run(&mut self, method: Method, proto: Proto, seconds: f64, round: usize) -> Run {
         self.enable(method);
         std::thread::sleep(Duration::from_millis(100));
-        let (frame, program, spread) = self.generator(proto);
+        let (frame, program, reflector, spread) = self.generator(proto);
+        // Only XDP's output is fed back: frames sent with XDP_TX into the load balancer's
+        // veth while no XDP program is on it (the stack methods) were mostly lost here
+        // (`rx_queue_0_xdp_tx_errors`), and the loop died; those get the generator alone.
+        let reflect = method == Method::Xdp;
+        if reflect {
+            self.set_sink(&reflector);
+        }
         let thread = AtomicU64::new(0);
         let done = AtomicBool::new(false);
         let this = &*self;
@@ -1034,6 +1128,10 @@ impl Bench {
             let before = this.snapshot();
             sleep_unless_stopped(Duration::from_secs_f64(seconds));
             drop(interrupt);
+            // The loop ends when the wire drops what comes back.
+            if reflect {
+                this.set_sink(&bpf::returning(bpf::XDP_DROP));
+            }
             let stopped = Instant::now();
             sender
                 .join()
@@ -1398,9 +1496,10 @@ fn report(summary: &[Summary], opts: &Options, elapsed: Duration) {
     if PACKET_SOCKET.load(Ordering::Relaxed) {
         println!(
             "\nNOT A COMPARISON: this kernel refused live frames (BPF_F_TEST_XDP_LIVE_FRAMES, \
-             EPERM), and the AF_PACKET generator offers less than any method forwards, so every \
-             method below forwards what it is given and the ratios say nothing. Run this bench \
-             where live frames are allowed."
+             EPERM), and the AF_PACKET generator offers less than the kernel paths forward, so \
+             their figures are lower bounds and the ratios overstate XDP. XDP's own rows are \
+             valid where its CPU is saturated (the reflector feeds its output back). Run this \
+             bench where live frames are allowed for the comparison."
         );
     }
     println!(
@@ -1566,14 +1665,17 @@ fn json_report(summary: &[Summary], runs: &[Run], opts: &Options) -> Value {
         .collect();
     json!({
         "benchmark": "throughput",
-        // "af_packet": live frames were refused here, and the figures compare nothing.
+        // "af_packet": live frames were refused here; the kernel paths' figures are lower
+        // bounds and the ratios compare nothing.
         "generator": if PACKET_SOCKET.load(Ordering::Relaxed) { "af_packet" } else { "live_frames" },
         "method": "generator: an XDP program run by BPF_PROG_TEST_RUN in live-frames mode on the \
                    load balancer's wire (random source port per frame, XDP_TX), on the generator \
-                   CPU; the load balancer's veth with threaded NAPI, its thread pinned to the lb \
-                   CPU with SCHED_FIFO; forwarded packets counted by an XDP_DROP sink on the wire \
-                   (veth rx_queue_0_xdp_drops); lb CPU = run time of that NAPI thread \
-                   (/proc/PID/schedstat); per core = forwarded / lb CPU seconds",
+                   CPU; for xdp, a reflector on the wire sends every forwarded frame back as a \
+                   fresh one (XDP_TX), so the load balancer stays saturated; the load \
+                   balancer's veth with threaded NAPI, its thread pinned to the lb CPU with \
+                   SCHED_FIFO; forwarded packets counted at the wire (veth rx_queue_0_xdp_tx + \
+                   xdp_drops); lb CPU = run time of that NAPI thread (/proc/PID/schedstat); per \
+                   core = forwarded / lb CPU seconds",
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "generator_cpu": GEN_CPU,
