@@ -222,10 +222,6 @@ counters! {
         /// No room in the connection table: both candidate buckets full of active flows (the
         /// new flow is forwarded by its table without an entry; no active flow is evicted).
         ConntrackInsertFail => "conntrack_insert_fail",
-        /// A new flow whose bucket and tag a live flow of the same Vip already held (a
-        /// retransmitted SYN, a reused port, or two flows alike in 21 bits of hash): it
-        /// follows that way's Backend rather than taking the way from the other flow.
-        ConntrackShared => "conntrack_shared",
         /// ICMP "fragmentation needed" / ICMPv6 "packet too big" steered to a flow's backend.
         IcmpToBackend => "icmp_to_backend",
         /// Forwarded with XDP_TX.
@@ -253,6 +249,12 @@ counters! {
         /// Too big and not answered: IPv4 without DF (XDP cannot fragment) or an ICMP
         /// error itself (never answered with another): dropped.
         DropTooBig => "drop_too_big",
+        // New counters go last: an index is a slot of the pinned `STATS`, kept across
+        // upgrades.
+        /// A new flow whose bucket and tag a live flow of the same Vip already held (a
+        /// retransmitted SYN, a reused port, or two flows alike in 21 bits of hash): it
+        /// follows that way's Backend rather than taking the way from the other flow.
+        ConntrackShared => "conntrack_shared",
     }
 }
 
