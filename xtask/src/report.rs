@@ -668,7 +668,7 @@ impl Report<'_> {
             md,
             "In the same run, on veth in network namespaces: {}. {}-byte frames, {} flows, {} \
              round(s) of {} s per method. The load balancer's work is its veth's NAPI thread, \
-             alone on CPU {}; the generator and the sink share CPU {}. A method whose thread \
+             alone on CPU {}; the generator and the reflector share CPU {}. A method whose thread \
              was busy less than {:.0}% of the time was not saturated (its per-core figure is \
              then a lower bound). veth is a software NIC: absolute rates are far below a \
              physical NIC's; the ratios are the result.\n",
