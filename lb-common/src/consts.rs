@@ -308,6 +308,7 @@ pub mod map_names {
     pub const NEXT_PROGRAMS: &str = "NEXT_PROGRAMS";
     pub const NEXT_SLOTS: &str = "NEXT_SLOTS";
     pub const TUNNEL: &str = "TUNNEL";
+    pub const FULL_PATH: &str = "FULL_PATH";
 }
 
 /// Program names in the eBPF object.
@@ -321,6 +322,8 @@ pub mod prog_names {
     /// Tail-called by `lb_ingress` for packets not for a Vip while some interface has a
     /// next program: tail-calls the packet's interface's one.
     pub const LB_NEXT: &str = "lb_next";
+    /// Tail-called by `lb_ingress` for every packet its fast path leaves: the full path.
+    pub const LB_FULL: &str = "lb_full";
     /// In the separate `lb-bench` object: one kernel LRU hash insert of a fresh key per
     /// call, what Katran and Cilium pay per new flow (a benchmark baseline).
     pub const LRU_INSERT: &str = "lru_insert";

@@ -150,6 +150,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENT_ENTRIES 
 #[btf_map]
 pub static NEXT_PROGRAMS: ProgramArray<{ NEXT_PROGRAM_SLOTS as usize }> = ProgramArray::new();
 
+/// Slot 0: `lb_full`, the full path, which `lb_ingress` tail-calls for every packet its
+/// fast path leaves (see `main.rs`).
+#[btf_map]
+pub static FULL_PATH: ProgramArray<1> = ProgramArray::new();
+
 /// Interface index to its `NEXT_PROGRAMS` slot, for the interfaces that have a next program.
 #[btf_map]
 pub static NEXT_SLOTS: HashMap<u32, u32, { NEXT_PROGRAM_SLOTS as usize }> = HashMap::new();

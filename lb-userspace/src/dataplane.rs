@@ -34,7 +34,7 @@ use lb_common::{
 };
 
 /// Every map of the object (all of them are pinned by `load_pinned`).
-const ALL_MAPS: [&str; 25] = [
+const ALL_MAPS: [&str; 26] = [
     names::CONFIG,
     names::CONFIG_INDEX,
     names::VIP_ADDRS_V4,
@@ -62,6 +62,8 @@ const ALL_MAPS: [&str; 25] = [
     names::NEXT_PROGRAMS,
     names::NEXT_SLOTS,
     names::TUNNEL,
+    // Pinned for the same reason: `lb_ingress` hands every new flow to `lb_full` there.
+    names::FULL_PATH,
 ];
 
 /// Map sizes that follow from the capacities.
@@ -324,12 +326,26 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        // Absent from the objects of builds before it (the benchmark's A/B).
+        // Absent from the objects of builds before them (the benchmark's A/B).
         if let Ok(next) = dataplane.xdp(prog_names::LB_NEXT) {
             next.load().map_err(|source| DataplaneError::Program {
                 name: prog_names::LB_NEXT,
                 source,
             })?;
+        }
+        if let Ok(full) = dataplane.xdp(prog_names::LB_FULL) {
+            let name = prog_names::LB_FULL;
+            full.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let fd = full
+                .fd()
+                .map_err(|source| DataplaneError::Program { name, source })?
+                .as_fd()
+                .as_raw_fd() as u32;
+            // Before anything is attached: `lb_ingress` tail-calls it for every packet
+            // its fast path leaves.
+            let slot = dataplane.map_fd(names::FULL_PATH)?;
+            map_update(slot, 0, fd).map_err(next_err(names::FULL_PATH))?;
         }
         Ok(dataplane)
     }
@@ -1299,6 +1315,7 @@ fn map_layouts() -> [(&'static str, usize, usize); ALL_MAPS.len()] {
         (names::NEXT_PROGRAMS, 4, 4),
         (names::NEXT_SLOTS, 4, 4),
         (names::TUNNEL, 4, size_of::<TunnelConfig>()),
+        (names::FULL_PATH, 4, 4),
     ]
 }
 
