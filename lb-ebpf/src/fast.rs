@@ -1,8 +1,9 @@
 //! The fast path: an untagged IPv4 or IPv6 TCP/UDP packet of an established flow, found
 //! in this CPU's flow cache or else in the connection table, handled in a few cache lines
-//! of code with fixed header offsets. It does not reuse `parse_ipv4`/`parse_ipv6`: with IP
-//! options and ICMP they need more stack than the verifier leaves beside the full path
-//! (measured: 552 of 512 bytes). Anything else — a SYN, an unknown flow, a re-steer, a
+//! of code with fixed header offsets. It does not reuse `parse_ipv4`/`parse_ipv6`, whose
+//! IP options, ICMP and VLAN cases it leaves to the full path (and which, while both paths
+//! were one program, needed more stack than the verifier allowed: 552 of 512 bytes). It
+//! runs inline in `lb_ingress`; the full path is `lb_full`. Anything else — a SYN, an unknown flow, a re-steer, a
 //! VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — is
 //! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
 //! decides exactly as if this path did not exist. A packet that would not fit the MTU
@@ -40,8 +41,7 @@ pub fn fast_path(ctx: &XdpContext) -> u32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return NOT_HANDLED;
     };
-    // One scratch Route for both families: the entry function's stack is tight (the
-    // verifier allows 512 bytes for it and the full path together).
+    // One scratch Route for both families: a smaller stack frame.
     let mut scratch = MaybeUninit::uninit();
     // SAFETY: bounds checked by ptr_at.
     match unsafe { (*eth).proto } {
@@ -139,8 +139,8 @@ fn ports(ctx: &XdpContext, proto: u8, l4: usize, l3_end: usize) -> Option<(u16, 
 }
 
 /// Rewrites or encapsulates an untagged packet of EtherType `proto` along its Route: the
-/// same steps as `forward::forward`, which needs 16 bytes more of the entry function's
-/// stack than the verifier leaves (measured: 528 of 512 with the full path).
+/// steps of `forward::forward` for the packets this path takes (no VLAN tag, no
+/// mixed-family Route), with the packet's family known here.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
