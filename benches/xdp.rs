@@ -95,7 +95,8 @@ fn main() {
     let base = std::env::var("MLB_BENCH_BASE_OBJECT").ok().map(|path| {
         std::fs::read(&path).unwrap_or_else(|e| panic!("MLB_BENCH_BASE_OBJECT {path}: {e}"))
     });
-    let swap = base.is_some() && std::env::var_os("MLB_BENCH_BASE_FIRST").is_some();
+    let swap = base.is_some()
+        && std::env::var("MLB_BENCH_BASE_FIRST").is_ok_and(|v| !v.is_empty() && v != "0");
     let mut lab = Lab::with_object(
         Capacities {
             max_vips: 16,
@@ -356,16 +357,9 @@ struct DecapPackets {
 /// `lb_ingress` chains, and packets for `lb_decap`'s paths; the lab's namespace keeps an
 /// established connection (10.111.0.1:8080) for the chained packet a local socket has.
 fn second_chance_packets(lab: &mut Lab, client: IpAddr, vip: IpAddr) -> (Vec<u8>, DecapPackets) {
-    use lb_common::{hash::Flow, maglev};
+    use lb_common::hash::Flow;
     let mac = lab.lb_mac;
-    let members: Vec<maglev::MaglevBackend> = [1, 2]
-        .iter()
-        .map(|id| maglev::MaglevBackend::new(*id, lab.backend(*id).addr, 1))
-        .collect();
-    let previous = maglev::build(&members, lb_testbed::lab::TABLE_SIZE, lb_testbed::lab::SEED);
-    lab.dataplane
-        .install_prev_tables(&[(lb_testbed::lab::VIP_TCP, &previous)])
-        .expect("previous table");
+    let previous = install_previous_table(lab);
     let sport = (1024..u16::MAX)
         .find(|sport| {
             let flow = Flow {
@@ -459,7 +453,23 @@ fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
 
 /// The main paths again on the second `lab` (the A/B's other object), their `old` label
 /// suffix replaced by `new`; its established flows primed there.
+/// Vip 0's previous table in `lab`: backends 1 and 2 (3 was added since).
+fn install_previous_table(lab: &mut Lab) -> lb_common::maglev::MaglevTable {
+    use lb_common::maglev;
+    let members: Vec<maglev::MaglevBackend> = [1, 2]
+        .iter()
+        .map(|id| maglev::MaglevBackend::new(*id, lab.backend(*id).addr, 1))
+        .collect();
+    let previous = maglev::build(&members, lb_testbed::lab::TABLE_SIZE, lb_testbed::lab::SEED);
+    lab.dataplane
+        .install_prev_tables(&[(lb_testbed::lab::VIP_TCP, &previous)])
+        .expect("previous table");
+    previous
+}
+
 fn second_paths(lab: &mut Lab, paths: &[Path], old: &str, new: &str) -> Vec<Path> {
+    // The chained packet is chained here too.
+    install_previous_table(lab);
     let out: Vec<Path> = paths
         .iter()
         .filter(|p| p.program == prog_names::LB_INGRESS && !p.name.contains("100,000"))
