@@ -48,6 +48,9 @@
 //! and traffic, only inside its own namespaces, all removed at the end (Ctrl-C and panics
 //! included).
 //!
+//! `MLB_BENCH_OBJECT=FILE` loads another build's `lb-ebpf` object instead of this one's
+//! (an A/B across runs; its maps must be this build's).
+//!
 //! `cargo xtask bench throughput [--json FILE]`; directly:
 //! `cargo bench -p lb-userspace --bench throughput -- [--seconds S] [--rounds R]
 //! [--flows N] [--proto udp|tcp|both] [--json FILE]`
@@ -771,12 +774,21 @@ impl Bench {
         lb.ip(&["link", "set", NIC, "up"]).unwrap();
         lb.ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", NIC])
             .unwrap();
-        let dataplane = Dataplane::load(Capacities {
+        let caps = Capacities {
             max_vips: 8,
             max_backends: 16,
             conntrack_entries: CONNTRACK_ENTRIES,
             ..Default::default()
-        })
+        };
+        // `MLB_BENCH_OBJECT=FILE`: another build's `lb-ebpf` object (an A/B across runs).
+        let dataplane = match std::env::var_os("MLB_BENCH_OBJECT") {
+            Some(path) => {
+                let object = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("MLB_BENCH_OBJECT {}: {e}", path.display()));
+                Dataplane::load_object(caps, &object)
+            }
+            None => Dataplane::load(caps),
+        }
         .unwrap_or_else(|e| panic!("{e}"));
 
         // The load balancer: forwarding on, no redirects (one-armed), ECMP by L4 hash for
