@@ -38,14 +38,13 @@ use lb_common::{
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState},
 };
 use lb_testbed::bench::{fit, pin, write_json};
-use lb_testbed::netns::Netns;
+use lb_testbed::{netns::Netns, packets::XDP_TX};
 use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 use serde_json::{Value, json};
 
 const SEED: u32 = 0x5eed_1234;
 const TABLE_SIZE: u32 = 65_537;
 const ROUNDS: usize = 10;
-const XDP_TX: u32 = 3;
 const DEV: &str = "veth0";
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
 const VIP_SERIES: [usize; 4] = [1, 10, 100, 1000];

@@ -685,6 +685,19 @@ mod bpf {
     }
 }
 
+/// Loads `program` and attaches it in native mode to `ifindex` of `netns`: the program and
+/// its link (`what` names it in a failure).
+fn attach(netns: &Netns, ifindex: u32, program: &[u64], what: &str) -> (OwnedFd, OwnedFd) {
+    netns
+        .enter(|| {
+            let program = bpf::load(program)?;
+            let link = bpf::attach(&program, ifindex)?;
+            std::io::Result::Ok((program, link))
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("attaching {what}: {e}"))
+}
+
 /// Two namespaces joined by one veth pair, every method's pieces in place; methods are
 /// switched on and off around their runs.
 struct Bench {
@@ -825,14 +838,12 @@ impl Bench {
         // the load balancer's veth work), and no TSO so that the stack paths' packets take
         // the load balancer's NAPI path too.
         let wire_ifindex = wire.ifindex(WIRE).expect("wire ifindex");
-        let sink = wire
-            .enter(|| {
-                let program = bpf::load(&bpf::returning(bpf::XDP_DROP))?;
-                let link = bpf::attach(&program, wire_ifindex)?;
-                std::io::Result::Ok((program, link))
-            })
-            .unwrap()
-            .unwrap_or_else(|e| panic!("attaching the XDP_DROP sink: {e}"));
+        let sink = attach(
+            &wire,
+            wire_ifindex,
+            &bpf::returning(bpf::XDP_DROP),
+            "the sink",
+        );
         sh(&wire, "ethtool", &["-K", WIRE, "tso", "off"]);
 
         // Threaded NAPI: the load balancer's receive on its own CPU, the sink's on the
@@ -947,14 +958,7 @@ impl Bench {
             // reflector's XDP_TX frames are accepted (a veth without an XDP program lost
             // most of them here), as a NIC's driver hands pages to the stack.
             let nic = lb.ifindex(NIC).expect("lb ifindex");
-            let pass = lb
-                .enter(|| {
-                    let program = bpf::load(&bpf::returning(bpf::XDP_PASS))?;
-                    let link = bpf::attach(&program, nic)?;
-                    std::io::Result::Ok((program, link))
-                })
-                .unwrap()
-                .unwrap_or_else(|e| panic!("attaching XDP_PASS: {e}"));
+            let pass = attach(lb, nic, &bpf::returning(bpf::XDP_PASS), "XDP_PASS");
             self.pass_link = Some(pass);
         }
         match method {

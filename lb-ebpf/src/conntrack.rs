@@ -123,8 +123,8 @@ pub enum Insert {
     Full,
     /// The way of the flow's tag is active and names another Backend or Vip: nothing
     /// written. It is another flow's (tags are 21 bits) or this flow's own from before (a
-    /// retransmitted SYN, a reused port); the caller follows it, keeps it or replaces it.
-    Held(u64),
+    /// retransmitted SYN, a reused port); the caller follows it, keeps it or [`take`]s it.
+    Held(Found),
 }
 
 /// The way word of the flow at `p` going where `entry` says, active at `now`.
@@ -161,23 +161,17 @@ pub fn insert(h: u64, entry: &ConntrackEntry, now: u64) -> Insert {
     let way = unsafe { way_at(first, second, index) };
     let old = unsafe { core::ptr::read_volatile(way) };
     if old & TAG_MASK == p.tag && !same_but_age(old, word) && !reusable(old, now, idle) {
-        return Insert::Held(old);
+        return Insert::Held(Found { way, word: old });
     }
     // SAFETY: as above.
     unsafe { store(way, word) };
     Insert::Done
 }
 
-/// Makes the way of the flow of conntrack hash `h` say what `entry` says, whatever it held
-/// (for a way [`insert`] found `Held` by a flow that no longer holds).
-#[inline(never)]
-pub fn replace(h: u64, entry: &ConntrackEntry, now: u64) {
-    let p = place(h, constant(&CT_BUCKET_MASK));
-    match lookup(h) {
-        // SAFETY: a way returned by `find`.
-        Some(found) => unsafe { store(found.way, word_of(p.tag, entry, now)) },
-        None => {
-            insert(h, entry, now);
-        }
-    }
+/// Makes a way [`insert`] found `Held` say what `entry` says, for a flow of its tag (the
+/// flow that held it no longer holds).
+#[inline(always)]
+pub fn take(held: &Found, entry: &ConntrackEntry, now: u64) {
+    // SAFETY: a way returned by `insert`.
+    unsafe { store(held.way, word_of(held.word & TAG_MASK, entry, now)) }
 }

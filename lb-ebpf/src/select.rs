@@ -551,7 +551,7 @@ fn from_table<'a, F: Flow>(
     if backend_id == EMPTY_BACKEND {
         return Err(no_backend);
     }
-    let Some(backend) = BACKENDS.get(backend_id) else {
+    let Some(mut backend) = BACKENDS.get(backend_id) else {
         // The daemon sizes BACKENDS for every id it puts in a table.
         aya_log_ebpf::error!(
             ctx,
@@ -564,7 +564,7 @@ fn from_table<'a, F: Flow>(
     if !usable(backend) {
         return Err(no_backend);
     }
-    let entry = ConntrackEntry {
+    let mut entry = ConntrackEntry {
         backend: backend_id,
         backend_generation: backend.generation,
         vip: vip_id,
@@ -587,14 +587,13 @@ fn from_table<'a, F: Flow>(
     // No entry for a chained packet: each is judged again, and stops being chained when
     // the previous table expires. An entry would send it to the current Backend alone.
     let remember = previous == EMPTY_BACKEND && !pkt.icmp_error;
-    let (mut entry, mut backend) = (entry, backend);
     if remember {
         match conntrack::insert(ct_hash, &entry, now) {
             conntrack::Insert::Done => {}
             conntrack::Insert::Full => count(Counter::ConntrackInsertFail),
-            conntrack::Insert::Held(word) => {
+            conntrack::Insert::Held(found) => {
                 cold_path();
-                let held = Way::unpack(word);
+                let held = found.way();
                 match holding(&held) {
                     // A live flow of this Vip holds the way: follow its Backend, so that
                     // neither flow moves (a flood cannot take ways from live flows).
@@ -607,7 +606,7 @@ fn from_table<'a, F: Flow>(
                     // Another Vip's live flow: it keeps its way; this one goes without.
                     Ok(_) => count(Counter::ConntrackInsertFail),
                     // Its Backend went down or away: the way is free to take.
-                    Err(_) => conntrack::replace(ct_hash, &entry, now),
+                    Err(_) => conntrack::take(&found, &entry, now),
                 }
             }
         }

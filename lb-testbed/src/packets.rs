@@ -9,6 +9,16 @@ use crate::lab::CLIENT_MAC;
 
 pub const PAYLOAD: &[u8] = b"hello, backend";
 
+/// The kernel's XDP actions (`enum xdp_action`), as `BPF_PROG_TEST_RUN` returns them.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// An address from its text (a test's own constant).
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
 fn v4(a: IpAddr) -> [u8; 4] {
     match a {
         IpAddr::V4(a) => a.octets(),

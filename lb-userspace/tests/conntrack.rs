@@ -14,17 +14,12 @@ use lb_common::{
 };
 use lb_testbed::{
     lab::{CONNTRACK_SEED, Lab, VIP_TCP, deltas},
-    packets::tcp,
+    packets::{XDP_TX, ip, tcp},
 };
 use lb_userspace::dataplane::{Capacities, test_run_fd};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-const XDP_TX: u32 = 3;
 const VIP: &str = "10.200.0.1";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 fn flow(src: IpAddr, sport: u16) -> Flow {
     Flow {

@@ -22,10 +22,6 @@ use lb_testbed::{
 };
 use lb_userspace::dataplane::TestRunOutcome;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
 const CLIENT: &str = "10.50.0.7";
 const CLIENT6: &str = "fd00:50::7";
 /// GUE Vips added to the lab: IPv4 (backends 1-3), IPv6 (4-5), IPv4 with IPv6 backends.
@@ -35,10 +31,6 @@ const VIP_GUE_MIXED: u32 = 15;
 const GUE_ADDR: &str = "10.200.0.10";
 const GUE_ADDR6: &str = "fd00:200::4";
 const GUE_MIXED_ADDR: &str = "10.200.0.11";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 fn gue_lab() -> Lab {
     let mut lab = Lab::new();

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     process::{Child, Stdio},
     time::Duration,
 };
@@ -17,7 +17,10 @@ use lb_common::{
     maglev::{self, MaglevBackend, MaglevTable},
     types::{Backend, GlobalConfig, VipAddr, VipKey, VipState, vip_addr_flags},
 };
-use lb_testbed::testbed::{NIC, Testbed};
+use lb_testbed::{
+    packets::ip,
+    testbed::{NIC, Testbed},
+};
 use lb_userspace::dataplane::{Capacities, Dataplane, enable_forwarding};
 
 const SEED: u32 = 0xfeed;
@@ -34,10 +37,6 @@ const VIP_TCP6: u32 = 3;
 const VIP_UDP6: u32 = 4;
 /// VIP_DSR:8080/tcp in L2 DSR, served by the backends' IPv6 addresses (mixed families).
 const VIP_L2_MIXED: u32 = 5;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// The testbed with the data plane attached and configured, and servers running.
 struct Bed {

@@ -21,16 +21,8 @@ use lb_testbed::{
 };
 use lb_userspace::dataplane::TestRunOutcome;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
 const CLIENT: &str = "10.50.0.7";
 const CLIENT6: &str = "fd00:50::7";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// The table of `members` (backend ids of the lab), built as the daemon builds it.
 fn table(lab: &Lab, members: &[u32]) -> MaglevTable {

@@ -19,9 +19,6 @@ use lb_testbed::{
     packets::*,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
-
 const CLIENT: &str = "10.50.0.7";
 const CLIENT6: &str = "fd00:50::7";
 const VIP: &str = "10.200.0.1"; // the lab's IPIP Vip, port 80
@@ -29,10 +26,6 @@ const VIP6: &str = "fd00:200::1"; // IPv6-in-IPv6, port 80
 const VIP_GUE: u32 = 13;
 const GUE_ADDR: &str = "10.200.0.10";
 const MTU: u32 = 1500;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 fn lab() -> Lab {
     let mut lab = Lab::new();

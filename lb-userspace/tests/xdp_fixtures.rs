@@ -14,14 +14,6 @@ use lb_testbed::{
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 const CLIENT: &str = "10.50.0.7";
 const CLIENT6: &str = "fd00:50::7";
 const VIP: &str = "10.200.0.1";

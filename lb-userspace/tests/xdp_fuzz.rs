@@ -28,14 +28,6 @@ use lb_testbed::{
 };
 use rand::{Rng, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
 /// Well-formed frames of every kind the fixtures cover: the mutations start from these.
 fn seeds(mac: [u8; 6], rng: &mut StdRng) -> Vec<Vec<u8>> {
     let client = IpAddr::V4(Ipv4Addr::new(10, 50, rng.random(), rng.random()));
