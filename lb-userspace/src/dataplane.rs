@@ -904,19 +904,8 @@ impl Dataplane {
                 .map_err(next_err(names::NEXT_PROGRAMS))?;
             map_update(slots, *ifindex, slot).map_err(next_err(names::NEXT_SLOTS))?;
         }
-        let map = self.map(names::NEXT_SLOTS)?;
-        let stale: Vec<u32> = HashMap::<_, u32, u32>::try_from(map)
-            .map_err(map_err(names::NEXT_SLOTS))?
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !next.iter().any(|(ifindex, _)| ifindex == k))
-            .collect();
-        for ifindex in stale {
-            map_delete(slots, ifindex).map_err(next_err(names::NEXT_SLOTS))?;
-        }
-        for slot in next.len() as u32 + 1..NEXT_PROGRAM_SLOTS {
-            map_delete(programs, slot).map_err(next_err(names::NEXT_PROGRAMS))?;
-        }
+        let keep: Vec<u32> = next.iter().map(|(ifindex, _)| *ifindex).collect();
+        self.clear_next_slots(&keep, next.len() as u32 + 1)?;
         if !next.is_empty() {
             map_update(programs, 0, dispatch).map_err(next_err(names::NEXT_PROGRAMS))?;
         }
@@ -930,17 +919,25 @@ impl Dataplane {
         let programs = self.map_fd(names::NEXT_PROGRAMS)?;
         map_update(programs, 0, program.as_raw_fd() as u32)
             .map_err(next_err(names::NEXT_PROGRAMS))?;
+        self.clear_next_slots(&[], 1)
+    }
+
+    /// Removes every interface's `NEXT_SLOTS` entry but those of `keep`, and the
+    /// `NEXT_PROGRAMS` slots from `first` on.
+    fn clear_next_slots(&self, keep: &[u32], first: u32) -> Result<()> {
+        let programs = self.map_fd(names::NEXT_PROGRAMS)?;
         let slots = self.map_fd(names::NEXT_SLOTS)?;
         let map = self.map(names::NEXT_SLOTS)?;
         let stale: Vec<u32> = HashMap::<_, u32, u32>::try_from(map)
             .map_err(map_err(names::NEXT_SLOTS))?
             .keys()
             .filter_map(|k| k.ok())
+            .filter(|k| !keep.contains(k))
             .collect();
         for ifindex in stale {
             map_delete(slots, ifindex).map_err(next_err(names::NEXT_SLOTS))?;
         }
-        for slot in 1..NEXT_PROGRAM_SLOTS {
+        for slot in first..NEXT_PROGRAM_SLOTS {
             map_delete(programs, slot).map_err(next_err(names::NEXT_PROGRAMS))?;
         }
         Ok(())
@@ -1221,9 +1218,6 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-/// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
-/// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
-/// devices that forward.
 /// The MTU of interface `name` in this network namespace (`SIOCGIFMTU`: sysfs shows the
 /// namespace it was mounted in, not necessarily ours).
 pub fn interface_mtu(name: &str) -> Option<u32> {
@@ -1250,6 +1244,9 @@ pub fn interface_mtu(name: &str) -> Option<u32> {
     }
 }
 
+/// Turns on IPv4 and IPv6 forwarding for `interface` in the calling thread's network
+/// namespace: `bpf_fib_lookup`, which finds each backend's next hop, answers only for
+/// devices that forward.
 pub fn enable_forwarding(interface: &str) -> std::io::Result<()> {
     for family in ["ipv4", "ipv6"] {
         let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
