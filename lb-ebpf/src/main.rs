@@ -62,8 +62,11 @@ fn to_full_path(ctx: &XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
-/// Every packet the fast path leaves: the full path.
+/// Every packet the fast path leaves: the full path. Inlined into the program's entry:
+/// the `xdp` macro's wrapper otherwise calls it as a subprogram, and every packet here
+/// paid a call and a return.
 #[xdp]
+#[inline(always)]
 pub fn lb_full(ctx: XdpContext) -> u32 {
     let action = fast::verdict(try_lb_ingress(&ctx));
     if action == next::NOT_VIP {
