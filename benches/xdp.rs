@@ -8,6 +8,10 @@
 //! A baseline path from the separate `lb-bench` object, "kernel LRU hash insert alone", is
 //! measured in the same rounds: one LRU hash insert of a fresh key per call, what Katran
 //! and Cilium pay per new flow; the new-flow figure is also given as a ratio to it.
+//! Another, "one random line of the connection table's size alone", reads one random
+//! cache line of a table as large as the connection table: the least any per-flow state
+//! of that size costs a new flow on the machine (a TLB and a cache miss); the new-flow
+//! figure is also given above it.
 //!
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one; `MLB_BENCH_BASE_OBJECT=FILE`
@@ -37,6 +41,7 @@ const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
 const MANY_FLOWS: usize = 100_000;
 const LRU_BASELINE: &str = "kernel LRU hash insert alone";
+const LINE_BASELINE: &str = "one random line of the connection table's size alone";
 const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 const FRESH_EMPTY: &str = "empty program, a fresh packet per call";
 const NOT_VIP: &str = "not for a Vip";
@@ -102,7 +107,7 @@ fn main() {
             max_vips: 16,
             max_backends: 64,
             // Room for every new flow of the run: inserts, not LRU evictions, are measured.
-            conntrack_entries: (calls as u32 * 2).max(1 << 16),
+            conntrack_entries: conntrack_entries(calls),
             ..Default::default()
         },
         base.as_deref().filter(|_| swap),
@@ -114,7 +119,7 @@ fn main() {
         Capacities {
             max_vips: 16,
             max_backends: 64,
-            conntrack_entries: (calls as u32 * 2).max(1 << 16),
+            conntrack_entries: conntrack_entries(calls),
             // `MLB_BENCH_FLOW_CACHE=N`: give the second lab N slots instead (other sizes' A/B).
             flow_cache_entries: match &base {
                 Some(_) => lb_common::consts::DEFAULT_FLOW_CACHE_ENTRIES,
@@ -175,7 +180,10 @@ fn main() {
         });
     }
     let per_round = calls / ROUNDS;
-    let mut bench = load_bench_object(calls as u32 * 2);
+    let mut bench = load_bench_object(
+        calls as u32 * 2,
+        lb_common::conntrack::buckets(conntrack_entries(calls)),
+    );
     pin_to_last_cpu();
     let started = Instant::now();
     let dp2 = &mut second.dataplane;
@@ -303,6 +311,13 @@ fn paths(lab: &mut Lab, calls: usize) -> Vec<Path> {
         path(
             LRU_BASELINE,
             prog_names::LRU_INSERT,
+            vec![not_vip.clone()],
+            None,
+            false,
+        ),
+        path(
+            LINE_BASELINE,
+            prog_names::RANDOM_LINE,
             vec![not_vip.clone()],
             None,
             false,
@@ -496,28 +511,47 @@ fn second_paths(lab: &mut Lab, paths: &[Path], old: &str, new: &str) -> Vec<Path
     out
 }
 
+/// Connection-table entries of the labs: room for every new flow of the run, so that
+/// inserts, not evictions, are measured.
+fn conntrack_entries(calls: usize) -> u32 {
+    (calls as u32 * 2).max(1 << 16)
+}
+
+/// Whether `program` is one of the `lb-bench` object's baselines.
+fn is_baseline(program: &str) -> bool {
+    [prog_names::LRU_INSERT, prog_names::RANDOM_LINE].contains(&program)
+}
+
 /// The `lb-bench` object with its LRU hash sized `entries` (room for every insert of the
 /// run, as the connection table has: inserts, not evictions, are measured; the LRU has
-/// per-CPU lists, as mlb's connection table had).
-fn load_bench_object(entries: u32) -> Ebpf {
+/// per-CPU lists, as mlb's connection table had) and `lines` lines (a power of two, the
+/// connection table's buckets).
+fn load_bench_object(entries: u32, lines: u32) -> Ebpf {
+    let mask = lines - 1;
     let mut bench = EbpfLoader::new()
         .map_max_entries("LRU", entries)
+        .map_max_entries("LINES", lines)
+        .override_global("LINES_MASK", &mask, true)
         .load(BENCH_OBJECT)
         .expect("loading lb-bench");
-    let program: &mut Xdp = bench
-        .program_mut(prog_names::LRU_INSERT)
-        .expect("lru_insert")
-        .try_into()
-        .expect("an XDP program");
-    program.load().expect("verifying lru_insert");
+    for name in [prog_names::LRU_INSERT, prog_names::RANDOM_LINE] {
+        let program: &mut Xdp = bench
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("an XDP program");
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("verifying {name}: {e}"));
+    }
     bench
 }
 
-/// One call of `lru_insert` on `packet`: the kernel's time for it.
-fn run_bench(bench: &mut Ebpf, packet: &[u8]) -> std::time::Duration {
+/// One call of the baseline `name` on `packet`: the kernel's time for it.
+fn run_bench(bench: &mut Ebpf, name: &str, packet: &[u8]) -> std::time::Duration {
     let program: &mut Xdp = bench
-        .program_mut(prog_names::LRU_INSERT)
-        .expect("lru_insert")
+        .program_mut(name)
+        .expect(name)
         .try_into()
         .expect("an XDP program");
     let mut out = vec![0u8; packet.len() + 256];
@@ -526,7 +560,7 @@ fn run_bench(bench: &mut Ebpf, packet: &[u8]) -> std::time::Duration {
     opts.data_out = Some(&mut out);
     opts.repeat = 1;
     let result = program.test_run(opts).expect("test run");
-    assert_eq!(result.return_value, 2, "the insert failed");
+    assert_eq!(result.return_value, XDP_PASS, "{name} failed");
     result.duration
 }
 
@@ -547,8 +581,8 @@ fn measure(
             for _ in 0..per_round {
                 let packet = &path.packets[cursor[i] % path.packets.len()];
                 cursor[i] += 1;
-                let duration = if path.program == prog_names::LRU_INSERT {
-                    run_bench(bench, packet)
+                let duration = if is_baseline(path.program) {
+                    run_bench(bench, path.program, packet)
                 } else {
                     dps[path.second as usize]
                         .test_run(path.program, packet, ifindex, 1)
@@ -646,6 +680,15 @@ fn report(figures: &[Figure], calls: usize, seconds: f64) {
     if let Some(ratio) = new_flow_ratio(figures) {
         println!("new TCP flow / {LRU_BASELINE}: {ratio:.2}× (same run, ns above empty)");
     }
+    if let Some(above) = new_flow_above_line(figures) {
+        println!("new TCP flow - {LINE_BASELINE}: {above:.1} ns (same run)");
+    }
+}
+
+/// The new-flow figure less its memory floor: what the path itself adds.
+fn new_flow_above_line(figures: &[Figure]) -> Option<f64> {
+    let find = |name: &str| figures.iter().find(|f| f.name == name);
+    Some(find(NEW_FLOW)?.above_empty_ns - find(LINE_BASELINE)?.above_empty_ns)
 }
 
 /// The new-flow figure as a ratio to the kernel LRU hash insert alone.
@@ -681,6 +724,7 @@ fn write_figures(path: &std::path::Path, figures: &[Figure], calls: usize) {
             "kernel": kernel.trim(),
             "cpus": online_cpus(),
             "new_flow_over_lru_insert": new_flow_ratio(figures),
+            "new_flow_above_random_line_ns": new_flow_above_line(figures),
             "paths": rows,
         }),
     );

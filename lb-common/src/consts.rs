@@ -327,6 +327,9 @@ pub mod prog_names {
     /// In the separate `lb-bench` object: one kernel LRU hash insert of a fresh key per
     /// call, what Katran and Cilium pay per new flow (a benchmark baseline).
     pub const LRU_INSERT: &str = "lru_insert";
+    /// In the `lb-bench` object: one read of a random line of a table as large as the
+    /// connection table, the memory floor of a new flow (a benchmark baseline).
+    pub const RANDOM_LINE: &str = "random_line";
     /// In the `lb-bench` object, for tests: counts the packets it sees and returns the
     /// verdict it was loaded with (a next program chained after `lb_ingress`).
     pub const COUNT_NEXT: &str = "count_next";

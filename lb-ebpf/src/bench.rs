@@ -1,14 +1,16 @@
 //! Benchmark baselines, in an object of their own so that the daemon never loads them:
 //! `lru_insert` does only what a kernel LRU hash connection table costs a new flow (what
 //! Katran and Cilium pay, and what mlb paid before its own table): one
-//! `bpf_map_update_elem` of a fresh key per call. And, for tests, `count_next`: a next
-//! program to chain after `lb_ingress` (`interfaces[].next_program`).
+//! `bpf_map_update_elem` of a fresh key per call; `random_line` what any per-flow state
+//! of a given size costs a new flow on the machine at the least: one read of a random
+//! cache line of a table that large. And, for tests, `count_next`: a next program to
+//! chain after `lb_ingress` (`interfaces[].next_program`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{LruHashMap, PerCpuArray},
+    btf_maps::{Array, LruHashMap, PerCpuArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -22,6 +24,15 @@ use lb_common::{
 #[btf_map]
 static LRU: LruHashMap<FlowV4, ConntrackEntry, 65_536, { BPF_F_NO_COMMON_LRU as usize }> =
     LruHashMap::new();
+
+/// Cache lines (the size of a connection-table bucket), as many as the connection table
+/// under measurement has buckets. Sized by the benchmark (`EbpfLoader::map_max_entries`).
+#[btf_map]
+static LINES: Array<[u64; 8], 2> = Array::new();
+
+/// Lines - 1 (a power of two minus one), set at load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static LINES_MASK: u32 = 1;
 
 /// Per-CPU call counter: the fresh key of each call.
 #[btf_map]
@@ -75,6 +86,30 @@ pub fn lru_insert(_ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     xdp_action::XDP_PASS
+}
+
+/// Reads one word of a line picked by a fresh hash per call, and returns by it, so that
+/// the call ends only when the line has arrived: the memory floor of a new flow's lookup
+/// or insert in a table of that size (a TLB and a cache miss when the table is larger
+/// than the caches), with nothing else.
+#[xdp]
+pub fn random_line(_ctx: XdpContext) -> u32 {
+    let Some(calls) = CALLS.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot.
+    let n = unsafe {
+        *calls += 1;
+        *calls
+    };
+    // SAFETY: a global the loader sets; read it as such, not as a constant.
+    let mask = unsafe { core::ptr::read_volatile(&LINES_MASK) };
+    let index = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask;
+    match LINES.get(index) {
+        // The lines are zero: PASS, but only once the word is read.
+        Some(line) if line[0] != u64::MAX => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_ABORTED,
+    }
 }
 
 #[cfg(target_arch = "bpf")]
