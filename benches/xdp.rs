@@ -8,7 +8,7 @@
 //! A baseline path from the separate `lb-bench` object, "kernel LRU hash insert alone", is
 //! measured in the same rounds: one LRU hash insert of a fresh key per call, what Katran
 //! and Cilium pay per new flow; the new-flow figure is also given as a ratio to it.
-//! Another, "one random line of the connection table's size alone", reads one random
+//! Another, "one random line, conntrack-sized table", reads one random
 //! cache line of a table as large as the connection table: the least any per-flow state
 //! of that size costs a new flow on the machine (a TLB and a cache miss); the new-flow
 //! figure is also given above it.
@@ -41,7 +41,7 @@ const ROUNDS: usize = 20;
 const REPEAT: u32 = 10_000;
 const MANY_FLOWS: usize = 100_000;
 const LRU_BASELINE: &str = "kernel LRU hash insert alone";
-const LINE_BASELINE: &str = "one random line of the connection table's size alone";
+const LINE_BASELINE: &str = "one random line, conntrack-sized table";
 const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 const FRESH_EMPTY: &str = "empty program, a fresh packet per call";
 const NOT_VIP: &str = "not for a Vip";
