@@ -104,7 +104,15 @@ pub fn random_line(_ctx: XdpContext) -> u32 {
     };
     // SAFETY: a global the loader sets; read it as such, not as a constant.
     let mask = unsafe { core::ptr::read_volatile(&LINES_MASK) };
-    let index = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask;
+    // A full mixer (murmur3's finalizer): a multiplicative hash of a counter walks the
+    // table by a near-constant stride, and its pages then stay in the TLB.
+    let mut x = n;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    x ^= x >> 33;
+    let index = x as u32 & mask;
     match LINES.get(index) {
         // The lines are zero: PASS, but only once the word is read.
         Some(line) if line[0] != u64::MAX => xdp_action::XDP_PASS,
