@@ -40,9 +40,9 @@
 //!
 //! Packets per second per core = forwarded packets / the load balancer's CPU seconds. A
 //! thread busy less than 90% of the time was not saturated: its time then includes being
-//! woken up, so its per-core figure is a lower bound. veth is a
-//! software NIC: its per-packet driver work (frame to skb, ring handover) is in every
-//! figure, so absolute rates are far below a physical NIC's; compare ratios.
+//! woken up, so its per-core figure is a lower bound. veth is a software NIC: its
+//! per-packet driver work (frame to skb, ring handover) is in every figure, so absolute
+//! rates are far below a physical NIC's; compare ratios.
 //!
 //! Each method runs `--seconds` per round, in `--rounds` interleaved rounds; bounded in time
 //! and traffic, only inside its own namespaces, all removed at the end (Ctrl-C and panics
@@ -471,6 +471,8 @@ mod bpf {
         os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     };
 
+    use super::Spread;
+
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_LINK_CREATE: libc::c_long = 28;
@@ -479,9 +481,10 @@ mod bpf {
     const BPF_XDP: u32 = 37;
     const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
     const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    pub const XDP_DROP: i32 = 1;
-    pub const XDP_PASS: i32 = 2;
-    pub const XDP_TX: i32 = 3;
+    // The XDP actions as instruction immediates.
+    pub const XDP_DROP: i32 = lb_testbed::packets::XDP_DROP as i32;
+    pub const XDP_PASS: i32 = lb_testbed::packets::XDP_PASS as i32;
+    pub const XDP_TX: i32 = lb_testbed::packets::XDP_TX as i32;
     const HELPER_GET_PRANDOM_U32: i32 = 7;
     const HELPER_XDP_ADJUST_HEAD: i32 = 44;
 
@@ -517,25 +520,19 @@ mod bpf {
     }
 
     /// The generator's program: writes the whole `template` frame (pages come back to the
-    /// generator's pool after the load balancer rewrote them), a random source port out of
-    /// `flows` (a power of two) from 1024 up at `sport_at`, the L4 checksum at `csum_at`
-    /// updated for it (the template has source port 0), and returns XDP_TX. A shorter
-    /// frame: XDP_DROP. With `src_at`, also a random IPv4 source address there (a new flow
-    /// every frame; the checksums then do not cover it, which the load balancer does not
-    /// check and the sink does not care about).
-    pub fn port_spreader(
-        template: &[u8],
-        flows: u32,
-        sport_at: i16,
-        csum_at: i16,
-        src_at: Option<i16>,
-    ) -> Vec<u64> {
+    /// generator's pool after the load balancer rewrote them), varies it as `spread` says
+    /// (`flows` a power of two; the template has source port 0, the checksum is updated
+    /// for the port), and returns XDP_TX. A shorter frame: XDP_DROP. The random source
+    /// address of `src_at` is not covered by the checksums, which the load balancer does
+    /// not check and the sink does not care about.
+    pub fn port_spreader(template: &[u8], spread: &Spread) -> Vec<u64> {
+        let flows = spread.flows;
         assert!(flows.is_power_of_two());
         assert!(template.len().is_multiple_of(4));
-        let csum_at_u = csum_at as usize;
+        let (sport_at, csum_at) = (spread.sport_at as i16, spread.csum_at as i16);
         let not_csum = i32::from(!u16::from_le_bytes([
-            template[csum_at_u],
-            template[csum_at_u + 1],
+            template[spread.csum_at],
+            template[spread.csum_at + 1],
         ]));
         let mut p = vec![
             insn(0x61, 2, 1, 0, 0),                     // r2 = ctx->data
@@ -551,10 +548,10 @@ mod bpf {
             let imm = i32::from_le_bytes(word.try_into().expect("4 bytes"));
             p.push(insn(0x62, 6, 0, (4 * i) as i16, imm));
         }
-        if let Some(src_at) = src_at {
+        if let Some(src_at) = spread.src_at {
             p.extend([
                 insn(0x85, 0, 0, 0, HELPER_GET_PRANDOM_U32),
-                insn(0x63, 6, 0, src_at, 0), // *(u32 *)(r6 + src_at) = r0
+                insn(0x63, 6, 0, src_at as i16, 0), // *(u32 *)(r6 + src_at) = r0
             ]);
         }
         p.extend([
@@ -589,13 +586,7 @@ mod bpf {
     /// load balancer's end is the slower (its program does more than a few stores), so it
     /// stays saturated whichever generator primed the loop: a generator alone offers what
     /// one CPU can produce, which on a packet socket is less than XDP forwards.
-    pub fn reflector(
-        template: &[u8],
-        flows: u32,
-        sport_at: i16,
-        csum_at: i16,
-        src_at: Option<i16>,
-    ) -> Vec<u64> {
+    pub fn reflector(template: &[u8], spread: &Spread) -> Vec<u64> {
         let len = template.len() as i32;
         let mut p = vec![
             insn(0xbf, 7, 1, 0, 0),   // r7 = ctx
@@ -613,7 +604,7 @@ mod bpf {
             insn(0xbf, 1, 7, 0, 0), // trimmed: r1 = ctx
         ];
         let failed = p.len() - 2;
-        let body = port_spreader(template, flows, sport_at, csum_at, src_at);
+        let body = port_spreader(template, spread);
         let drop = p.len() + body.len() - 2;
         p[failed] = insn(0x55, 0, 0, (drop - failed - 1) as i16, 0);
         p.extend(body);
@@ -1072,14 +1063,14 @@ impl Bench {
         assert_eq!(frame.len(), FRAME_BYTES as usize);
         // A SYN flood: the source address too, at 14 + 12.
         let src_at = (proto == Proto::Syn).then_some(26);
-        let program = bpf::port_spreader(&frame, self.flows, 34, csum_at as i16, src_at);
-        let reflector = bpf::reflector(&frame, self.flows, 34, csum_at as i16, src_at);
         let spread = Spread {
             flows: self.flows,
             sport_at: 34,
             csum_at,
-            src_at: src_at.map(|s| s as usize),
+            src_at,
         };
+        let program = bpf::port_spreader(&frame, &spread);
+        let reflector = bpf::reflector(&frame, &spread);
         (frame, program, reflector, spread)
     }
 

@@ -8,10 +8,10 @@
 //! A baseline path from the separate `lb-bench` object, "kernel LRU hash insert alone", is
 //! measured in the same rounds: one LRU hash insert of a fresh key per call, what Katran
 //! and Cilium pay per new flow; the new-flow figure is also given as a ratio to it.
-//! Another, "one random line, conntrack-sized table", reads one random
-//! cache line of a table as large as the connection table: the least any per-flow state
-//! of that size costs a new flow on the machine (a TLB and a cache miss); the new-flow
-//! figure is also given above it.
+//! Another, "one random line, conntrack-sized table", reads one random cache line of a
+//! table as large as the connection table: the least any per-flow state of that size
+//! costs a new flow on the machine (a TLB and a cache miss); the new-flow figure is also
+//! given above it.
 //!
 //! `cargo xtask bench xdp [--calls N] [--only TEXT] [--json FILE]` (root);
 //! `MLB_BENCH_CPU=N` pins to CPU N instead of the last one; `MLB_BENCH_BASE_OBJECT=FILE`
@@ -32,7 +32,7 @@ use lb_common::consts::prog_names;
 use lb_testbed::{
     bench::write_json,
     lab::Lab,
-    packets::{tcp, udp},
+    packets::{XDP_PASS, tcp, udp},
 };
 use lb_userspace::dataplane::{BENCH_OBJECT, Capacities, Dataplane};
 use serde_json::{Value, json};
@@ -45,7 +45,6 @@ const LINE_BASELINE: &str = "one random line, conntrack-sized table";
 const NEW_FLOW: &str = "new TCP flow (SYN, conntrack insert)";
 const FRESH_EMPTY: &str = "empty program, a fresh packet per call";
 const NOT_VIP: &str = "not for a Vip";
-const XDP_PASS: u32 = 2;
 
 struct Path {
     name: &'static str,
@@ -466,8 +465,6 @@ fn uncached_paths(lab: &mut Lab, paths: &[Path]) -> Vec<Path> {
     out
 }
 
-/// The main paths again on the second `lab` (the A/B's other object), their `old` label
-/// suffix replaced by `new`; its established flows primed there.
 /// Vip 0's previous table in `lab`: backends 1 and 2 (3 was added since).
 fn install_previous_table(lab: &mut Lab) -> lb_common::maglev::MaglevTable {
     use lb_common::maglev;
@@ -482,6 +479,8 @@ fn install_previous_table(lab: &mut Lab) -> lb_common::maglev::MaglevTable {
     previous
 }
 
+/// The main paths again on the second `lab` (the A/B's other object), their `old` label
+/// suffix replaced by `new`; its established flows primed there.
 fn second_paths(lab: &mut Lab, paths: &[Path], old: &str, new: &str) -> Vec<Path> {
     // The chained packet is chained here too.
     install_previous_table(lab);
@@ -517,10 +516,8 @@ fn conntrack_entries(calls: usize) -> u32 {
     (calls as u32 * 2).max(1 << 16)
 }
 
-/// Whether `program` is one of the `lb-bench` object's baselines.
-fn is_baseline(program: &str) -> bool {
-    [prog_names::LRU_INSERT, prog_names::RANDOM_LINE].contains(&program)
-}
+/// The `lb-bench` object's baseline programs.
+const BASELINES: [&str; 2] = [prog_names::LRU_INSERT, prog_names::RANDOM_LINE];
 
 /// The `lb-bench` object with its LRU hash sized `entries` (room for every insert of the
 /// run, as the connection table has: inserts, not evictions, are measured; the LRU has
@@ -534,7 +531,7 @@ fn load_bench_object(entries: u32, lines: u32) -> Ebpf {
         .override_global("LINES_MASK", &mask, true)
         .load(BENCH_OBJECT)
         .expect("loading lb-bench");
-    for name in [prog_names::LRU_INSERT, prog_names::RANDOM_LINE] {
+    for name in BASELINES {
         let program: &mut Xdp = bench
             .program_mut(name)
             .expect(name)
@@ -581,7 +578,7 @@ fn measure(
             for _ in 0..per_round {
                 let packet = &path.packets[cursor[i] % path.packets.len()];
                 cursor[i] += 1;
-                let duration = if is_baseline(path.program) {
+                let duration = if BASELINES.contains(&path.program) {
                     run_bench(bench, path.program, packet)
                 } else {
                     dps[path.second as usize]
@@ -687,14 +684,17 @@ fn report(figures: &[Figure], calls: usize, seconds: f64) {
 
 /// The new-flow figure less its memory floor: what the path itself adds.
 fn new_flow_above_line(figures: &[Figure]) -> Option<f64> {
-    let find = |name: &str| figures.iter().find(|f| f.name == name);
-    Some(find(NEW_FLOW)?.above_empty_ns - find(LINE_BASELINE)?.above_empty_ns)
+    Some(above_empty(figures, NEW_FLOW)? - above_empty(figures, LINE_BASELINE)?)
+}
+
+/// Path `name`'s ns above empty, if it ran.
+fn above_empty(figures: &[Figure], name: &str) -> Option<f64> {
+    Some(figures.iter().find(|f| f.name == name)?.above_empty_ns)
 }
 
 /// The new-flow figure as a ratio to the kernel LRU hash insert alone.
 fn new_flow_ratio(figures: &[Figure]) -> Option<f64> {
-    let find = |name: &str| figures.iter().find(|f| f.name == name);
-    Some(find(NEW_FLOW)?.above_empty_ns / find(LRU_BASELINE)?.above_empty_ns)
+    Some(above_empty(figures, NEW_FLOW)? / above_empty(figures, LRU_BASELINE)?)
 }
 
 fn write_figures(path: &std::path::Path, figures: &[Figure], calls: usize) {

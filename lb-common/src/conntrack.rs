@@ -26,8 +26,9 @@
 //! backend. A new flow never takes such a way from a live flow: it follows the way's
 //! Backend if the flow is of its Vip, else goes without an entry (`lb-ebpf`'s
 //! `conntrack::Insert::Held`); a flood of fresh SYNs meets live flows' tags at that rate,
-//! and taking their ways would move them. The generation digest wraps after 256 generations, but only
-//! an entry idle that long can meet its wrap, and idle entries are the first reused.
+//! and taking their ways would move them. The generation digest wraps after 256
+//! generations, but only an entry idle that long can meet its wrap, and idle entries are
+//! the first reused.
 
 use crate::types::ConntrackBucket;
 
@@ -230,8 +231,8 @@ pub const ONE_LINE_FILL: usize = WAYS - 3;
 
 /// The way a new entry of `tag` goes to, across its two buckets, as an index (`0..WAYS`
 /// in `first`, `WAYS..2 * WAYS` in `second`): the way already holding `tag` (the caller
-/// decides whether to take it from a live flow); else the
-/// first empty way of the first bucket while it is not nearly full (`ONE_LINE_FILL`),
+/// decides whether to take it from a live flow); else the first empty way of the first
+/// bucket while it is not nearly full (`ONE_LINE_FILL`),
 /// else of the emptier bucket; else the way idle longest, if it has been idle more than
 /// `idle` units; else `None` (every way is an active flow: the new flow is steered
 /// without an entry rather than evicting one).

@@ -3,10 +3,10 @@
 //! of code with fixed header offsets. It does not reuse `parse_ipv4`/`parse_ipv6`, whose
 //! IP options, ICMP and VLAN cases it leaves to the full path (and which, while both paths
 //! were one program, needed more stack than the verifier allowed: 552 of 512 bytes). It
-//! runs inline in `lb_ingress`; the full path is `lb_full`. Anything else — a SYN, an unknown flow, a re-steer, a
-//! VLAN tag, IP options, IPv6 extension headers, fragments, ICMP, anything malformed — is
-//! `NOT_HANDLED` and takes the full path, which parses the packet again from the start and
-//! decides exactly as if this path did not exist. A packet that would not fit the MTU
+//! runs inline in `lb_ingress`; the full path is `lb_full`. Anything else — a SYN, an
+//! unknown flow, a re-steer, a VLAN tag, IP options, IPv6 extension headers, fragments,
+//! ICMP, anything malformed — is `NOT_HANDLED` and takes the full path, which parses the
+//! packet again from the start and decides exactly as if this path did not exist. A packet that would not fit the MTU
 //! once encapsulated is answered here with the ICMP error, as the full path does.
 
 use core::{hint::cold_path, mem::MaybeUninit};

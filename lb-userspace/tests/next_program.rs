@@ -16,10 +16,10 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_testbed::{
     daemon::{DaemonBed, connect},
     next::CountNext,
+    packets::XDP_PASS,
     status_counter,
 };
 
-const XDP_PASS: u32 = 2;
 const VIPS: &str =
     "  - name: web\n    address: 10.200.0.1\n    port: 80\n    protocol: tcp\n    pool: web\n";
 const NOT_FOR_A_VIP: [&str; 4] = [
